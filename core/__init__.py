@@ -1,0 +1,1 @@
+"""klotski_tier.core"""

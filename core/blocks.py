@@ -1,0 +1,142 @@
+"""Blocks: the unit of movement between tiers, and how a block's bytes become tensors.
+
+A block is what the tiers move and the residency manager tracks:
+
+==========  =====  ======  ===================================================================
+kind        layer  expert  tensors (view roles)
+==========  =====  ======  ===================================================================
+EMBED       -1     -1      ``embed`` [V, H]
+ATTN        l      -1      ``input_norm`` [H], ``q`` [Hq*D, H], ``k``/``v`` [Hkv*D, H], ``o`` [H, Hq*D],
+                           optional ``q_bias``/``k_bias``/``v_bias``, ``q_norm``/``k_norm``
+GATE        l      -1      ``post_norm`` [H], ``router`` [E, H]; with a shared expert also
+                           ``shared_gate_up`` [2S, H], ``shared_down`` [H, S], ``shared_expert_gate`` [1, H]
+EXPERT      l      e       ``gate_up`` [2I, H] (gate rows first), ``down`` [H, I]
+HEAD        -1     -1      ``final_norm`` [H], ``lm_head`` [V, H] (the embedding when tied)
+==========  =====  ======  ===================================================================
+
+A block's bytes live in one flat ``uint8`` buffer of :attr:`BlockLayout.nbytes`. Each
+:class:`TensorPiece` says which file byte range lands where in that buffer; each
+:class:`TensorView` says how to look at a buffer range as a typed tensor. Pieces and views
+differ where a checkpoint stores one view as two tensors: a per-expert checkpoint keeps
+``gate_proj`` and ``up_proj`` apart, and the layout places them back to back so that the
+``gate_up`` view is one [2I, H] matrix, exactly as the fused layout stores it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUFFER_ALIGN_BYTES = 64
+"""Alignment of each tensor inside a block buffer: a cache line, and a multiple of every dtype size."""
+
+
+class BlockKind(enum.Enum):
+    EMBED = "embed"
+    ATTN = "attn"
+    GATE = "gate"
+    EXPERT = "expert"
+    HEAD = "head"
+
+
+@dataclass(frozen=True, order=True)
+class BlockId:
+    """Names one block: ``BlockId(BlockKind.EXPERT, layer=3, expert=5)`` prints as ``L3.E5``."""
+
+    kind: BlockKind
+    layer: int = -1
+    expert: int = -1
+
+    def __str__(self) -> str:
+        if self.kind is BlockKind.EXPERT:
+            return f"L{self.layer}.E{self.expert}"
+        if self.layer >= 0:
+            return f"L{self.layer}.{self.kind.value}"
+        return self.kind.value
+
+    # Enums do not order; sort by the kind's value so ``order=True`` works.
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, BlockId):
+            return NotImplemented
+        return (self.kind.value, self.layer, self.expert) < (other.kind.value, other.layer, other.expert)
+
+
+def embed_block() -> BlockId:
+    return BlockId(BlockKind.EMBED)
+
+
+def head_block() -> BlockId:
+    return BlockId(BlockKind.HEAD)
+
+
+def attn_block(layer: int) -> BlockId:
+    return BlockId(BlockKind.ATTN, layer)
+
+
+def gate_block(layer: int) -> BlockId:
+    return BlockId(BlockKind.GATE, layer)
+
+
+def expert_block(layer: int, expert: int) -> BlockId:
+    return BlockId(BlockKind.EXPERT, layer, expert)
+
+
+@dataclass(frozen=True)
+class TensorPiece:
+    """``nbytes`` bytes at ``file_offset`` of ``path`` go to ``buffer_offset`` of the block buffer."""
+
+    tensor_name: str
+    path: Path
+    file_offset: int
+    nbytes: int
+    buffer_offset: int
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """The buffer range at ``buffer_offset`` seen as a tensor of ``dtype`` and ``shape``."""
+
+    role: str
+    buffer_offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a block's bytes come from and how its buffer is read as tensors."""
+
+    block: BlockId
+    pieces: tuple[TensorPiece, ...]
+    views: tuple[TensorView, ...]
+    nbytes: int
+
+    def tensors(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of ``buffer`` (flat uint8, ``nbytes`` long) by role; no copy."""
+        assert buffer.dtype == torch.uint8 and buffer.numel() >= self.nbytes, (
+            f"{self.block}: buffer of {buffer.numel()} bytes cannot hold {self.nbytes}"
+        )
+        out: dict[str, torch.Tensor] = {}
+        for view in self.views:
+            raw = buffer[view.buffer_offset : view.buffer_offset + view.nbytes]
+            out[view.role] = raw.view(view.dtype).view(view.shape)
+        return out
+
+
+def align_up(value: int, alignment: int = BUFFER_ALIGN_BYTES) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+BlockWeights = Mapping[str, torch.Tensor]
+"""The tensors of one resident block, by view role (see the table above)."""
