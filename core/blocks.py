@@ -25,6 +25,7 @@ differ where a checkpoint stores one view as two tensors: a per-expert checkpoin
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ class BlockKind(enum.Enum):
     HEAD = "head"
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class BlockId:
     """Names one block: ``BlockId(BlockKind.EXPERT, layer=3, expert=5)`` prints as ``L3.E5``."""
 
