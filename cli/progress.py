@@ -1,0 +1,61 @@
+"""Progress on stderr for long work: the demo build and generation steps."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import click
+
+MIB = 1024 * 1024
+
+
+@contextmanager
+def bytes_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done_bytes, total_bytes)`` callback drawing a bar on stderr while it is called."""
+    state: dict[str, Any] = {"bar": None, "done": 0}
+
+    def update(done: int, total: int) -> None:
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=max(total // MIB, 1), label=label, file=sys.stderr)
+            state["bar"].__enter__()
+        step = done // MIB - state["done"]
+        state["bar"].update(step)
+        state["done"] += step
+
+    try:
+        yield update
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+
+
+class StepProgress:
+    """A ``progress(phase, done, total)`` callback: one status line on stderr, redrawn in place."""
+
+    def __init__(self) -> None:
+        self._shown = False
+        self._tty = sys.stderr.isatty()
+        self._group = 0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase == "prefill":
+            self._group += 1
+        line = f"group {self._group}: {phase} step {done}/{total}"
+        if self._tty:
+            click.echo(f"\r{line}\033[K", nl=False, err=True)
+            self._shown = True
+        elif phase == "prefill" or done == total:
+            click.echo(line, err=True)
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._shown:
+            click.echo("", err=True)

@@ -1,0 +1,65 @@
+"""Prompts from the command line: text, a file of lines or JSONL, or comma-separated token ids."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from klotski_tier.core.errors import InputError
+
+Prompt = str | list[int]
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+"""A prompts file with one of these suffixes holds one JSON object per line; any other, one prompt per line."""
+
+
+def parse_ids(text: str) -> list[int]:
+    """``"1, 2,3"`` -> ``[1, 2, 3]``."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise InputError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from exc
+    if not ids:
+        raise InputError("--prompt-ids is empty; give token ids such as 1,2,3")
+    return ids
+
+
+def read_prompts_file(path: Path) -> list[Prompt]:
+    """Prompts from ``path``: text lines (blank lines skipped) or JSONL objects."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"cannot read prompts file {path}: {reason}") from exc
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        prompts = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    else:
+        prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"prompts file {path} holds no prompt")
+    return prompts
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
+    """One JSONL line: ``{"prompt": "..."}``, ``{"text": "..."}`` or ``{"prompt_ids": [1, 2]}``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{number} is not valid JSON: {exc.msg}") from exc
+    if isinstance(record, dict):
+        for key in ("prompt", "text"):
+            if isinstance(record.get(key), str):
+                return str(record[key])
+        ids = record.get("prompt_ids", record.get("ids"))
+        if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
+            return [int(t) for t in ids]
+    raise InputError(f'{path}:{number} needs a "prompt" string or a "prompt_ids" list of integers')
+
+
+def gather_prompts(texts: Sequence[str], files: Sequence[Path], id_lists: Sequence[str]) -> list[Prompt]:
+    prompts: list[Prompt] = list(texts)
+    for path in files:
+        prompts.extend(read_prompts_file(path))
+    prompts.extend(parse_ids(text) for text in id_lists)
+    return prompts

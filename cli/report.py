@@ -1,0 +1,68 @@
+"""What ``klotski-tier run`` shows: generated text per prompt and a metrics table.
+
+Pure formatting of a :class:`~klotski_tier.core.engine.GenerationResult`; the command prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klotski_tier.core.engine import GenerationResult, SequenceOutput
+from klotski_tier.core.metrics import RunMetrics
+from klotski_tier.core.runtime import UNLIMITED_BYTES
+from klotski_tier.core.sizes import format_size
+
+PREVIEW_CHARS = 200
+"""Characters of generated text shown per prompt in the human-readable report."""
+
+
+def output_record(index: int, output: SequenceOutput) -> dict[str, Any]:
+    return {
+        "index": index,
+        "prompt_ids": output.prompt_ids,
+        "token_ids": output.token_ids,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+    }
+
+
+def result_record(result: GenerationResult) -> dict[str, Any]:
+    """The whole result as one JSON-ready object (``--json``)."""
+    return {
+        "outputs": [output_record(i, o) for i, o in enumerate(result.outputs)],
+        "metrics": result.metrics.to_dict(),
+    }
+
+
+def format_outputs(result: GenerationResult) -> list[str]:
+    lines = []
+    for index, output in enumerate(result.outputs):
+        body = output.text if output.text is not None else " ".join(map(str, output.token_ids))
+        body = body.replace("\n", "\\n")
+        if len(body) > PREVIEW_CHARS:
+            body = body[:PREVIEW_CHARS] + "..."
+        lines.append(f"[{index}] ({len(output.token_ids)} tokens, {output.finish_reason}) {body}")
+    return lines
+
+
+def format_metrics(metrics: RunMetrics) -> list[str]:
+    rows = [
+        ("prefill", f"{metrics.prefill_tokens} tokens in {metrics.prefill_s:.2f} s = "
+         f"{metrics.prefill_tokens_per_s:.1f} tokens/s"),
+        ("decode", f"{metrics.decode_tokens} tokens in {metrics.decode_s:.2f} s = "
+         f"{metrics.decode_tokens_per_s:.2f} tokens/s"),
+        ("expert hit rate", f"{metrics.expert_hit_rate:.1%} of {metrics.expert_requests} expert requests "
+         f"(+{metrics.expert_in_flight} already in flight)"),
+        ("compute", f"{metrics.compute_s:.2f} s busy of {metrics.wall_s:.2f} s wall"),
+        ("waited for I/O", f"{metrics.io_wait_s:.2f} s ({_share(metrics.io_wait_s, metrics.wall_s)} of wall)"),
+    ]
+    for name, stats in metrics.tiers.items():
+        budget = "unlimited" if stats.budget_bytes >= UNLIMITED_BYTES else format_size(stats.budget_bytes)
+        rows.append((f"{name} tier", f"read in {format_size(stats.bytes_in)} in {stats.transfers} moves; "
+                     f"peak {format_size(stats.peak_bytes)} of {budget}; {stats.evictions} evictions"))
+    width = max(len(name) for name, _ in rows)
+    return [f"{name:<{width}}  {value}" for name, value in rows]
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.0%}" if whole > 0 else "n/a"

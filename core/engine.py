@@ -1,0 +1,242 @@
+"""The Python API: load a checkpoint with memory budgets, generate, get ids, text and metrics.
+
+::
+
+    from klotski_tier import Engine, EngineOptions
+
+    engine = Engine.load("path/to/mixtral", EngineOptions(batches=4, batch_size=8,
+                                                         device_memory_bytes=2 * 2**30))
+    result = engine.generate(["The capital of France is"], max_new_tokens=32)
+    print(result.outputs[0].text, result.metrics.decode_tokens_per_s)
+
+Prompts are split into batch groups of ``batches * batch_size`` sequences; each group runs
+prefill and then decode steps through the :class:`~klotski_tier.core.pipeline.Pipeline`
+until every sequence has hit EOS or ``max_new_tokens``. Each ``generate`` call runs its own
+event loop (``agenerate`` is the coroutine for callers that have one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from klotski_tier.core.errors import ConfigError, InputError
+from klotski_tier.core.layouts import ModelFiles, load_model_files
+from klotski_tier.core.metrics import RunMetrics
+from klotski_tier.core.runtime import Runtime, check_budgets
+from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_inputs
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(phase, done, total)`` after each step; phase is "prefill" or "decode"."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run: the batch group shape, memory budgets, policies and drivers."""
+
+    batches: int = 2  # n: batches in a group sharing every loaded weight
+    batch_size: int = 4  # bs: sequences per batch
+    device_memory_bytes: int | None = None  # None: no limit
+    host_memory_bytes: int | None = None  # None: no limit
+    hot_experts: int | None = None  # K experts prefetched per layer; None: the router's top-k
+    prefetch: str = "hot-first"
+    eviction: str = "lru"
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
+    disk_queue_depth: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("batches", "batch_size", "disk_queue_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hot_experts is not None and self.hot_experts < 0:
+            raise ConfigError(f"hot_experts must not be negative, got {self.hot_experts}")
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None  # decoded generated tokens, when the checkpoint has a tokenizer
+    finish_reason: str  # "eos" or "length"
+    logits: list[torch.Tensor] = field(default_factory=list)  # float32 [V] per token, if asked
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    outputs: list[SequenceOutput]
+    metrics: RunMetrics
+
+
+class Engine:
+    """A loaded checkpoint and the options to run it with."""
+
+    def __init__(self, files: ModelFiles, options: EngineOptions, tokenizer: Tokenizer | None) -> None:
+        self.files = files
+        self.spec = files.spec
+        self.options = options
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, model: str | Path, options: EngineOptions | None = None) -> Engine:
+        """Read the checkpoint's config and headers (no weights) and check the budgets' floor."""
+        options = options or EngineOptions()
+        files = load_model_files(model)
+        tokenizer_path = Path(model) / "tokenizer.json"
+        tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+        check_budgets(files, options, [])
+        return cls(files, options, tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError(
+                f"{self.files.checkpoint.directory} has no tokenizer.json; pass token ids (--prompt-ids)"
+            )
+        ids: list[int] = self.tokenizer.encode(text).ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int = 0,
+        return_logits: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> GenerationResult:
+        """Generate for every prompt (text, or token ids); greedy when ``temperature`` is 0."""
+        coroutine = self.agenerate(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            return_logits=return_logits,
+            progress=progress,
+        )
+        return asyncio.run(coroutine)
+
+    async def agenerate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        seed: int = 0,
+        return_logits: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> GenerationResult:
+        seqs = self._sequences(prompts, max_new_tokens)
+        if temperature < 0:
+            raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+        group_size = self.options.batches * self.options.batch_size
+        groups = [seqs[i : i + group_size] for i in range(0, len(seqs), group_size)]
+        check_budgets(self.files, self.options, groups)
+        sampler = _Sampler(temperature, seed, return_logits, self.spec.eos_token_ids)
+        started = time.perf_counter()
+        async with Runtime(self.files, self.options) as runtime:
+            runtime.reserve_fixed(groups)
+            for group in groups:
+                await self._run_group(runtime, group, sampler, progress)
+            metrics = runtime.finish()
+        metrics.wall_s = time.perf_counter() - started
+        return GenerationResult([self._output(s) for s in seqs], metrics)
+
+    def _sequences(
+        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int
+    ) -> list[GenSequence]:
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompts:
+            raise InputError("no prompts given; pass at least one prompt")
+        seqs = []
+        for index, prompt in enumerate(prompts):
+            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            self._check_prompt(index, ids, max_new_tokens)
+            seqs.append(GenSequence(index, ids, max_new_tokens))
+        return seqs
+
+    def _check_prompt(self, index: int, ids: list[int], max_new_tokens: int) -> None:
+        spec = self.spec
+        if not ids:
+            raise InputError(f"prompt {index} is empty; give it at least one token")
+        bad = [t for t in ids if not 0 <= t < spec.vocab_size]
+        if bad:
+            raise InputError(f"prompt {index} has token id {bad[0]} outside the vocabulary 0..{spec.vocab_size - 1}")
+        needed = len(ids) + max_new_tokens
+        if needed > spec.max_position_embeddings:
+            raise InputError(
+                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it needs {needed} "
+                f"positions but the model's context is {spec.max_position_embeddings}; shorten the prompt "
+                "or lower --max-new-tokens"
+            )
+
+    async def _run_group(
+        self, runtime: Runtime, group: list[GenSequence], sampler: _Sampler, progress: ProgressFn | None
+    ) -> None:
+        bs = self.options.batch_size
+        parts = [group[i : i + bs] for i in range(0, len(group), bs)]
+        batches = [new_batch(part, self.spec, runtime.device) for part in parts]
+        metrics = runtime.metrics
+        started = time.perf_counter()
+        logits = await runtime.pipeline.forward(batches)
+        metrics.prefill_s += time.perf_counter() - started
+        metrics.prefill_tokens += sum(len(s.prompt) for s in group)
+        sampler.sample(parts, logits)
+        total = max(s.max_new_tokens for s in group)
+        step = 1
+        if progress:
+            progress("prefill", 1, 1)
+        while any(s.finish_reason is None for s in group):
+            for batch, part in zip(batches, parts, strict=True):
+                set_decode_inputs(batch, part)
+            active = sum(s.finish_reason is None for s in group)
+            started = time.perf_counter()
+            logits = await runtime.pipeline.forward(batches)
+            metrics.decode_s += time.perf_counter() - started
+            metrics.decode_tokens += active
+            sampler.sample(parts, logits)
+            step += 1
+            if progress:
+                progress("decode", step, total)
+
+    def _output(self, seq: GenSequence) -> SequenceOutput:
+        assert seq.finish_reason is not None, f"sequence {seq.index} did not finish"
+        return SequenceOutput(seq.prompt, seq.generated, self.decode(seq.generated), seq.finish_reason, seq.logits)
+
+
+class _Sampler:
+    """Picks each unfinished sequence's next token: argmax, or sampling at a temperature."""
+
+    def __init__(self, temperature: float, seed: int, keep_logits: bool, eos_token_ids: Sequence[int]) -> None:
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.keep_logits = keep_logits
+        self.eos_token_ids = eos_token_ids
+
+    def sample(self, parts: Sequence[Sequence[GenSequence]], logits: Sequence[torch.Tensor]) -> None:
+        for part, batch_logits in zip(parts, logits, strict=True):
+            host_logits = batch_logits.cpu()  # [B, V] float32
+            for seq, row in zip(part, host_logits, strict=True):
+                if seq.finish_reason is not None:
+                    continue
+                if self.keep_logits:
+                    seq.logits.append(row.clone())
+                seq.append(self._pick(row), self.eos_token_ids)
+
+    def _pick(self, row: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(torch.argmax(row))
+        probs = torch.softmax(row / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,247 @@
+"""The Klotski expert-aware multi-batch pipeline: one forward step of a batch group.
+
+A batch group is ``n`` batches of up to ``bs`` sequences. Every weight block loaded for a
+layer serves all ``n`` batches. For each layer ``l`` (ARCHITECTURE.md, section 2)::
+
+    attention phase   acquire attn(l) (prefetched during layer l-1)
+                      prefetch gate(l) and the K experts the prefetch policy predicts hot
+                      attention(l, batch k) for k in 0..n-1
+    gate phase        prefetch attn(l+1) (or the head after the last layer)
+                      route(l, batch k) for each k; right after each gate, request every
+                      selected expert that is neither resident nor in flight
+    expert phase      experts over the tokens of all n batches: those already resident first,
+                      most tokens first, then the others in the order their loads finish;
+                      each expert's lease is released right after its only computation
+                      combine per batch; record the routes with the prefetch policy
+
+Compute runs in the :class:`ComputeRunner`'s thread; this coroutine only orders work and
+awaits readiness futures, so reads and copies proceed while the compute thread is busy.
+Every await on a block is timed: it is time the compute waited for I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from klotski_tier.core import ops
+from klotski_tier.core.blocks import (
+    BlockId,
+    BlockWeights,
+    attn_block,
+    embed_block,
+    expert_block,
+    gate_block,
+    head_block,
+)
+from klotski_tier.core.compute import ComputeRunner
+from klotski_tier.core.metrics import RunMetrics
+from klotski_tier.core.residency import Lease, Residency, State
+from klotski_tier.core.spec import ModelSpec
+from klotski_tier.policies.prefetch import PrefetchPolicy
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Batch:
+    """Up to bs sequences that run attention together, with their KV cache."""
+
+    k_cache: Tensor  # [L, B, Hkv, Tmax, D]
+    v_cache: Tensor  # [L, B, Hkv, Tmax, D]
+    # The current step (set by the engine before each forward):
+    ids: Tensor  # [B, T] token ids, right-padded
+    positions: Tensor  # [B, T] absolute position of each token
+    token_mask: Tensor  # [B, T] True for tokens that go through the MoE (real and unfinished)
+    key_lengths: Tensor  # [B] valid cache length after this step
+    last_index: Tensor  # [B] index along T of the token whose logits are wanted
+    hidden: Tensor | None = None  # [B, T, H] residual stream
+
+
+@dataclass
+class _Routing:
+    """One batch's gate output for the current layer."""
+
+    x: Tensor  # [N_b, H] post-attention-norm hidden states of the routed tokens
+    topk_idx: Tensor  # [N_b, k] selected experts
+    topk_w: Tensor  # [N_b, k] routing weights
+    shared: Tensor | None  # [N_b, H] shared-expert output (Qwen2-MoE) or None
+    routes: list[list[int]]  # topk_idx on the host, per token
+
+
+class Pipeline:
+    """Runs forward steps of a batch group through the layers in the Klotski order."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        residency: Residency,
+        compute: ComputeRunner,
+        prefetch: PrefetchPolicy,
+        metrics: RunMetrics,
+        *,
+        hot_experts: int,
+    ) -> None:
+        self.spec = spec
+        self.res = residency
+        self.compute = compute
+        self.prefetch = prefetch
+        self.metrics = metrics
+        self.hot_experts = hot_experts
+
+    async def forward(self, batches: Sequence[Batch]) -> list[Tensor]:
+        """One step (prefill or decode) of every batch; the logits [B, V] at each ``last_index``."""
+        self.res.prefetch(attn_block(0))
+        embed = await self._acquire(embed_block())
+        for batch in batches:
+            batch.hidden = await self._run(ops.embed, batch.ids, embed)  # [B, T, H]
+        await self.res.release(embed)
+        previous: list[list[int]] | None = None
+        for layer in range(self.spec.num_layers):
+            previous = await self._layer(layer, batches, previous)
+        head = await self._acquire(head_block())
+        logits = [await self._run(_last_logits, batch, head, self.spec) for batch in batches]
+        await self.res.release(head)
+        return logits
+
+    async def _layer(
+        self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
+    ) -> list[list[int]]:
+        attn = await self._acquire(attn_block(layer))
+        self._prefetch_moe(layer, previous)
+        for batch in batches:
+            batch.hidden = await self._run(_attention, batch, attn, self.spec, layer)
+        await self.res.release(attn)
+        self.res.prefetch(attn_block(layer + 1) if layer + 1 < self.spec.num_layers else head_block())
+        routings, requests = await self._gate_phase(layer, batches)
+        await self._expert_phase(batches, routings, requests)
+        routes = [route for routing in routings for route in routing.routes]
+        self.prefetch.observe(layer, routes)
+        return routes
+
+    def _prefetch_moe(self, layer: int, previous: list[list[int]] | None) -> None:
+        self.res.prefetch(gate_block(layer))
+        for expert in self.prefetch.predict(layer, self.hot_experts, previous):
+            if not self.res.prefetch(expert_block(layer, expert)):
+                break
+
+    async def _gate_phase(
+        self, layer: int, batches: Sequence[Batch]
+    ) -> tuple[list[_Routing], dict[int, asyncio.Future[Lease]]]:
+        gate = await self._acquire(gate_block(layer))
+        routings: list[_Routing] = []
+        requests: dict[int, asyncio.Future[Lease]] = {}
+        for batch in batches:
+            routing = await self._run(_route, batch, gate, self.spec)
+            routings.append(routing)
+            for expert in sorted({e for route in routing.routes for e in route}):
+                if expert not in requests:
+                    requests[expert] = self._request_expert(layer, expert)
+        await self.res.release(gate)
+        return routings, requests
+
+    def _request_expert(self, layer: int, expert: int) -> asyncio.Future[Lease]:
+        block = expert_block(layer, expert)
+        state = self.res.state(block)
+        self.metrics.expert_requests += 1
+        self.metrics.expert_hits += state in (State.RESIDENT, State.LEASED)
+        self.metrics.expert_in_flight += state is State.IN_FLIGHT
+        return self.res.request(block)
+
+    async def _expert_phase(
+        self,
+        batches: Sequence[Batch],
+        routings: list[_Routing],
+        requests: dict[int, asyncio.Future[Lease]],
+    ) -> None:
+        x = torch.cat([r.x for r in routings])  # [N, H] tokens of all n batches
+        topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
+        topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
+        counts = torch.bincount(topk_idx.flatten().cpu(), minlength=self.spec.num_experts).tolist()
+        contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=x.dtype, device=x.device)
+        pending = dict(requests)
+        while pending:
+            expert = await self._next_expert(pending, counts)
+            lease = pending.pop(expert).result()
+            await self._run(_expert, x, topk_idx, topk_w, expert, lease, contributions, ready=lease)
+            await self.res.release(lease)
+        start = 0
+        for batch, routing in zip(batches, routings, strict=True):
+            end = start + routing.x.shape[0]
+            await self._run(_combine, batch, routing, contributions[start:end])
+            start = end
+
+    async def _next_expert(self, pending: dict[int, asyncio.Future[Lease]], counts: list[int]) -> int:
+        """The resident expert with the most tokens; if none is resident yet, the first to arrive."""
+        ready = [e for e, fut in pending.items() if fut.done()]
+        if not ready:
+            await self._timed_wait(asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED))
+            ready = [e for e, fut in pending.items() if fut.done()]
+        return max(ready, key=lambda e: (counts[e], -e))
+
+    async def _acquire(self, block: BlockId) -> Lease:
+        future = self.res.request(block)
+        if not future.done():
+            await self._timed_wait(asyncio.wait([future]))
+        return future.result()
+
+    async def _timed_wait(self, waiter: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        result = await waiter
+        self.metrics.io_wait_s += time.perf_counter() - started
+        return result
+
+    async def _run(self, fn: Callable[..., T], *args: object, ready: Lease | None = None) -> T:
+        leases = [a for a in args if isinstance(a, Lease)]
+        if ready is not None:
+            leases.append(ready)
+        unpacked = [a.weights if isinstance(a, Lease) else a for a in args]
+        return await self.compute.run(fn, *unpacked, ready=[lease.copy_done for lease in leases])
+
+
+# ---- the jobs the compute thread runs ------------------------------------------------------
+
+
+def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
+    assert batch.hidden is not None
+    return ops.attention(
+        batch.hidden, w, spec, batch.k_cache[layer], batch.v_cache[layer], batch.positions, batch.key_lengths
+    )
+
+
+def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> _Routing:
+    assert batch.hidden is not None
+    h = batch.hidden[batch.token_mask]  # [N_b, H]
+    x, topk_idx, topk_w = ops.route(h, w, spec)
+    shared = ops.shared_expert(x, w, spec)
+    return _Routing(x, topk_idx, topk_w, shared, topk_idx.cpu().tolist())
+
+
+def _expert(
+    x: Tensor, topk_idx: Tensor, topk_w: Tensor, expert: int, w: BlockWeights, contributions: Tensor
+) -> None:
+    tokens, slots = torch.nonzero(topk_idx == expert, as_tuple=True)  # [M], [M]
+    contributions[tokens, slots] = ops.expert(x[tokens], w, topk_w[tokens, slots])  # [M, H]
+
+
+def _combine(batch: Batch, routing: _Routing, contributions: Tensor) -> None:
+    assert batch.hidden is not None
+    h = batch.hidden[batch.token_mask]  # [N_b, H]
+    order = ops.expert_order(routing.topk_idx)
+    batch.hidden[batch.token_mask] = ops.combine(h, contributions, routing.shared, order)
+
+
+def _last_logits(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Tensor:
+    assert batch.hidden is not None
+    rows = torch.arange(batch.hidden.shape[0], device=batch.hidden.device)
+    last = batch.hidden[rows, batch.last_index]  # [B, H]
+    return ops.head(last, w, spec).float()  # [B, V]

@@ -1,0 +1,132 @@
+"""One run's machinery, wired together: tier drivers, ledgers, residency, compute, pipeline.
+
+:class:`Runtime` is an async context manager: entering it opens the drivers inside the
+running event loop, leaving it cancels outstanding loads, waits until no driver thread
+touches a buffer, and shuts every executor down. :func:`check_budgets` refuses, before any
+byte moves, budgets that cannot hold the minimum working set, and says what that minimum is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import torch
+
+from klotski_tier.core.compute import ComputeRunner
+from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.layouts import ModelFiles, largest_block_bytes
+from klotski_tier.core.metrics import RunMetrics, TierStats
+from klotski_tier.core.pipeline import Pipeline
+from klotski_tier.core.residency import DEVICE, HOST, Residency, TierLedger
+from klotski_tier.core.sequences import GenSequence, activation_bytes, kv_cache_bytes
+from klotski_tier.core.sizes import format_size
+from klotski_tier.policies.registry import make_eviction, make_prefetch
+from klotski_tier.tiers.device import DeviceDriver
+from klotski_tier.tiers.disk import DiskDriver
+from klotski_tier.tiers.host import HostDriver
+
+if TYPE_CHECKING:
+    from klotski_tier.core.engine import EngineOptions
+
+logger = logging.getLogger(__name__)
+
+UNLIMITED_BYTES = 1 << 62
+"""Budget of a tier the user did not limit."""
+
+
+def fixed_device_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], batch_size: int) -> int:
+    """Device bytes held outside weight blocks by the largest group: KV cache and activations."""
+    worst = 0
+    for group in groups:
+        parts = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        kv = sum(kv_cache_bytes(part, files.spec) for part in parts)
+        activations = max(activation_bytes(part, files.spec) for part in parts) * len(parts)
+        worst = max(worst, kv + activations)
+    return worst
+
+
+def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]) -> None:
+    """Raise :class:`BudgetError` when a budget cannot hold the minimum working set.
+
+    The pipeline needs, on the device, the KV cache and activations of a batch group plus the
+    largest single block (one block leased at a time is enough to make progress); on the host,
+    room to stage the largest block on its way from disk.
+    """
+    block = largest_block_bytes(files.layouts)
+    fixed = fixed_device_bytes(files, groups, options.batch_size)
+    device_min = fixed + block
+    if options.device_memory_bytes is not None and options.device_memory_bytes < device_min:
+        detail = f"KV cache and activations {format_size(fixed)} + " if fixed else ""
+        raise BudgetError(
+            f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum working set "
+            f"{format_size(device_min)} ({detail}largest block {format_size(block)}); raise --device-memory "
+            "or lower --batches/--batch-size"
+        )
+    if options.host_memory_bytes is not None and options.host_memory_bytes < block:
+        raise BudgetError(
+            f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
+            f"{format_size(block)} (staging of the largest block); raise --host-memory"
+        )
+
+
+class Runtime:
+    """Drivers, residency, compute and pipeline for one ``generate`` call."""
+
+    def __init__(self, files: ModelFiles, options: EngineOptions) -> None:
+        self.files = files
+        self.options = options
+        self.metrics = RunMetrics()
+        self.disk = DiskDriver(queue_depth=options.disk_queue_depth)
+        self.host_driver = HostDriver()
+        self.device_driver = DeviceDriver(options.device)
+        self.device: torch.device = self.device_driver.device
+        self.compute = ComputeRunner(self.device_driver)
+        self.residency = Residency(
+            files.layouts,
+            disk=self.disk,
+            host=self.host_driver,
+            device=self.device_driver,
+            host_ledger=self._ledger(HOST, options.host_memory_bytes, options.eviction),
+            device_ledger=self._ledger(DEVICE, options.device_memory_bytes, options.eviction),
+        )
+        hot = files.spec.top_k if options.hot_experts is None else options.hot_experts
+        self.pipeline = Pipeline(
+            files.spec,
+            self.residency,
+            self.compute,
+            make_prefetch(options.prefetch),
+            self.metrics,
+            hot_experts=hot,
+        )
+
+    def _ledger(self, name: str, budget: int | None, eviction: str) -> TierLedger:
+        capacity = UNLIMITED_BYTES if budget is None else budget
+        stats = TierStats(name, capacity)
+        self.metrics.tiers[name] = stats
+        return TierLedger(name, capacity, make_eviction(eviction), stats)
+
+    def reserve_fixed(self, groups: Sequence[Sequence[GenSequence]]) -> None:
+        """Count the KV cache and activations of the largest group against the device budget."""
+        self.residency.device.fixed_bytes = fixed_device_bytes(self.files, groups, self.options.batch_size)
+
+    def finish(self) -> RunMetrics:
+        self.metrics.compute_s = self.compute.busy_s
+        self.metrics.io_busy_s = self.residency.io_busy_s
+        return self.metrics
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.residency.aclose()
+        finally:
+            self.compute.close()
+            await self.disk.aclose()
+            await self.host_driver.aclose()
+            await self.device_driver.aclose()
