@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from klotski_tier.core.errors import ConfigError, InputError
 from klotski_tier.core.layouts import ModelFiles, load_model_files
 from klotski_tier.core.metrics import RunMetrics
-from klotski_tier.core.runtime import Runtime, check_budgets
+from klotski_tier.core.runtime import Runtime, check_budgets, minimum_budgets
 from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_inputs
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,13 @@ class Engine:
         check_budgets(files, options, [])
         return cls(files, options, tokenizer)
 
+    def minimum_budgets(
+        self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 32
+    ) -> tuple[int, int]:
+        """The smallest (device, host) byte budgets that can run ``prompts`` with these options."""
+        device_min, host_min, _ = minimum_budgets(self.files, self.options, self._groups(prompts, max_new_tokens))
+        return device_min, host_min
+
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InputError(
@@ -137,11 +144,10 @@ class Engine:
         return_logits: bool = False,
         progress: ProgressFn | None = None,
     ) -> GenerationResult:
-        seqs = self._sequences(prompts, max_new_tokens)
         if temperature < 0:
             raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-        group_size = self.options.batches * self.options.batch_size
-        groups = [seqs[i : i + group_size] for i in range(0, len(seqs), group_size)]
+        groups = self._groups(prompts, max_new_tokens)
+        seqs = [seq for group in groups for seq in group]
         check_budgets(self.files, self.options, groups)
         sampler = _Sampler(temperature, seed, return_logits, self.spec.eos_token_ids)
         started = time.perf_counter()
@@ -152,6 +158,13 @@ class Engine:
             metrics = runtime.finish()
         metrics.wall_s = time.perf_counter() - started
         return GenerationResult([self._output(s) for s in seqs], metrics)
+
+    def _groups(
+        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int
+    ) -> list[list[GenSequence]]:
+        seqs = self._sequences(prompts, max_new_tokens)
+        size = self.options.batches * self.options.batch_size
+        return [seqs[i : i + size] for i in range(0, len(seqs), size)]
 
     def _sequences(
         self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int

@@ -48,8 +48,10 @@ def fixed_device_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]
     return worst
 
 
-def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]) -> None:
-    """Raise :class:`BudgetError` when a budget cannot hold the minimum working set.
+def minimum_budgets(
+    files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]
+) -> tuple[int, int, int]:
+    """(device minimum, host minimum, device bytes outside weights) for these batch groups.
 
     The pipeline needs, on the device, the KV cache and activations of a batch group plus the
     largest single block (one block leased at a time is enough to make progress); on the host,
@@ -57,18 +59,23 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
     """
     block = largest_block_bytes(files.layouts)
     fixed = fixed_device_bytes(files, groups, options.batch_size)
-    device_min = fixed + block
+    return fixed + block, block, fixed
+
+
+def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]) -> None:
+    """Raise :class:`BudgetError`, before any byte moves, when a budget is below its minimum."""
+    device_min, host_min, fixed = minimum_budgets(files, options, groups)
     if options.device_memory_bytes is not None and options.device_memory_bytes < device_min:
         detail = f"KV cache and activations {format_size(fixed)} + " if fixed else ""
         raise BudgetError(
             f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum working set "
-            f"{format_size(device_min)} ({detail}largest block {format_size(block)}); raise --device-memory "
+            f"{format_size(device_min)} ({detail}largest block {format_size(host_min)}); raise --device-memory "
             "or lower --batches/--batch-size"
         )
-    if options.host_memory_bytes is not None and options.host_memory_bytes < block:
+    if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
         raise BudgetError(
             f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
-            f"{format_size(block)} (staging of the largest block); raise --host-memory"
+            f"{format_size(host_min)} (staging of the largest block); raise --host-memory"
         )
 
 
