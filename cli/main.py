@@ -32,14 +32,16 @@ DEMO_DEVICE_MEMORY = "128MiB"
 T = TypeVar("T")
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
     """A human byte size such as ``512MiB`` on the command line."""
 
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         try:
-            return parse_size(value, what=f"--{param.name.replace('_', '-')}" if param and param.name else "size")
+            return parse_size(
+                value, what=f"--{param.name.replace('_', '-')}" if param and param.name else "size"
+            )
         except KlotskiError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -69,31 +71,68 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--model", type=click.Path(path_type=Path), help="Hugging Face model directory (default: demo).")
+@click.option(
+    "--model", type=click.Path(path_type=Path), help="Hugging Face model directory (default: demo)."
+)
 @click.option("--prompt", "texts", multiple=True, help="A text prompt (repeatable).")
-@click.option("--prompts", "files", multiple=True, type=click.Path(path_type=Path),
-              help="A file of prompts: one per line, or JSONL (.jsonl) with a prompt or prompt_ids field.")
-@click.option("--prompt-ids", "id_lists", multiple=True, help='Token ids of a prompt, e.g. "1,2,3" (repeatable).')
+@click.option(
+    "--prompts",
+    "files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A file of prompts: one per line, or JSONL (.jsonl) with a prompt or prompt_ids field.",
+)
+@click.option(
+    "--prompt-ids", "id_lists", multiple=True, help='Token ids of a prompt, e.g. "1,2,3" (repeatable).'
+)
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--batches", "-n", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Batches in a group sharing every loaded weight (Klotski's n).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Sequences per batch (bs).")
-@click.option("--device-memory", type=SizeType(), help="Device budget, e.g. 2GiB (default: unlimited; "
-              f"{DEMO_DEVICE_MEMORY} for the demo).")
+@click.option(
+    "--batches",
+    "-n",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Batches in a group sharing every loaded weight (Klotski's n).",
+)
+@click.option(
+    "--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per batch (bs)."
+)
+@click.option(
+    "--device-memory",
+    type=SizeType(),
+    help=f"Device budget, e.g. 2GiB (default: unlimited; {DEMO_DEVICE_MEMORY} for the demo).",
+)
 @click.option("--host-memory", type=SizeType(), help="Host RAM budget, e.g. 8GiB (default: unlimited).")
-@click.option("--hot-experts", type=click.IntRange(min=0), help="Experts prefetched per layer (default: top-k).")
+@click.option(
+    "--hot-experts", type=click.IntRange(min=0), help="Experts prefetched per layer (default: top-k)."
+)
 @click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="0 is greedy.")
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 is greedy."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with outputs and metrics.")
-@click.option("--output", type=click.Path(path_type=Path), help="Write one JSON line per prompt to this file.")
+@click.option(
+    "--output", type=click.Path(path_type=Path), help="Write one JSON line per prompt to this file."
+)
 @report_errors
-def run(model: Path | None, texts: tuple[str, ...], files: tuple[Path, ...], id_lists: tuple[str, ...],
-        max_new_tokens: int, batches: int, batch_size: int, device_memory: int | None, host_memory: int | None,
-        hot_experts: int | None, device: str | None, seed: int, temperature: float, as_json: bool,
-        output: Path | None) -> None:
+def run(
+    model: Path | None,
+    texts: tuple[str, ...],
+    files: tuple[Path, ...],
+    id_lists: tuple[str, ...],
+    max_new_tokens: int,
+    batches: int,
+    batch_size: int,
+    device_memory: int | None,
+    host_memory: int | None,
+    hot_experts: int | None,
+    device: str | None,
+    seed: int,
+    temperature: float,
+    as_json: bool,
+    output: Path | None,
+) -> None:
     """Generate with the Klotski pipeline under memory budgets."""
     prompts = gather_prompts(texts, files, id_lists)
     if model is None:
@@ -104,12 +143,19 @@ def run(model: Path | None, texts: tuple[str, ...], files: tuple[Path, ...], id_
         prompts = prompts or list(demo_prompts())
     if not prompts:
         raise InputError("no prompt given; use --prompt, --prompts or --prompt-ids")
-    options = EngineOptions(batches=batches, batch_size=batch_size, device_memory_bytes=device_memory,
-                            host_memory_bytes=host_memory, hot_experts=hot_experts, device=device)
+    options = EngineOptions(
+        batches=batches,
+        batch_size=batch_size,
+        device_memory_bytes=device_memory,
+        host_memory_bytes=host_memory,
+        hot_experts=hot_experts,
+        device=device,
+    )
     engine = Engine.load(model, options)
     with StepProgress() as progress:
-        result = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                 progress=progress)
+        result = engine.generate(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, progress=progress
+        )
     if output is not None:
         with atomic_write(output) as handle:
             for index, out in enumerate(result.outputs):
@@ -117,7 +163,7 @@ def run(model: Path | None, texts: tuple[str, ...], files: tuple[Path, ...], id_
     if as_json:
         click.echo(json.dumps(result_record(result)))
         return
-    for line in format_outputs(result) + [""] + format_metrics(result.metrics):
+    for line in [*format_outputs(result), "", *format_metrics(result.metrics)]:
         click.echo(line)
 
 

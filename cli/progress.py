@@ -16,21 +16,21 @@ MIB = 1024 * 1024
 @contextmanager
 def bytes_progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A ``progress(done_bytes, total_bytes)`` callback drawing a bar on stderr while it is called."""
-    state: dict[str, Any] = {"bar": None, "done": 0}
+    bars: list[Any] = []  # the bar, once the total is known
+    shown = [0]  # MiB drawn so far
 
     def update(done: int, total: int) -> None:
-        if state["bar"] is None:
-            state["bar"] = click.progressbar(length=max(total // MIB, 1), label=label, file=sys.stderr)
-            state["bar"].__enter__()
-        step = done // MIB - state["done"]
-        state["bar"].update(step)
-        state["done"] += step
+        if not bars:
+            bars.append(click.progressbar(length=max(total // MIB, 1), label=label, file=sys.stderr))
+            bars[0].__enter__()
+        bars[0].update(done // MIB - shown[0])
+        shown[0] = done // MIB
 
     try:
         yield update
     finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
+        for bar in bars:
+            bar.__exit__(None, None, None)
 
 
 class StepProgress:

@@ -11,7 +11,7 @@ from klotski_tier.core.errors import InputError
 Prompt = str | list[int]
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-"""A prompts file with one of these suffixes holds one JSON object per line; any other, one prompt per line."""
+"""Suffixes of a prompts file holding one JSON object per line; any other holds one prompt per line."""
 
 
 def parse_ids(text: str) -> list[int]:

@@ -47,19 +47,36 @@ def format_outputs(result: GenerationResult) -> list[str]:
 
 def format_metrics(metrics: RunMetrics) -> list[str]:
     rows = [
-        ("prefill", f"{metrics.prefill_tokens} tokens in {metrics.prefill_s:.2f} s = "
-         f"{metrics.prefill_tokens_per_s:.1f} tokens/s"),
-        ("decode", f"{metrics.decode_tokens} tokens in {metrics.decode_s:.2f} s = "
-         f"{metrics.decode_tokens_per_s:.2f} tokens/s"),
-        ("expert hit rate", f"{metrics.expert_hit_rate:.1%} of {metrics.expert_requests} expert requests "
-         f"(+{metrics.expert_in_flight} already in flight)"),
+        (
+            "prefill",
+            f"{metrics.prefill_tokens} tokens in {metrics.prefill_s:.2f} s = "
+            f"{metrics.prefill_tokens_per_s:.1f} tokens/s",
+        ),
+        (
+            "decode",
+            f"{metrics.decode_tokens} tokens in {metrics.decode_s:.2f} s = "
+            f"{metrics.decode_tokens_per_s:.2f} tokens/s",
+        ),
+        (
+            "expert hit rate",
+            f"{metrics.expert_hit_rate:.1%} of {metrics.expert_requests} expert requests "
+            f"(+{metrics.expert_in_flight} already in flight)",
+        ),
         ("compute", f"{metrics.compute_s:.2f} s busy of {metrics.wall_s:.2f} s wall"),
-        ("waited for I/O", f"{metrics.io_wait_s:.2f} s ({_share(metrics.io_wait_s, metrics.wall_s)} of wall)"),
+        (
+            "waited for I/O",
+            f"{metrics.io_wait_s:.2f} s ({_share(metrics.io_wait_s, metrics.wall_s)} of wall)",
+        ),
     ]
     for name, stats in metrics.tiers.items():
         budget = "unlimited" if stats.budget_bytes >= UNLIMITED_BYTES else format_size(stats.budget_bytes)
-        rows.append((f"{name} tier", f"read in {format_size(stats.bytes_in)} in {stats.transfers} moves; "
-                     f"peak {format_size(stats.peak_bytes)} of {budget}; {stats.evictions} evictions"))
+        rows.append(
+            (
+                f"{name} tier",
+                f"read in {format_size(stats.bytes_in)} in {stats.transfers} moves; "
+                f"peak {format_size(stats.peak_bytes)} of {budget}; {stats.evictions} evictions",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     return [f"{name:<{width}}  {value}" for name, value in rows]
 

@@ -57,8 +57,8 @@ class BlockId:
         if self.kind is BlockKind.EXPERT:
             return f"L{self.layer}.E{self.expert}"
         if self.layer >= 0:
-            return f"L{self.layer}.{self.kind.value}"
-        return self.kind.value
+            return f"L{self.layer}.{self.kind.name.lower()}"
+        return self.kind.name.lower()
 
     # Enums do not order; sort by the kind's value so ``order=True`` works.
     def __lt__(self, other: object) -> bool:

@@ -30,7 +30,9 @@ class ComputeRunner:
     def __init__(self, device: DeviceDriver) -> None:
         self._device = device
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="klotski-compute")
-        self._stream: Any = torch.cuda.Stream(device.device) if device.device.type == "cuda" else None
+        self._stream: Any = None
+        if device.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device.device)  # type: ignore[no-untyped-call]
         self.busy_s = 0.0
 
     async def run(self, fn: Callable[..., T], *args: Any, ready: Sequence[CopyDone | None] = ()) -> T:

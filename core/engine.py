@@ -52,6 +52,7 @@ class EngineOptions:
     eviction: str = "lru"
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
     disk_queue_depth: int = 4
+    disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "disk_queue_depth"):
@@ -99,7 +100,9 @@ class Engine:
         self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 32
     ) -> tuple[int, int]:
         """The smallest (device, host) byte budgets that can run ``prompts`` with these options."""
-        device_min, host_min, _ = minimum_budgets(self.files, self.options, self._groups(prompts, max_new_tokens))
+        device_min, host_min, _ = minimum_budgets(
+            self.files, self.options, self._groups(prompts, max_new_tokens)
+        )
         return device_min, host_min
 
     def encode(self, text: str) -> list[int]:
@@ -159,16 +162,12 @@ class Engine:
         metrics.wall_s = time.perf_counter() - started
         return GenerationResult([self._output(s) for s in seqs], metrics)
 
-    def _groups(
-        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int
-    ) -> list[list[GenSequence]]:
+    def _groups(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[list[GenSequence]]:
         seqs = self._sequences(prompts, max_new_tokens)
         size = self.options.batches * self.options.batch_size
         return [seqs[i : i + size] for i in range(0, len(seqs), size)]
 
-    def _sequences(
-        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int
-    ) -> list[GenSequence]:
+    def _sequences(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[GenSequence]:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not prompts:
@@ -186,11 +185,14 @@ class Engine:
             raise InputError(f"prompt {index} is empty; give it at least one token")
         bad = [t for t in ids if not 0 <= t < spec.vocab_size]
         if bad:
-            raise InputError(f"prompt {index} has token id {bad[0]} outside the vocabulary 0..{spec.vocab_size - 1}")
+            raise InputError(
+                f"prompt {index} has token id {bad[0]} outside the vocabulary 0..{spec.vocab_size - 1}"
+            )
         needed = len(ids) + max_new_tokens
         if needed > spec.max_position_embeddings:
             raise InputError(
-                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it needs {needed} "
+                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{needed} "
                 f"positions but the model's context is {spec.max_position_embeddings}; shorten the prompt "
                 "or lower --max-new-tokens"
             )
@@ -226,13 +228,17 @@ class Engine:
 
     def _output(self, seq: GenSequence) -> SequenceOutput:
         assert seq.finish_reason is not None, f"sequence {seq.index} did not finish"
-        return SequenceOutput(seq.prompt, seq.generated, self.decode(seq.generated), seq.finish_reason, seq.logits)
+        return SequenceOutput(
+            seq.prompt, seq.generated, self.decode(seq.generated), seq.finish_reason, seq.logits
+        )
 
 
 class _Sampler:
     """Picks each unfinished sequence's next token: argmax, or sampling at a temperature."""
 
-    def __init__(self, temperature: float, seed: int, keep_logits: bool, eos_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self, temperature: float, seed: int, keep_logits: bool, eos_token_ids: Sequence[int]
+    ) -> None:
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
         self.keep_logits = keep_logits

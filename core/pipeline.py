@@ -101,32 +101,43 @@ class Pipeline:
     async def forward(self, batches: Sequence[Batch]) -> list[Tensor]:
         """One step (prefill or decode) of every batch; the logits [B, V] at each ``last_index``."""
         self.res.prefetch(attn_block(0))
-        embed = await self._acquire(embed_block())
-        for batch in batches:
-            batch.hidden = await self._run(ops.embed, batch.ids, embed)  # [B, T, H]
-        await self.res.release(embed)
+        await self._embed(batches)
         previous: list[list[int]] | None = None
         for layer in range(self.spec.num_layers):
             previous = await self._layer(layer, batches, previous)
+        return await self._head(batches)
+
+    async def _head(self, batches: Sequence[Batch]) -> list[Tensor]:
         head = await self._acquire(head_block())
         logits = [await self._run(_last_logits, batch, head, self.spec) for batch in batches]
         await self.res.release(head)
         return logits
 
+    async def _embed(self, batches: Sequence[Batch]) -> None:
+        embed = await self._acquire(embed_block())
+        for batch in batches:
+            batch.hidden = await self._run(ops.embed, batch.ids, embed)  # [B, T, H]
+        await self.res.release(embed)
+
     async def _layer(
         self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
     ) -> list[list[int]]:
-        attn = await self._acquire(attn_block(layer))
-        self._prefetch_moe(layer, previous)
-        for batch in batches:
-            batch.hidden = await self._run(_attention, batch, attn, self.spec, layer)
-        await self.res.release(attn)
+        await self._attention_phase(layer, batches, previous)
         self.res.prefetch(attn_block(layer + 1) if layer + 1 < self.spec.num_layers else head_block())
         routings, requests = await self._gate_phase(layer, batches)
         await self._expert_phase(batches, routings, requests)
         routes = [route for routing in routings for route in routing.routes]
         self.prefetch.observe(layer, routes)
         return routes
+
+    async def _attention_phase(
+        self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
+    ) -> None:
+        attn = await self._acquire(attn_block(layer))
+        self._prefetch_moe(layer, previous)
+        for batch in batches:
+            batch.hidden = await self._run(_attention, batch, attn, self.spec, layer)
+        await self.res.release(attn)
 
     def _prefetch_moe(self, layer: int, previous: list[list[int]] | None) -> None:
         self.res.prefetch(gate_block(layer))
@@ -168,12 +179,12 @@ class Pipeline:
         topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
         counts = torch.bincount(topk_idx.flatten().cpu(), minlength=self.spec.num_experts).tolist()
         contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=x.dtype, device=x.device)
-        pending = dict(requests)
-        while pending:
-            expert = await self._next_expert(pending, counts)
-            lease = pending.pop(expert).result()
-            await self._run(_expert, x, topk_idx, topk_w, expert, lease, contributions, ready=lease)
+        while requests:  # consumed here, so no released lease outlives its computation
+            expert = await self._next_expert(requests, counts)
+            lease = requests.pop(expert).result()
+            await self._run(_expert, x, topk_idx, topk_w, expert, lease, contributions)
             await self.res.release(lease)
+            del lease
         start = 0
         for batch, routing in zip(batches, routings, strict=True):
             end = start + routing.x.shape[0]
@@ -200,10 +211,9 @@ class Pipeline:
         self.metrics.io_wait_s += time.perf_counter() - started
         return result
 
-    async def _run(self, fn: Callable[..., T], *args: object, ready: Lease | None = None) -> T:
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn`` in the compute thread, with each Lease argument replaced by its block's tensors."""
         leases = [a for a in args if isinstance(a, Lease)]
-        if ready is not None:
-            leases.append(ready)
         unpacked = [a.weights if isinstance(a, Lease) else a for a in args]
         return await self.compute.run(fn, *unpacked, ready=[lease.copy_done for lease in leases])
 

@@ -150,7 +150,6 @@ class Residency:
         self.host = host_ledger
         self.device = device_ledger
         self._room = asyncio.Condition()
-        self.io_busy_s = 0.0
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -287,9 +286,7 @@ class Residency:
         buffer = self._host.allocate(entry.nbytes)
         started = time.perf_counter()
         await self._disk.read_into(layout.pieces, buffer)
-        elapsed = time.perf_counter() - started
-        self.io_busy_s += elapsed
-        self.host.stats.add_transfer(entry.nbytes, elapsed)
+        self.host.stats.add_transfer(entry.nbytes, time.perf_counter() - started)
         entry.buffer = buffer
 
     async def _lease_when_ready(self, entry: _Entry) -> Lease:

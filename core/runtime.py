@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from klotski_tier.core.compute import ComputeRunner
-from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.errors import BudgetError, ConfigError
 from klotski_tier.core.layouts import ModelFiles, largest_block_bytes
 from klotski_tier.core.metrics import RunMetrics, TierStats
 from klotski_tier.core.pipeline import Pipeline
@@ -27,6 +27,7 @@ from klotski_tier.policies.registry import make_eviction, make_prefetch
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
+from klotski_tier.tiers.registry import TIER_DRIVERS
 
 if TYPE_CHECKING:
     from klotski_tier.core.engine import EngineOptions
@@ -68,15 +69,27 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
     if options.device_memory_bytes is not None and options.device_memory_bytes < device_min:
         detail = f"KV cache and activations {format_size(fixed)} + " if fixed else ""
         raise BudgetError(
-            f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum working set "
-            f"{format_size(device_min)} ({detail}largest block {format_size(host_min)}); raise --device-memory "
+            f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum "
+            "working set "
+            f"{_exact(device_min)} ({detail}largest block {format_size(host_min)}); raise --device-memory "
             "or lower --batches/--batch-size"
         )
     if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
         raise BudgetError(
             f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
-            f"{format_size(host_min)} (staging of the largest block); raise --host-memory"
+            f"{_exact(host_min)} (staging of the largest block); raise --host-memory"
         )
+
+
+def _disk_driver(name: str) -> type[DiskDriver]:
+    driver = TIER_DRIVERS.get(name)
+    if not (isinstance(driver, type) and issubclass(driver, DiskDriver)):
+        raise ConfigError(f"tier driver {name!r} cannot serve as the disk tier; it must subclass DiskDriver")
+    return driver
+
+
+def _exact(nbytes: int) -> str:
+    return f"{format_size(nbytes)} ({nbytes} bytes)"
 
 
 class Runtime:
@@ -86,7 +99,7 @@ class Runtime:
         self.files = files
         self.options = options
         self.metrics = RunMetrics()
-        self.disk = DiskDriver(queue_depth=options.disk_queue_depth)
+        self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth)
         self.host_driver = HostDriver()
         self.device_driver = DeviceDriver(options.device)
         self.device: torch.device = self.device_driver.device
@@ -121,7 +134,7 @@ class Runtime:
 
     def finish(self) -> RunMetrics:
         self.metrics.compute_s = self.compute.busy_s
-        self.metrics.io_busy_s = self.residency.io_busy_s
+        self.metrics.io_busy_s = self.disk.busy_s
         return self.metrics
 
     async def __aenter__(self) -> Runtime:

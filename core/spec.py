@@ -33,7 +33,9 @@ class ModelSpec:
     expert_intermediate_size: int  # I
     shared_expert_intermediate_size: int  # S, 0 without a shared expert
     norm_topk_prob: bool  # renormalize the top-k routing weights to sum to 1
-    router_weights_in_model_dtype: bool  # Qwen/OLMoE cast routing weights to the model dtype; Mixtral keeps fp32
+    router_weights_in_model_dtype: (
+        bool  # Qwen/OLMoE cast routing weights to the model dtype; Mixtral keeps fp32
+    )
     qk_norm: QKNorm
     qkv_bias: bool
     clip_qkv: float | None

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from klotski_tier import Engine, EngineOptions
 import transformers
 
+from klotski_tier import Engine, EngineOptions
 from tests.checkpoints import FAMILIES, make_checkpoint
 
 PROMPTS = [[5, 7, 9, 11], [3], [20, 21, 22, 23, 24, 25, 26, 27], [40, 41], [60, 61, 62, 63, 64]]

@@ -1,0 +1,96 @@
+"""The device tier: buffers where compute runs, filled from host memory.
+
+On CUDA a copy is enqueued on the driver's own copy stream (never the compute stream), an
+event is recorded after it, and the driver's single worker thread waits on that event, so the
+event loop never blocks; the compute stream then waits on the event (:meth:`wait_ready`)
+instead of synchronizing the device. Without CUDA the "device" is the CPU: the copy runs in
+the same single worker thread and :meth:`wait_ready` is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.tiers.base import CopyDone, MemoryTierDriver, check_copy_args
+
+__all__ = ["CopyDone", "DeviceDriver"]
+
+logger = logging.getLogger(__name__)
+
+DEVICE_COPY_THREADS = 1
+"""One worker: copies on one stream are serial anyway, and the thread mostly waits on events."""
+
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else the CPU; CUDA without a CUDA device is a ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"cannot parse device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if resolved.type not in SUPPORTED_DEVICE_TYPES:
+        raise ConfigError(f"device type {resolved.type!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} needs CUDA, and no CUDA device is available; use 'cpu'")
+    return resolved
+
+
+class DeviceDriver(MemoryTierDriver):
+    """Allocates flat ``uint8`` buffers on the compute device and copies host tensors into them."""
+
+    name = "device"
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        self.device = resolve_device(device)
+        super().__init__(max_workers=DEVICE_COPY_THREADS)
+        self._stream: Any | None = None  # torch.cuda.Stream, created on the first CUDA copy
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        """A flat ``uint8`` tensor of ``nbytes`` bytes on :attr:`device` (contents undefined)."""
+        self._check_open()
+        assert nbytes >= 0, f"cannot allocate a negative size ({nbytes} bytes)"
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # [nbytes]
+
+    async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
+        """Copy the CPU tensor ``src`` into ``dst`` on the device; on CUDA the result carries the event."""
+        check_copy_args(dst, src)
+        assert dst.device.type == self.device.type, f"{self.device} tier got a buffer on {dst.device}"
+        if self.device.type == "cuda":
+            caller_stream = torch.cuda.current_stream(self.device)  # the stream allocate() ran on
+            done = CopyDone(await self._run_job(lambda: self._cuda_copy(dst, src, caller_stream)))
+        else:
+            await self._run_job(lambda: dst.copy_(src))
+            done = CopyDone(None)
+        self.bytes_copied += src.numel() * src.element_size()
+        return done
+
+    def wait_ready(self, done: CopyDone, stream: Any | None = None) -> None:
+        """CUDA: make ``stream`` (default: the current stream) wait on the copy's event; CPU: no-op."""
+        if self.device.type != "cuda":
+            super().wait_ready(done, stream)
+            return
+        assert done.event is not None, "a CUDA copy result must carry its event"
+        target = stream if stream is not None else torch.cuda.current_stream(self.device)
+        target.wait_event(done.event)
+
+    def _cuda_copy(self, dst: torch.Tensor, src: torch.Tensor, caller_stream: Any) -> Any:
+        """Worker thread: enqueue the copy on the copy stream, record an event, wait for it."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        # ``dst`` was allocated on the caller's stream, whose queued work may still use that memory
+        # (the caching allocator reuses freed blocks in that stream's order): queue the copy behind it.
+        self._stream.wait_stream(caller_stream)
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+            # blocking: the worker sleeps in synchronize() instead of spinning a core
+            event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+            event.record(self._stream)
+        event.synchronize()  # releases the GIL while it waits
+        return event
