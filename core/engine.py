@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from klotski_tier.core.errors import ConfigError, InputError
 from klotski_tier.core.layouts import ModelFiles, load_model_files
 from klotski_tier.core.metrics import RunMetrics
-from klotski_tier.core.runtime import Runtime, check_budgets, minimum_budgets
+from klotski_tier.core.runtime import Runtime, check_budgets, check_plugins, minimum_budgets
 from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_inputs
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Engine:
         files = load_model_files(model)
         tokenizer_path = Path(model) / "tokenizer.json"
         tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+        check_plugins(options)
         check_budgets(files, options, [])
         return cls(files, options, tokenizer)
 

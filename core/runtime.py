@@ -81,6 +81,13 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
         )
 
 
+def check_plugins(options: EngineOptions) -> None:
+    """Resolve every plugin name of ``options`` now, so a typo fails at load, not mid-run."""
+    make_prefetch(options.prefetch)
+    make_eviction(options.eviction)
+    _disk_driver(options.disk_driver)
+
+
 def _disk_driver(name: str) -> type[DiskDriver]:
     driver = TIER_DRIVERS.get(name)
     if not (isinstance(driver, type) and issubclass(driver, DiskDriver)):
