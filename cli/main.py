@@ -32,20 +32,6 @@ DEMO_DEVICE_MEMORY = "128MiB"
 T = TypeVar("T")
 
 
-class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
-    """A human byte size such as ``512MiB`` on the command line."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        try:
-            return parse_size(
-                value, what=f"--{param.name.replace('_', '-')}" if param and param.name else "size"
-            )
-        except KlotskiError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn the library's errors into one line on stderr and exit code 1."""
 
@@ -99,10 +85,13 @@ def main(verbose: int) -> None:
 )
 @click.option(
     "--device-memory",
-    type=SizeType(),
+    "device_text",
+    metavar="SIZE",
     help=f"Device budget, e.g. 2GiB (default: unlimited; {DEMO_DEVICE_MEMORY} for the demo).",
 )
-@click.option("--host-memory", type=SizeType(), help="Host RAM budget, e.g. 8GiB (default: unlimited).")
+@click.option(
+    "--host-memory", "host_text", metavar="SIZE", help="Host RAM budget, e.g. 8GiB (default: unlimited)."
+)
 @click.option(
     "--hot-experts", type=click.IntRange(min=0), help="Experts prefetched per layer (default: top-k)."
 )
@@ -124,8 +113,8 @@ def run(
     max_new_tokens: int,
     batches: int,
     batch_size: int,
-    device_memory: int | None,
-    host_memory: int | None,
+    device_text: str | None,
+    host_text: str | None,
     hot_experts: int | None,
     device: str | None,
     seed: int,
@@ -134,6 +123,10 @@ def run(
     output: Path | None,
 ) -> None:
     """Generate with the Klotski pipeline under memory budgets."""
+    device_memory = _optional_size(device_text, "--device-memory")
+    host_memory = _optional_size(host_text, "--host-memory")
+    if output is not None:
+        check_writable(output)
     prompts = gather_prompts(texts, files, id_lists)
     if model is None:
         with bytes_progress("building demo model") as progress:
@@ -167,6 +160,22 @@ def run(
         click.echo(line)
 
 
+def _optional_size(text: str | None, option: str) -> int | None:
+    """Bytes of a size option, parsed here so a bad value is our one-line error, not click's usage."""
+    return None if text is None else parse_size(text, what=option)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output path whose directory is missing or that is a directory."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"--output {path} is a directory; name a file to write")
+    if not directory.is_dir():
+        raise InputError(f"--output {path}: directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"--output {path}: directory {directory} is not writable")
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[Any]:
     """Write ``path`` through a temporary file renamed into place; nothing is left on failure."""
@@ -178,7 +187,10 @@ def atomic_write(path: Path) -> Iterator[Any]:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             yield handle
-        os.replace(temp, path)
+        try:
+            os.replace(temp, path)
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror}") from exc
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

@@ -28,10 +28,14 @@ def parse_ids(text: str) -> list[int]:
 def read_prompts_file(path: Path) -> list[Prompt]:
     """Prompts from ``path``: text lines (blank lines skipped) or JSONL objects."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InputError(f"cannot read prompts file {path}: {reason}") from exc
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not text
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"cannot read prompts file {path}: not UTF-8 text (invalid byte at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read prompts file {path}: {exc.strerror or exc}") from exc
     if path.suffix.lower() in JSONL_SUFFIXES:
         prompts = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     else:
@@ -52,12 +56,13 @@ def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
             if isinstance(record.get(key), str):
                 return str(record[key])
         ids = record.get("prompt_ids", record.get("ids"))
-        if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids):
+        if isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             return [int(t) for t in ids]
     raise InputError(f'{path}:{number} needs a "prompt" string or a "prompt_ids" list of integers')
 
 
 def gather_prompts(texts: Sequence[str], files: Sequence[Path], id_lists: Sequence[str]) -> list[Prompt]:
+    """The ``--prompt`` texts, then the prompts of each ``--prompts`` file, then the ``--prompt-ids``."""
     prompts: list[Prompt] = list(texts)
     for path in files:
         prompts.extend(read_prompts_file(path))

@@ -7,7 +7,7 @@ kind        layer  expert  tensors (view roles)
 ==========  =====  ======  ===================================================================
 EMBED       -1     -1      ``embed`` [V, H]
 ATTN        l      -1      ``input_norm`` [H], ``q`` [Hq*D, H], ``k``/``v`` [Hkv*D, H], ``o`` [H, Hq*D],
-                           optional ``q_bias``/``k_bias``/``v_bias``, ``q_norm``/``k_norm``
+                           optional ``q_bias``/``k_bias``/``v_bias``/``o_bias``, ``q_norm``/``k_norm``
 GATE        l      -1      ``post_norm`` [H], ``router`` [E, H]; with a shared expert also
                            ``shared_gate_up`` [2S, H], ``shared_down`` [H, S], ``shared_expert_gate`` [1, H]
 EXPERT      l      e       ``gate_up`` [2I, H] (gate rows first), ``down`` [H, I]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from klotski_tier.core.errors import ConfigError, InputError
+from klotski_tier.core.errors import CheckpointError, ConfigError, InputError
 from klotski_tier.core.layouts import ModelFiles, load_model_files
 from klotski_tier.core.metrics import RunMetrics
 from klotski_tier.core.runtime import Runtime, check_budgets, check_plugins, minimum_budgets
@@ -91,8 +91,7 @@ class Engine:
         """Read the checkpoint's config and headers (no weights) and check the budgets' floor."""
         options = options or EngineOptions()
         files = load_model_files(model)
-        tokenizer_path = Path(model) / "tokenizer.json"
-        tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+        tokenizer = _load_tokenizer(Path(model) / "tokenizer.json")
         check_plugins(options)
         check_budgets(files, options, [])
         return cls(files, options, tokenizer)
@@ -232,6 +231,17 @@ class Engine:
         return SequenceOutput(
             seq.prompt, seq.generated, self.decode(seq.generated), seq.finish_reason, seq.logits
         )
+
+
+def _load_tokenizer(path: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None without a tokenizer.json (token-id prompts still work)."""
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot read tokenizer {path}: {reason}; fix or remove the file") from exc
 
 
 class _Sampler:

@@ -97,10 +97,11 @@ class Pipeline:
         self.prefetch = prefetch
         self.metrics = metrics
         self.hot_experts = hot_experts
+        self._wanted: list[BlockId] = []  # prefetches that found no room yet, most urgent first
 
     async def forward(self, batches: Sequence[Batch]) -> list[Tensor]:
         """One step (prefill or decode) of every batch; the logits [B, V] at each ``last_index``."""
-        self.res.prefetch(attn_block(0))
+        self._want([embed_block(), attn_block(0)])
         await self._embed(batches)
         previous: list[list[int]] | None = None
         for layer in range(self.spec.num_layers):
@@ -110,40 +111,59 @@ class Pipeline:
     async def _head(self, batches: Sequence[Batch]) -> list[Tensor]:
         head = await self._acquire(head_block())
         logits = [await self._run(_last_logits, batch, head, self.spec) for batch in batches]
-        await self.res.release(head)
+        await self._release(head)
         return logits
 
     async def _embed(self, batches: Sequence[Batch]) -> None:
         embed = await self._acquire(embed_block())
         for batch in batches:
             batch.hidden = await self._run(ops.embed, batch.ids, embed)  # [B, T, H]
-        await self.res.release(embed)
+        await self._release(embed)
 
     async def _layer(
         self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
     ) -> list[list[int]]:
         await self._attention_phase(layer, batches, previous)
-        self.res.prefetch(attn_block(layer + 1) if layer + 1 < self.spec.num_layers else head_block())
         routings, requests = await self._gate_phase(layer, batches)
-        await self._expert_phase(batches, routings, requests)
         routes = [route for routing in routings for route in routing.routes]
+        self._want_next(layer, routes)
+        await self._expert_phase(batches, routings, requests)
         self.prefetch.observe(layer, routes)
         return routes
 
     async def _attention_phase(
         self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
     ) -> None:
+        self._wanted = [b for b in self._wanted if b.layer < 0 or b.layer >= layer]  # drop stale wishes
         attn = await self._acquire(attn_block(layer))
-        self._prefetch_moe(layer, previous)
+        if previous is None:  # layer 0: nothing predicted it during the previous layer
+            self._want(self._moe_blocks(layer, previous))
         for batch in batches:
             batch.hidden = await self._run(_attention, batch, attn, self.spec, layer)
-        await self.res.release(attn)
+        await self._release(attn)
 
-    def _prefetch_moe(self, layer: int, previous: list[list[int]] | None) -> None:
-        self.res.prefetch(gate_block(layer))
-        for expert in self.prefetch.predict(layer, self.hot_experts, previous):
-            if not self.res.prefetch(expert_block(layer, expert)):
-                break
+    def _moe_blocks(self, layer: int, previous: list[list[int]] | None) -> list[BlockId]:
+        """The gate of ``layer`` and the K experts the prefetch policy predicts hot there."""
+        hot = self.prefetch.predict(layer, self.hot_experts, previous)
+        return [gate_block(layer), *(expert_block(layer, e) for e in hot)]
+
+    def _want_next(self, layer: int, routes: list[list[int]]) -> None:
+        """Once layer ``layer`` has routed: the next attention, gate and predicted hot experts
+        (or, after the last layer, the head and the next step's first blocks), queued behind the
+        demand loads of this layer's experts."""
+        if layer + 1 < self.spec.num_layers:
+            self._want([attn_block(layer + 1), *self._moe_blocks(layer + 1, routes)])
+        else:
+            self._want([head_block(), embed_block(), attn_block(0)])
+
+    def _want(self, blocks: Sequence[BlockId]) -> None:
+        self._wanted.extend(b for b in blocks if b not in self._wanted)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start wanted prefetches in order while the device has room for them."""
+        while self._wanted and self.res.prefetch(self._wanted[0]):
+            self._wanted.pop(0)
 
     async def _gate_phase(
         self, layer: int, batches: Sequence[Batch]
@@ -157,7 +177,7 @@ class Pipeline:
             for expert in sorted({e for route in routing.routes for e in route}):
                 if expert not in requests:
                     requests[expert] = self._request_expert(layer, expert)
-        await self.res.release(gate)
+        await self._release(gate)
         return routings, requests
 
     def _request_expert(self, layer: int, expert: int) -> asyncio.Future[Lease]:
@@ -183,7 +203,7 @@ class Pipeline:
             expert = await self._next_expert(requests, counts)
             lease = requests.pop(expert).result()
             await self._run(_expert, x, topk_idx, topk_w, expert, lease, contributions)
-            await self.res.release(lease)
+            await self._release(lease)
             del lease
         start = 0
         for batch, routing in zip(batches, routings, strict=True):
@@ -198,6 +218,10 @@ class Pipeline:
             await self._timed_wait(asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED))
             ready = [e for e, fut in pending.items() if fut.done()]
         return max(ready, key=lambda e: (counts[e], -e))
+
+    async def _release(self, lease: Lease) -> None:
+        await self.res.release(lease)
+        self._pump()
 
     async def _acquire(self, block: BlockId) -> Lease:
         future = self.res.request(block)

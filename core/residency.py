@@ -83,6 +83,7 @@ class TierLedger:
     fixed_bytes: int = 0  # reserved outside blocks (KV cache, activations)
     entries: dict[BlockId, _Entry] = field(default_factory=dict)
     used_bytes: int = 0
+    demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
 
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.fixed_bytes - self.used_bytes
@@ -181,7 +182,7 @@ class Residency:
         if block in self.device.entries:
             return True
         nbytes = self._layouts[block].nbytes
-        if not self.device.make_room(nbytes):
+        if self.device.demand_waiting or not self.device.make_room(nbytes):
             return False
         self.device.take(nbytes)
         entry = self._start(self.device, block, self._load_device, wait_for_room=False)
@@ -246,7 +247,11 @@ class Residency:
                 f"{format_size(nbytes)}; raise --{ledger.name}-memory"
             )
         async with self._room:
-            await self._room.wait_for(lambda: ledger.make_room(nbytes))
+            ledger.demand_waiting += 1
+            try:
+                await self._room.wait_for(lambda: ledger.make_room(nbytes))
+            finally:
+                ledger.demand_waiting -= 1
             ledger.take(nbytes)
             entry.reserved = True
 
@@ -283,7 +288,7 @@ class Residency:
 
     async def _load_host(self, entry: _Entry) -> None:
         layout = self._layouts[entry.block]
-        buffer = self._host.allocate(entry.nbytes)
+        buffer = await self._host.aallocate(entry.nbytes)
         started = time.perf_counter()
         await self._disk.read_into(layout.pieces, buffer)
         self.host.stats.add_transfer(entry.nbytes, time.perf_counter() - started)

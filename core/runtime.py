@@ -71,13 +71,13 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
         raise BudgetError(
             f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum "
             "working set "
-            f"{_exact(device_min)} ({detail}largest block {format_size(host_min)}); raise --device-memory "
+            f"{_exact(device_min)}: {detail}largest block {format_size(host_min)}; raise --device-memory "
             "or lower --batches/--batch-size"
         )
     if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
         raise BudgetError(
             f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
-            f"{_exact(host_min)} (staging of the largest block); raise --host-memory"
+            f"{_exact(host_min)} to stage the largest block; raise --host-memory"
         )
 
 

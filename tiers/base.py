@@ -190,6 +190,10 @@ class MemoryTierDriver(TierDriver):
     def allocate(self, nbytes: int) -> torch.Tensor:
         """A flat ``uint8`` tensor of ``nbytes`` bytes in this tier (contents undefined)."""
 
+    async def aallocate(self, nbytes: int) -> torch.Tensor:
+        """:meth:`allocate` in the driver's pool: pinning a large host buffer can take long."""
+        return await self._run_job(lambda: self.allocate(nbytes))
+
     @abstractmethod
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         """Copy the CPU tensor ``src`` into ``dst`` (a buffer of this tier, same shape and dtype)."""

@@ -19,9 +19,10 @@ import pytest
 from klotski_tier import Engine, EngineOptions
 from klotski_tier.core import runtime
 from klotski_tier.core.compute import ComputeRunner
+from klotski_tier.core.registry import Registry
+from klotski_tier.tiers.base import TierDriver
 from klotski_tier.tiers.device import CopyDone
 from klotski_tier.tiers.disk import DiskDriver
-from klotski_tier.tiers.registry import TIER_DRIVERS
 from tests.checkpoints import make_checkpoint
 
 T = TypeVar("T")
@@ -62,8 +63,11 @@ class SlowCompute(ComputeRunner):
 
 @pytest.fixture
 def slow_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
-    if "slow-disk" not in TIER_DRIVERS.names():
-        TIER_DRIVERS.register("slow-disk", SlowDisk)
+    drivers: Registry[type[TierDriver]] = Registry(
+        "tier driver", "klotski_tier.tiers", {"disk": "klotski_tier.tiers.disk:DiskDriver"}
+    )
+    drivers.register("slow-disk", SlowDisk)  # a private registry: the global one stays as shipped
+    monkeypatch.setattr(runtime, "TIER_DRIVERS", drivers)
     monkeypatch.setattr(runtime, "ComputeRunner", SlowCompute)
     directory = make_checkpoint(tmp_path / "ckpt", "mixtral", num_layers=4, num_experts=4)
     probe = Engine.load(directory, EngineOptions(batches=2, batch_size=2))
@@ -71,8 +75,8 @@ def slow_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
     options = EngineOptions(
         batches=2,
         batch_size=2,
-        device_memory_bytes=device_min + 6 * probe.spec.expert_bytes,  # experts must stream
-        host_memory_bytes=host_min + 2 * probe.spec.expert_bytes,  # ... from disk, again and again
+        device_memory_bytes=device_min + 8 * probe.spec.expert_bytes,  # half the experts: they stream
+        host_memory_bytes=host_min + 8 * probe.spec.expert_bytes,  # ... from disk, again and again
         disk_queue_depth=1,  # reads one at a time: their summed time is the drive's busy time
         disk_driver="slow-disk",
     )
