@@ -42,7 +42,11 @@ class ComputeRunner:
 
     def _job(self, fn: Callable[..., T], args: tuple[Any, ...], ready: Sequence[CopyDone | None]) -> T:
         started = time.perf_counter()
-        stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        stream_ctx: Any = contextlib.nullcontext()
+        if self._stream is not None:
+            # Inputs the event loop made (token ids, KV cache) were queued on the default stream.
+            self._stream.wait_stream(torch.cuda.default_stream(self._device.device))
+            stream_ctx = torch.cuda.stream(self._stream)
         with torch.inference_mode(), stream_ctx:
             for done in ready:
                 if done is not None:

@@ -194,11 +194,12 @@ class Pipeline:
         routings: list[_Routing],
         requests: dict[int, asyncio.Future[Lease]],
     ) -> None:
-        x = torch.cat([r.x for r in routings])  # [N, H] tokens of all n batches
-        topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
-        topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
-        counts = torch.bincount(topk_idx.flatten().cpu(), minlength=self.spec.num_experts).tolist()
-        contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=x.dtype, device=x.device)
+        counts = [0] * self.spec.num_experts  # tokens per expert over all n batches
+        for routing in routings:
+            for route in routing.routes:
+                for expert in route:
+                    counts[expert] += 1
+        x, topk_idx, topk_w, contributions = await self._run(_gather_tokens, routings)
         while requests:  # consumed here, so no released lease outlives its computation
             expert = await self._next_expert(requests, counts)
             lease = requests.pop(expert).result()
@@ -258,6 +259,15 @@ def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> _Routing:
     x, topk_idx, topk_w = ops.route(h, w, spec)
     shared = ops.shared_expert(x, w, spec)
     return _Routing(x, topk_idx, topk_w, shared, topk_idx.cpu().tolist())
+
+
+def _gather_tokens(routings: list[_Routing]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The routed tokens of all n batches together, and zeroed room for their expert outputs."""
+    x = torch.cat([r.x for r in routings])  # [N, H]
+    topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
+    topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
+    contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=x.dtype, device=x.device)  # [N, k, H]
+    return x, topk_idx, topk_w, contributions
 
 
 def _expert(

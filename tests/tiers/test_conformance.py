@@ -73,6 +73,15 @@ class TestMemoryTierConformance:
 
         run(scenario())
 
+    def test_aallocate_runs_in_the_drivers_own_pool(self, make_tier: Callable[[], MemoryTierDriver]) -> None:
+        async def scenario() -> None:
+            asyncio.get_running_loop().set_default_executor(RefusingExecutor())
+            async with make_tier() as tier:
+                buffer = await tier.aallocate(SIZES_BYTES[-1])
+                assert buffer.dtype == torch.uint8 and tuple(buffer.shape) == (SIZES_BYTES[-1],)
+
+        run(scenario())
+
     def test_copy_from_host_lands_every_byte(self, make_tier: Callable[[], MemoryTierDriver]) -> None:
         async def scenario() -> None:
             asyncio.get_running_loop().set_default_executor(RefusingExecutor())
