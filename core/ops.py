@@ -9,19 +9,21 @@ One layer, as the pipeline composes them (``N`` = valid tokens of all sequences,
     h = attention(h, attn_w, spec, k_cache, v_cache, positions, key_lengths)  # [B, T, H]
     x, idx, wts = route(h_valid, gate_w, spec)                                 # [N, H], [N, k], [N, k]
     per (token, slot) routed to e: c[token, slot] = expert(x[tokens], w_e, wts[tokens, slots])
-    h_valid = combine(h_valid, c, shared_expert(x, gate_w, spec), order=expert_order(idx))
+    h_valid = combine(h_valid, c, shared_expert(x, gate_w, spec))
 
-Numerics follow transformers 5 (``modeling_{mixtral,qwen2_moe,qwen3_moe,olmoe}.py``) op by op:
-the same casts, the same operation order, the same fused ``gate_up`` matmul for routed experts,
-and the MoE sum accumulated in the model dtype in ascending expert order, as the reference's
-``index_add_`` loop over experts does. Bit-identity of a matmul also assumes that a row's result
-does not depend on which other rows share the call, which holds for the CPU kernels tested.
+Numerics follow transformers 5 (``modeling_{mixtral,qwen2_moe,qwen3_moe,olmoe}.py``) with its
+default ``grouped_mm`` experts (``integrations/moe.py``) op by op: the same casts, the same
+operation order, the same fused ``gate_up`` matmul for routed experts, routing weights applied
+in their own precision, and each token's k contributions summed in one reduction cast once to
+the model dtype. Bit-identity of a matmul also assumes that a row's result does not depend on
+which other rows share the call, which holds for the CPU bfloat16 kernels tested (float32
+kernels differ in the last bits with the row count: float32 is compared within a tolerance).
 
-Measured on CPU (torch 2.13, transformers 5.24): one sequence per call is bit-identical to
-transformers in bfloat16, prefill and decode. In a batch whose sequences have different key
-lengths, a shorter sequence's attention runs over a masked tail, and the bf16 SDPA kernel then
-reduces in another order: its outputs may differ by bf16 rounding (float32 stays within 1e-5).
-On CUDA, transformers' unmasked SDPA picks other kernels than this boolean-masked call.
+Measured on CPU (torch 2.13, transformers 5.24): bit-identical to transformers in bfloat16,
+prefill and decode. Decode queries of sequences with different key lengths attend one sequence
+at a time over exactly their own keys: over a masked tail the bf16 SDPA kernel reduces in
+another order. On CUDA, transformers' grouped GEMM and unmasked SDPA pick other kernels than
+these calls: expect float tolerance there, not bit identity.
 """
 
 from __future__ import annotations
@@ -118,39 +120,35 @@ def _write_cache(cache: Tensor, new: Tensor, positions: Tensor, key_lengths: Ten
     cache[rows, :, positions[valid]] = new.transpose(1, 2)[valid]  # [n, Hkv, D]
 
 
-def _attention_mask(positions: Tensor, key_lengths: Tensor, kv_len: int) -> Tensor:
-    """Boolean mask [B, 1, T, L]: query (b, t) sees key j <= positions[b, t] and j < key_lengths[b].
-
-    A row that would see no key (a sequence with no valid key) sees key 0 instead, so that its
-    output stays finite on every SDPA backend (older ones give NaN for fully masked rows);
-    such rows are padding and their values are ignored.
-    """
-    keys = torch.arange(kv_len, device=positions.device)  # [L]
-    mask = (keys <= positions[..., None]) & (keys < key_lengths[:, None, None])  # [B, T, L]
-    mask[..., 0] |= ~mask.any(dim=-1)
-    return mask.unsqueeze(1)
-
-
-def _decode_per_sequence(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, key_lengths: Tensor, spec: ModelSpec
+def _attend(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, key_lengths: Tensor, counts: list[int], spec: ModelSpec
 ) -> Tensor:
-    """One decode query per sequence over exactly its own keys: q [B, Hq, 1, D] -> [B, Hq, 1, D].
+    """Scaled dot-product attention of each sequence over exactly its own keys: [B, Hq, T, D].
 
-    With one query, CPU SDPA rounds differently over a masked tail of keys than over keys cut
-    to the exact length, which is what the reference computes for a sequence on its own; so
-    sequences of unequal lengths attend one by one (bit-identical in bfloat16).
+    Sequence b's ``counts[b]`` queries are its last tokens (positions key_lengths[b] - counts[b]
+    onwards, right-padded in T); padded query rows come out as zeros. One SDPA call per sequence,
+    shaped as the reference shapes a sequence run alone (causal without a mask for a prompt,
+    unmasked for one decode query): over a padded, masked batch the bf16 kernels round differently.
     """
-    outs = [
-        F.scaled_dot_product_attention(
-            q[b : b + 1],
-            k_cache[b : b + 1, :, :length],  # [1, Hkv, L_b, D]
-            v_cache[b : b + 1, :, :length],  # [1, Hkv, L_b, D]
+    out = torch.zeros_like(q)  # [B, Hq, T, D]
+    for b, (count, length) in enumerate(zip(counts, key_lengths.tolist(), strict=True)):
+        if count == 0:
+            continue
+        mask = None
+        if 1 < count < length:  # new tokens after cached ones: query t sees keys up to its position
+            first = length - count
+            keys = torch.arange(length, device=q.device)  # [L]
+            mask = keys <= first + torch.arange(count, device=q.device)[:, None]  # [t, L]
+        out[b : b + 1, :, :count] = F.scaled_dot_product_attention(
+            q[b : b + 1, :, :count],  # [1, Hq, t, D]
+            k_cache[b : b + 1, :, :length],  # [1, Hkv, L, D]
+            v_cache[b : b + 1, :, :length],  # [1, Hkv, L, D]
+            attn_mask=mask,
+            is_causal=count == length and count > 1,
             scale=spec.head_dim**-0.5,
             enable_gqa=spec.num_heads != spec.num_kv_heads,
         )
-        for b, length in enumerate(key_lengths.tolist())
-    ]
-    return torch.cat(outs)  # [B, Hq, 1, D]
+    return out
 
 
 def attention(
@@ -176,20 +174,9 @@ def attention(
     q, k, v = _project_qkv(x, w, spec, positions)  # [B, Hq, T, D], [B, Hkv, T, D] x2
     _write_cache(k_cache, k, positions, key_lengths)
     _write_cache(v_cache, v, positions, key_lengths)
-    kv_len = int(key_lengths.max())
-    assert kv_len <= k_cache.shape[2], f"key length {kv_len} exceeds the KV cache's {k_cache.shape[2]} slots"
-    decode = h.shape[1] == 1
-    if decode and bool((key_lengths != kv_len).any()):
-        out = _decode_per_sequence(q, k_cache, v_cache, key_lengths, spec)
-    else:  # one query per sequence over all its keys needs no mask, as in the reference's decode
-        out = F.scaled_dot_product_attention(
-            q,
-            k_cache[:, :, :kv_len],  # [B, Hkv, L, D]
-            v_cache[:, :, :kv_len],  # [B, Hkv, L, D]
-            attn_mask=None if decode else _attention_mask(positions, key_lengths, kv_len),
-            scale=spec.head_dim**-0.5,
-            enable_gqa=spec.num_heads != spec.num_kv_heads,
-        )  # [B, Hq, T, D]
+    assert int(key_lengths.max()) <= k_cache.shape[2], "key length exceeds the KV cache's slots"
+    counts = (positions < key_lengths[:, None]).sum(dim=1).tolist()  # valid queries per sequence
+    out = _attend(q, k_cache, v_cache, key_lengths, counts, spec)  # [B, Hq, T, D]
     out = out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)  # [B, T, Hq*D]
     return h + F.linear(out, w["o"], w.get("o_bias"))
 
@@ -232,31 +219,30 @@ def shared_expert(x: Tensor, w: BlockWeights, spec: ModelSpec) -> Tensor | None:
 
 
 def expert(x: Tensor, w: BlockWeights, weights: Tensor) -> Tensor:
-    """One routed expert on its tokens x [M, H], scaled by their routing weights [M] -> [M, H] in x.dtype."""
+    """One routed expert on its tokens x [M, H], scaled by their routing weights [M] -> [M, H].
+
+    The product keeps the routing weights' precision (float32 for Mixtral, whose router weights
+    stay float32), as transformers' grouped-GEMM experts do before their per-token sum.
+    """
     gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # [M, I] x2
     y = F.linear(F.silu(gate) * up, w["down"])  # [M, H]
-    return (y * weights[:, None]).to(x.dtype)
+    return y * weights[:, None]  # [M, H]
 
 
-def expert_order(topk_idx: Tensor) -> Tensor:
-    """Slot permutation [N, k] that sorts each token's experts ascending (for :func:`combine`)."""
-    return torch.argsort(topk_idx, dim=-1)
+def contribution_dtype(model_dtype: torch.dtype, weights_dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`expert` returns, to allocate room for every token's contributions."""
+    return torch.promote_types(model_dtype, weights_dtype)
 
 
-def combine(h: Tensor, contributions: Tensor, shared: Tensor | None, order: Tensor | None = None) -> Tensor:
-    """Residual plus MoE output: h [N, H] + (sum of contributions [N, k, H] (+ shared [N, H])).
+def combine(h: Tensor, contributions: Tensor, shared: Tensor | None) -> Tensor:
+    """Residual plus MoE output: h [N, H] + (contributions [N, k, H] summed over k (+ shared [N, H])).
 
-    The sum runs in the model dtype from zeros over ascending expert ids, as transformers'
-    ``index_add_`` loop over experts. ``contributions`` are in slot order (as ``route`` returned the
-    experts) with ``order`` = :func:`expert_order` of the token's experts, or already in ascending
-    expert order when ``order`` is None.
+    ``contributions`` are in slot order (as :func:`route` returned the experts). The sum over
+    a token's k slots is one reduction in the contributions' dtype (accumulated in float32 for
+    16-bit types) cast once to the model dtype, as transformers' default ``grouped_mm`` experts
+    compute it, so the result does not depend on the order experts were computed in.
     """
-    if order is not None:
-        index = order[..., None].expand_as(contributions)  # [N, k, H]
-        contributions = torch.gather(contributions, 1, index)
-    moe_out = torch.zeros_like(h)  # [N, H]
-    for slot in range(contributions.shape[1]):
-        moe_out = moe_out + contributions[:, slot]
+    moe_out = contributions.sum(dim=1).to(h.dtype)  # [N, H]
     if shared is not None:
         moe_out = moe_out + shared
     return h + moe_out

@@ -266,7 +266,8 @@ def _gather_tokens(routings: list[_Routing]) -> tuple[Tensor, Tensor, Tensor, Te
     x = torch.cat([r.x for r in routings])  # [N, H]
     topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
     topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
-    contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=x.dtype, device=x.device)  # [N, k, H]
+    dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)
+    contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=dtype, device=x.device)  # [N, k, H]
     return x, topk_idx, topk_w, contributions
 
 
@@ -280,8 +281,7 @@ def _expert(
 def _combine(batch: Batch, routing: _Routing, contributions: Tensor) -> None:
     assert batch.hidden is not None
     h = batch.hidden[batch.token_mask]  # [N_b, H]
-    order = ops.expert_order(routing.topk_idx)
-    batch.hidden[batch.token_mask] = ops.combine(h, contributions, routing.shared, order)
+    batch.hidden[batch.token_mask] = ops.combine(h, contributions, routing.shared)
 
 
 def _last_logits(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from klotski_tier import Engine, EngineOptions
+from klotski_tier.core.demo import DemoShape, build_demo, demo_prompts
 from tests.checkpoints import FAMILIES, make_checkpoint
 
 PROMPTS = [[5, 7, 9, 11], [3], [20, 21, 22, 23, 24, 25, 26, 27], [40, 41], [60, 61, 62, 63, 64]]
@@ -88,3 +89,33 @@ def test_engine_matches_transformers(
     if small_budget:
         assert result.metrics.tiers["device"].evictions > 0, "the small budget should force evictions"
         assert result.metrics.tiers["device"].peak_bytes <= budget
+
+
+DEMO_SCALE = DemoShape(  # the demo model's real widths (the kernels' blocking depends on them), 2 layers
+    vocab_size=1024,
+    hidden_size=512,
+    num_layers=2,
+    num_experts=8,
+    top_k=2,
+    intermediate_size=1792,
+    num_heads=8,
+    num_kv_heads=4,
+    max_position_embeddings=256,
+    rope_theta=1e6,
+)
+
+
+def test_demo_scale_bfloat16_matches_transformers_token_for_token(tmp_path: Path) -> None:
+    """Realistic widths in bfloat16, padded batches, a budget of a third of the experts."""
+    directory = build_demo(tmp_path / "demo", DEMO_SCALE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    probe = Engine.load(directory)
+    prompts = [probe.encode(text) for text in demo_prompts()]
+    expected = [
+        model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+        for ids in prompts
+    ]
+    budget = probe.minimum_budgets(prompts, max_new_tokens=12)[0] + 5 * probe.spec.expert_bytes
+    options = EngineOptions(batches=2, batch_size=4, device_memory_bytes=budget)
+    result = Engine.load(directory, options).generate(prompts, max_new_tokens=12)
+    assert [o.token_ids for o in result.outputs] == expected

@@ -125,7 +125,8 @@ def case_model(request: pytest.FixtureRequest) -> tuple[Case, nn.Module]:
     case: Case = request.param
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        _config(case), attn_implementation="sdpa", experts_implementation="eager"
+        _config(case),
+        attn_implementation="sdpa",  # and transformers' default grouped_mm experts
     ).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -174,13 +175,14 @@ class OpsEngine:
         """h [N, H] -> h + MoE(h), experts over their tokens in ascending expert order."""
         gate_w, experts = self.gate_weights(layer), self.layers[layer].mlp.experts
         x, idx, wts = ops.route(h, gate_w, self.spec)  # [N, H], [N, k], [N, k]
-        contributions = torch.empty(*idx.shape, h.shape[-1], dtype=h.dtype)  # [N, k, H]
+        dtype = ops.contribution_dtype(h.dtype, wts.dtype)
+        contributions = torch.empty(*idx.shape, h.shape[-1], dtype=dtype)  # [N, k, H]
         for e in range(self.spec.num_experts):
             slots, tokens = torch.where((idx == e).T)  # slot-major, as transformers gathers
             w_e = {"gate_up": experts.gate_up_proj[e], "down": experts.down_proj[e]}
             contributions[tokens, slots] = ops.expert(x[tokens], w_e, wts[tokens, slots])
         shared = ops.shared_expert(x, gate_w, self.spec)
-        return ops.combine(h, contributions, shared, order=ops.expert_order(idx))
+        return ops.combine(h, contributions, shared)
 
     @torch.no_grad()
     def step(self, ids: Tensor, counts: Tensor) -> Tensor:
@@ -236,7 +238,7 @@ def test_float32_padded_batch_and_decode_match_transformers(case_model: tuple[Ca
 def test_bfloat16_single_sequence_is_bit_identical(case_model: tuple[Case, nn.Module]) -> None:
     case, model32 = case_model
     model = transformers.AutoModelForCausalLM.from_config(
-        model32.config, attn_implementation="sdpa", experts_implementation="eager", dtype=torch.bfloat16
+        model32.config, attn_implementation="sdpa", dtype=torch.bfloat16
     ).eval()
     model.load_state_dict(model32.state_dict())
     prompts, decode = _inputs()
@@ -253,29 +255,22 @@ def test_bfloat16_single_sequence_is_bit_identical(case_model: tuple[Case, nn.Mo
             )
 
 
-def test_combine_sums_in_ascending_expert_order_like_index_add() -> None:
-    tokens, experts, top_k = 64, 8, 3
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16], ids=["mixtral", "qwen"])
+def test_combine_sums_each_tokens_slots_like_grouped_mm_experts(weights_dtype: torch.dtype) -> None:
+    tokens, top_k = 64, 3
     gen = torch.Generator().manual_seed(2)
-    idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])  # [N, k]
-    scale = torch.logspace(-3, 3, HIDDEN)  # mixed magnitudes so bf16 rounding depends on order
-    contributions = (torch.randn(tokens, top_k, HIDDEN, generator=gen) * scale).bfloat16()  # [N, k, H]
+    scale = torch.logspace(-3, 3, HIDDEN)  # mixed magnitudes so that rounding twice would show
+    outputs = (torch.randn(tokens, top_k, HIDDEN, generator=gen) * scale).bfloat16()  # expert outputs
+    weights = torch.rand(tokens, top_k, generator=gen).to(weights_dtype)  # [N, k]
+    contributions = outputs * weights[..., None]  # [N, k, H], as ops.expert returns them
+    assert contributions.dtype == ops.contribution_dtype(torch.bfloat16, weights_dtype)
     h = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()  # [N, H]
-    moe_out = torch.zeros_like(h)
-    for e in range(experts):
-        token_idx, slot = torch.where(idx == e)
-        moe_out.index_add_(0, token_idx, contributions[token_idx, slot])
-    combined = ops.combine(h, contributions, None, order=ops.expert_order(idx))
-    assert torch.equal(combined, h + moe_out)
-    assert not torch.equal(ops.combine(h, contributions, None), combined), (
-        "slot order should round differently"
-    )
+    reference = contributions.view(tokens, top_k, HIDDEN).sum(dim=1).to(torch.bfloat16)  # integrations/moe.py
+    assert torch.equal(ops.combine(h, contributions, None), h + reference)
+    rounded_each = sum(contributions[:, s].bfloat16() for s in range(top_k))
+    assert not torch.equal(ops.combine(h, contributions, None), h + rounded_each), "one rounding, not k"
     shared = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
-    assert torch.equal(ops.combine(h, contributions, shared, ops.expert_order(idx)), h + (moe_out + shared))
-
-
-def test_expert_order_sorts_each_tokens_experts() -> None:
-    idx = torch.tensor([[3, 0, 2], [1, 2, 0]])
-    assert torch.equal(torch.gather(idx, 1, ops.expert_order(idx)), torch.tensor([[0, 2, 3], [0, 1, 2]]))
+    assert torch.equal(ops.combine(h, contributions, shared), h + (reference + shared))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
