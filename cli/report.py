@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from klotski_tier.core.engine import GenerationResult, SequenceOutput
-from klotski_tier.core.metrics import RunMetrics
+from klotski_tier.core.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.runtime import UNLIMITED_BYTES
 from klotski_tier.core.sizes import format_size
 
@@ -67,6 +67,16 @@ def format_metrics(metrics: RunMetrics) -> list[str]:
             "waited for I/O",
             f"{metrics.io_wait_s:.2f} s ({_share(metrics.io_wait_s, metrics.wall_s)} of wall)",
         ),
+        (
+            "bubbles",
+            f"inter-layer {metrics.bubbles_s[INTER_LAYER]:.2f} s, "
+            f"intra-layer {metrics.bubbles_s[INTRA_LAYER]:.2f} s",
+        ),
+        (
+            "waits by block",
+            ", ".join(f"{k} {v:.2f} s" for k, v in sorted(metrics.wait_by_kind_s.items())) or "none",
+        ),
+        ("prefetch", f"precision {metrics.prefetch_precision:.1%}, recall {metrics.prefetch_recall:.1%}"),
     ]
     for name, stats in metrics.tiers.items():
         budget = "unlimited" if stats.budget_bytes >= UNLIMITED_BYTES else format_size(stats.budget_bytes)
@@ -78,7 +88,17 @@ def format_metrics(metrics: RunMetrics) -> list[str]:
             )
         )
     width = max(len(name) for name, _ in rows)
-    return [f"{name:<{width}}  {value}" for name, value in rows]
+    return [f"{name:<{width}}  {value}" for name, value in rows] + ["", *format_layers(metrics)]
+
+
+def format_layers(metrics: RunMetrics) -> list[str]:
+    """One row per layer: experts activated, hits, predicted, precision and recall."""
+    lines = [f"{'layer':>5} {'activated':>9} {'hits':>6} {'predicted':>9} {'precision':>9} {'recall':>7}"]
+    for s in metrics.layers:
+        lines.append(
+            f"{s.layer:>5} {s.activated:>9} {s.hits:>6} {s.predicted:>9} {s.precision:>9.1%} {s.recall:>7.1%}"
+        )
+    return lines
 
 
 def _share(part: float, whole: float) -> str:

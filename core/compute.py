@@ -15,11 +15,14 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from klotski_tier.tiers.device import CopyDone, DeviceDriver
+
+if TYPE_CHECKING:
+    from klotski_tier.core.timeline import Timeline
 
 T = TypeVar("T")
 
@@ -27,18 +30,31 @@ T = TypeVar("T")
 class ComputeRunner:
     """Runs model ops one at a time off the event loop; counts the time it is busy."""
 
-    def __init__(self, device: DeviceDriver) -> None:
+    def __init__(self, device: DeviceDriver, timeline: Timeline | None = None) -> None:
         self._device = device
+        self._timeline = timeline
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="klotski-compute")
         self._stream: Any = None
         if device.device.type == "cuda":
             self._stream = torch.cuda.Stream(device.device)  # type: ignore[no-untyped-call]
         self.busy_s = 0.0
 
-    async def run(self, fn: Callable[..., T], *args: Any, ready: Sequence[CopyDone | None] = ()) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, ready: Sequence[CopyDone | None] = (), label: str = ""
+    ) -> T:
         """``fn(*args)`` in the compute thread, after the blocks' copies in ``ready`` completed."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._job, fn, args, ready)
+        result: T = await loop.run_in_executor(self._executor, self._timed_job, fn, args, ready, label)
+        return result
+
+    def _timed_job(
+        self, fn: Callable[..., T], args: tuple[Any, ...], ready: Sequence[CopyDone | None], label: str
+    ) -> T:
+        started = time.perf_counter()
+        result = self._job(fn, args, ready)
+        if self._timeline is not None:
+            self._timeline.span("compute", label or fn.__name__.strip("_"), started, time.perf_counter())
+        return result
 
     def _job(self, fn: Callable[..., T], args: tuple[Any, ...], ready: Sequence[CopyDone | None]) -> T:
         started = time.perf_counter()

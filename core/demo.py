@@ -18,6 +18,7 @@ fixed corpus (``_CORPUS`` below), so two builds give identical bytes.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -42,12 +43,13 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``: called as the shards are written."""
 
-DEMO_VERSION = 1  # bump whenever the bytes of the build change, so stale caches are not reused
+DEMO_VERSION = 2  # bump whenever the bytes of the build change, so stale caches are not reused
 DEMO_DIR_NAME = f"demo-mixtral-v{DEMO_VERSION}"
 CACHE_ENV_VAR = "KLOTSKI_TIER_CACHE"  # overrides the cache root (default ~/.cache/klotski-tier)
 CACHE_SUBDIR = "klotski-tier"  # under $XDG_CACHE_HOME or ~/.cache
 
 SEED = 20250301  # the one seed of the build: weights and nothing else depend on it
+ROUTING_SEED = SEED + 1  # the routing plan (directions, token types, expert orders) has its own generator
 # Every matrix W [out, in] is drawn with std 1/sqrt(in) (LeCun), so unit-variance inputs give
 # unit-variance outputs at any shape: the demo's stds are 0.044 (H inputs) and 0.024 (down, I
 # inputs). Each layer then changes the residual stream as much as it holds, attention is far
@@ -56,7 +58,15 @@ EMBEDDING_STD = 1.0  # unit-scale embeddings: the residual stream starts at std 
 INITIALIZER_RANGE = 0.02  # config.json's initializer_range (HF's default); used only by HF's own init
 RMS_NORM_EPS = 1e-5  # Mixtral's epsilon
 SHARD_MAX_BYTES = 100 * 1000**2  # ~100 MB per shard: a few shards, like a real sharded repository
-RANDOM_CHUNK_ELEMENTS = 1 << 22  # float32 numbers drawn at once (16 MiB) before the bf16 cast
+# The routing subspace (see DemoRouting): 1 + E directions of the residual stream that only the
+# embeddings write and only the routers read. An embedding holds each of its two routing directions
+# (c, and u of its type) with this per-coordinate RMS, a small part of its std-1 random part.
+ROUTING_DIRECTION_RMS = 0.25
+# Mean square that one attention or MoE sublayer adds to the residual stream, measured with
+# transformers on the default demo (about the same at every width: the matrices are LeCun-scaled).
+# The routers scale their structured rows by the residual's expected RMS at their layer, so that a
+# bonus of x logits stays x logits at every depth although the residual grows.
+SUBLAYER_MEAN_SQUARE = 0.5
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Mistral's tokenizer
 UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 FORMAT_TRANSFORMERS_VERSION = "5.0.0"  # the transformers release whose saved layout these files follow
@@ -133,6 +143,8 @@ class DemoShape:
             raise ConfigError(f"{self}: hidden_size must divide by num_heads, num_heads by num_kv_heads")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"{self}: top_k must be between 1 and num_experts")
+        if self.hidden_size <= self.num_experts:
+            raise ConfigError(f"{self}: hidden_size must exceed num_experts (routing uses 1 + E directions)")
 
     @property
     def head_dim(self) -> int:
@@ -161,15 +173,75 @@ DEMO_SHAPE = DemoShape(
 
 
 @dataclass(frozen=True)
+class DemoRouting:
+    """How the demo's routers pick experts: skew within a layer, correlation between layers.
+
+    Random routers spread tokens almost uniformly and independently per layer, which makes every
+    prefetcher look alike. The demo's weights are chosen with structure instead (the checkpoint stays
+    an ordinary Mixtral one). The residual stream reserves 1 + E orthonormal *routing directions*: a
+    common direction c that every token's embedding holds, and type directions u_0 .. u_{E-1}, of
+    which each token id's embedding holds one (its *type*, drawn once per id). No other matrix reads
+    or writes these directions (attention, experts and lm_head are projected off them), so they reach
+    every layer's router unchanged while the rest of the residual stream evolves freely. Router row e
+    of layer l is a random row outside the subspace (logits of std ~1, independent between layers)
+    plus two structured parts, in logits per token:
+
+    - skew: ``hot_logit / (r + 1) ** hot_exponent`` along c, where r is e's rank in the layer's own
+      random hot order: a few experts per layer get a large bonus for every token;
+    - correlation: ``type_logit`` along u_j for the expert that type j prefers in layer l (a random
+      permutation per layer): a token that took type j's expert in layer l - 1 tends to take type
+      j's expert in layer l, a different but predictable one.
+
+    ``DemoRouting(0, 1, 0)`` gives the old unstructured routing. Defaults: see ``DEMO_ROUTING``.
+    """
+
+    hot_logit: float  # logit bonus of each layer's hottest expert, for every token
+    hot_exponent: float  # Zipf-like profile: the r-th hottest expert (r = 0, 1, ...) gets hot_logit/(r+1)^x
+    type_logit: float  # logit bonus of the expert a token's type prefers in each layer
+
+    def __post_init__(self) -> None:
+        values = (self.hot_logit, self.hot_exponent, self.type_logit)
+        if not all(math.isfinite(v) and 0.0 <= v <= MAX_ROUTING_LOGIT for v in values):
+            raise ConfigError(f"{self}: every routing parameter must be between 0 and {MAX_ROUTING_LOGIT}")
+
+    def hot_bonuses(self, num_experts: int) -> list[float]:
+        """Logit bonus of the r-th hottest expert of a layer, r = 0 .. num_experts - 1."""
+        return [self.hot_logit / (rank + 1) ** self.hot_exponent for rank in range(num_experts)]
+
+
+MAX_ROUTING_LOGIT = 30.0  # a larger bonus only makes routing deterministic, and logits huge in bf16
+DEMO_ROUTING = DemoRouting(hot_logit=2.0, hot_exponent=1.0, type_logit=3.0)
+"""The shipped demo's routing, tuned with transformers (see tests/core/test_demo.py) to Mixtral-8x7B's
+skew (the 2 busiest of 8 experts take about half of a layer's selections) and a strong link between
+consecutive layers (a token's previous expert predicts its next one far better than frequency)."""
+
+
+class _Role(enum.Enum):
+    """How a tensor meets the routing directions (see DemoRouting)."""
+
+    NORM = "norm"  # an RMSNorm weight: all ones
+    EMBEDDING = "embedding"  # [V, H] random off the routing directions, plus c and the token's u_type
+    READ = "read"  # [out, H] reads the residual stream: blind to the routing directions
+    WRITE = "write"  # [H, in] writes the residual stream: never along a routing direction
+    ROUTER = "router"  # [E, H] a READ matrix plus its layer's structured rows
+
+
+@dataclass(frozen=True)
 class _TensorSpec:
     name: str
     dims: tuple[int, ...]
-    std: float  # 0.0: a norm weight, all ones
+    std: float  # of the random part (0.0 for norms)
+    role: _Role
+    layer: int = -1  # a router's layer
 
     @classmethod
-    def matrix(cls, name: str, dims: tuple[int, int]) -> _TensorSpec:
+    def matrix(cls, name: str, dims: tuple[int, int], role: _Role, layer: int = -1) -> _TensorSpec:
         """A projection [out, in] with std 1/sqrt(in)."""
-        return cls(name, dims, 1.0 / math.sqrt(dims[1]))
+        return cls(name, dims, 1.0 / math.sqrt(dims[1]), role, layer)
+
+    @classmethod
+    def norm(cls, name: str, hidden: int) -> _TensorSpec:
+        return cls(name, (hidden,), 0.0, _Role.NORM)
 
     @property
     def nbytes(self) -> int:
@@ -224,12 +296,15 @@ def build_demo(
     directory: Path,
     shape: DemoShape = DEMO_SHAPE,
     *,
+    routing: DemoRouting = DEMO_ROUTING,
     shard_max_bytes: int = SHARD_MAX_BYTES,
     progress: ProgressFn | None = None,
 ) -> Path:
-    """Build a demo checkpoint of ``shape`` at ``directory`` atomically; return ``directory``.
+    """Build a demo checkpoint of ``shape`` routing as ``routing`` at ``directory``; return ``directory``.
 
-    If another process commits ``directory`` first, its build is kept and ours discarded.
+    The build is atomic: if another process commits ``directory`` first, its build is kept and ours
+
+    discarded.
     """
     directory = Path(directory)
     temp = directory.parent / f".{directory.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
@@ -237,7 +312,7 @@ def build_demo(
         directory.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(directory)
         temp.mkdir()
-        _write_checkpoint(temp, shape, shard_max_bytes, progress)
+        _write_checkpoint(temp, shape, routing, shard_max_bytes, progress)
         _fsync_dir(temp)
         _commit(temp, directory)
     except OSError as exc:
@@ -291,7 +366,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _write_checkpoint(
-    directory: Path, shape: DemoShape, shard_max_bytes: int, progress: ProgressFn | None
+    directory: Path, shape: DemoShape, routing: DemoRouting, shard_max_bytes: int, progress: ProgressFn | None
 ) -> None:
     tokenizer = train_demo_tokenizer(shape.vocab_size)
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -300,7 +375,7 @@ def _write_checkpoint(
         _write_json(directory / name, content)
     specs = _tensor_specs(shape)
     shards = _plan_shards(specs, shard_max_bytes)
-    _write_shards(directory, shards, progress)
+    _write_shards(directory, shards, _RoutingPlan.draw(shape, routing), progress)
     _write_json(directory / INDEX_FILE, _index(shards))
 
 
@@ -389,32 +464,90 @@ def _config(shape: DemoShape) -> dict[str, Any]:
 def _tensor_specs(shape: DemoShape) -> list[_TensorSpec]:
     """Every tensor of the checkpoint, in the order they are drawn and stored."""
     hidden, vocab = shape.hidden_size, shape.vocab_size
-    specs = [_TensorSpec("model.embed_tokens.weight", (vocab, hidden), EMBEDDING_STD)]  # [V, H]
+    specs = [_TensorSpec("model.embed_tokens.weight", (vocab, hidden), EMBEDDING_STD, _Role.EMBEDDING)]
     for layer in range(shape.num_layers):
-        specs += _layer_specs(shape, f"model.layers.{layer}")
-    specs.append(_TensorSpec("model.norm.weight", (hidden,), 0.0))  # [H]
-    specs.append(_TensorSpec.matrix("lm_head.weight", (vocab, hidden)))  # [V, H]
+        specs += _layer_specs(shape, layer)
+    specs.append(_TensorSpec.norm("model.norm.weight", hidden))  # [H]
+    specs.append(_TensorSpec.matrix("lm_head.weight", (vocab, hidden), _Role.READ))  # [V, H]
     return specs
 
 
-def _layer_specs(shape: DemoShape, prefix: str) -> list[_TensorSpec]:
-    hidden, inter, matrix = shape.hidden_size, shape.intermediate_size, _TensorSpec.matrix
+def _layer_specs(shape: DemoShape, layer: int) -> list[_TensorSpec]:
+    prefix, hidden, inter = f"model.layers.{layer}", shape.hidden_size, shape.intermediate_size
     q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    matrix, read, write = _TensorSpec.matrix, _Role.READ, _Role.WRITE
     specs = [
-        _TensorSpec(f"{prefix}.input_layernorm.weight", (hidden,), 0.0),  # [H]
-        matrix(f"{prefix}.self_attn.q_proj.weight", (q_size, hidden)),  # [Hq*D, H]
-        matrix(f"{prefix}.self_attn.k_proj.weight", (kv_size, hidden)),  # [Hkv*D, H]
-        matrix(f"{prefix}.self_attn.v_proj.weight", (kv_size, hidden)),  # [Hkv*D, H]
-        matrix(f"{prefix}.self_attn.o_proj.weight", (hidden, q_size)),  # [H, Hq*D]
-        _TensorSpec(f"{prefix}.post_attention_layernorm.weight", (hidden,), 0.0),  # [H]
-        matrix(f"{prefix}.block_sparse_moe.gate.weight", (shape.num_experts, hidden)),  # [E, H]
-    ]
+        _TensorSpec.norm(f"{prefix}.input_layernorm.weight", hidden),  # [H]
+        matrix(f"{prefix}.self_attn.q_proj.weight", (q_size, hidden), read),  # [Hq*D, H]
+        matrix(f"{prefix}.self_attn.k_proj.weight", (kv_size, hidden), read),  # [Hkv*D, H]
+        matrix(f"{prefix}.self_attn.v_proj.weight", (kv_size, hidden), read),  # [Hkv*D, H]
+        matrix(f"{prefix}.self_attn.o_proj.weight", (hidden, q_size), write),  # [H, Hq*D]
+        _TensorSpec.norm(f"{prefix}.post_attention_layernorm.weight", hidden),  # [H]
+        matrix(f"{prefix}.block_sparse_moe.gate.weight", (shape.num_experts, hidden), _Role.ROUTER, layer),
+    ]  # the gate is [E, H]
     for expert in range(shape.num_experts):
         base = f"{prefix}.block_sparse_moe.experts.{expert}"
-        specs.append(matrix(f"{base}.w1.weight", (inter, hidden)))  # gate [I, H]
-        specs.append(matrix(f"{base}.w3.weight", (inter, hidden)))  # up [I, H]
-        specs.append(matrix(f"{base}.w2.weight", (hidden, inter)))  # down [H, I]
+        specs.append(matrix(f"{base}.w1.weight", (inter, hidden), read))  # gate [I, H]
+        specs.append(matrix(f"{base}.w3.weight", (inter, hidden), read))  # up [I, H]
+        specs.append(matrix(f"{base}.w2.weight", (hidden, inter), write))  # down [H, I]
     return specs
+
+
+@dataclass(frozen=True)
+class _RoutingPlan:
+    """The routing structure of one build, drawn from its own generator (see DemoRouting)."""
+
+    shape: DemoShape
+    routing: DemoRouting
+    coords: torch.Tensor  # [1+E] int64: residual coordinates of c, then of u_0 .. u_{E-1}
+    token_types: torch.Tensor  # [V] int64: the type j of each token id
+    type_experts: torch.Tensor  # [L, E] int64: [l, j] is the expert type j prefers in layer l
+    hot_order: torch.Tensor  # [L, E] int64: layer l's experts from hottest to coldest
+
+    @classmethod
+    def draw(cls, shape: DemoShape, routing: DemoRouting) -> _RoutingPlan:
+        generator = torch.Generator().manual_seed(ROUTING_SEED)
+        experts = shape.num_experts
+        coords = torch.randperm(shape.hidden_size, generator=generator)[: 1 + experts]  # [1+E]
+        types = torch.randint(experts, (shape.vocab_size,), generator=generator)  # [V]
+        orders = [torch.randperm(experts, generator=generator) for _ in range(2 * shape.num_layers)]
+        type_experts, hot_order = torch.stack(orders[0::2]), torch.stack(orders[1::2])  # [L, E] each
+        return cls(shape, routing, coords, types, type_experts, hot_order)
+
+    @property
+    def _direction_length(self) -> float:
+        """Length of each routing direction an embedding holds (per-coordinate RMS of the direction)."""
+        return ROUTING_DIRECTION_RMS * math.sqrt(self.shape.hidden_size)
+
+    def structure(self, spec: _TensorSpec, weight: torch.Tensor) -> torch.Tensor:
+        """``weight``, its random part, given the routing structure of ``spec.role`` in place."""
+        if spec.role is _Role.WRITE:
+            weight[self.coords] = 0.0  # [H, in]: writes nothing along a routing direction
+            return weight
+        weight[:, self.coords] = 0.0  # [out, H]: reads nothing from the routing directions
+        if spec.role is _Role.EMBEDDING:
+            weight[:, self.coords[0]] = self._direction_length  # c
+            weight[torch.arange(self.shape.vocab_size), self.coords[1 + self.token_types]] = (
+                self._direction_length
+            )
+        elif spec.role is _Role.ROUTER:
+            self._set_router_columns(weight, spec.layer)
+        return weight
+
+    def _set_router_columns(self, weight: torch.Tensor, layer: int) -> None:
+        """Router columns whose dot product with a normed residual gives the layer's logit bonuses."""
+        # a normed residual holds each of its routing directions with length _direction_length / RMS
+        scale = self._residual_rms(layer) / self._direction_length
+        bonuses = torch.zeros(self.shape.num_experts)  # [E]
+        bonuses[self.hot_order[layer]] = torch.tensor(self.routing.hot_bonuses(self.shape.num_experts))
+        weight[:, self.coords[0]] = bonuses * scale  # [E]
+        weight[self.type_experts[layer], self.coords[1:]] = self.routing.type_logit * scale  # [E]
+
+    @staticmethod
+    def _residual_rms(layer: int) -> float:
+        """Expected RMS of the residual at ``layer``'s router: the embedding plus 2 * layer + 1 sublayers."""
+        embedding_mean_square = EMBEDDING_STD**2 + 2 * ROUTING_DIRECTION_RMS**2
+        return math.sqrt(embedding_mean_square + (2 * layer + 1) * SUBLAYER_MEAN_SQUARE)
 
 
 def _plan_shards(specs: list[_TensorSpec], shard_max_bytes: int) -> list[list[_TensorSpec]]:
@@ -434,31 +567,28 @@ def _shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def _write_shards(directory: Path, shards: list[list[_TensorSpec]], progress: ProgressFn | None) -> None:
+def _write_shards(
+    directory: Path, shards: list[list[_TensorSpec]], plan: _RoutingPlan, progress: ProgressFn | None
+) -> None:
     total = sum(spec.nbytes for shard in shards for spec in shard)
     done = 0
     if progress is not None:
         progress(done, total)
     generator = torch.Generator().manual_seed(SEED)
     for index, shard in enumerate(shards):
-        tensors = {spec.name: _draw(spec, generator) for spec in shard}
+        tensors = {spec.name: _draw(spec, generator, plan) for spec in shard}
         _write_shard(directory / _shard_name(index, len(shards)), tensors)
         done += sum(spec.nbytes for spec in shard)
         if progress is not None:
             progress(done, total)
 
 
-def _draw(spec: _TensorSpec, generator: torch.Generator) -> torch.Tensor:
-    """The tensor of ``spec`` in bf16: ones for norms, else N(0, std) drawn in float32 row chunks."""
-    if spec.std == 0.0:
+def _draw(spec: _TensorSpec, generator: torch.Generator, plan: _RoutingPlan) -> torch.Tensor:
+    """The tensor of ``spec`` in bf16: ones for norms, else N(0, std) given the routing structure."""
+    if spec.role is _Role.NORM:
         return torch.ones(spec.dims, dtype=torch.bfloat16)
-    out = torch.empty(spec.dims, dtype=torch.bfloat16)  # [R, C]
-    rows_per_chunk = max(1, RANDOM_CHUNK_ELEMENTS // spec.dims[-1])
-    for start in range(0, spec.dims[0], rows_per_chunk):
-        stop = min(start + rows_per_chunk, spec.dims[0])
-        chunk = torch.randn((stop - start, *spec.dims[1:]), generator=generator)  # [r, C] float32
-        out[start:stop] = chunk.mul_(spec.std)
-    return out
+    noise = torch.randn(spec.dims, generator=generator).mul_(spec.std)  # [R, C] float32
+    return plan.structure(spec, noise).to(torch.bfloat16)
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -27,39 +27,21 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from klotski_tier.core.config import EngineOptions
 from klotski_tier.core.errors import CheckpointError, ConfigError, InputError
 from klotski_tier.core.layouts import ModelFiles, load_model_files
 from klotski_tier.core.metrics import RunMetrics
-from klotski_tier.core.runtime import Runtime, check_budgets, check_plugins, minimum_budgets
+from klotski_tier.core.policy_setup import build_prefetch, save_prefetch_state
+from klotski_tier.core.routing_trace import RoutingTrace
+from klotski_tier.core.runtime import Runtime, check_budgets, check_options, minimum_budgets
 from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_inputs
+from klotski_tier.core.timeline import Timeline
+from klotski_tier.policies.prefetch import PrefetchPolicy
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(phase, done, total)`` after each step; phase is "prefill" or "decode"."""
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to run: the batch group shape, memory budgets, policies and drivers."""
-
-    batches: int = 2  # n: batches in a group sharing every loaded weight
-    batch_size: int = 4  # bs: sequences per batch
-    device_memory_bytes: int | None = None  # None: no limit
-    host_memory_bytes: int | None = None  # None: no limit
-    hot_experts: int | None = None  # K experts prefetched per layer; None: the router's top-k
-    prefetch: str = "hot-first"
-    eviction: str = "lru"
-    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
-    disk_queue_depth: int = 4
-    disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
-
-    def __post_init__(self) -> None:
-        for name in ("batches", "batch_size", "disk_queue_depth"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.hot_experts is not None and self.hot_experts < 0:
-            raise ConfigError(f"hot_experts must not be negative, got {self.hot_experts}")
 
 
 @dataclass(frozen=True)
@@ -75,16 +57,21 @@ class SequenceOutput:
 class GenerationResult:
     outputs: list[SequenceOutput]
     metrics: RunMetrics
+    routing: RoutingTrace | None = None  # every step's routing, when asked (record_routing=True)
+    timeline: Timeline | None = None  # compute, I/O and bubble spans, when asked (timeline=True)
 
 
 class Engine:
     """A loaded checkpoint and the options to run it with."""
 
-    def __init__(self, files: ModelFiles, options: EngineOptions, tokenizer: Tokenizer | None) -> None:
+    def __init__(
+        self, files: ModelFiles, options: EngineOptions, tokenizer: Tokenizer | None, prefetch: PrefetchPolicy
+    ) -> None:
         self.files = files
         self.spec = files.spec
         self.options = options
         self.tokenizer = tokenizer
+        self.prefetch = prefetch  # lives as long as the engine: it keeps learning across runs
 
     @classmethod
     def load(cls, model: str | Path, options: EngineOptions | None = None) -> Engine:
@@ -92,9 +79,9 @@ class Engine:
         options = options or EngineOptions()
         files = load_model_files(model)
         tokenizer = _load_tokenizer(Path(model) / "tokenizer.json")
-        check_plugins(options)
+        check_options(files, options)
         check_budgets(files, options, [])
-        return cls(files, options, tokenizer)
+        return cls(files, options, tokenizer, build_prefetch(options, files.spec))
 
     def minimum_budgets(
         self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 32
@@ -125,8 +112,15 @@ class Engine:
         seed: int = 0,
         return_logits: bool = False,
         progress: ProgressFn | None = None,
+        record_routing: bool = False,
+        timeline: bool = False,
     ) -> GenerationResult:
-        """Generate for every prompt (text, or token ids); greedy when ``temperature`` is 0."""
+        """Generate for every prompt (text, or token ids); greedy when ``temperature`` is 0.
+
+        ``record_routing`` keeps every step's expert selections (``result.routing``, a trace
+        ``klotski-tier replay`` reads); ``timeline`` keeps the spans of compute, I/O and waits
+        (``result.timeline``, saved as a Chrome trace).
+        """
         coroutine = self.agenerate(
             prompts,
             max_new_tokens=max_new_tokens,
@@ -134,6 +128,8 @@ class Engine:
             seed=seed,
             return_logits=return_logits,
             progress=progress,
+            record_routing=record_routing,
+            timeline=timeline,
         )
         return asyncio.run(coroutine)
 
@@ -146,6 +142,8 @@ class Engine:
         seed: int = 0,
         return_logits: bool = False,
         progress: ProgressFn | None = None,
+        record_routing: bool = False,
+        timeline: bool = False,
     ) -> GenerationResult:
         if temperature < 0:
             raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
@@ -154,13 +152,21 @@ class Engine:
         check_budgets(self.files, self.options, groups)
         sampler = _Sampler(temperature, seed, return_logits, self.spec.eos_token_ids)
         started = time.perf_counter()
-        async with Runtime(self.files, self.options) as runtime:
+        runtime = Runtime(
+            self.files, self.options, self.prefetch, record_routing=record_routing, timeline=timeline
+        )
+        async with runtime:
             runtime.reserve_fixed(groups)
+            if self.options.host_preload:
+                await runtime.preload_host(progress)
             for group in groups:
                 await self._run_group(runtime, group, sampler, progress)
             metrics = runtime.finish()
         metrics.wall_s = time.perf_counter() - started
-        return GenerationResult([self._output(s) for s in seqs], metrics)
+        if self.options.prefetch_save_state is not None:
+            save_prefetch_state(self.prefetch, self.options.prefetch_save_state)
+        routing = runtime.recorder.trace() if runtime.recorder is not None else None
+        return GenerationResult([self._output(s) for s in seqs], metrics, routing, runtime.timeline)
 
     def _groups(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[list[GenSequence]]:
         seqs = self._sequences(prompts, max_new_tokens)

@@ -32,6 +32,34 @@ class TierStats:
 
 
 @dataclass
+class LayerStats:
+    """One layer's expert traffic, summed over every step of a run."""
+
+    layer: int
+    activated: int = 0  # distinct experts the gates selected, per step
+    hits: int = 0  # ... of which were already resident on the device
+    predicted: int = 0  # experts the prefetch policy named hot, per step
+    predicted_used: int = 0  # ... of which the gates then selected
+
+    @property
+    def precision(self) -> float:
+        """Share of the experts predicted hot that were used."""
+        return self.predicted_used / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        """Share of the experts used that were predicted hot."""
+        return self.predicted_used / self.activated if self.activated else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "precision": self.precision, "recall": self.recall}
+
+
+INTER_LAYER = "inter_layer"  # waiting for attention, the gate or predicted-hot experts
+INTRA_LAYER = "intra_layer"  # waiting for a cold expert inside the expert phase
+
+
+@dataclass
 class RunMetrics:
     """Everything one ``generate`` call measured."""
 
@@ -47,6 +75,29 @@ class RunMetrics:
     expert_hits: int = 0  # ... of which the expert was already resident on the device
     expert_in_flight: int = 0  # ... of which a prefetch had already started loading it
     tiers: dict[str, TierStats] = field(default_factory=dict)
+    layers: list[LayerStats] = field(default_factory=list)
+    wait_by_kind_s: dict[str, float] = field(default_factory=dict)  # block kind -> time compute waited
+    bubbles_s: dict[str, float] = field(default_factory=lambda: {INTER_LAYER: 0.0, INTRA_LAYER: 0.0})
+
+    def add_wait(self, kind: str, bubble: str, seconds: float) -> None:
+        self.io_wait_s += seconds
+        self.wait_by_kind_s[kind] = self.wait_by_kind_s.get(kind, 0.0) + seconds
+        self.bubbles_s[bubble] += seconds
+
+    def layer(self, index: int) -> LayerStats:
+        while len(self.layers) <= index:
+            self.layers.append(LayerStats(len(self.layers)))
+        return self.layers[index]
+
+    @property
+    def prefetch_precision(self) -> float:
+        predicted = sum(s.predicted for s in self.layers)
+        return sum(s.predicted_used for s in self.layers) / predicted if predicted else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        activated = sum(s.activated for s in self.layers)
+        return sum(s.predicted_used for s in self.layers) / activated if activated else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -65,4 +116,7 @@ class RunMetrics:
         data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         data["decode_tokens_per_s"] = self.decode_tokens_per_s
         data["expert_hit_rate"] = self.expert_hit_rate
+        data["prefetch_precision"] = self.prefetch_precision
+        data["prefetch_recall"] = self.prefetch_recall
+        data["layers"] = [s.to_dict() for s in self.layers]
         return data

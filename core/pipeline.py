@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -42,10 +42,14 @@ from klotski_tier.core.blocks import (
     head_block,
 )
 from klotski_tier.core.compute import ComputeRunner
-from klotski_tier.core.metrics import RunMetrics
+from klotski_tier.core.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.residency import Lease, Residency, State
 from klotski_tier.core.spec import ModelSpec
 from klotski_tier.policies.prefetch import PrefetchPolicy
+
+if TYPE_CHECKING:
+    from klotski_tier.core.routing_trace import RoutingRecorder
+    from klotski_tier.core.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,8 @@ class Pipeline:
         metrics: RunMetrics,
         *,
         hot_experts: int,
+        recorder: RoutingRecorder | None = None,
+        timeline: Timeline | None = None,
     ) -> None:
         self.spec = spec
         self.res = residency
@@ -97,10 +103,19 @@ class Pipeline:
         self.prefetch = prefetch
         self.metrics = metrics
         self.hot_experts = hot_experts
+        self.recorder = recorder
+        self.timeline = timeline
+        self._step = 0  # forward steps so far in this run
         self._wanted: list[BlockId] = []  # prefetches that found no room yet, most urgent first
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted hot for this step
 
     async def forward(self, batches: Sequence[Batch]) -> list[Tensor]:
         """One step (prefill or decode) of every batch; the logits [B, V] at each ``last_index``."""
+        self.prefetch.begin_step(self._step)
+        if self.recorder is not None:
+            self.recorder.begin_step()
+        self._step += 1
+        self._predicted.clear()
         self._want([embed_block(), attn_block(0)])
         await self._embed(batches)
         previous: list[list[int]] | None = None
@@ -127,9 +142,20 @@ class Pipeline:
         routings, requests = await self._gate_phase(layer, batches)
         routes = [route for routing in routings for route in routing.routes]
         self._want_next(layer, routes)
-        await self._expert_phase(batches, routings, requests)
+        await self._expert_phase(layer, batches, routings, requests)
+        self._count_layer(layer, routes)
         self.prefetch.observe(layer, routes)
+        if self.recorder is not None:
+            self.recorder.record(layer, routes)
         return routes
+
+    def _count_layer(self, layer: int, routes: list[list[int]]) -> None:
+        used = {expert for route in routes for expert in route}
+        predicted = self._predicted.get(layer, set())
+        stats = self.metrics.layer(layer)
+        stats.activated += len(used)
+        stats.predicted += len(predicted)
+        stats.predicted_used += len(used & predicted)
 
     async def _attention_phase(
         self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
@@ -139,12 +165,15 @@ class Pipeline:
         if previous is None:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
         for batch in batches:
-            batch.hidden = await self._run(_attention, batch, attn, self.spec, layer)
+            batch.hidden = await self._run(
+                _attention, batch, attn, self.spec, layer, label=f"L{layer} attention"
+            )
         await self._release(attn)
 
     def _moe_blocks(self, layer: int, previous: list[list[int]] | None) -> list[BlockId]:
         """The gate of ``layer`` and the K experts the prefetch policy predicts hot there."""
         hot = self.prefetch.predict(layer, self.hot_experts, previous)
+        self._predicted[layer] = set(hot)
         return [gate_block(layer), *(expert_block(layer, e) for e in hot)]
 
     def _want_next(self, layer: int, routes: list[list[int]]) -> None:
@@ -172,7 +201,7 @@ class Pipeline:
         routings: list[_Routing] = []
         requests: dict[int, asyncio.Future[Lease]] = {}
         for batch in batches:
-            routing = await self._run(_route, batch, gate, self.spec)
+            routing = await self._run(_route, batch, gate, self.spec, label=f"L{layer} gate")
             routings.append(routing)
             for expert in sorted({e for route in routing.routes for e in route}):
                 if expert not in requests:
@@ -183,13 +212,16 @@ class Pipeline:
     def _request_expert(self, layer: int, expert: int) -> asyncio.Future[Lease]:
         block = expert_block(layer, expert)
         state = self.res.state(block)
+        hit = state in (State.RESIDENT, State.LEASED)
         self.metrics.expert_requests += 1
-        self.metrics.expert_hits += state in (State.RESIDENT, State.LEASED)
+        self.metrics.expert_hits += hit
         self.metrics.expert_in_flight += state is State.IN_FLIGHT
+        self.metrics.layer(layer).hits += hit
         return self.res.request(block)
 
     async def _expert_phase(
         self,
+        layer: int,
         batches: Sequence[Batch],
         routings: list[_Routing],
         requests: dict[int, asyncio.Future[Lease]],
@@ -201,22 +233,28 @@ class Pipeline:
                     counts[expert] += 1
         x, topk_idx, topk_w, contributions = await self._run(_gather_tokens, routings)
         while requests:  # consumed here, so no released lease outlives its computation
-            expert = await self._next_expert(requests, counts)
+            expert = await self._next_expert(layer, requests, counts)
             lease = requests.pop(expert).result()
-            await self._run(_expert, x, topk_idx, topk_w, expert, lease, contributions)
+            await self._run(
+                _expert, x, topk_idx, topk_w, expert, lease, contributions, label=f"L{layer}.E{expert}"
+            )
             await self._release(lease)
             del lease
         start = 0
         for batch, routing in zip(batches, routings, strict=True):
             end = start + routing.x.shape[0]
-            await self._run(_combine, batch, routing, contributions[start:end])
+            await self._run(_combine, batch, routing, contributions[start:end], label=f"L{layer} combine")
             start = end
 
-    async def _next_expert(self, pending: dict[int, asyncio.Future[Lease]], counts: list[int]) -> int:
+    async def _next_expert(
+        self, layer: int, pending: dict[int, asyncio.Future[Lease]], counts: list[int]
+    ) -> int:
         """The resident expert with the most tokens; if none is resident yet, the first to arrive."""
         ready = [e for e, fut in pending.items() if fut.done()]
         if not ready:
-            await self._timed_wait(asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED))
+            hot = any(e in self._predicted.get(layer, ()) for e in pending)
+            waiter = asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+            await self._timed_wait(waiter, "expert", INTER_LAYER if hot else INTRA_LAYER, f"L{layer} experts")
             ready = [e for e, fut in pending.items() if fut.done()]
         return max(ready, key=lambda e: (counts[e], -e))
 
@@ -227,20 +265,26 @@ class Pipeline:
     async def _acquire(self, block: BlockId) -> Lease:
         future = self.res.request(block)
         if not future.done():
-            await self._timed_wait(asyncio.wait([future]))
+            await self._timed_wait(asyncio.wait([future]), block.kind.value, INTER_LAYER, str(block))
         return future.result()
 
-    async def _timed_wait(self, waiter: Awaitable[T]) -> T:
+    async def _timed_wait(self, waiter: Awaitable[T], kind: str, bubble: str, what: str) -> T:
+        """Await ``waiter``: the compute has nothing to do meanwhile, a bubble of that kind."""
         started = time.perf_counter()
         result = await waiter
-        self.metrics.io_wait_s += time.perf_counter() - started
+        ended = time.perf_counter()
+        self.metrics.add_wait(kind, bubble, ended - started)
+        if self.timeline is not None:
+            label = "inter-layer bubble" if bubble == INTER_LAYER else "intra-layer bubble"
+            self.timeline.span("bubbles", label, started, ended, waiting_for=what)
         return result
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+    async def _run(self, fn: Callable[..., T], *args: object, label: str = "") -> T:
         """``fn`` in the compute thread, with each Lease argument replaced by its block's tensors."""
         leases = [a for a in args if isinstance(a, Lease)]
         unpacked = [a.weights if isinstance(a, Lease) else a for a in args]
-        return await self.compute.run(fn, *unpacked, ready=[lease.copy_done for lease in leases])
+        ready = [lease.copy_done for lease in leases]
+        return await self.compute.run(fn, *unpacked, ready=ready, label=label)
 
 
 # ---- the jobs the compute thread runs ------------------------------------------------------

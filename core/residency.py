@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,9 @@ from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.tiers.device import CopyDone, DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
+
+if TYPE_CHECKING:
+    from klotski_tier.core.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,7 @@ class Residency:
         device: DeviceDriver,
         host_ledger: TierLedger,
         device_ledger: TierLedger,
+        timeline: Timeline | None = None,
     ) -> None:
         self._layouts = layouts
         self._disk = disk
@@ -151,6 +155,7 @@ class Residency:
         self.host = host_ledger
         self.device = device_ledger
         self._room = asyncio.Condition()
+        self._timeline = timeline
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -188,6 +193,12 @@ class Residency:
         entry = self._start(self.device, block, self._load_device, wait_for_room=False)
         entry.reserved = True
         return True
+
+    async def stage_in_host(self, block: BlockId) -> None:
+        """Make ``block`` resident in host RAM (waiting for room), without leasing it."""
+        entry = await self._lease_host(block)
+        entry.leases -= 1
+        await self._notify_room()
 
     async def release(self, lease: Lease) -> None:
         entry = self.device.entries.get(lease.block)
@@ -266,7 +277,10 @@ class Residency:
             buffer = self._device.allocate(entry.nbytes)
             started = time.perf_counter()
             entry.copy_done = await self._device.copy_from_host(buffer, host_entry.buffer)
-            self.device.stats.add_transfer(entry.nbytes, time.perf_counter() - started)
+            ended = time.perf_counter()
+            self.device.stats.add_transfer(entry.nbytes, ended - started)
+            if self._timeline is not None:
+                self._timeline.lane_span("copy host→device", str(entry.block), started, ended, **_args(entry))
             entry.buffer = buffer
         finally:
             host_entry.leases -= 1
@@ -291,7 +305,10 @@ class Residency:
         buffer = await self._host.aallocate(entry.nbytes)
         started = time.perf_counter()
         await self._disk.read_into(layout.pieces, buffer)
-        self.host.stats.add_transfer(entry.nbytes, time.perf_counter() - started)
+        ended = time.perf_counter()
+        self.host.stats.add_transfer(entry.nbytes, ended - started)
+        if self._timeline is not None:
+            self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
         entry.buffer = buffer
 
     async def _lease_when_ready(self, entry: _Entry) -> Lease:
@@ -308,3 +325,8 @@ class Residency:
 
     def _ledger(self, tier: str) -> TierLedger:
         return {HOST: self.host, DEVICE: self.device}[tier]
+
+
+def _args(entry: _Entry) -> dict[str, object]:
+    """What a timeline span of a block's move carries: its kind (for colors) and size."""
+    return {"kind": entry.block.kind.value, "bytes": entry.nbytes}

@@ -9,7 +9,7 @@ byte moves, budgets that cannot hold the minimum working set, and says what that
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -17,13 +17,16 @@ import torch
 
 from klotski_tier.core.compute import ComputeRunner
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.layouts import ModelFiles, largest_block_bytes
+from klotski_tier.core.layouts import ModelFiles, largest_block_bytes, total_block_bytes
 from klotski_tier.core.metrics import RunMetrics, TierStats
 from klotski_tier.core.pipeline import Pipeline
 from klotski_tier.core.residency import DEVICE, HOST, Residency, TierLedger
+from klotski_tier.core.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.sequences import GenSequence, activation_bytes, kv_cache_bytes
 from klotski_tier.core.sizes import format_size
-from klotski_tier.policies.registry import make_eviction, make_prefetch
+from klotski_tier.core.timeline import Timeline
+from klotski_tier.policies.prefetch import PrefetchPolicy
+from klotski_tier.policies.registry import make_eviction
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
@@ -81,11 +84,28 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
         )
 
 
-def check_plugins(options: EngineOptions) -> None:
-    """Resolve every plugin name of ``options`` now, so a typo fails at load, not mid-run."""
-    make_prefetch(options.prefetch)
-    make_eviction(options.eviction)
+def hot_experts(files: ModelFiles, options: EngineOptions) -> int:
+    """K, the experts prefetched per layer: the option, else the router's top-k."""
+    return files.spec.top_k if options.hot_experts is None else options.hot_experts
+
+
+def check_options(files: ModelFiles, options: EngineOptions) -> None:
+    """Check what depends on the model, and resolve every plugin name now, so that a typo fails
+    at load, not mid-run."""
+    if hot_experts(files, options) > files.spec.num_experts:
+        raise ConfigError(
+            f"hot_experts K={options.hot_experts} exceeds the model's {files.spec.num_experts} experts per "
+            f"layer; choose K between 0 and {files.spec.num_experts}"
+        )
+    make_eviction(options.eviction, **options.eviction_options)
     _disk_driver(options.disk_driver)
+    if options.host_preload and options.host_memory_bytes is not None:
+        total = total_block_bytes(files.layouts)
+        if options.host_memory_bytes < total:
+            raise BudgetError(
+                f"host.preload needs the whole model in host memory ({_exact(total)}) but the host budget is "
+                f"{format_size(options.host_memory_bytes)}; raise --host-memory or turn preload off"
+            )
 
 
 def _disk_driver(name: str) -> type[DiskDriver]:
@@ -102,38 +122,59 @@ def _exact(nbytes: int) -> str:
 class Runtime:
     """Drivers, residency, compute and pipeline for one ``generate`` call."""
 
-    def __init__(self, files: ModelFiles, options: EngineOptions) -> None:
+    def __init__(
+        self,
+        files: ModelFiles,
+        options: EngineOptions,
+        prefetch: PrefetchPolicy,
+        *,
+        record_routing: bool = False,
+        timeline: bool = False,
+    ) -> None:
         self.files = files
         self.options = options
         self.metrics = RunMetrics()
+        self.timeline = Timeline() if timeline else None
+        self.recorder = RoutingRecorder(TraceMeta.of(files.spec)) if record_routing else None
         self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth)
         self.host_driver = HostDriver()
         self.device_driver = DeviceDriver(options.device)
         self.device: torch.device = self.device_driver.device
-        self.compute = ComputeRunner(self.device_driver)
+        self.compute = ComputeRunner(self.device_driver, self.timeline)
         self.residency = Residency(
             files.layouts,
             disk=self.disk,
             host=self.host_driver,
             device=self.device_driver,
-            host_ledger=self._ledger(HOST, options.host_memory_bytes, options.eviction),
-            device_ledger=self._ledger(DEVICE, options.device_memory_bytes, options.eviction),
+            host_ledger=self._ledger(HOST, options.host_memory_bytes),
+            device_ledger=self._ledger(DEVICE, options.device_memory_bytes),
+            timeline=self.timeline,
         )
-        hot = files.spec.top_k if options.hot_experts is None else options.hot_experts
         self.pipeline = Pipeline(
             files.spec,
             self.residency,
             self.compute,
-            make_prefetch(options.prefetch),
+            prefetch,
             self.metrics,
-            hot_experts=hot,
+            hot_experts=hot_experts(files, options),
+            recorder=self.recorder,
+            timeline=self.timeline,
         )
 
-    def _ledger(self, name: str, budget: int | None, eviction: str) -> TierLedger:
+    def _ledger(self, name: str, budget: int | None) -> TierLedger:
         capacity = UNLIMITED_BYTES if budget is None else budget
         stats = TierStats(name, capacity)
         self.metrics.tiers[name] = stats
-        return TierLedger(name, capacity, make_eviction(eviction), stats)
+        eviction = make_eviction(self.options.eviction, **self.options.eviction_options)
+        return TierLedger(name, capacity, eviction, stats)
+
+    async def preload_host(self, progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Read every block into host RAM (``host.preload``), so that steps only copy host to device."""
+        blocks = sorted(self.files.layouts)
+        for done, block in enumerate(blocks, 1):
+            await self.residency.stage_in_host(block)
+            if progress:
+                progress("preload", done, len(blocks))
 
     def reserve_fixed(self, groups: Sequence[Sequence[GenSequence]]) -> None:
         """Count the KV cache and activations of the largest group against the device budget."""

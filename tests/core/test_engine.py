@@ -123,5 +123,5 @@ def test_bad_options_are_config_errors(options: dict[str, int]) -> None:
 
 
 def test_unknown_policy_names_the_valid_ones(directory: Path) -> None:
-    with pytest.raises(ConfigError, match="valid names: hot-first, none"):
+    with pytest.raises(ConfigError, match="valid names: correlation, hot-first, none, oracle"):
         Engine.load(directory, EngineOptions(prefetch="psychic"))

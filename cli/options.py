@@ -1,0 +1,88 @@
+"""The engine options of the command line: ``--config``, ``--preset`` and the flags that override them.
+
+``run`` and ``config show`` share these flags, so that ``config show`` prints exactly the
+configuration a ``run`` with the same flags would use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from klotski_tier.core.config import EngineOptions, build_options, replace
+from klotski_tier.core.presets import PRESETS
+from klotski_tier.core.sizes import parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# flag parameter -> EngineOptions field, for flags that are plain values
+_DIRECT = {
+    "batches": "batches",
+    "batch_size": "batch_size",
+    "hot_experts": "hot_experts",
+    "device": "device",
+    "prefetch": "prefetch",
+    "eviction": "eviction",
+    "prefetch_trace": "prefetch_trace",
+}
+_SIZES = {
+    "device_memory": ("device_memory_bytes", "--device-memory"),
+    "host_memory": ("host_memory_bytes", "--host-memory"),
+}
+
+_FLAGS = [
+    click.option(
+        "--config", "config_file", type=click.Path(path_type=Path), help="A TOML configuration file."
+    ),
+    click.option(
+        "--preset", type=click.Choice(sorted(PRESETS)), help="A built-in configuration to start from."
+    ),
+    click.option(
+        "--batches",
+        "-n",
+        type=click.IntRange(min=1),
+        help="Batches in a group sharing every loaded weight (n; default 2).",
+    ),
+    click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per batch (bs; default 4)."),
+    click.option(
+        "--hot-experts", type=click.IntRange(min=0), help="Experts prefetched per layer (K; default: top-k)."
+    ),
+    click.option("--device-memory", metavar="SIZE", help="Device budget, e.g. 2GiB (default: unlimited)."),
+    click.option("--host-memory", metavar="SIZE", help="Host RAM budget, e.g. 8GiB (default: unlimited)."),
+    click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
+    click.option(
+        "--prefetch", help="Prefetch policy: none, hot-first, correlation, oracle, or a plugin's name."
+    ),
+    click.option("--eviction", help="Eviction policy: lru, lfu, hot-first, fifo, or a plugin's name."),
+    click.option(
+        "--prefetch-trace",
+        type=click.Path(path_type=Path),
+        help="Routing trace to warm the prefetch policy up with (the truth for oracle).",
+    ),
+]
+
+
+def engine_flags(fn: F) -> F:
+    """Add the configuration flags to a click command."""
+    for flag in reversed(_FLAGS):
+        fn = flag(fn)
+    return fn
+
+
+def options_from_flags(flags: dict[str, Any], **defaults: Any) -> EngineOptions:
+    """Pop the configuration flags from ``flags`` and build the effective options.
+
+    ``defaults`` apply only where neither the preset, the file nor a flag set a value.
+    """
+    overrides = {field: flags.pop(name) for name, field in _DIRECT.items()}
+    for name, (field, option) in _SIZES.items():
+        text = flags.pop(name)
+        overrides[field] = None if text is None else parse_size(text, what=option)
+    options = build_options(
+        preset=flags.pop("preset"), config_file=flags.pop("config_file"), overrides=overrides
+    )
+    unset = {k: v for k, v in defaults.items() if getattr(options, k) is None}
+    return replace(options, **unset)

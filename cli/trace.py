@@ -1,0 +1,42 @@
+"""``klotski-tier trace FILE.json --png OUT.png``: draw a recorded pipeline trace as a picture.
+
+The trace is the Chrome trace-event file ``run --trace`` writes; the picture needs the ``plot``
+extra (matplotlib). Errors are one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from klotski_tier.cli.errors import report_errors
+from klotski_tier.core.timeline import read_trace, summarize
+from klotski_tier.core.timeline_plot import render_png
+
+MS_PER_S = 1000.0
+
+
+@click.command("trace")
+@click.argument("trace_file", metavar="FILE.json", type=click.Path(path_type=Path))
+@click.option(
+    "--png",
+    "png_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the timeline picture to this PNG file.",
+)
+@click.option(
+    "--width", "width_in", default=14.0, show_default=True, type=click.FloatRange(min=2.0), help="Inches."
+)
+@report_errors
+def trace(trace_file: Path, png_path: Path, width_in: float) -> None:
+    """Draw the pipeline timeline of a Chrome trace FILE.json (from `run --trace`) as a PNG."""
+    data = read_trace(trace_file)
+    render_png(trace_file, png_path, width_in=width_in)
+    totals = summarize(data.spans)
+    click.echo(f"wrote {png_path}")
+    click.echo(
+        f"{len(data.spans)} tracks, {data.event_count} events, "
+        f"{totals['wall_s'] * MS_PER_S:.1f} ms wall, compute busy {totals['compute_busy_share']:.0%}"
+    )
