@@ -236,7 +236,7 @@ class Pipeline:
             expert = await self._next_expert(layer, requests, counts)
             lease = requests.pop(expert).result()
             await self._run(
-                _expert, x, topk_idx, topk_w, expert, lease, contributions, label=f"L{layer}.E{expert}"
+                _expert, x, topk_idx, topk_w, expert, lease, contributions, label=f"L{layer} expert {expert}"
             )
             await self._release(lease)
             del lease

@@ -69,7 +69,7 @@ def render_png(trace_path: Path, png_path: Path, *, width_in: float = 14) -> Non
     """Draw the trace at ``trace_path`` into ``png_path`` (written atomically)."""
     figure_cls, canvas_cls, patch_cls = _matplotlib()
     data = read_trace(trace_path)
-    tracks = {track: spans for track, spans in data.spans.items() if spans or data.marks.get(track)}
+    tracks = {track: spans for track, spans in data.spans.items() if spans}  # marks: lines across all rows
     if not any(tracks.values()):
         raise InputError(f"trace {trace_path} holds no spans; nothing to draw")
     height_in = BASE_HEIGHT_IN + ROW_HEIGHT_IN * len(tracks)
