@@ -58,7 +58,12 @@ def replay(
     hot_experts: int | None,
     as_json: bool,
 ) -> None:
-    """Replay the routing trace FILE through policies, without the model, and compare them."""
+    """Compare policies on the routing trace FILE.
+
+    Replays FILE (from `run --record-routing`) through each pair of prefetch and eviction
+    policies without running the model, and prints hit rate, prefetch precision and recall,
+    and the bytes that would be moved.
+    """
     capacity = parse_size(device_text, what="--device-memory")
     trace = RoutingTrace.load(file)
     results = replay_by_name(

@@ -66,7 +66,7 @@ ROUTING_DIRECTION_RMS = 0.25
 # transformers on the default demo (about the same at every width: the matrices are LeCun-scaled).
 # The routers scale their structured rows by the residual's expected RMS at their layer, so that a
 # bonus of x logits stays x logits at every depth although the residual grows.
-SUBLAYER_MEAN_SQUARE = 0.5
+SUBLAYER_MEAN_SQUARE = 0.3
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Mistral's tokenizer
 UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 FORMAT_TRANSFORMERS_VERSION = "5.0.0"  # the transformers release whose saved layout these files follow
@@ -210,7 +210,7 @@ class DemoRouting:
 
 
 MAX_ROUTING_LOGIT = 30.0  # a larger bonus only makes routing deterministic, and logits huge in bf16
-DEMO_ROUTING = DemoRouting(hot_logit=2.0, hot_exponent=1.0, type_logit=3.0)
+DEMO_ROUTING = DemoRouting(hot_logit=2.25, hot_exponent=1.0, type_logit=3.0)
 """The shipped demo's routing, tuned with transformers (see tests/core/test_demo.py) to Mixtral-8x7B's
 skew (the 2 busiest of 8 experts take about half of a layer's selections) and a strong link between
 consecutive layers (a token's previous expert predicts its next one far better than frequency)."""
@@ -224,6 +224,7 @@ class _Role(enum.Enum):
     READ = "read"  # [out, H] reads the residual stream: blind to the routing directions
     WRITE = "write"  # [H, in] writes the residual stream: never along a routing direction
     ROUTER = "router"  # [E, H] a READ matrix plus its layer's structured rows
+    OUTPUT = "output"  # [V, H] lm_head: a READ matrix that never scores the special tokens
 
 
 @dataclass(frozen=True)
@@ -468,7 +469,7 @@ def _tensor_specs(shape: DemoShape) -> list[_TensorSpec]:
     for layer in range(shape.num_layers):
         specs += _layer_specs(shape, layer)
     specs.append(_TensorSpec.norm("model.norm.weight", hidden))  # [H]
-    specs.append(_TensorSpec.matrix("lm_head.weight", (vocab, hidden), _Role.READ))  # [V, H]
+    specs.append(_TensorSpec.matrix("lm_head.weight", (vocab, hidden), _Role.OUTPUT))  # [V, H]
     return specs
 
 
@@ -532,6 +533,8 @@ class _RoutingPlan:
             )
         elif spec.role is _Role.ROUTER:
             self._set_router_columns(weight, spec.layer)
+        elif spec.role is _Role.OUTPUT:
+            weight[: len(SPECIAL_TOKENS)] = 0.0  # logit 0, below the top of ~V N(0, 1) logits: never greedy
         return weight
 
     def _set_router_columns(self, weight: torch.Tensor, layer: int) -> None:

@@ -38,6 +38,8 @@ from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_input
 from klotski_tier.core.timeline import Timeline
 from klotski_tier.policies.prefetch import PrefetchPolicy
 
+__all__ = ["Engine", "EngineOptions", "GenerationResult", "SequenceOutput"]
+
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]

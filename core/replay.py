@@ -3,7 +3,7 @@
 No model runs. A simulated device cache holds routed experts, each ``expert_bytes`` of the
 trace, within ``capacity_bytes``; attention, gate, embedding and KV blocks are not simulated,
 so the whole budget goes to experts (give the replay what the live run leaves for experts).
-Keys are the engine's expert :class:`~klotski_tier.core.blocks.BlockId`.
+Keys are :class:`Key` ``(layer, expert)``, with the fields of an expert ``BlockId``.
 
 For each step ``s``, ``prefetch.begin_step(s)``, then for each layer ``l``::
 
@@ -17,9 +17,11 @@ For each step ``s``, ``prefetch.begin_step(s)``, then for each layer ``l``::
                load with no room is streamed through and not kept
     observe    the policy sees the routes of l
 
-Over all (s, l): hit rate = hits / used; precision = prefetch loads used / prefetch loads
-(0.0 when the policy prefetched nothing); recall = prefetch loads used / used; bytes moved =
-loads x expert_bytes. There are no leases: only the experts of the current layer are spared.
+Over all (s, l), as the live run's metrics define them: hit rate = hits / used; precision =
+predicted experts used / predicted experts (0.0 when the policy predicts nothing); recall =
+predicted experts used / used; bytes moved = loads x expert_bytes, prefetch and demand loads
+together. A predicted expert counts whether it was loaded now or was still resident. There
+are no leases: only the experts of the current layer are spared.
 Policies with ``needs_trace`` (the oracle) get ``warm_up(trace.as_steps())`` first.
 """
 
@@ -28,11 +30,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from klotski_tier.core.blocks import BlockId, expert_block
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.routing_trace import RoutingTrace
 from klotski_tier.core.sizes import format_size
@@ -42,8 +43,14 @@ from klotski_tier.policies.registry import make_eviction, make_prefetch
 
 logger = logging.getLogger(__name__)
 
-Key = BlockId
-"""A simulated expert block, named as the engine names it (policies may read its layer and expert)."""
+
+class Key(NamedTuple):
+    """A simulated expert block. Like the engine's :class:`~klotski_tier.core.blocks.BlockId` it
+    has ``layer`` and ``expert`` (policies such as hot-first eviction read them), and as a tuple
+    it hashes in C: a replay hashes keys millions of times."""
+
+    layer: int
+    expert: int
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,10 @@ class LayerReplay:
     layer: int
     used: int  # experts some token selected, one per (step, expert)
     hits: int  # ... of which resident when the gate asked
-    prefetched: int  # experts loaded by a prefetch for this layer
-    prefetch_hits: int  # ... of which the gate then used
+    predicted: int  # experts the prefetch policy named hot, one per (step, expert)
+    predicted_used: int  # ... of which the gate then selected
     loads: int  # expert loads, prefetch and demand
+    prefetch_loads: int  # ... of which loads of a predicted expert ahead of the gate
 
     @property
     def hit_rate(self) -> float:
@@ -63,11 +71,11 @@ class LayerReplay:
 
     @property
     def precision(self) -> float:
-        return _ratio(self.prefetch_hits, self.prefetched)
+        return _ratio(self.predicted_used, self.predicted)
 
     @property
     def recall(self) -> float:
-        return _ratio(self.prefetch_hits, self.used)
+        return _ratio(self.predicted_used, self.used)
 
     def to_dict(self) -> dict[str, Any]:
         rates = {"hit_rate": self.hit_rate, "precision": self.precision, "recall": self.recall}
@@ -81,8 +89,8 @@ class ReplayResult:
     prefetch: str
     eviction: str
     hit_rate: float  # used experts resident when the gate asked / used experts
-    precision: float  # prefetched experts that were used / prefetched experts
-    recall: float  # used experts a prefetch had loaded / used experts
+    precision: float  # predicted experts that were used / predicted experts
+    recall: float  # used experts that were predicted / used experts
     bytes_moved: int  # loads x expert_bytes
     loads: int
     used: int
@@ -94,11 +102,11 @@ class ReplayResult:
     @classmethod
     def of(cls, layers: tuple[LayerReplay, ...], **settings: Any) -> ReplayResult:
         used, hits = sum(x.used for x in layers), sum(x.hits for x in layers)
-        prefetched, useful = sum(x.prefetched for x in layers), sum(x.prefetch_hits for x in layers)
+        predicted, useful = sum(x.predicted for x in layers), sum(x.predicted_used for x in layers)
         loads = sum(x.loads for x in layers)
         return cls(
             hit_rate=_ratio(hits, used),
-            precision=_ratio(useful, prefetched),
+            precision=_ratio(useful, predicted),
             recall=_ratio(useful, used),
             bytes_moved=loads * settings["expert_bytes"],
             loads=loads,
@@ -146,10 +154,11 @@ class _LayerCounts:
     """Mutable tallies of one layer while replaying."""
 
     def __init__(self) -> None:
-        self.used = self.hits = self.prefetched = self.prefetch_hits = self.loads = 0
+        self.used = self.hits = self.predicted = self.predicted_used = self.loads = self.prefetch_loads = 0
 
     def frozen(self, layer: int) -> LayerReplay:
-        return LayerReplay(layer, self.used, self.hits, self.prefetched, self.prefetch_hits, self.loads)
+        counts = (self.used, self.hits, self.predicted, self.predicted_used, self.loads, self.prefetch_loads)
+        return LayerReplay(layer, *counts)
 
 
 class _Replayer:
@@ -161,23 +170,28 @@ class _Replayer:
         self.cache = cache
         self.k = k
         self.counts = [_LayerCounts() for _ in range(trace.meta.num_layers)]
+        self.keys = [
+            [Key(layer, e) for e in range(trace.meta.num_experts)] for layer in range(trace.meta.num_layers)
+        ]
 
     def run(self) -> tuple[LayerReplay, ...]:
         if self.prefetch.needs_trace:
             self.prefetch.warm_up(self.trace.as_steps())
-        for step in range(len(self.trace.steps)):
+        for step, routes in enumerate(self.trace.steps):  # routes [L, T, k]
             self.prefetch.begin_step(step)
+            used = _used_experts(routes, self.trace.meta.num_experts)  # [L, E]
             previous: Routes | None = None
             for layer in range(self.trace.meta.num_layers):
-                previous = self._layer(step, layer, previous)
+                previous = self._layer(layer, routes[layer], used[layer], previous)
         return tuple(counts.frozen(layer) for layer, counts in enumerate(self.counts))
 
-    def _layer(self, step: int, layer: int, previous: Routes | None) -> Routes:
-        array = self.trace.steps[step][layer]  # [T, k]
+    def _layer(self, layer: int, array: np.ndarray, used_mask: np.ndarray, previous: Routes | None) -> Routes:
+        """One layer of one step: ``array`` [T, k] the routes, ``used_mask`` [E] the experts used."""
         routes: list[list[int]] = array.tolist()
-        used = {expert_block(layer, int(e)) for e in np.unique(array)}
-        prefetched = self._prefetch(layer, self._predict(layer, previous))
-        self._demand(layer, used, prefetched)
+        used = {self.keys[layer][e] for e in np.flatnonzero(used_mask).tolist()}
+        predicted = self._predict(layer, previous)
+        self._prefetch(layer, predicted)
+        self._demand(layer, used, set(predicted))
         self.prefetch.observe(layer, routes)
         return routes
 
@@ -189,24 +203,23 @@ class _Replayer:
                 f"prefetch policy predicted {predicted} for layer {layer}: more than K={self.k} "
                 f"or outside 0..{experts - 1}; fix the policy"
             )
-        return [expert_block(layer, e) for e in predicted]
+        return [self.keys[layer][e] for e in predicted]
 
-    def _prefetch(self, layer: int, predicted: list[Key]) -> set[Key]:
+    def _prefetch(self, layer: int, predicted: list[Key]) -> None:
         """Load the predicted experts not resident, most likely first, while room can be made."""
-        spare, loaded = set(predicted), set()
+        spare, loads = set(predicted), 0
         for key in predicted:
             if key in self.cache.resident:
                 continue
             if not self.cache.make_room(spare):
                 break
             self.cache.insert(key)
-            loaded.add(key)
+            loads += 1
         counts = self.counts[layer]
-        counts.prefetched += len(loaded)
-        counts.loads += len(loaded)
-        return loaded
+        counts.prefetch_loads += loads
+        counts.loads += loads
 
-    def _demand(self, layer: int, used: set[Key], prefetched: set[Key]) -> None:
+    def _demand(self, layer: int, used: set[Key], predicted: set[Key]) -> None:
         """Resident used experts are hits; the others are loaded, kept while room can be made."""
         hits = sorted(used & self.cache.resident)
         for key in hits:
@@ -218,8 +231,17 @@ class _Replayer:
         counts = self.counts[layer]
         counts.used += len(used)
         counts.hits += len(hits)
-        counts.prefetch_hits += len(used & prefetched)
+        counts.predicted += len(predicted)
+        counts.predicted_used += len(used & predicted)
         counts.loads += len(misses)
+
+
+def _used_experts(routes: np.ndarray, num_experts: int) -> np.ndarray:
+    """Per layer, which experts some token selected: bool [L, E] from routes [L, T, k]."""
+    layers = routes.shape[0]
+    used = np.zeros((layers, num_experts), dtype=bool)  # [L, E]
+    used[np.arange(layers)[:, None], routes.reshape(layers, -1)] = True
+    return used
 
 
 def replay(

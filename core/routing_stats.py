@@ -32,6 +32,7 @@ Pure numpy: usable on traces without torch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -80,7 +81,7 @@ def routing_stats(routes_per_layer: Sequence[npt.ArrayLike], num_experts: int) -
     """Statistics of ``routes_per_layer`` (one ``[T, k]`` array of expert ids per layer)."""
     routes = _checked(routes_per_layer, num_experts)
     tokens, top_k = routes[0].shape
-    pairs = list(zip(routes[:-1], routes[1:], strict=True))
+    pairs = list(itertools.pairwise(routes))
     firsts = [_joint_counts(prev[:, 0], nxt[:, 0], num_experts) for prev, nxt in pairs]
     shares = [_shares(layer, num_experts) for layer in routes]
     return RoutingStats(

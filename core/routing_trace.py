@@ -201,11 +201,12 @@ def _read_archive(handle: BinaryIO, path: Path) -> dict[str, np.ndarray]:
             return {name: archive[name] for name in archive.files}
     except _LOAD_ERRORS as exc:
         raise InputError(
-            f"{path} is not a klotski routing trace ({exc}); record one with run --record-routing"
+            f"{path} is not a klotski routing trace ({' '.join(str(exc).split())}); "
+            "record one with run --record-routing"
         ) from exc
 
 
-def _to_arrays(trace: RoutingTrace) -> dict[str, np.ndarray]:
+def _to_arrays(trace: RoutingTrace) -> dict[str, Any]:
     meta = trace.meta
     counts = [step.shape[1] for step in trace.steps]
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)  # [S + 1]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import torch
 
 from klotski_tier.core.compute import ComputeRunner
+from klotski_tier.core.config import EngineOptions
 from klotski_tier.core.errors import BudgetError, ConfigError
 from klotski_tier.core.layouts import ModelFiles, largest_block_bytes, total_block_bytes
 from klotski_tier.core.metrics import RunMetrics, TierStats
@@ -31,9 +31,6 @@ from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
 from klotski_tier.tiers.registry import TIER_DRIVERS
-
-if TYPE_CHECKING:
-    from klotski_tier.core.engine import EngineOptions
 
 logger = logging.getLogger(__name__)
 

@@ -3,13 +3,19 @@
 Per layer, the policy counts how many times each expert was selected (one count per token
 per selection). ``predict`` returns the ``k`` most counted experts, ties going to the lower
 expert id so the answer is deterministic. A layer never observed predicts nothing.
+
+This is the frequency baseline of the Klotski paper, and the fallback of the correlation
+policy for the first layer. Its state is the count table, columns ``frequency_layer``,
+``frequency_expert``, ``frequency_count``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from klotski_tier.policies.prefetch import PrefetchPolicy, Routes
+from klotski_tier.policies.prefetch import PolicyState, PrefetchPolicy, Routes
+from klotski_tier.policies.tables import CountTable, check_state_keys, top_k
 
 
 class HotFirstPrefetch(PrefetchPolicy):
@@ -18,21 +24,24 @@ class HotFirstPrefetch(PrefetchPolicy):
     name = "hot-first"
 
     def __init__(self) -> None:
-        self._counts: dict[int, Counter[int]] = {}  # layer -> expert id -> selections
+        self._frequency = CountTable("frequency", ["layer"])  # (layer,) -> expert id -> selections
 
     def observe(self, layer: int, routes: Routes) -> None:
-        counts = self._counts.setdefault(layer, Counter())
         for token_experts in routes:
-            counts.update(token_experts)
+            self._frequency.add((layer,), token_experts)
 
     def predict(self, layer: int, k: int, previous_routes: Routes | None = None) -> list[int]:
         assert k >= 0, f"cannot predict a negative number of experts ({k})"
-        counts = self._counts.get(layer)
-        if not counts:
-            return []
-        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-        return [expert for expert, _ in ranked[:k]]
+        return top_k(self._frequency.row((layer,)), k)
 
-    def count(self, layer: int, expert: int) -> int:
+    def count(self, layer: int, expert: int) -> float:
         """How many times ``expert`` of ``layer`` was selected so far."""
-        return self._counts.get(layer, Counter())[expert]
+        return self._frequency.count((layer,), expert)
+
+    def state(self) -> PolicyState:
+        return self._frequency.columns()
+
+    def load_state(self, state: Mapping[str, Sequence[Any]]) -> None:
+        owner = f"prefetch policy {self.name!r}"
+        check_state_keys(owner, state, [self._frequency])
+        self._frequency.load_columns(owner, state)

@@ -25,16 +25,16 @@ class LRUEviction(EvictionPolicy[K]):
         self._order: OrderedDict[K, int] = OrderedDict()  # key -> nbytes, least recently used first
 
     def on_insert(self, key: K, nbytes: int) -> None:
-        assert key not in self._order, f"lru: {key} inserted twice without on_remove in between"
-        assert nbytes >= 0, f"lru: {key} inserted with a negative size ({nbytes} bytes)"
+        assert key not in self._order, f"{self.name}: {key} inserted twice without on_remove in between"
+        assert nbytes >= 0, f"{self.name}: {key} inserted with a negative size ({nbytes} bytes)"
         self._order[key] = nbytes
 
     def on_access(self, key: K) -> None:
-        assert key in self._order, f"lru: access to {key}, which is not resident"
+        assert key in self._order, f"{self.name}: access to {key}, which is not resident"
         self._order.move_to_end(key)
 
     def on_remove(self, key: K) -> None:
-        assert key in self._order, f"lru: removal of {key}, which is not resident"
+        assert key in self._order, f"{self.name}: removal of {key}, which is not resident"
         del self._order[key]
 
     def victims(self) -> Iterator[K]:

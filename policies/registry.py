@@ -20,7 +20,12 @@ P = TypeVar("P")
 EVICTION_POLICIES: Registry[type[EvictionPolicy[Any]]] = Registry(
     "eviction policy",
     "klotski_tier.eviction",
-    {"lru": "klotski_tier.policies.lru:LRUEviction"},
+    {
+        "lru": "klotski_tier.policies.lru:LRUEviction",
+        "lfu": "klotski_tier.policies.lfu:LFUEviction",
+        "hot-first": "klotski_tier.policies.hot_first_eviction:HotFirstEviction",
+        "fifo": "klotski_tier.policies.fifo:FIFOEviction",
+    },
 )
 
 PREFETCH_POLICIES: Registry[type[PrefetchPolicy]] = Registry(
@@ -29,6 +34,8 @@ PREFETCH_POLICIES: Registry[type[PrefetchPolicy]] = Registry(
     {
         "none": "klotski_tier.policies.prefetch:NoPrefetch",
         "hot-first": "klotski_tier.policies.hot_first:HotFirstPrefetch",
+        "correlation": "klotski_tier.policies.correlation:CorrelationPrefetch",
+        "oracle": "klotski_tier.policies.oracle:OraclePrefetch",
     },
 )
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import itertools
 import json
+import math
 import os
 import subprocess
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,17 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from klotski_tier.core import demo
-from klotski_tier.core.demo import DEMO_DIR_NAME, DEMO_SHAPE, DemoShape, build_demo, demo_model_dir
+from klotski_tier.core.demo import (
+    DEMO_DIR_NAME,
+    DEMO_ROUTING,
+    DEMO_SHAPE,
+    DemoRouting,
+    DemoShape,
+    build_demo,
+    demo_model_dir,
+)
 from klotski_tier.core.errors import CheckpointError, ConfigError
+from klotski_tier.core.routing_stats import RoutingStats, routing_stats
 
 TINY = DemoShape(
     vocab_size=320,
@@ -35,6 +46,20 @@ TINY = DemoShape(
 )
 TINY_SHARD_BYTES = 100_000  # ~420 KB of tensors: five shards
 MB = 1000**2
+MEDIUM = DemoShape(  # the demo's vocabulary, experts and top-k; half its width, a quarter of its depth
+    vocab_size=1024,
+    hidden_size=256,
+    num_layers=3,
+    num_experts=8,
+    top_k=2,
+    intermediate_size=512,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=256,
+    rope_theta=1e6,
+)
+UNSTRUCTURED = DemoRouting(hot_logit=0.0, hot_exponent=1.0, type_logit=0.0)  # plain random routers
+FULL_DEMO_ENV_VAR = "KLOTSKI_TIER_MEASURE_DEMO"  # set to 1 to measure the full default demo (~1 min)
 
 
 def _build_tiny(directory: Path) -> Path:
@@ -247,6 +272,118 @@ def test_prompts_and_runtime_imports() -> None:
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(name.split(".")[0] == "transformers" for name in imported)
+
+
+def test_bad_routing_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="between 0 and"):
+        DemoRouting(hot_logit=-1.0, hot_exponent=1.0, type_logit=3.0)
+    with pytest.raises(ConfigError, match="between 0 and"):
+        DemoRouting(hot_logit=1.0, hot_exponent=1.0, type_logit=math.inf)
+    with pytest.raises(ConfigError, match="must exceed num_experts"):
+        DemoShape(320, 8, 1, 8, 2, 16, num_heads=2, num_kv_heads=1, max_position_embeddings=8, rope_theta=1.0)
+
+
+def test_routing_parameters_change_only_the_routers(tiny_dir: Path, tmp_path: Path) -> None:
+    plain = build_demo(tmp_path / "plain", TINY, routing=UNSTRUCTURED, shard_max_bytes=TINY_SHARD_BYTES)
+    ours, theirs = _saved_tensors(tiny_dir), _saved_tensors(plain)
+    changed = {name for name, tensor in ours.items() if not torch.equal(tensor, theirs[name])}
+    assert changed == {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(TINY.num_layers)}
+
+
+# --- routing, measured through transformers ---------------------------------------------------
+
+MEDIUM_NEW_TOKENS = 12  # greedy tokens per demo prompt, measured with the prompts
+FULL_NEW_TOKENS = 32  # the same for the full default demo
+
+
+@dataclass(frozen=True)
+class Measured:
+    stats: RoutingStats
+    generated: list[list[int]]  # the greedy tokens of each demo prompt
+    max_abs_logit: float  # over every position of prompts and generated tokens
+
+
+def measure_routing(directory: Path, *, new_tokens: int, dtype: torch.dtype = torch.float32) -> Measured:
+    """Routes of the demo prompts plus ``new_tokens`` greedy tokens each, through transformers' Mixtral.
+
+    The prompts are left-padded into one batch and generated greedily; one forward over prompts and
+    generated tokens then gives every layer's router logits, whose top-k (first choice first) are the
+    routes. Padding is dropped, so every real token counts once per layer.
+    """
+    transformers = pytest.importorskip("transformers")
+    model = transformers.MixtralForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(directory, padding_side="left")
+    tokenizer.pad_token = demo.SPECIAL_TOKENS[demo.UNK_TOKEN_ID]  # id 0: never generated, masked out
+    batch = tokenizer(demo.demo_prompts(), return_tensors="pt", padding=True)
+    prompt_length = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        ids = batch["input_ids"]  # [B, T]
+        if new_tokens:
+            ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, prompt_length:])], dim=1)  # [B, T]
+        out = model(ids, attention_mask=mask, output_router_logits=True)
+    keep = mask.flatten().bool()  # [B*T]
+    top_k = model.config.num_experts_per_tok
+    routes = [logits[keep].topk(top_k, dim=-1).indices.numpy() for logits in out.router_logits]  # [N, k]
+    return Measured(
+        stats=routing_stats(routes, model.config.num_local_experts),
+        generated=ids[:, prompt_length:].tolist(),
+        max_abs_logit=float(out.logits[mask.bool()].abs().max()),
+    )
+
+
+def _assert_routes_like_mixtral(stats: RoutingStats) -> None:
+    """Skew as in Mixtral-8x7B, and a previous expert that predicts the next far beyond frequency."""
+    means = stats.means()
+    assert all(0.4 <= share <= 0.65 for share in stats.top2_share), stats.top2_share
+    assert 0.45 <= means["top2_share"] <= 0.6, means
+    assert means["predictability"] > 0.55 and means["baseline"] < 0.4, means
+    assert means["predictability"] > means["baseline"] + 0.25, means
+    assert means["nmi"] > 0.35 and means["recall"] > means["recall_baseline"] + 0.05, means
+
+
+def _assert_sane_generation(measured: Measured, new_tokens: int) -> None:
+    for tokens in measured.generated:
+        assert len(tokens) == new_tokens and min(tokens) >= len(demo.SPECIAL_TOKENS)  # no <unk>, <s>, </s>
+        assert len(set(tokens)) >= new_tokens // 3, tokens  # not one token repeated
+    assert len({tuple(tokens) for tokens in measured.generated}) == len(measured.generated)
+    assert 1.0 < measured.max_abs_logit < 20.0  # decisive, not saturated
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory: pytest.TempPathFactory) -> Measured:
+    directory = build_demo(tmp_path_factory.mktemp("medium") / "demo", MEDIUM)
+    return measure_routing(directory, new_tokens=MEDIUM_NEW_TOKENS)
+
+
+def test_medium_demo_routes_like_mixtral(medium: Measured) -> None:
+    assert medium.stats.num_tokens >= 150 and medium.stats.num_layers == MEDIUM.num_layers
+    _assert_routes_like_mixtral(medium.stats)
+
+
+def test_medium_demo_generates_varied_text_with_sane_logits(medium: Measured) -> None:
+    _assert_sane_generation(medium, MEDIUM_NEW_TOKENS)
+
+
+def test_unstructured_routing_is_flatter_and_unpredictable(medium: Measured, tmp_path: Path) -> None:
+    directory = build_demo(tmp_path / "plain", MEDIUM, routing=UNSTRUCTURED)
+    plain = measure_routing(directory, new_tokens=MEDIUM_NEW_TOKENS)
+    means, structured = plain.stats.means(), medium.stats.means()
+    assert means["predictability"] < means["baseline"] + 0.15, means
+    assert means["nmi"] < 0.2 and means["top2_share"] < structured["top2_share"] - 0.05, means
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get(FULL_DEMO_ENV_VAR) != "1", reason=f"{FULL_DEMO_ENV_VAR}=1 runs it")
+def test_the_default_demo_routes_like_mixtral(tmp_path: Path) -> None:
+    """The numbers of the shipped demo, printed as JSON (run with -s), checked like the medium one."""
+    measured = measure_routing(
+        build_demo(tmp_path / "demo"), new_tokens=FULL_NEW_TOKENS, dtype=torch.bfloat16
+    )
+    print(json.dumps({"routing": asdict(DEMO_ROUTING), **measured.stats.to_dict()}, indent=1))
+    assert measured.stats.num_layers == DEMO_SHAPE.num_layers
+    _assert_routes_like_mixtral(measured.stats)
+    _assert_sane_generation(measured, FULL_NEW_TOKENS)
 
 
 @pytest.mark.slow

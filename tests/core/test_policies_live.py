@@ -141,7 +141,10 @@ def test_a_third_party_policy_is_selected_from_a_config_file(
         "[klotski_tier.prefetch]\neverything = everything_policy:EverythingPrefetch\n"
     )
     monkeypatch.syspath_prepend(str(site))
+    # the registry reads entry points again, into copies restored after the test
     monkeypatch.setattr(PREFETCH_POLICIES, "_entry_points_read", False)
+    monkeypatch.setattr(PREFETCH_POLICIES, "_paths", dict(PREFETCH_POLICIES._paths))
+    monkeypatch.setattr(PREFETCH_POLICIES, "_loaded", dict(PREFETCH_POLICIES._loaded))
     config = tmp_path / "klotski.toml"
     config.write_text(
         textwrap.dedent("""

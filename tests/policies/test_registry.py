@@ -11,9 +11,14 @@ import pytest
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.registry import Registry
 from klotski_tier.policies import registry as policy_registry
+from klotski_tier.policies.correlation import CorrelationPrefetch
 from klotski_tier.policies.eviction import EvictionPolicy
+from klotski_tier.policies.fifo import FIFOEviction
 from klotski_tier.policies.hot_first import HotFirstPrefetch
+from klotski_tier.policies.hot_first_eviction import HotFirstEviction
+from klotski_tier.policies.lfu import LFUEviction
 from klotski_tier.policies.lru import LRUEviction
+from klotski_tier.policies.oracle import OraclePrefetch
 from klotski_tier.policies.prefetch import NoPrefetch
 from klotski_tier.policies.registry import (
     EVICTION_POLICIES,
@@ -59,31 +64,53 @@ class MRUEviction(EvictionPolicy):
 
 def test_builtins_are_made_by_name() -> None:
     assert isinstance(make_eviction("lru"), LRUEviction)
+    assert isinstance(make_eviction("lfu"), LFUEviction)
+    assert isinstance(make_eviction("fifo"), FIFOEviction)
+    assert isinstance(make_eviction("hot-first"), HotFirstEviction)
     assert isinstance(make_prefetch("none"), NoPrefetch)
     assert isinstance(make_prefetch("hot-first"), HotFirstPrefetch)
+    assert isinstance(make_prefetch("correlation"), CorrelationPrefetch)
+    assert isinstance(make_prefetch("oracle"), OraclePrefetch)
     assert make_eviction("lru") is not make_eviction("lru")
+
+
+def test_options_reach_the_constructor() -> None:
+    lfu = make_eviction("lfu", decay=0.25, aging_interval=8)
+    assert isinstance(lfu, LFUEviction) and (lfu.decay, lfu.aging_interval) == (0.25, 8)
+    correlation = make_prefetch("correlation", smoothing=2, decay=0.9)
+    assert isinstance(correlation, CorrelationPrefetch)
+    assert (correlation.smoothing, correlation.decay) == (2.0, 0.9)
+
+
+def test_only_the_oracle_needs_a_trace() -> None:
+    needing = [name for name in PREFETCH_POLICIES.names() if PREFETCH_POLICIES.get(name).needs_trace]
+    assert needing == ["oracle"]
 
 
 def test_policies_import_neither_torch_nor_asyncio() -> None:
     code = (
-        "import sys; from klotski_tier.policies.registry import make_eviction, make_prefetch; "
-        "make_eviction('lru'); make_prefetch('hot-first'); make_prefetch('none'); "
-        "print(sorted(m for m in ('torch', 'asyncio') if m in sys.modules))"
+        "import sys; from klotski_tier.policies.registry import "
+        "EVICTION_POLICIES, PREFETCH_POLICIES, make_eviction, make_prefetch; "
+        "[make_eviction(n) for n in EVICTION_POLICIES.names()]; "
+        "[make_prefetch(n) for n in PREFETCH_POLICIES.names()]; "
+        "print(sorted(m for m in ('torch', 'asyncio', 'numpy') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
 
 def test_registries_list_their_names() -> None:
-    assert EVICTION_POLICIES.names() == ["lru"]
-    assert PREFETCH_POLICIES.names() == ["hot-first", "none"]
+    assert EVICTION_POLICIES.names() == ["fifo", "hot-first", "lfu", "lru"]
+    assert PREFETCH_POLICIES.names() == ["correlation", "hot-first", "none", "oracle"]
 
 
 def test_unknown_name_lists_the_valid_names() -> None:
-    with pytest.raises(ConfigError, match="unknown eviction policy 'lfu'; valid names: lru"):
-        make_eviction("lfu")
-    with pytest.raises(ConfigError, match="valid names: hot-first, none"):
-        make_prefetch("oracle")
+    with pytest.raises(
+        ConfigError, match="unknown eviction policy 'mru'; valid names: fifo, hot-first, lfu, lru"
+    ):
+        make_eviction("mru")
+    with pytest.raises(ConfigError, match="valid names: correlation, hot-first, none, oracle"):
+        make_prefetch("klotski")
 
 
 def test_unknown_option_names_the_option_and_the_policy() -> None:
@@ -91,6 +118,8 @@ def test_unknown_option_names_the_option_and_the_policy() -> None:
         make_prefetch("hot-first", window=3)
     with pytest.raises(ConfigError, match="unknown option 'capacity_bytes' for eviction policy 'lru'"):
         make_eviction("lru", capacity_bytes=1)
+    with pytest.raises(ConfigError, match="prefetch policy 'correlation'; valid options: decay, smoothing"):
+        make_prefetch("correlation", window=3)
 
 
 def test_duplicate_names_are_refused() -> None:
