@@ -5,7 +5,7 @@ policies (hot-first, correlation) are warmed up from it. Then, with a device bud
 holds a quarter of the experts (plus the KV cache, activations and one of each other block),
 each prefetch policy runs the second half of the prompts live, and the live run's own routing
 is replayed through the same policies. Results go to ``benchmarks/results/policies.json`` and
-``policies.png``.
+``policies.png`` (``policies-kK.*`` with ``--hot-experts K``).
 
     python benchmarks/policies.py [--new-tokens 24] [--out benchmarks/results]
 """
@@ -68,11 +68,15 @@ def live(
     }
 
 
-def offline(truth: RoutingTrace, warm: RoutingTrace, policy: str, capacity: int) -> dict[str, Any]:
+def offline(
+    truth: RoutingTrace, warm: RoutingTrace, policy: str, capacity: int, k: int | None
+) -> dict[str, Any]:
     prefetch = make_prefetch(policy)
     if policy in ("hot-first", "correlation"):
         prefetch.warm_up(warm.as_steps())
-    result = replay(truth, prefetch, make_eviction(EVICTION), capacity_bytes=capacity, prefetch_name=policy)
+    result = replay(
+        truth, prefetch, make_eviction(EVICTION), capacity_bytes=capacity, hot_experts=k, prefetch_name=policy
+    )
     return {k: getattr(result, k) for k in ("hit_rate", "precision", "recall", "bytes_moved")}
 
 
@@ -80,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--hot-experts", type=int, default=None, help="K (default: the router's top-k)")
     args = parser.parse_args()
     model = demo_model_dir()
     probe = Engine.load(model, EngineOptions(batches=2, batch_size=4))
@@ -87,7 +92,9 @@ def main() -> None:
     spec = probe.spec
     experts_bytes = int(EXPERT_SHARE * spec.num_layers * spec.num_experts * spec.expert_bytes)
     device = probe.minimum_budgets(measured, max_new_tokens=args.new_tokens)[0] + experts_bytes
-    base = EngineOptions(batches=2, batch_size=4, device_memory_bytes=device, eviction=EVICTION)
+    base = EngineOptions(
+        batches=2, batch_size=4, device_memory_bytes=device, eviction=EVICTION, hot_experts=args.hot_experts
+    )
     with tempfile.TemporaryDirectory() as scratch:
         warm_path, truth_path = Path(scratch) / "warm.npz", Path(scratch) / "truth.npz"
         recorder = Engine.load(model, EngineOptions(**{**base.__dict__, "prefetch": "none"}))
@@ -96,11 +103,12 @@ def main() -> None:
         rows = {
             p: {
                 "live": live(model, base, p, warm_path, truth_path, measured, args.new_tokens),
-                "replay": offline(truth, warm, p, experts_bytes),
+                "replay": offline(truth, warm, p, experts_bytes, args.hot_experts),
             }
             for p in POLICIES
         }
     report = {
+        "hot_experts": args.hot_experts or spec.top_k,
         "device_memory_bytes": device,
         "expert_budget_bytes": experts_bytes,
         "eviction": EVICTION,
@@ -109,7 +117,8 @@ def main() -> None:
         "policies": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "policies.json").write_text(json.dumps(report, indent=2))
+    suffix = "" if args.hot_experts is None else f"-k{args.hot_experts}"
+    (args.out / f"policies{suffix}.json").write_text(json.dumps(report, indent=2))
     print(f"{'policy':<12} {'':<7} {'hit rate':>8} {'precision':>9} {'recall':>7} {'MiB moved':>10}")
     for policy, modes in rows.items():
         for mode, r in modes.items():
@@ -117,7 +126,7 @@ def main() -> None:
                 f"{policy:<12} {mode:<7} {r['hit_rate']:>8.1%} {r['precision']:>9.1%} {r['recall']:>7.1%} "
                 f"{r['bytes_moved'] / 2**20:>10.0f}"
             )
-    chart(rows, args.out / "policies.png")
+    chart(rows, args.out / f"policies{suffix}.png")
 
 
 def chart(rows: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:

@@ -63,7 +63,7 @@ class EngineOptions:
     host_preload: bool = False  # read every block into host RAM before the first step
     disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
     disk_queue_depth: int = 4
-    prefetch: str = "hot-first"
+    prefetch: str = "correlation"  # the Klotski predictor (falls back to frequency until it has learned)
     prefetch_options: Mapping[str, Any] = field(default_factory=dict)
     prefetch_trace: Path | None = None  # routing trace: warm-up, or the truth for an oracle
     prefetch_state: Path | None = None  # learned policy state saved by an earlier run

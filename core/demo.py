@@ -5,9 +5,12 @@ The directory looks exactly like a Hugging Face Mixtral repository (``config.jso
 ``generation_config.json``, sharded safetensors with ``model.safetensors.index.json``,
 per-expert tensors ``block_sparse_moe.experts.{e}.w1/w2/w3``, a byte-level BPE
 ``tokenizer.json``), so it exercises the same loading path as a real checkpoint and loads in
-transformers' ``MixtralForCausalLM``. The weights are random: the text it writes is
-gibberish, but every expert is big enough that a small device budget holds only a fraction
-of the model, which is what offloading needs to show.
+transformers' ``MixtralForCausalLM``. The weights are random, with structure that makes the
+routing look like a trained MoE's (a few hot experts per layer, a token's expert in one layer
+predicting its expert in the next: see ``DemoRouting``), and an ``lm_head`` that never picks a
+special token, so generation runs to its length. The text it writes is gibberish, but every
+expert is big enough that a small device budget holds only a fraction of the model, which is
+what offloading needs to show.
 
 Building is atomic and deterministic: files go into a temporary sibling directory, are
 fsynced, and one ``os.rename`` commits them; a failed, interrupted or concurrent build never
@@ -49,7 +52,7 @@ CACHE_ENV_VAR = "KLOTSKI_TIER_CACHE"  # overrides the cache root (default ~/.cac
 CACHE_SUBDIR = "klotski-tier"  # under $XDG_CACHE_HOME or ~/.cache
 
 SEED = 20250301  # the one seed of the build: weights and nothing else depend on it
-ROUTING_SEED = SEED + 1  # the routing plan (directions, token types, expert orders) has its own generator
+ROUTING_SEED = SEED + 1  # the routing plan (coordinates, token types, expert orders) has its own generator
 # Every matrix W [out, in] is drawn with std 1/sqrt(in) (LeCun), so unit-variance inputs give
 # unit-variance outputs at any shape: the demo's stds are 0.044 (H inputs) and 0.024 (down, I
 # inputs). Each layer then changes the residual stream as much as it holds, attention is far
@@ -58,10 +61,11 @@ EMBEDDING_STD = 1.0  # unit-scale embeddings: the residual stream starts at std 
 INITIALIZER_RANGE = 0.02  # config.json's initializer_range (HF's default); used only by HF's own init
 RMS_NORM_EPS = 1e-5  # Mixtral's epsilon
 SHARD_MAX_BYTES = 100 * 1000**2  # ~100 MB per shard: a few shards, like a real sharded repository
-# The routing subspace (see DemoRouting): 1 + E directions of the residual stream that only the
-# embeddings write and only the routers read. An embedding holds each of its two routing directions
-# (c, and u of its type) with this per-coordinate RMS, a small part of its std-1 random part.
+# The routing coordinates (see DemoRouting): 1 + E coordinates of the residual stream that only
+# the embeddings write and only the routers read. An embedding holds c and its type's u each at
+# ROUTING_DIRECTION_RMS * sqrt(H) (5.7 in the demo): as much as 1/16 of its std-1 random part holds.
 ROUTING_DIRECTION_RMS = 0.25
+MAX_ROUTING_LOGIT = 30.0  # a larger bonus only makes routing deterministic, and logits huge in bf16
 # Mean square that one attention or MoE sublayer adds to the residual stream, measured with
 # transformers on the default demo (about the same at every width: the matrices are LeCun-scaled).
 # The routers scale their structured rows by the residual's expected RMS at their layer, so that a
@@ -144,7 +148,7 @@ class DemoShape:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"{self}: top_k must be between 1 and num_experts")
         if self.hidden_size <= self.num_experts:
-            raise ConfigError(f"{self}: hidden_size must exceed num_experts (routing uses 1 + E directions)")
+            raise ConfigError(f"{self}: hidden_size must exceed num_experts (routing uses 1 + E coordinates)")
 
     @property
     def head_dim(self) -> int:
@@ -178,13 +182,14 @@ class DemoRouting:
 
     Random routers spread tokens almost uniformly and independently per layer, which makes every
     prefetcher look alike. The demo's weights are chosen with structure instead (the checkpoint stays
-    an ordinary Mixtral one). The residual stream reserves 1 + E orthonormal *routing directions*: a
-    common direction c that every token's embedding holds, and type directions u_0 .. u_{E-1}, of
-    which each token id's embedding holds one (its *type*, drawn once per id). No other matrix reads
-    or writes these directions (attention, experts and lm_head are projected off them), so they reach
-    every layer's router unchanged while the rest of the residual stream evolves freely. Router row e
-    of layer l is a random row outside the subspace (logits of std ~1, independent between layers)
-    plus two structured parts, in logits per token:
+    an ordinary Mixtral one). The residual stream reserves 1 + E *routing coordinates*, drawn at
+    random (like the few outsized dimensions of trained LLMs): a common one c that every token's
+    embedding holds, and type coordinates u_0 .. u_{E-1}, of which each token id's embedding holds
+    one (its *type*, drawn once per id). No other matrix reads or writes them (attention, experts
+    and lm_head have zeros there), so they reach every layer's router unchanged while the rest of
+    the residual stream evolves freely. RMSNorm only rescales them. Router row e of layer l is a
+    random row elsewhere (logits of std ~1, independent between layers) plus two structured parts,
+    in logits per token, scaled for the residual's growth with depth (``SUBLAYER_MEAN_SQUARE``):
 
     - skew: ``hot_logit / (r + 1) ** hot_exponent`` along c, where r is e's rank in the layer's own
       random hot order: a few experts per layer get a large bonus for every token;
@@ -209,20 +214,19 @@ class DemoRouting:
         return [self.hot_logit / (rank + 1) ** self.hot_exponent for rank in range(num_experts)]
 
 
-MAX_ROUTING_LOGIT = 30.0  # a larger bonus only makes routing deterministic, and logits huge in bf16
 DEMO_ROUTING = DemoRouting(hot_logit=2.25, hot_exponent=1.0, type_logit=3.0)
-"""The shipped demo's routing, tuned with transformers (see tests/core/test_demo.py) to Mixtral-8x7B's
-skew (the 2 busiest of 8 experts take about half of a layer's selections) and a strong link between
-consecutive layers (a token's previous expert predicts its next one far better than frequency)."""
+"""The shipped demo's routing, tuned with transformers (tests/core/test_demo.py) to Mixtral-8x7B's skew
+(the 2 busiest of 8 experts take ~0.5 of a layer's selections) and a strong link between consecutive
+layers (a token's previous first choice predicts its next one ~70% of the time, frequency ~27%)."""
 
 
 class _Role(enum.Enum):
-    """How a tensor meets the routing directions (see DemoRouting)."""
+    """How a tensor meets the routing coordinates (see DemoRouting)."""
 
     NORM = "norm"  # an RMSNorm weight: all ones
-    EMBEDDING = "embedding"  # [V, H] random off the routing directions, plus c and the token's u_type
-    READ = "read"  # [out, H] reads the residual stream: blind to the routing directions
-    WRITE = "write"  # [H, in] writes the residual stream: never along a routing direction
+    EMBEDDING = "embedding"  # [V, H] random off the routing coordinates, plus c and the token's u_type
+    READ = "read"  # [out, H] reads the residual stream: zero columns at the routing coordinates
+    WRITE = "write"  # [H, in] writes the residual stream: zero rows at the routing coordinates
     ROUTER = "router"  # [E, H] a READ matrix plus its layer's structured rows
     OUTPUT = "output"  # [V, H] lm_head: a READ matrix that never scores the special tokens
 
@@ -517,15 +521,15 @@ class _RoutingPlan:
 
     @property
     def _direction_length(self) -> float:
-        """Length of each routing direction an embedding holds (per-coordinate RMS of the direction)."""
+        """The value an embedding holds at c and at its type's coordinate."""
         return ROUTING_DIRECTION_RMS * math.sqrt(self.shape.hidden_size)
 
     def structure(self, spec: _TensorSpec, weight: torch.Tensor) -> torch.Tensor:
         """``weight``, its random part, given the routing structure of ``spec.role`` in place."""
         if spec.role is _Role.WRITE:
-            weight[self.coords] = 0.0  # [H, in]: writes nothing along a routing direction
+            weight[self.coords] = 0.0  # [H, in]: writes nothing at a routing coordinate
             return weight
-        weight[:, self.coords] = 0.0  # [out, H]: reads nothing from the routing directions
+        weight[:, self.coords] = 0.0  # [out, H]: reads nothing from the routing coordinates
         if spec.role is _Role.EMBEDDING:
             weight[:, self.coords[0]] = self._direction_length  # c
             weight[torch.arange(self.shape.vocab_size), self.coords[1 + self.token_types]] = (
@@ -539,7 +543,7 @@ class _RoutingPlan:
 
     def _set_router_columns(self, weight: torch.Tensor, layer: int) -> None:
         """Router columns whose dot product with a normed residual gives the layer's logit bonuses."""
-        # a normed residual holds each of its routing directions with length _direction_length / RMS
+        # a normed residual holds c and its u at _direction_length / its RMS
         scale = self._residual_rms(layer) / self._direction_length
         bonuses = torch.zeros(self.shape.num_experts)  # [E]
         bonuses[self.hot_order[layer]] = torch.tensor(self.routing.hot_bonuses(self.shape.num_experts))

@@ -275,12 +275,13 @@ class Residency:
         try:
             assert host_entry.buffer is not None
             buffer = self._device.allocate(entry.nbytes)
-            started = time.perf_counter()
-            entry.copy_done = await self._device.copy_from_host(buffer, host_entry.buffer)
-            ended = time.perf_counter()
-            self.device.stats.add_transfer(entry.nbytes, ended - started)
-            if self._timeline is not None:
-                self._timeline.lane_span("copy host→device", str(entry.block), started, ended, **_args(entry))
+            done = await self._device.copy_from_host(buffer, host_entry.buffer)
+            entry.copy_done = done
+            self.device.stats.add_transfer(entry.nbytes, done.end_s - done.start_s)
+            if self._timeline is not None:  # timed in the copy thread: one copy at a time
+                self._timeline.span(
+                    "copy host→device", str(entry.block), done.start_s, done.end_s, **_args(entry)
+                )
             entry.buffer = buffer
         finally:
             host_entry.leases -= 1

@@ -52,6 +52,8 @@ class CopyDone:
     """
 
     event: Any | None
+    start_s: float = 0.0  # when the worker thread began the copy (time.perf_counter)
+    end_s: float = 0.0  # when it saw the copy finished
 
 
 async def wait_settled(futures: Sequence[Future[Any]]) -> None:

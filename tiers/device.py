@@ -10,6 +10,8 @@ the same single worker thread and :meth:`wait_ready` is a no-op.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,10 +66,9 @@ class DeviceDriver(MemoryTierDriver):
         assert dst.device.type == self.device.type, f"{self.device} tier got a buffer on {dst.device}"
         if self.device.type == "cuda":
             caller_stream = torch.cuda.current_stream(self.device)  # the stream allocate() ran on
-            done = CopyDone(await self._run_job(lambda: self._cuda_copy(dst, src, caller_stream)))
+            done = await self._run_job(lambda: _timed(lambda: self._cuda_copy(dst, src, caller_stream)))
         else:
-            await self._run_job(lambda: dst.copy_(src))
-            done = CopyDone(None)
+            done = await self._run_job(lambda: _timed(lambda: _cpu_copy(dst, src)))
         self.bytes_copied += src.numel() * src.element_size()
         return done
 
@@ -94,3 +95,14 @@ class DeviceDriver(MemoryTierDriver):
             event.record(self._stream)
         event.synchronize()  # releases the GIL while it waits
         return event
+
+
+def _timed(copy: Callable[[], Any]) -> CopyDone:
+    """Worker thread: run ``copy`` (returning its CUDA event or None) and time it."""
+    started = time.perf_counter()
+    event = copy()
+    return CopyDone(event, started, time.perf_counter())
+
+
+def _cpu_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)

@@ -92,7 +92,7 @@ def test_to_dict_is_plain_json() -> None:
 )
 def test_bad_routes_are_input_errors(routes: list[object], num_experts: int, message: str) -> None:
     with pytest.raises(InputError, match=message):
-        routing_stats(routes, num_experts)  # type: ignore[arg-type]
+        routing_stats(routes, num_experts)
 
 
 @st.composite
