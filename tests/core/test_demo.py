@@ -59,7 +59,6 @@ MEDIUM = DemoShape(  # the demo's vocabulary, experts and top-k; half its width,
     rope_theta=1e6,
 )
 UNSTRUCTURED = DemoRouting(hot_logit=0.0, hot_exponent=1.0, type_logit=0.0)  # plain random routers
-FULL_DEMO_ENV_VAR = "KLOTSKI_TIER_MEASURE_DEMO"  # set to 1 to measure the full default demo (~1 min)
 
 
 def _build_tiny(directory: Path) -> Path:
@@ -374,7 +373,6 @@ def test_unstructured_routing_is_flatter_and_unpredictable(medium: Measured, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get(FULL_DEMO_ENV_VAR) != "1", reason=f"{FULL_DEMO_ENV_VAR}=1 runs it")
 def test_the_default_demo_routes_like_mixtral(tmp_path: Path) -> None:
     """The numbers of the shipped demo, printed as JSON (run with -s), checked like the medium one."""
     measured = measure_routing(
