@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import InputError
 
 
@@ -23,21 +22,6 @@ def check_writable(path: Path, option: str = "--output") -> None:
         raise InputError(f"{option} {path}: directory {directory} is not writable")
 
 
-@contextmanager
-def atomic_write(path: Path) -> Iterator[Any]:
-    """Write ``path`` through a temporary file renamed into place; nothing is left on failure."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-        try:
-            os.replace(temp, path)
-        except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def atomic_write(path: Path) -> AbstractContextManager[IO[Any]]:
+    """Write the text file ``path`` atomically (see :mod:`klotski_tier.core.atomic`)."""
+    return atomic_open(path, what="output")

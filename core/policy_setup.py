@@ -10,10 +10,9 @@ state is written to ``prefetch.save_state`` when, and only when, that is set.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.config import EngineOptions
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.routing_trace import RoutingTrace
@@ -47,18 +46,8 @@ def build_prefetch(options: EngineOptions, spec: ModelSpec) -> PrefetchPolicy:
 
 def save_prefetch_state(policy: PrefetchPolicy, path: Path) -> None:
     """Write the policy's learned state as JSON, atomically."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ConfigError(f"cannot write prefetch state {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"policy": policy.name, "state": policy.state()}, handle)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, what="prefetch state") as handle:
+        json.dump({"policy": policy.name, "state": policy.state()}, handle)
 
 
 def _read_state(path: Path) -> tuple[str, dict[str, list[object]]]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError, InputError
 from klotski_tier.core.spec import ModelSpec
 
@@ -158,21 +157,8 @@ class RoutingTrace:
     def save(self, path: Path) -> None:
         """Write the trace to ``path`` atomically: the old file or the whole new one, never half."""
         arrays = _to_arrays(self)
-        directory = path.parent if str(path.parent) else Path(".")
-        try:
-            fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise InputError(f"cannot write routing trace {path}: {exc.strerror}") from exc
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
-            os.replace(temp, path)
-        except OSError as exc:
-            Path(temp).unlink(missing_ok=True)
-            raise InputError(f"cannot write routing trace {path}: {exc.strerror or exc}") from exc
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb", what="routing trace") as handle:
+            np.savez_compressed(handle, **arrays)
         logger.info(
             "routing trace: %d steps, %d tokens written to %s", len(self.steps), self.num_tokens, path
         )

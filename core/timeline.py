@@ -29,14 +29,13 @@ import enum
 import functools
 import json
 import logging
-import os
 import threading
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
+from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -158,15 +157,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"cannot write {path}: directory {directory} does not exist; create it first")
-    temp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with temp.open("xb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}; choose a writable path") from exc
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
 
 
 def _group(events: Iterable[_Event]) -> dict[str, list[_Event]]:
