@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 HOST_COPY_THREADS = 1
 """Worker threads for host-to-host copies: one memcpy already runs near memory bandwidth."""
 
+BUFFER_ALIGN_BYTES = 4096
+"""Host buffers start on a page boundary, so that O_DIRECT reads can land in them directly."""
+
 
 class HostDriver(MemoryTierDriver):
     """Allocates flat ``uint8`` host buffers (pinned when ``pin``) and copies host bytes into them."""
@@ -37,10 +40,15 @@ class HostDriver(MemoryTierDriver):
         return self._pin
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        """A flat ``uint8`` CPU tensor of ``nbytes`` bytes, page-locked when :attr:`pinned`."""
+        """A flat ``uint8`` CPU tensor of ``nbytes`` bytes starting on a page boundary, page-locked
+        when :attr:`pinned`."""
         self._check_open()
         assert nbytes >= 0, f"cannot allocate a negative size ({nbytes} bytes)"
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)  # [nbytes]
+        if self._pin:  # the CUDA host allocator hands out page-aligned memory
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # [nbytes]
+        raw = torch.empty(nbytes + BUFFER_ALIGN_BYTES, dtype=torch.uint8)  # [nbytes + align]
+        skip = -raw.data_ptr() % BUFFER_ALIGN_BYTES
+        return raw[skip : skip + nbytes]  # [nbytes], a view that keeps ``raw`` alive
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         """Copy ``src`` into the host buffer ``dst`` in the driver's thread; done when it returns."""

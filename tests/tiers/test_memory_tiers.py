@@ -162,3 +162,10 @@ def test_wait_ready_makes_the_compute_stream_wait_on_the_copy_event() -> None:
             assert int(total) == 7 * COPY_BYTES
 
     run(scenario())
+
+
+@pytest.mark.parametrize("nbytes", [1, 4095, 4096, 70_000, 1 << 20])
+def test_host_buffers_start_on_a_page_boundary(nbytes: int) -> None:
+    """O_DIRECT reads land straight in host buffers only if these are page aligned."""
+    buffer = HostDriver(pin=False).allocate(nbytes)
+    assert buffer.data_ptr() % 4096 == 0 and buffer.numel() == nbytes and buffer.is_contiguous()
