@@ -11,8 +11,10 @@ import sys
 
 import click
 
+from klotski_tier.cli.bench import bench
 from klotski_tier.cli.config_cmd import config
 from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.pack import pack, verify
 from klotski_tier.cli.replay import replay
 from klotski_tier.cli.run import run
 from klotski_tier.cli.trace import trace
@@ -33,3 +35,6 @@ main.add_command(run)
 main.add_command(config)
 main.add_command(replay)
 main.add_command(trace)
+main.add_command(pack)
+main.add_command(verify)
+main.add_command(bench)

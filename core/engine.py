@@ -35,6 +35,7 @@ from klotski_tier.core.policy_setup import build_prefetch, save_prefetch_state
 from klotski_tier.core.routing_trace import RoutingTrace
 from klotski_tier.core.runtime import Runtime, check_budgets, check_options, minimum_budgets
 from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_inputs
+from klotski_tier.core.store import is_store, open_store
 from klotski_tier.core.timeline import Timeline
 from klotski_tier.policies.prefetch import PrefetchPolicy
 
@@ -79,7 +80,7 @@ class Engine:
     def load(cls, model: str | Path, options: EngineOptions | None = None) -> Engine:
         """Read the checkpoint's config and headers (no weights) and check the budgets' floor."""
         options = options or EngineOptions()
-        files = load_model_files(model)
+        files = open_model(Path(model))
         tokenizer = _load_tokenizer(Path(model) / "tokenizer.json")
         check_options(files, options)
         check_budgets(files, options, [])
@@ -96,9 +97,7 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise InputError(
-                f"{self.files.checkpoint.directory} has no tokenizer.json; pass token ids (--prompt-ids)"
-            )
+            raise InputError(f"{self.files.directory} has no tokenizer.json; pass token ids (--prompt-ids)")
         ids: list[int] = self.tokenizer.encode(text).ids
         return ids
 
@@ -250,6 +249,14 @@ def _load_tokenizer(path: Path) -> Tokenizer | None:
     except Exception as exc:  # the tokenizers library raises plain Exception subclasses
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot read tokenizer {path}: {reason}; fix or remove the file") from exc
+
+
+def open_model(path: Path) -> ModelFiles:
+    """A Hugging Face checkpoint directory, or a store written by ``klotski-tier pack``."""
+    if not is_store(path):
+        return load_model_files(path)
+    store = open_store(path)
+    return ModelFiles(None, store.spec, store.layouts, store.expert_layout, path, store)
 
 
 class _Sampler:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -38,6 +38,9 @@ from klotski_tier.core.blocks import (
 )
 from klotski_tier.core.checkpoint import Checkpoint
 from klotski_tier.core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from klotski_tier.core.store import PackedStore
 from klotski_tier.core.families import ExpertLayout, Family, family_of, parse_spec
 from klotski_tier.core.sizes import format_size
 from klotski_tier.core.spec import ModelSpec, QKNorm
@@ -51,10 +54,12 @@ Shape = tuple[int, ...]
 class ModelFiles:
     """A checkpoint opened and checked: its spec and the layout of every block."""
 
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None  # None for a packed store
     spec: ModelSpec
     layouts: Mapping[BlockId, BlockLayout]
     expert_layout: ExpertLayout
+    directory: Path
+    store: PackedStore | None = None  # the packed store the blocks come from, if any
 
 
 def load_model_files(directory: str | Path) -> ModelFiles:
@@ -73,7 +78,7 @@ def load_model_files(directory: str | Path) -> ModelFiles:
         len(layouts),
         format_size(total_block_bytes(layouts)),
     )
-    return ModelFiles(checkpoint, spec, layouts, expert_layout)
+    return ModelFiles(checkpoint, spec, layouts, expert_layout, checkpoint.directory)
 
 
 def weight_dtype(checkpoint: Checkpoint) -> torch.dtype | None:

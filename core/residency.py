@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from klotski_tier.core.block_source import BlockSource
 from klotski_tier.core.blocks import BlockId, BlockLayout, BlockWeights
 from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.metrics import TierStats
 from klotski_tier.core.sizes import format_size
 from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.tiers.device import CopyDone, DeviceDriver
-from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class Residency:
         self,
         layouts: Mapping[BlockId, BlockLayout],
         *,
-        disk: DiskDriver,
+        source: BlockSource,
         host: HostDriver,
         device: DeviceDriver,
         host_ledger: TierLedger,
@@ -149,7 +149,7 @@ class Residency:
         timeline: Timeline | None = None,
     ) -> None:
         self._layouts = layouts
-        self._disk = disk
+        self._source = source
         self._host = host
         self._device = device
         self.host = host_ledger
@@ -275,7 +275,8 @@ class Residency:
         try:
             assert host_entry.buffer is not None
             buffer = self._device.allocate(entry.nbytes)
-            done = await self._device.copy_from_host(buffer, host_entry.buffer)
+            source = host_entry.buffer[: entry.nbytes]  # a store's host buffer may hold padding too
+            done = await self._device.copy_from_host(buffer, source)
             entry.copy_done = done
             self.device.stats.add_transfer(entry.nbytes, done.end_s - done.start_s)
             if self._timeline is not None:  # timed in the copy thread: one copy at a time
@@ -302,10 +303,9 @@ class Residency:
         return entry
 
     async def _load_host(self, entry: _Entry) -> None:
-        layout = self._layouts[entry.block]
-        buffer = await self._host.aallocate(entry.nbytes)
+        buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
         started = time.perf_counter()
-        await self._disk.read_into(layout.pieces, buffer)
+        await self._source.read(entry.block, buffer)
         ended = time.perf_counter()
         self.host.stats.add_transfer(entry.nbytes, ended - started)
         if self._timeline is not None:

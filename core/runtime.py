@@ -14,6 +14,7 @@ from types import TracebackType
 
 import torch
 
+from klotski_tier.core.block_source import BlockSource
 from klotski_tier.core.compute import ComputeRunner
 from klotski_tier.core.config import EngineOptions
 from klotski_tier.core.errors import BudgetError, ConfigError
@@ -133,14 +134,15 @@ class Runtime:
         self.metrics = RunMetrics()
         self.timeline = Timeline() if timeline else None
         self.recorder = RoutingRecorder(TraceMeta.of(files.spec)) if record_routing else None
-        self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth)
+        direct = files.store is not None  # a packed store is aligned for O_DIRECT reads
+        self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth, direct=direct)
         self.host_driver = HostDriver()
         self.device_driver = DeviceDriver(options.device)
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
         self.residency = Residency(
             files.layouts,
-            disk=self.disk,
+            source=BlockSource(files.layouts, self.disk, files.store),
             host=self.host_driver,
             device=self.device_driver,
             host_ledger=self._ledger(HOST, options.host_memory_bytes),

@@ -176,6 +176,10 @@ class TierDriver(ABC):
             raise error
         return [future.result() for future in futures]
 
+    async def run_blocking(self, job: Callable[[], T]) -> T:
+        """``job()`` in the driver's own pool (checksums, decompression of the bytes it moved)."""
+        return await self._run_job(job)
+
     async def _run_job(self, job: Callable[[], T]) -> T:
         (result,) = await self._run_jobs([job])
         return result

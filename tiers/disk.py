@@ -1,28 +1,58 @@
-"""The disk tier: read byte ranges of checkpoint files straight into a block buffer.
+"""The disk tier: read byte ranges of checkpoint files into a block buffer, buffered or O_DIRECT.
 
-``read_into`` splits every :class:`TensorPiece` into chunks of at most ``chunk_bytes`` and reads
-each with one ``os.preadv`` into a ``memoryview`` of the destination tensor (no staging copy),
-``queue_depth`` chunks in flight at most. File descriptors are opened once per path, in a
-worker thread, and closed in ``aclose``. See :mod:`klotski_tier.tiers.base` for the threading
-and cancellation rules.
+Two read paths, chosen per driver and both ``queue_depth`` reads in flight at most, each read at
+most ``chunk_bytes``:
+
+- buffered (the default, for the original safetensors files): every :class:`TensorPiece` is cut
+  into chunks read with one ``os.preadv`` each straight into a ``memoryview`` of the destination
+  (no staging copy);
+- ``direct=True`` (for a packed store whose blocks are 4 KiB-aligned): files are opened with
+  ``O_DIRECT`` and read by the aligned plan of :mod:`klotski_tier.tiers.direct`, straight into
+  the destination where its address allows, else through a per-thread bounce buffer. A file
+  system that refuses ``O_DIRECT`` (``EINVAL``) is read buffered, with a warning.
+
+Page cache is memory. With ``drop_cache`` (the default) the driver keeps none of what it read,
+on both paths (an O_DIRECT read does not cache, but neither does it drop pages cached earlier,
+by packing the store, say): each chunk's pages are dropped once read (``POSIX_FADV_DONTNEED``
+widened to whole pages), and once a ``read_into`` has finished, each piece's range is dropped
+again, widened to whole folios (pages cached by a write or by other readers sit in folios of up
+to :data:`FOLIO_BYTES`, dropped only when covered whole) and, on buffered descriptors, extended
+by the drive's read-ahead window (the kernel reads ahead past the last chunk). Kernel read-ahead
+stays on: buffered reads without it are about half as fast. The sweep may drop the model's pages
+that another ``read_into`` read ahead meanwhile; that read then fetches them again. Check the
+result with :func:`klotski_tier.core.pagecache.cached_fraction`.
+
+File descriptors are opened once per path, in a worker thread, and closed in ``aclose``. See
+:mod:`klotski_tier.tiers.base` for the threading and cancellation rules.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from klotski_tier.core.blocks import TensorPiece
+from klotski_tier.core.blocks import TensorPiece, align_up
 from klotski_tier.core.errors import ConfigError, TierError
+from klotski_tier.core.pagecache import readahead_bytes
 from klotski_tier.core.sizes import MIB, format_size
 from klotski_tier.tiers.base import TierDriver
+from klotski_tier.tiers.direct import (
+    DIRECT_ALIGN_BYTES,
+    O_DIRECT,
+    AlignedChunk,
+    BounceBuffers,
+    align_down,
+    open_for_reading,
+    plan_aligned,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +61,13 @@ DEFAULT_QUEUE_DEPTH = 4
 
 DEFAULT_CHUNK_BYTES = 16 * MIB
 """Largest single ``preadv``: big enough for full drive bandwidth, small enough to spread over threads."""
+
+PAGE_BYTES = mmap.PAGESIZE
+"""The page cache's unit: each chunk's dropped range is widened to whole pages."""
+
+FOLIO_BYTES = 2 * MIB
+"""The largest page-cache folio on x86-64 (a PMD): pages cached by others (a write, a plain read) sit in
+folios this large, which ``POSIX_FADV_DONTNEED`` drops only when the range covers them whole."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +80,12 @@ class _Chunk:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class _OpenFile:
+    fd: int
+    direct: bool
+
+
 def split_chunks(pieces: Sequence[TensorPiece], chunk_bytes: int) -> Iterator[_Chunk]:
     """Each piece cut into consecutive chunks of at most ``chunk_bytes`` bytes."""
     for piece in pieces:
@@ -51,27 +94,56 @@ def split_chunks(pieces: Sequence[TensorPiece], chunk_bytes: int) -> Iterator[_C
             yield _Chunk(piece.path, piece.file_offset + start, piece.buffer_offset + start, size)
 
 
+def folio_ranges(
+    pieces: Sequence[TensorPiece], tail_bytes: Mapping[Path, int] | None = None
+) -> list[tuple[Path, int, int]]:
+    """``(path, start, end)`` covering the pieces (each extended by its file's ``tail_bytes``, 0 if
+    not given), widened to :data:`FOLIO_BYTES` and merged where they touch."""
+    tails = tail_bytes or {}
+    ranges: list[tuple[Path, int, int]] = []
+    widened = sorted(
+        (
+            p.path,
+            align_down(p.file_offset, FOLIO_BYTES),
+            align_up(p.file_offset + p.nbytes + tails.get(p.path, 0), FOLIO_BYTES),
+        )
+        for p in pieces
+        if p.nbytes
+    )
+    for path, start, end in widened:
+        if ranges and ranges[-1][0] == path and start <= ranges[-1][2]:
+            ranges[-1] = (path, ranges[-1][1], max(end, ranges[-1][2]))
+        else:
+            ranges.append((path, start, end))
+    return ranges
+
+
 class DiskDriver(TierDriver):
-    """Reads checkpoint byte ranges into CPU buffers with ``os.preadv`` in a bounded pool."""
+    """Reads checkpoint byte ranges into CPU buffers in a bounded pool, buffered or O_DIRECT."""
 
     name = "disk"
 
     def __init__(
-        self, *, queue_depth: int = DEFAULT_QUEUE_DEPTH, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        *,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        direct: bool = False,
+        drop_cache: bool = True,
     ) -> None:
-        if queue_depth < 1:
-            raise ConfigError(f"disk queue_depth must be at least 1, got {queue_depth}")
-        if chunk_bytes < 1:
-            raise ConfigError(f"disk chunk_bytes must be at least 1 byte, got {chunk_bytes}")
+        _check_options(queue_depth, chunk_bytes, direct)
         super().__init__(max_workers=queue_depth)
         self.queue_depth = queue_depth
         self.chunk_bytes = chunk_bytes
+        self.direct = direct
+        self.drop_cache = drop_cache
         self.bytes_read = 0
         self.busy_s = 0.0  # time at least one read was in flight (the drive's busy time)
         self._reads_in_flight = 0
         self._busy_since = 0.0
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()  # guards _fds and bytes_read, touched by worker threads
+        self._files: dict[Path, _OpenFile] = {}
+        self._bounce = BounceBuffers()
+        self._lock = threading.Lock()  # guards _files, bytes_read and busy time, touched by workers
 
     async def read_into(self, pieces: Sequence[TensorPiece], dst: torch.Tensor) -> None:
         """Read every piece into ``dst`` (flat ``uint8`` CPU tensor, may be pinned) at its buffer offset.
@@ -85,12 +157,21 @@ class DiskDriver(TierDriver):
                 f"piece {piece.tensor_name} [{piece.buffer_offset}, +{piece.nbytes}) "
                 f"does not fit a buffer of {len(memory)} bytes"
             )
-        jobs = [self._job(chunk, memory) for chunk in split_chunks(pieces, self.chunk_bytes)]
+        jobs: list[Callable[[], None]]
+        if self.direct:
+            plan = plan_aligned(pieces, self.chunk_bytes, dst.data_ptr())
+            jobs = [self._direct_job(chunk, dst, memory) for chunk in plan]
+        else:
+            jobs = [self._job(chunk, memory) for chunk in split_chunks(pieces, self.chunk_bytes)]
+        if self.drop_cache:
+            jobs = _then(jobs, lambda: self._sweep(pieces))
         await self._run_jobs(jobs)
 
     def _read_chunk(self, fd: int, file_offset: int, view: memoryview) -> int:
         """The one blocking call: read into ``view`` from ``file_offset``; bytes read (0 at end of file)."""
         return os.preadv(fd, [view], file_offset)
+
+    # ------------------------------------------------------------ buffered path
 
     def _job(self, chunk: _Chunk, memory: memoryview) -> Callable[[], None]:
         view = memory[chunk.buffer_offset : chunk.buffer_offset + chunk.nbytes]
@@ -98,14 +179,84 @@ class DiskDriver(TierDriver):
 
     def _read_fully(self, chunk: _Chunk, view: memoryview) -> None:
         """Worker thread: fill ``view``, retrying partial reads; a read of 0 bytes means the file is short."""
-        fd = self._fd(chunk.path)
+        file = self._file(chunk.path)
         self._busy(+1)
         try:
-            self._read_all(fd, chunk, view)
+            self._read_all(file.fd, chunk, view)
         finally:
             self._busy(-1)
+        self._drop(file.fd, chunk.file_offset, chunk.nbytes)
+        self._count(chunk.nbytes)
+
+    def _read_all(self, fd: int, chunk: _Chunk, view: memoryview) -> None:
+        done = 0
+        while done < chunk.nbytes:
+            done += self._pread(fd, chunk.path, chunk.file_offset + done, view[done:], chunk.nbytes - done)
+
+    # ------------------------------------------------------------ O_DIRECT path
+
+    def _direct_job(self, chunk: AlignedChunk, dst: torch.Tensor, memory: memoryview) -> Callable[[], None]:
+        return lambda: self._read_direct(chunk, dst, memory)
+
+    def _read_direct(self, chunk: AlignedChunk, dst: torch.Tensor, memory: memoryview) -> None:
+        """Worker thread: one aligned read, in place or through this thread's bounce buffer."""
+        file = self._file(chunk.path)
+        if not file.direct:  # the file system refused O_DIRECT: read just the wanted bytes
+            wanted = _Chunk(chunk.path, chunk.file_offset + chunk.skip, chunk.buffer_offset, chunk.wanted)
+            self._read_fully(wanted, memory[wanted.buffer_offset : wanted.buffer_offset + wanted.nbytes])
+            return
+        end = chunk.buffer_offset + chunk.wanted
+        bounce = None if chunk.in_place else self._bounce.get(chunk.nbytes)  # [nbytes]
+        target = memory[chunk.buffer_offset : end] if bounce is None else _writable_view(bounce)
+        self._busy(+1)
+        try:
+            self._read_aligned(file.fd, chunk, target)
+        finally:
+            self._busy(-1)
+        if bounce is not None:
+            dst[chunk.buffer_offset : end].copy_(bounce[chunk.skip : chunk.skip + chunk.wanted])
+        self._drop(file.fd, chunk.file_offset, chunk.nbytes)
+        self._count(chunk.wanted)
+
+    def _read_aligned(self, fd: int, chunk: AlignedChunk, view: memoryview) -> None:
+        """Read until the wanted bytes are in ``view``; past the end of file only a short read is legal."""
+        needed, done = chunk.skip + chunk.wanted, 0
+        while done < needed:
+            offset = chunk.file_offset + done
+            if done % DIRECT_ALIGN_BYTES:  # O_DIRECT reads stop short only at the end of the file
+                raise _short_read(chunk.path, offset, needed - done)
+            done += self._pread(fd, chunk.path, offset, view[done : chunk.nbytes], needed - done)
+
+    # ------------------------------------------------------------ shared
+
+    def _pread(self, fd: int, path: Path, offset: int, view: memoryview, missing: int) -> int:
+        """One :meth:`_read_chunk`, its errors translated; a read of 0 bytes means the file is short."""
+        try:
+            count = self._read_chunk(fd, offset, view)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise TierError(f"cannot read {path} at offset {offset}: {reason}") from exc
+        if count == 0:
+            raise _short_read(path, offset, missing)
+        return count
+
+    def _drop(self, fd: int, file_offset: int, nbytes: int) -> None:
+        """Drop ``[file_offset, +nbytes)`` widened to whole pages from the page cache (if ``drop_cache``)."""
+        if not self.drop_cache:
+            return
+        start, end = align_down(file_offset, PAGE_BYTES), align_up(file_offset + nbytes, PAGE_BYTES)
+        _advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def _sweep(self, pieces: Sequence[TensorPiece]) -> None:
+        """Worker thread: drop the pieces' ranges, widened to whole folios and past any read-ahead."""
+        files = {piece.path: self._file(piece.path) for piece in pieces}
+        tails = {path: 0 if file.direct else readahead_bytes(path) for path, file in files.items()}
+        for path, start, end in folio_ranges(pieces, tails):
+            _advise(files[path].fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def _count(self, nbytes: int) -> None:
         with self._lock:
-            self.bytes_read += chunk.nbytes
+            self.bytes_read += nbytes
 
     def _busy(self, delta: int) -> None:
         """Count reads in flight; the clock runs while there is at least one."""
@@ -117,43 +268,76 @@ class DiskDriver(TierDriver):
             if self._reads_in_flight == 0:
                 self.busy_s += now - self._busy_since
 
-    def _read_all(self, fd: int, chunk: _Chunk, view: memoryview) -> None:
-        done = 0
-        while done < chunk.nbytes:
-            offset = chunk.file_offset + done
-            try:
-                count = self._read_chunk(fd, offset, view[done:])
-            except OSError as exc:
-                reason = exc.strerror or exc
-                raise TierError(f"cannot read {chunk.path} at offset {offset}: {reason}") from exc
-            if count == 0:
-                raise TierError(
-                    f"short read of {chunk.path} at offset {offset}: {format_size(chunk.nbytes - done)} "
-                    "missing; the file may be truncated, re-download the checkpoint"
-                )
-            done += count
-
     def _fd(self, path: Path) -> int:
         """Worker thread: the cached read-only descriptor of ``path``, opened on first use."""
+        return self._file(path).fd
+
+    def _file(self, path: Path) -> _OpenFile:
+        """Worker thread: the cached descriptor of ``path`` (O_DIRECT where asked and allowed)."""
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as exc:
-                    reason = exc.strerror or exc
-                    raise TierError(f"cannot open {path}: {reason}; check the checkpoint path") from exc
-                self._fds[path] = fd
-            return fd
+            file = self._files.get(path)
+            if file is None:
+                file = _OpenFile(*open_for_reading(path, self.direct))
+                self._files[path] = file
+            return file
 
     def _release(self) -> None:
         with self._lock:
-            for path, fd in self._fds.items():
+            for path, file in self._files.items():
                 try:
-                    os.close(fd)
+                    os.close(file.fd)
                 except OSError as exc:
                     logger.warning("closing %s failed: %s", path, exc)
-            self._fds.clear()
+            self._files.clear()
+        self._bounce.clear()
+
+
+def _check_options(queue_depth: int, chunk_bytes: int, direct: bool) -> None:
+    if queue_depth < 1:
+        raise ConfigError(f"disk queue_depth must be at least 1, got {queue_depth}")
+    if chunk_bytes < 1:
+        raise ConfigError(f"disk chunk_bytes must be at least 1 byte, got {chunk_bytes}")
+    if direct and chunk_bytes % DIRECT_ALIGN_BYTES:
+        raise ConfigError(
+            f"direct disk reads need chunk_bytes a multiple of {DIRECT_ALIGN_BYTES}, got {chunk_bytes}"
+        )
+    if direct and not O_DIRECT:
+        raise ConfigError("direct disk reads need O_DIRECT, which this platform lacks; use buffered reads")
+
+
+def _then(jobs: Sequence[Callable[[], None]], final: Callable[[], None]) -> list[Callable[[], None]]:
+    """``jobs`` wrapped so that whichever finishes last (all of them succeeding) then runs ``final``."""
+    remaining = len(jobs)
+    lock = threading.Lock()
+
+    def wrap(job: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            nonlocal remaining
+            job()
+            with lock:
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                final()
+
+        return run
+
+    return [wrap(job) for job in jobs]
+
+
+def _advise(fd: int, offset: int, nbytes: int, advice: int) -> None:
+    """``posix_fadvise``, best effort: advice a file system refuses costs memory, not correctness."""
+    try:
+        os.posix_fadvise(fd, offset, nbytes, advice)
+    except OSError as exc:
+        logger.warning("page-cache advice %d refused (%s): read pages may stay cached", advice, exc.strerror)
+
+
+def _short_read(path: Path, offset: int, missing: int) -> TierError:
+    return TierError(
+        f"short read of {path} at offset {offset}: {format_size(missing)} missing; "
+        "the file may be truncated, re-download the checkpoint"
+    )
 
 
 def _writable_view(dst: torch.Tensor) -> memoryview:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from klotski_tier.core.block_source import BlockSource
 from klotski_tier.core.blocks import attn_block, expert_block
 from klotski_tier.core.errors import BudgetError, TierError
 from klotski_tier.core.layouts import ModelFiles, load_model_files
@@ -51,7 +52,7 @@ async def residency(
     async with disk, HostDriver() as host, DeviceDriver("cpu") as device:
         res = Residency(
             files.layouts,
-            disk=disk,
+            source=BlockSource(files.layouts, disk),
             host=host,
             device=device,
             host_ledger=TierLedger(HOST, UNLIMITED, LRUEviction(), TierStats(HOST, UNLIMITED)),

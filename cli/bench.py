@@ -1,0 +1,234 @@
+"""``klotski-tier bench``: measure this machine's drive, zstd, copies and compute; write its profile.
+
+Progress goes to stderr; the tables (or, with ``--json``, the profile) to stdout. The machine
+profile (schema in :mod:`klotski_tier.core.profile`) is written to ``--profile`` every time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import click
+
+from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.files import check_writable
+from klotski_tier.core.bench import BenchSettings, run_bench
+from klotski_tier.core.demo import default_cache_dir
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile, ReadResult
+from klotski_tier.core.sizes import format_size, parse_size
+
+MS_PER_S = 1000.0
+
+
+@click.command("bench")
+@click.option(
+    "--path",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A directory on the drive to measure (default: the cache directory).",
+)
+@click.option("--file-size", help="Size of the test file (default 1GiB; 256MiB with --quick).")
+@click.option(
+    "--quick", is_flag=True, help="Fewer block sizes, queue depths and token counts: under a minute."
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    help="Model directory whose layer-0 attention and expert are timed (default: the demo's shape).",
+)
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Where to write the machine profile (default: <cache>/{PROFILE_FILE_NAME}).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of the tables.")
+@click.option("--keep-file", is_flag=True, help="Keep the test file afterwards.")
+@click.option("--zstd-level", type=click.IntRange(1, 22), default=3, show_default=True)
+@click.option("--block-sizes", hidden=True, help="Comma-separated block sizes, e.g. 1MiB,16MiB.")
+@click.option("--queue-depths", hidden=True, help="Comma-separated queue depths, e.g. 1,4.")
+@click.option("--tokens", hidden=True, help="Comma-separated token counts, e.g. 1,32.")
+@click.option("--rounds", type=click.IntRange(min=1), hidden=True, help="Samples of each read figure.")
+@click.option("--sample-size", hidden=True, help="Bytes compressed by zstd and copied to the device.")
+@report_errors
+def bench(
+    directory: Path | None,
+    quick: bool,
+    profile_path: Path | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Measure the drive, zstd, host-to-device copies and compute; write the machine profile."""
+    if profile_path is None:
+        profile_path = default_cache_dir() / PROFILE_FILE_NAME
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(profile_path, "--profile")
+    settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)
+    with _Status() as status:
+        profile = run_bench(settings, status)
+    profile.save(profile_path)
+    if as_json:
+        click.echo(profile.dumps(), nl=False)
+        return
+    click.echo(format_profile(profile))
+    click.echo(f"\nmachine profile written to {profile_path}")
+
+
+def _settings(directory: Path, quick: bool, options: dict[str, Any]) -> BenchSettings:
+    """The quick or full settings, with the options the user gave instead of their defaults."""
+    base = BenchSettings.quick(directory) if quick else BenchSettings(directory)
+    changes: dict[str, Any] = {"zstd_level": options["zstd_level"], "keep_file": options["keep_file"]}
+    if options["model"] is not None:
+        changes["model"] = options["model"]
+    if options["file_size"] is not None:
+        changes["file_bytes"] = parse_size(options["file_size"], what="--file-size")
+    if options["block_sizes"] is not None:
+        changes["block_sizes"] = tuple(
+            parse_size(t, what="--block-sizes") for t in _items(options["block_sizes"])
+        )
+    for option, field in (("queue_depths", "queue_depths"), ("tokens", "token_counts")):
+        if options[option] is not None:
+            changes[field] = _int_items(options[option], "--" + option.replace("_", "-"))
+    if options["rounds"] is not None:
+        changes["read_rounds"] = options["rounds"]
+    if options["sample_size"] is not None:
+        sample = parse_size(options["sample_size"], what="--sample-size")
+        changes.update(zstd_sample_bytes=sample, h2d_bytes=sample)
+    return dataclasses.replace(base, **changes)
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _int_items(text: str, option: str) -> tuple[int, ...]:
+    items = _items(text)
+    if not items or not all(item.isdigit() for item in items):
+        raise ConfigError(f"{option} {text!r} is not a list of whole numbers; write e.g. 1,4")
+    return tuple(int(item) for item in items)
+
+
+class _Status:
+    """``status(message)``: one line on stderr, redrawn in place on a terminal, else one per message."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._shown = False
+
+    def __call__(self, message: str) -> None:
+        if self._tty:
+            click.echo(f"\r{message}\033[K", nl=False, err=True)
+            self._shown = True
+        else:
+            click.echo(message, err=True)
+
+    def __enter__(self) -> _Status:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._shown:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+def format_profile(profile: MachineProfile) -> str:
+    """The profile as plain-text tables: drive reads, best configuration, zstd, copies, compute."""
+    return "\n\n".join((_drive(profile), _zstd(profile), _h2d(profile), _compute(profile)))
+
+
+def _drive(profile: MachineProfile) -> str:
+    drive = profile.drive
+    rows = [_read_row(read, _warm_of(profile.reads, read)) for read in profile.reads if read.cache == "cold"]
+    header = (
+        f"Drive of {drive.path}: test file {format_size(drive.file_bytes)}, "
+        f"each figure the median of {drive.rounds} rounds\n"
+        f"raw O_DIRECT sequential read: {drive.raw_gbps:.2f} GB/s (100%)\n\n"
+        "Engine reads (DiskDriver.read_into, one block per read)\n"
+    )
+    table = _table(["mode", "block", "queue", "cold GB/s", "cold", "warm GB/s", "warm"], rows)
+    return header + table + "\n\n" + best_line(profile)
+
+
+def best_line(profile: MachineProfile) -> str:
+    best = profile.drive.best
+    return (
+        f"best: {best.mode} reads, {format_size(best.block_bytes)} blocks, queue depth {best.queue_depth}: "
+        f"{best.gbps:.2f} GB/s cold = {best.fraction:.0%} of the raw drive"
+    )
+
+
+def _warm_of(reads: Sequence[ReadResult], cold: ReadResult) -> ReadResult | None:
+    key = (cold.mode, cold.block_bytes, cold.queue_depth)
+    return next(
+        (r for r in reads if r.cache == "warm" and (r.mode, r.block_bytes, r.queue_depth) == key), None
+    )
+
+
+def _read_row(cold: ReadResult, warm: ReadResult | None) -> list[str]:
+    warm_cells = _gbps(warm) if warm is not None else ["-", "-"]
+    return [cold.mode, format_size(cold.block_bytes), str(cold.queue_depth), *_gbps(cold), *warm_cells]
+
+
+def _gbps(read: ReadResult) -> list[str]:
+    return [f"{read.gbps:.2f}", f"{read.fraction:.0%}"]
+
+
+def _zstd(profile: MachineProfile) -> str:
+    z, raw = profile.zstd, profile.drive.raw_gbps
+    rows = [
+        _zstd_row("plain", z.ratio, z.decompress_gbps, z.effective_gbps, raw),
+        _zstd_row("shuffled", z.shuffled_ratio, z.shuffled_decompress_gbps, z.shuffled_effective_gbps, raw),
+    ]
+    header = (
+        f"zstd level {z.level} on {z.sample} ({format_size(z.sample_bytes)} in frames of "
+        f"{format_size(z.frame_bytes)}); effective read = best read x ratio, "
+        f"at most decompression x {z.threads} threads\n"
+    )
+    return header + _table(["", "ratio", "decompress GB/s/thread", "effective GB/s", "of raw"], rows)
+
+
+def _zstd_row(name: str, ratio: float, speed: float, effective: float, raw: float) -> list[str]:
+    return [name, f"{ratio:.3f}", f"{speed:.2f}", f"{effective:.2f}", f"{effective / raw:.0%}"]
+
+
+def _h2d(profile: MachineProfile) -> str:
+    h2d = profile.h2d
+    if h2d is None:
+        return "Host to device: skipped (no CUDA device)"
+    return (
+        f"Host to device ({h2d.device}, {format_size(h2d.copy_bytes)} copies): "
+        f"pinned {h2d.pinned_gbps:.2f} GB/s, pageable {h2d.pageable_gbps:.2f} GB/s"
+    )
+
+
+def _compute(profile: MachineProfile) -> str:
+    c = profile.compute
+    rows = [
+        [str(tokens), f"{c.expert_s[tokens] * MS_PER_S:.3f}", f"{c.attention_s[tokens] * MS_PER_S:.3f}"]
+        for tokens in sorted(c.expert_s)
+    ]
+    header = (
+        f"Compute on {c.device}: {c.model} ({c.dtype}); one expert over the tokens, one attention layer "
+        f"decoding one token per sequence over {c.context_tokens} cached keys\n"
+    )
+    return header + _table(["tokens", "expert ms", "attention ms"], rows)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+    lines = (
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in (headers, *rows)
+    )
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,99 @@
+"""``klotski-tier bench`` on tiny settings: the tables, the best-configuration line, the profile
+file, ``--json``, ``--keep-file``, and one-line errors for paths and options it cannot use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from klotski_tier.cli.bench import bench
+from klotski_tier.core.bench import TEST_FILE_NAME
+from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile
+
+TINY = [
+    "--quick",
+    "--file-size",
+    "8MiB",
+    "--block-sizes",
+    "2MiB",
+    "--queue-depths",
+    "2",
+    "--tokens",
+    "1,4",
+    "--rounds",
+    "1",
+    "--sample-size",
+    "1MiB",
+]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(cache))
+    return cache
+
+
+def run_bench(*args: str) -> Result:
+    return CliRunner().invoke(bench, [*TINY, *args])
+
+
+def fails(result: Result, phrase: str) -> None:
+    assert result.exit_code == 1, f"stderr: {result.stderr!r}; exception: {result.exception!r}"
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: ") and phrase in lines[-1], result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_bench_prints_the_tables_and_writes_the_profile(tmp_path: Path) -> None:
+    profile_path = tmp_path / "profile.json"
+    result = run_bench("--path", str(tmp_path), "--profile", str(profile_path))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for phrase in ("raw O_DIRECT sequential read", "Engine reads", "best: ", "zstd level 3", "Compute on"):
+        assert phrase in out
+    assert out.count("\ndirect ") == 1 and out.count("\nbuffered ") == 1  # one row per configuration
+    profile = MachineProfile.load(profile_path)
+    best = profile.drive.best
+    assert f"{best.gbps:.2f} GB/s cold = {best.fraction:.0%} of the raw drive" in out
+    assert str(profile_path) in out
+    assert "reads, round 1/1: direct, 2.00 MiB x 2" in result.stderr  # progress on stderr
+    assert not (tmp_path / TEST_FILE_NAME).exists()
+
+
+def test_json_prints_the_profile_and_defaults_go_to_the_cache(tmp_path: Path, own_cache: Path) -> None:
+    result = run_bench("--json", "--keep-file")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    saved = own_cache / PROFILE_FILE_NAME
+    assert printed == json.loads(saved.read_text())
+    assert printed["drive"]["path"] == str(own_cache)
+    assert (own_cache / TEST_FILE_NAME).stat().st_size == 8 * 1024 * 1024
+
+
+def test_an_unwritable_path_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    fails(run_bench("--path", str(blocker / "sub"), "--profile", str(tmp_path / "p.json")), "--path")
+
+
+def test_an_unwritable_profile_is_refused_before_any_work(tmp_path: Path) -> None:
+    result = run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "missing" / "p.json"))
+    fails(result, "--profile")
+    assert not (tmp_path / TEST_FILE_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["--queue-depths", "two"], "--queue-depths"),
+        (["--file-size", "lots"], "--file-size"),
+        (["--block-sizes", "1000"], "multiples of 4096"),
+        (["--model", "no-such-dir"], "no-such-dir"),
+    ],
+)
+def test_bad_options_are_one_line(tmp_path: Path, args: list[str], phrase: str) -> None:
+    fails(run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "p.json"), *args), phrase)
