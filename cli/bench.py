@@ -18,6 +18,7 @@ import click
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import check_writable
 from klotski_tier.core.bench import BenchSettings, run_bench
+from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.demo import default_cache_dir
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile, ReadResult
@@ -50,7 +51,13 @@ MS_PER_S = 1000.0
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of the tables.")
 @click.option("--keep-file", is_flag=True, help="Keep the test file afterwards.")
-@click.option("--zstd-level", type=click.IntRange(1, 22), default=3, show_default=True)
+@click.option(
+    "--zstd-level",
+    type=click.IntRange(ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL),
+    default=ZSTD_DEFAULT_LEVEL,
+    show_default=True,
+    help="Level of the zstd measurement (as `pack --compress zstd:LEVEL`).",
+)
 @click.option("--block-sizes", hidden=True, help="Comma-separated block sizes, e.g. 1MiB,16MiB.")
 @click.option("--queue-depths", hidden=True, help="Comma-separated queue depths, e.g. 1,4.")
 @click.option("--tokens", hidden=True, help="Comma-separated token counts, e.g. 1,32.")

@@ -6,7 +6,7 @@ The drive is measured with a test file written into the directory under test:
 
 - raw: one O_DIRECT ``preadv`` of the whole file into one page-aligned buffer, page cache
   evicted first: the hardware reference (100%);
-- engine: the file read block by block as the engine reads blocks: one :class:`TensorPiece` per
+- engine: the file (its first ``PASS_BLOCKS`` blocks) read as the engine reads blocks: one piece per
   block through :meth:`DiskDriver.read_into` into a host-tier buffer, ``queue_depth`` blocks in
   flight on a driver of ``queue_depth`` threads; O_DIRECT, and buffered (pages dropped after
   each read, the driver's default); cold (evicted first), then warm (the same reads again).
@@ -23,8 +23,8 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zstandard
 
 from klotski_tier.core import demo, ops
 from klotski_tier.core.blocks import (
@@ -45,6 +44,7 @@ from klotski_tier.core.blocks import (
     attn_block,
     expert_block,
 )
+from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL, Bytes, Codec, CodecName, decode, encode
 from klotski_tier.core.errors import ConfigError, TierError
 from klotski_tier.core.layouts import load_model_files
 from klotski_tier.core.pagecache import evict
@@ -76,10 +76,10 @@ TEST_FILE_NAME = "klotski-tier-bench.bin"
 WRITE_CHUNK_BYTES = 16 * MIB  # the test file is written in chunks of random bytes
 RAW_READ_MAX_BYTES = 1 * GIB  # largest single read of the raw measurement (Linux caps one at ~2 GiB)
 READ_MODES: tuple[ReadMode, ...] = ("direct", "buffered")
+PASS_BLOCKS = 256  # blocks one engine pass reads at most: a steady rate, and a full sweep in minutes
 RAW_EVERY = 4  # a raw read before every 4th engine configuration of a round (see measure_reads)
 ReadConfig = tuple[ReadMode, int, int]  # mode, block_bytes, queue_depth
-ZSTD_FRAME_BYTES = 4 * MIB  # compressed independently, like one block of a packed store
-ZSTD_PASSES = 3  # decompression passes over the sample; the fastest counts
+ZSTD_PASSES = 3  # decoding passes over the sample; the fastest counts
 H2D_REPEATS = 3  # timed copies after one warm-up copy; the fastest counts
 CONTEXT_TOKENS = 256  # cached keys each attention query attends to
 COMPUTE_WARMUP_RUNS = 2  # untimed calls first: kernel selection, allocator, caches
@@ -97,7 +97,7 @@ class BenchSettings:
     block_sizes: tuple[int, ...] = (256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
     queue_depths: tuple[int, ...] = (1, 2, 4, 8)
     token_counts: tuple[int, ...] = (1, 8, 32, 128)
-    zstd_level: int = 3
+    zstd_level: int = ZSTD_DEFAULT_LEVEL  # as `klotski-tier pack --compress zstd`
     zstd_sample_bytes: int = 64 * MIB
     h2d_bytes: int = 256 * MIB
     model: Path | None = None
@@ -151,7 +151,7 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
     progress("compute")
     compute = compute_bench(settings.model, settings.token_counts)
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    return MachineProfile(PROFILE_VERSION, created, host_info(), drive, reads, zstd, h2d, compute)
+    return MachineProfile(PROFILE_VERSION, created, HostInfo.current(), drive, reads, zstd, h2d, compute)
 
 
 # --- drive ----------------------------------------------------------------------------------
@@ -242,17 +242,20 @@ def measure_reads(
 
 
 def engine_gbps(path: Path, mode: ReadMode, block_bytes: int, queue_depth: int, passes: int) -> list[float]:
-    """GB/s of ``passes`` consecutive passes of engine reads over ``path``, the page cache evicted first."""
+    """GB/s of ``passes`` consecutive passes of engine reads over ``path``, the page cache evicted first.
+
+    A pass reads the file from its start, at most ``PASS_BLOCKS`` blocks.
+    """
+    nbytes = min(path.stat().st_size, PASS_BLOCKS * block_bytes)
     evict(path)
-    seconds = asyncio.run(_engine_passes(path, mode, block_bytes, queue_depth, passes))
-    return [path.stat().st_size / s / GB for s in seconds]
+    seconds = asyncio.run(_engine_passes(path, nbytes, mode, block_bytes, queue_depth, passes))
+    return [nbytes / s / GB for s in seconds]
 
 
 async def _engine_passes(
-    path: Path, mode: ReadMode, block_bytes: int, queue_depth: int, passes: int
+    path: Path, size: int, mode: ReadMode, block_bytes: int, queue_depth: int, passes: int
 ) -> list[float]:
-    """Seconds of each pass over ``path``, ``queue_depth`` block reads in flight."""
-    size = path.stat().st_size
+    """Seconds of each pass over the first ``size`` bytes of ``path``, ``queue_depth`` reads in flight."""
     async with (
         HostDriver() as host,
         DiskDriver(queue_depth=queue_depth, direct=mode == "direct") as disk,  # drops what it read
@@ -284,36 +287,26 @@ def best_read(reads: tuple[ReadResult, ...]) -> ReadResult:
 
 @dataclass(frozen=True)
 class WeightSample:
-    """Bytes to compress: ``source`` says which; ``itemsize`` is the width the shuffle splits."""
+    """Weights to compress in frames of ``frame_bytes`` (one expert block each, as a packed store)."""
 
     source: str
-    data: np.ndarray  # [n] uint8
-    itemsize: int
+    data: Bytes  # [n] uint8
+    frame_bytes: int
+    item_bytes: int  # element size of the weights (the shuffle filter applies to 2)
+
+    def frames(self) -> list[Bytes]:
+        return [self.data[i : i + self.frame_bytes] for i in range(0, self.data.nbytes, self.frame_bytes)]
 
 
 def zstd_bench(level: int, sample_bytes: int, model: Path | None, drive_gbps: float) -> ZstdProfile:
-    """Ratio and per-thread decompression of weights, plain and byte-shuffled, and what reads gain."""
+    """Ratio and one thread's decoding speed with the packed store's codec, plain and shuffled."""
     sample = weight_sample(sample_bytes, model)
-    plain = _compress_frames(sample.data, level, None)
-    shuffled = _compress_frames(sample.data, level, sample.itemsize)
     threads = os.cpu_count() or 1
-    ratio = sample.data.nbytes / sum(map(len, plain))
-    shuffled_ratio = sample.data.nbytes / sum(map(len, shuffled))
-    speed = _decompress_gbps(plain, None)
-    shuffled_speed = _decompress_gbps(shuffled, sample.itemsize)
-    return ZstdProfile(
-        level,
-        sample.source,
-        sample.data.nbytes,
-        ZSTD_FRAME_BYTES,
-        threads,
-        ratio,
-        shuffled_ratio,
-        speed,
-        shuffled_speed,
-        min(drive_gbps * ratio, speed * threads),
-        min(drive_gbps * shuffled_ratio, shuffled_speed * threads),
-    )
+    figures = [_codec_figures(sample, Codec(CodecName.ZSTD, level, shuffle)) for shuffle in (False, True)]
+    ratios, speeds = zip(*figures, strict=True)  # (plain, shuffled) each
+    effective = (min(drive_gbps * ratio, speed * threads) for ratio, speed in figures)
+    head = (level, sample.source, sample.data.nbytes, sample.frame_bytes, threads)
+    return ZstdProfile(*head, *ratios, *speeds, *effective)
 
 
 def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
@@ -322,22 +315,22 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
     if directory is None:
         generator = torch.Generator().manual_seed(SAMPLE_SEED)
         values = torch.randn(nbytes // 2, generator=generator).mul_(RANDOM_WEIGHT_STD)  # [n/2] float32
-        return WeightSample("random bf16", values.to(torch.bfloat16).view(torch.uint8).numpy(), 2)
+        data = values.to(torch.bfloat16).view(torch.uint8).numpy()  # [n]
+        return WeightSample("random bf16", data, min(demo.DEMO_SHAPE.expert_bytes, nbytes), 2)
     files = load_model_files(directory)
-    chosen: list[BlockLayout] = []
-    for block, layout in files.layouts.items():
-        if block.kind is BlockKind.EXPERT and sum(chosen_layout.nbytes for chosen_layout in chosen) < nbytes:
-            chosen.append(layout)
+    experts = [layout for block, layout in files.layouts.items() if block.kind is BlockKind.EXPERT]
+    chosen = experts[: -(-nbytes // experts[0].nbytes)]  # enough blocks for nbytes
     buffers = asyncio.run(_read_blocks(chosen))
     views = [
         t.reshape(-1).view(torch.uint8)
         for lay, buf in zip(chosen, buffers, strict=True)
         for t in lay.tensors(buf).values()
     ]
-    itemsize = files.spec.dtype.itemsize
-    data = torch.cat(views).numpy()  # [n] uint8: the views' bytes, no padding
-    data = data[: min(nbytes, len(data)) // itemsize * itemsize]
-    return WeightSample(f"expert weights of {'the demo' if model is None else directory}", data, itemsize)
+    item_bytes = files.spec.dtype.itemsize
+    data = torch.cat(views).numpy()[:nbytes]  # [n] uint8: the weights' bytes, not the buffers' padding
+    data = data[: data.nbytes // item_bytes * item_bytes]
+    source = f"expert weights of {'the demo' if model is None else directory}"
+    return WeightSample(source, data, min(experts[0].nbytes, data.nbytes), item_bytes)
 
 
 def _built_demo() -> Path | None:
@@ -345,39 +338,18 @@ def _built_demo() -> Path | None:
     return directory if (directory / "config.json").is_file() else None
 
 
-def shuffle_bytes(data: np.ndarray, itemsize: int) -> np.ndarray:
-    """Byte planes of ``data`` [n] uint8: byte 0 of every element, then byte 1, ... [n]."""
-    return np.ascontiguousarray(data.reshape(-1, itemsize).T).reshape(-1)
-
-
-def unshuffle_into(planes: bytes, itemsize: int, out: np.ndarray) -> None:
-    """The inverse of :func:`shuffle_bytes`, written into ``out`` [n] uint8."""
-    out.reshape(-1, itemsize)[...] = np.frombuffer(planes, dtype=np.uint8).reshape(itemsize, -1).T
-
-
-def _compress_frames(data: np.ndarray, level: int, itemsize: int | None) -> list[bytes]:
-    """``data`` in frames of ``ZSTD_FRAME_BYTES``, each compressed alone (byte-shuffled if ``itemsize``)."""
-    compressor = zstandard.ZstdCompressor(level=level)
-    frames = (data[start : start + ZSTD_FRAME_BYTES] for start in range(0, len(data), ZSTD_FRAME_BYTES))
-    return [compressor.compress(shuffle_bytes(f, itemsize) if itemsize else f) for f in frames]
-
-
-def _decompress_gbps(frames: list[bytes], itemsize: int | None) -> float:
-    """Output GB/s of one thread decompressing every frame into a block buffer (unshuffling if asked)."""
-    decompressor = zstandard.ZstdDecompressor()
-    out = np.zeros(ZSTD_FRAME_BYTES, dtype=np.uint8)  # [frame] the destination block buffer
+def _codec_figures(sample: WeightSample, codec: Codec) -> tuple[float, float]:
+    """Compression ratio of ``sample`` and one thread's decoding GB/s into a block buffer."""
+    frames = [encode(frame, codec, sample.item_bytes) for frame in sample.frames()]
+    out = np.zeros(sample.frame_bytes, dtype=np.uint8)  # [frame] the block buffer decoded into
     fastest = float("inf")
     for _ in range(ZSTD_PASSES):
-        total, start = 0, time.perf_counter()
-        for frame in frames:
-            raw = decompressor.decompress(frame)
-            if itemsize:
-                unshuffle_into(raw, itemsize, out[: len(raw)])
-            else:
-                out[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-            total += len(raw)
+        start = time.perf_counter()
+        for frame, raw in zip(frames, sample.frames(), strict=True):
+            decode(frame.data, frame.codec, frame.shuffle, out[: raw.nbytes])
         fastest = min(fastest, time.perf_counter() - start)
-    return total / fastest / GB
+    ratio = sample.data.nbytes / sum(frame.data.nbytes for frame in frames)
+    return ratio, sample.data.nbytes / fastest / GB
 
 
 # --- host to device -------------------------------------------------------------------------
@@ -486,7 +458,7 @@ def _demo_weights(device: torch.device) -> tuple[ModelSpec, BlockWeights, BlockW
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
 
     def matrix(rows: int, cols: int) -> torch.Tensor:
-        values = torch.randn(rows, cols, generator=generator) / cols**0.5  # [rows, cols] float32
+        values = torch.randn(rows, cols, generator=generator) / math.sqrt(cols)  # [rows, cols] float32
         return values.to(dtype=spec.dtype, device=device)
 
     hidden, inter = spec.hidden_size, spec.expert_intermediate_size
@@ -528,19 +500,4 @@ def demo_spec() -> ModelSpec:
         eos_token_ids=(demo.EOS_TOKEN_ID,),
         pad_token_id=None,
         bos_token_id=demo.BOS_TOKEN_ID,
-    )
-
-
-def host_info() -> HostInfo:
-    memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return HostInfo(
-        platform.node(),
-        platform.system(),
-        platform.machine(),
-        os.cpu_count() or 1,
-        memory_bytes,
-        platform.python_version(),
-        torch.__version__,
-        cuda,
     )

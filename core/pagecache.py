@@ -7,7 +7,6 @@ benchmarks) and undo it::
     evict(path)                      # fsync, then drop every cached page of the file
     cached_fraction(path)            # 0.0 .. 1.0 of the file's pages are in the page cache
     cached_bytes(path)               # the same in bytes (whole pages, capped at the file size)
-    readahead_bytes(path)            # how far past a read the kernel may read ahead on its drive
 
 The file is mapped (``PROT_READ``, shared, never touched, so nothing is faulted in) window by
 window, and ``mincore`` reports, per page, whether the page cache holds it. Linux answers
@@ -38,11 +37,6 @@ PAGE_BYTES = mmap.PAGESIZE
 WINDOW_BYTES = 1 << 30
 """Mapped and probed at once (1 GiB): bounds the ``mincore`` vector to 256 Ki entries of 1 byte."""
 
-FALLBACK_READAHEAD_BYTES = 16 << 20
-"""Read-ahead assumed where the drive's setting cannot be read: more than any common default."""
-
-_BDI_READAHEAD = "/sys/class/bdi/{major}:{minor}/read_ahead_kb"  # per backing device, in KiB
-_KIB = 1024
 _RESIDENT_BIT = 0x1  # mincore: the low bit of each vector byte says "page is resident"
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -95,29 +89,6 @@ def evict(path: Path) -> None:
         raise TierError(f"cannot evict {path} from the page cache: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
-
-
-def readahead_bytes(path: Path) -> int:
-    """The kernel's read-ahead window for the device holding ``path`` (``read_ahead_kb``), in bytes.
-
-    Buffered reads may cache up to this much past their end; :data:`FALLBACK_READAHEAD_BYTES`
-    where the setting cannot be read (not Linux, no sysfs, a missing file).
-    """
-    try:
-        device = os.stat(path).st_dev
-    except OSError:
-        return FALLBACK_READAHEAD_BYTES
-    return _device_readahead_bytes(os.major(device), os.minor(device))
-
-
-@cache
-def _device_readahead_bytes(major: int, minor: int) -> int:
-    try:
-        text = Path(_BDI_READAHEAD.format(major=major, minor=minor)).read_text()
-        return int(text) * _KIB
-    except (OSError, ValueError):
-        logger.debug("no read-ahead setting for device %d:%d; assuming the fallback", major, minor)
-        return FALLBACK_READAHEAD_BYTES
 
 
 def _resident_pages(fd: int, offset: int, length: int) -> int:

@@ -17,15 +17,16 @@ version :data:`PROFILE_VERSION` (every field required; ``h2d`` is ``null`` witho
     reads[]            one entry per engine read configuration and cache state:
       mode             "buffered" (page cache, dropped after each read) or "direct" (O_DIRECT)
       cache            "cold" (page cache evicted first) or "warm" (the same reads again)
-      block_bytes      bytes per block (one ``read_into`` of one piece)
+      block_bytes      bytes per block (one ``read_into`` of one piece; a pass reads <= 256 blocks)
       queue_depth      blocks in flight (the disk tier's threads)
       gbps, fraction   bandwidth, and as a fraction of raw_gbps
     zstd
-      level, sample    compression level; what was compressed ("model experts", "random bf16")
-      sample_bytes     bytes compressed, in frames of frame_bytes
+      level, sample    zstd level; what was compressed ("expert weights of ...", "random bf16")
+      sample_bytes     bytes compressed with the packed store's codec, in frames of frame_bytes
+                       (one expert block each; a demo expert's size for the random sample)
       threads          decompression threads assumed for effective bandwidths (CPU count)
       ratio            original / compressed bytes, without and with (shuffled_ratio) byte shuffle
-      decompress_gbps  decompressed output per thread (shuffled: including the unshuffle)
+      decompress_gbps  decoded output per thread, into a block buffer (shuffled: unshuffle included)
       effective_gbps   read bandwidth of compressed blocks: min(best read gbps x ratio,
                        decompress_gbps x threads); shuffled_* the same with shuffle
     h2d                host-to-device copies: device, copy_bytes, pinned_gbps, pageable_gbps
@@ -39,11 +40,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import platform
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+import torch
 
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError
@@ -69,6 +74,15 @@ class HostInfo:
     python: str
     torch: str
     cuda_device: str | None
+
+    @classmethod
+    def current(cls) -> HostInfo:
+        """This machine."""
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        node, system, machine = platform.node(), platform.system(), platform.machine()
+        cpus, python = os.cpu_count() or 1, platform.python_version()
+        return cls(node, system, machine, cpus, memory_bytes, python, torch.__version__, cuda)
 
 
 @dataclass(frozen=True)
@@ -160,11 +174,13 @@ class MachineProfile:
                 "run `klotski-tier bench` to measure again"
             )
         try:
-            return _convert(cls, data, "")
+            profile = _convert(cls, data, "")
         except _FieldError as exc:
             raise ConfigError(
                 f"{source}: {exc}; fix the file or run `klotski-tier bench` to write a new one"
             ) from exc
+        assert isinstance(profile, cls)
+        return profile
 
     @classmethod
     def load(cls, path: Path) -> MachineProfile:

@@ -13,14 +13,19 @@ most ``chunk_bytes``:
 
 Page cache is memory. With ``drop_cache`` (the default) the driver keeps none of what it read,
 on both paths (an O_DIRECT read does not cache, but neither does it drop pages cached earlier,
-by packing the store, say): each chunk's pages are dropped once read (``POSIX_FADV_DONTNEED``
-widened to whole pages), and once a ``read_into`` has finished, each piece's range is dropped
-again, widened to whole folios (pages cached by a write or by other readers sit in folios of up
-to :data:`FOLIO_BYTES`, dropped only when covered whole) and, on buffered descriptors, extended
-by the drive's read-ahead window (the kernel reads ahead past the last chunk). Kernel read-ahead
-stays on: buffered reads without it are about half as fast. The sweep may drop the model's pages
-that another ``read_into`` read ahead meanwhile; that read then fetches them again. Check the
-result with :func:`klotski_tier.core.pagecache.cached_fraction`.
+by packing the store, say):
+
+- kernel read-ahead is off on its descriptors (``POSIX_FADV_RANDOM``): read-ahead runs up to two
+  windows (``read_ahead_kb``, 8 MiB here) past every read and is still in flight when the read
+  returns, so those pages could be dropped by no one. Every read is explicit and large, and the
+  driver keeps ``queue_depth`` of them in flight itself; give buffered reads a deeper queue (8)
+  to make up for the missing read-ahead;
+- each chunk's pages are dropped once read (``POSIX_FADV_DONTNEED`` widened to whole pages);
+- once a ``read_into`` has finished, each piece's range is dropped again, widened to whole
+  folios: pages cached by others (a write, a plain read) sit in folios of up to
+  :data:`FOLIO_BYTES`, which are dropped only when covered whole.
+
+Check it with :func:`klotski_tier.core.pagecache.cached_fraction`.
 
 File descriptors are opened once per path, in a worker thread, and closed in ``aclose``. See
 :mod:`klotski_tier.tiers.base` for the threading and cancellation rules.
@@ -33,7 +38,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +46,6 @@ import torch
 
 from klotski_tier.core.blocks import TensorPiece, align_up
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.core.pagecache import readahead_bytes
 from klotski_tier.core.sizes import MIB, format_size
 from klotski_tier.tiers.base import TierDriver
 from klotski_tier.tiers.direct import (
@@ -94,19 +98,11 @@ def split_chunks(pieces: Sequence[TensorPiece], chunk_bytes: int) -> Iterator[_C
             yield _Chunk(piece.path, piece.file_offset + start, piece.buffer_offset + start, size)
 
 
-def folio_ranges(
-    pieces: Sequence[TensorPiece], tail_bytes: Mapping[Path, int] | None = None
-) -> list[tuple[Path, int, int]]:
-    """``(path, start, end)`` covering the pieces (each extended by its file's ``tail_bytes``, 0 if
-    not given), widened to :data:`FOLIO_BYTES` and merged where they touch."""
-    tails = tail_bytes or {}
+def folio_ranges(pieces: Sequence[TensorPiece]) -> list[tuple[Path, int, int]]:
+    """``(path, start, end)`` covering the pieces, widened to :data:`FOLIO_BYTES`, merged where they touch."""
     ranges: list[tuple[Path, int, int]] = []
     widened = sorted(
-        (
-            p.path,
-            align_down(p.file_offset, FOLIO_BYTES),
-            align_up(p.file_offset + p.nbytes + tails.get(p.path, 0), FOLIO_BYTES),
-        )
+        (p.path, align_down(p.file_offset, FOLIO_BYTES), align_up(p.file_offset + p.nbytes, FOLIO_BYTES))
         for p in pieces
         if p.nbytes
     )
@@ -248,11 +244,9 @@ class DiskDriver(TierDriver):
         _advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def _sweep(self, pieces: Sequence[TensorPiece]) -> None:
-        """Worker thread: drop the pieces' ranges, widened to whole folios and past any read-ahead."""
-        files = {piece.path: self._file(piece.path) for piece in pieces}
-        tails = {path: 0 if file.direct else readahead_bytes(path) for path, file in files.items()}
-        for path, start, end in folio_ranges(pieces, tails):
-            _advise(files[path].fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        """Worker thread: drop the pieces' ranges widened to whole folios (large folios cached before)."""
+        for path, start, end in folio_ranges(pieces):
+            _advise(self._file(path).fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def _count(self, nbytes: int) -> None:
         with self._lock:
@@ -278,6 +272,8 @@ class DiskDriver(TierDriver):
             file = self._files.get(path)
             if file is None:
                 file = _OpenFile(*open_for_reading(path, self.direct))
+                if self.drop_cache and not file.direct:  # read-ahead caches pages nobody asked for
+                    _advise(file.fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self._files[path] = file
             return file
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner, Result
 
 from klotski_tier.cli.bench import bench
 from klotski_tier.core.bench import TEST_FILE_NAME
+from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL
 from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile
 
 TINY = [
@@ -53,7 +54,13 @@ def test_bench_prints_the_tables_and_writes_the_profile(tmp_path: Path) -> None:
     result = run_bench("--path", str(tmp_path), "--profile", str(profile_path))
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for phrase in ("raw O_DIRECT sequential read", "Engine reads", "best: ", "zstd level 3", "Compute on"):
+    for phrase in (
+        "raw O_DIRECT sequential read",
+        "Engine reads",
+        "best: ",
+        f"zstd level {ZSTD_DEFAULT_LEVEL}",
+        "Compute on",
+    ):
         assert phrase in out
     assert out.count("\ndirect ") == 1 and out.count("\nbuffered ") == 1  # one row per configuration
     profile = MachineProfile.load(profile_path)

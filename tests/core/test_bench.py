@@ -13,7 +13,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -132,19 +131,10 @@ def test_host_to_device_is_measured_only_with_cuda(profile: MachineProfile) -> N
         assert profile.h2d is None
 
 
-def test_shuffle_round_trips() -> None:
-    data = np.arange(64, dtype=np.uint16).view(np.uint8)  # [128]
-    planes = bench.shuffle_bytes(data, 2)
-    assert planes[:4].tolist() == [0, 1, 2, 3] and planes[64:68].tolist() == [0, 0, 0, 0]
-    out = np.zeros_like(data)
-    bench.unshuffle_into(planes.tobytes(), 2, out)
-    assert np.array_equal(out, data)
-
-
 def test_a_model_gives_its_own_experts_and_layer(checkpoint_factory: CheckpointFactory) -> None:
     model = checkpoint_factory("mixtral")
     sample = bench.weight_sample(SAMPLE_BYTES, model)
-    assert str(model) in sample.source and sample.itemsize == 4  # the factory saves float32
+    assert str(model) in sample.source and sample.item_bytes == 4  # the factory saves float32
     assert 0 < sample.data.nbytes <= SAMPLE_BYTES and sample.data.any()
     compute = bench.compute_bench(model, (2,))
     assert compute.model == str(model) and compute.dtype == "float32" and positive(compute.expert_s[2])
