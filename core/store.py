@@ -176,14 +176,16 @@ def pack(
     out = Path(out)
     _check_target(out)
     files = load_model_files(src)
+    checkpoint = files.checkpoint
+    assert checkpoint is not None, "load_model_files opens a checkpoint"
     codec = codec or codecs.Codec()
     temp = out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     _remove_stale_temps(out)
     try:
         temp.mkdir()
         records = _write_blocks(temp / BLOCKS_FILE, files, codec, progress)
-        _copy_metadata(files.checkpoint.directory, temp)
-        _write_json(temp / MANIFEST_FILE, _manifest(files, codec, records))
+        _copy_metadata(checkpoint.directory, temp)
+        _write_json(temp / MANIFEST_FILE, _manifest(files, checkpoint.config, codec, records))
         _fsync_path(temp)
         _commit(temp, out)
     except OSError as exc:
@@ -270,13 +272,15 @@ def _block_record(layout: BlockLayout, offset: int, encoded: codecs.Encoded) -> 
     }
 
 
-def _manifest(files: ModelFiles, codec: codecs.Codec, records: list[dict[str, Any]]) -> dict[str, Any]:
+def _manifest(
+    files: ModelFiles, config: dict[str, Any], codec: codecs.Codec, records: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "format": FORMAT_TAG,
         "version": FORMAT_VERSION,
-        "model_type": files.checkpoint.config.get("model_type"),
+        "model_type": config.get("model_type"),
         "dtype": DTYPE_NAMES[files.spec.dtype],
-        "config": files.checkpoint.config,
+        "config": config,
         "expert_layout": files.expert_layout.value,
         "alignment": STORE_ALIGN_BYTES,
         "codec": str(codec),
