@@ -33,6 +33,7 @@ File descriptors are opened once per path, in a worker thread, and closed in ``a
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -209,8 +210,8 @@ class DiskDriver(TierDriver):
             self._read_aligned(file.fd, chunk, target)
         finally:
             self._busy(-1)
-        if bounce is not None:
-            dst[chunk.buffer_offset : end].copy_(bounce[chunk.skip : chunk.skip + chunk.wanted])
+        if bounce is not None:  # memmove releases the GIL and stays on this thread (torch's copy_ may not)
+            ctypes.memmove(dst.data_ptr() + chunk.buffer_offset, bounce.data_ptr() + chunk.skip, chunk.wanted)
         self._drop(file.fd, chunk.file_offset, chunk.nbytes)
         self._count(chunk.wanted)
 
@@ -261,10 +262,6 @@ class DiskDriver(TierDriver):
             self._reads_in_flight += delta
             if self._reads_in_flight == 0:
                 self.busy_s += now - self._busy_since
-
-    def _fd(self, path: Path) -> int:
-        """Worker thread: the cached read-only descriptor of ``path``, opened on first use."""
-        return self._file(path).fd
 
     def _file(self, path: Path) -> _OpenFile:
         """Worker thread: the cached descriptor of ``path`` (O_DIRECT where asked and allowed)."""

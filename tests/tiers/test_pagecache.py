@@ -34,6 +34,8 @@ CACHED = 0.95  # at least this share counts as "the whole file"
 SCATTERED_PIECES = 24
 PIECE_BYTES = 48 << 10
 CHUNK_BYTES = 1 << 20
+MIDDLE_START = (1 << 20) + 5  # unaligned
+MIDDLE_BYTES = 3 << 20
 FALLBACK_DIR = ".pytest-disk"  # under the working tree, for machines whose /tmp is tmpfs
 
 
@@ -90,6 +92,11 @@ def _read(path: Path, pieces: list[TensorPiece], **options: Any) -> bytes:
 
 def _whole(path: Path) -> list[TensorPiece]:
     return [TensorPiece("all", path, 0, FILE_BYTES, 0)]
+
+
+def _middle(path: Path) -> list[TensorPiece]:
+    """One large piece ending mid-file: kernel read-ahead would run on past its end."""
+    return [TensorPiece("middle", path, MIDDLE_START, MIDDLE_BYTES, 0)]
 
 
 def _scattered(path: Path) -> list[TensorPiece]:
@@ -161,7 +168,7 @@ def test_files_mincore_would_misreport_are_refused(tmp_path: Path, monkeypatch: 
     [{}, {"direct": True}, {"direct": True, "drop_cache": False}],
     ids=["buffered", "direct", "direct-keep"],
 )
-@pytest.mark.parametrize("layout", [_whole, _scattered], ids=["whole", "scattered"])
+@pytest.mark.parametrize("layout", [_whole, _middle, _scattered], ids=["whole", "middle", "scattered"])
 def test_reads_leave_nothing_cached(big_file: Path, options: dict[str, Any], layout: Any) -> None:
     pieces = layout(big_file)
     evict(big_file)
