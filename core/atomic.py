@@ -6,7 +6,9 @@ any failure the temporary file is removed and the target is untouched.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from klotski_tier.core.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -36,3 +40,23 @@ def atomic_open(path: Path, mode: str = "w", *, what: str = "file") -> Iterator[
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(target: Path, mark: str) -> None:
+    """Delete ``.{target.name}{mark}{pid}-...`` directories left by processes that no longer run."""
+    prefix = f".{target.name}{mark}"
+    for candidate in target.parent.glob(f"{prefix}*"):
+        pid_text = candidate.name.removeprefix(prefix).split("-")[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            logger.info("removing the interrupted build %s", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

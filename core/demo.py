@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from klotski_tier.core.atomic import remove_stale_temps
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.sizes import format_size
 
@@ -315,7 +316,7 @@ def build_demo(
     temp = directory.parent / f".{directory.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(directory)
+        remove_stale_temps(directory, _TEMP_MARK)
         temp.mkdir()
         _write_checkpoint(temp, shape, routing, shard_max_bytes, progress)
         _fsync_dir(temp)
@@ -349,25 +350,6 @@ def _is_complete(directory: Path) -> bool:
 def _check_complete(directory: Path) -> None:
     if not _is_complete(directory):
         raise CheckpointError(f"demo model directory {directory} is incomplete; delete it and run again")
-
-
-def _remove_stale_temps(directory: Path) -> None:
-    """Delete temporary builds of ``directory`` left by processes that no longer run."""
-    for candidate in directory.parent.glob(f".{directory.name}{_TEMP_MARK}*"):
-        pid_text = candidate.name.removeprefix(f".{directory.name}{_TEMP_MARK}").split("-")[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            logger.info("removing the interrupted demo build %s", candidate)
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _write_checkpoint(

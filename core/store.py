@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from klotski_tier.core import codec as codecs
+from klotski_tier.core.atomic import remove_stale_temps
 from klotski_tier.core.blocks import BlockId, BlockKind, BlockLayout, TensorPiece, TensorView, align_up
 from klotski_tier.core.checkpoint import SAFETENSORS_DTYPES, read_range
 from klotski_tier.core.errors import CheckpointError, InputError, TierError
@@ -180,7 +181,7 @@ def pack(
     assert checkpoint is not None, "load_model_files opens a checkpoint"
     codec = codec or codecs.Codec()
     temp = out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    _remove_stale_temps(out)
+    remove_stale_temps(out, TEMP_MARK)
     try:
         temp.mkdir()
         records = _write_blocks(temp / BLOCKS_FILE, files, codec, progress)
@@ -331,26 +332,6 @@ def _summary(out: Path, records: list[dict[str, Any]], elapsed_s: float) -> Stor
     raw = sum(record["raw_bytes"] for record in records)
     stored = sum(record["stored_bytes"] for record in records)
     return StoreSummary(out, len(records), compressed, raw, stored, elapsed_s)
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Delete temporary packs of ``out`` left by processes that no longer run."""
-    prefix = f".{out.name}{TEMP_MARK}"
-    for candidate in out.parent.glob(f"{prefix}*"):
-        pid_text = candidate.name.removeprefix(prefix).split("-")[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            logger.info("removing the interrupted pack %s", candidate)
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _fsync_path(path: Path) -> None:
