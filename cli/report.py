@@ -9,8 +9,12 @@ from typing import Any
 
 from klotski_tier.core.engine import GenerationResult, SequenceOutput
 from klotski_tier.core.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
+from klotski_tier.core.profile import MachineProfile
 from klotski_tier.core.runtime import UNLIMITED_BYTES
 from klotski_tier.core.sizes import format_size
+
+DISK_READS_TIER = "host"
+"""The tier whose incoming bytes are the run's disk reads (disk -> host)."""
 
 PREVIEW_CHARS = 200
 """Characters of generated text shown per prompt in the human-readable report."""
@@ -26,11 +30,33 @@ def output_record(index: int, output: SequenceOutput) -> dict[str, Any]:
     }
 
 
-def result_record(result: GenerationResult) -> dict[str, Any]:
-    """The whole result as one JSON-ready object (``--json``)."""
-    return {
+def result_record(result: GenerationResult, profile: MachineProfile | None = None) -> dict[str, Any]:
+    """The whole result as one JSON-ready object (``--json``); ``drive`` only with a machine profile."""
+    record = {
         "outputs": [output_record(i, o) for i, o in enumerate(result.outputs)],
         "metrics": result.metrics.to_dict(),
+    }
+    if profile is not None:
+        record["drive"] = drive_record(result.metrics, profile)
+    return record
+
+
+def drive_record(metrics: RunMetrics, profile: MachineProfile) -> dict[str, Any]:
+    """The run's disk reads against the drive ``klotski-tier bench`` measured.
+
+    ``raw_seconds`` is the least time the drive needs for the bytes read (at its raw O_DIRECT
+    bandwidth); ``raw_share`` is that time over the run's wall: near 1, the drive is the bottleneck.
+    """
+    disk = metrics.tiers.get(DISK_READS_TIER)
+    read = disk.bytes_in if disk is not None else 0
+    raw_s = read / (profile.drive.raw_gbps * 1e9)
+    return {
+        "profile_created": profile.created,
+        "raw_gbps": profile.drive.raw_gbps,
+        "best_read_gbps": profile.drive.best.gbps,
+        "bytes_read": read,
+        "raw_seconds": raw_s,
+        "raw_share": raw_s / metrics.wall_s if metrics.wall_s > 0 else 0.0,
     }
 
 
@@ -45,7 +71,7 @@ def format_outputs(result: GenerationResult) -> list[str]:
     return lines
 
 
-def format_metrics(metrics: RunMetrics) -> list[str]:
+def format_metrics(metrics: RunMetrics, profile: MachineProfile | None = None) -> list[str]:
     rows = [
         (
             "prefill",
@@ -87,6 +113,7 @@ def format_metrics(metrics: RunMetrics) -> list[str]:
                 f"peak {format_size(stats.peak_bytes)} of {budget}; {stats.evictions} evictions",
             )
         )
+    rows.append(("drive", _drive_line(metrics, profile)))
     width = max(len(name) for name, _ in rows)
     return [f"{name:<{width}}  {value}" for name, value in rows] + ["", *format_layers(metrics)]
 
@@ -99,6 +126,17 @@ def format_layers(metrics: RunMetrics) -> list[str]:
             f"{s.layer:>5} {s.activated:>9} {s.hits:>6} {s.predicted:>9} {s.precision:>9.1%} {s.recall:>7.1%}"
         )
     return lines
+
+
+def _drive_line(metrics: RunMetrics, profile: MachineProfile | None) -> str:
+    if profile is None:
+        return "no machine profile: run `klotski-tier bench` to compare the run with the drive"
+    d = drive_record(metrics, profile)
+    return (
+        f"{format_size(d['bytes_read'])} read; at the drive's raw {d['raw_gbps']:.2f} GB/s "
+        f"(bench {profile.created[:10]}) that takes at least {d['raw_seconds']:.2f} s, "
+        f"{d['raw_share']:.0%} of the run's wall"
+    )
 
 
 def _share(part: float, whole: float) -> str:

@@ -17,6 +17,7 @@ from klotski_tier.cli.report import format_metrics, format_outputs, output_recor
 from klotski_tier.core.demo import demo_model_dir, demo_prompts
 from klotski_tier.core.engine import Engine, GenerationResult
 from klotski_tier.core.errors import InputError
+from klotski_tier.core.profile import find_profile
 from klotski_tier.core.sizes import parse_size
 
 DEMO_DEVICE_MEMORY = "128MiB"
@@ -54,6 +55,12 @@ DEMO_DEVICE_MEMORY = "128MiB"
 @click.option(
     "--trace", "trace_file", type=click.Path(path_type=Path), help="Save a Chrome trace of the run (JSON)."
 )
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(path_type=Path),
+    help="Machine profile from `klotski-tier bench` (default: the one bench wrote, if any).",
+)
 @report_errors
 def run(
     model: Path | None,
@@ -67,6 +74,7 @@ def run(
     output: Path | None,
     record_routing: Path | None,
     trace_file: Path | None,
+    profile_path: Path | None,
     **flags: Any,
 ) -> None:
     """Generate with the Klotski pipeline under memory budgets (the demo model without --model)."""
@@ -74,13 +82,14 @@ def run(
         if path is not None:
             check_writable(path, option)
     prompts = gather_prompts(texts, files, id_lists)
+    profile = find_profile(profile_path)
     if model is None:
         model, prompts, demo_defaults = _demo(prompts)
     else:
         demo_defaults = {}
     if not prompts:
         raise InputError("no prompt given; use --prompt, --prompts or --prompt-ids")
-    engine = Engine.load(model, options_from_flags(flags, **demo_defaults))
+    engine = Engine.load(model, options_from_flags(flags, **demo_defaults), profile=profile)
     with StepProgress() as progress:
         result = engine.generate(
             prompts,
@@ -93,9 +102,9 @@ def run(
         )
     _save(result, output, record_routing, trace_file)
     if as_json:
-        click.echo(json.dumps(result_record(result)))
+        click.echo(json.dumps(result_record(result, profile)))
         return
-    for line in [*format_outputs(result), "", *format_metrics(result.metrics)]:
+    for line in [*format_outputs(result), "", *format_metrics(result.metrics, profile)]:
         click.echo(line)
 
 

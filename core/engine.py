@@ -32,6 +32,7 @@ from klotski_tier.core.errors import CheckpointError, ConfigError, InputError
 from klotski_tier.core.layouts import ModelFiles, load_model_files
 from klotski_tier.core.metrics import RunMetrics
 from klotski_tier.core.policy_setup import build_prefetch, save_prefetch_state
+from klotski_tier.core.profile import MachineProfile
 from klotski_tier.core.routing_trace import RoutingTrace
 from klotski_tier.core.runtime import Runtime, check_budgets, check_options, minimum_budgets
 from klotski_tier.core.sequences import GenSequence, new_batch, set_decode_inputs
@@ -68,23 +69,35 @@ class Engine:
     """A loaded checkpoint and the options to run it with."""
 
     def __init__(
-        self, files: ModelFiles, options: EngineOptions, tokenizer: Tokenizer | None, prefetch: PrefetchPolicy
+        self,
+        files: ModelFiles,
+        options: EngineOptions,
+        tokenizer: Tokenizer | None,
+        prefetch: PrefetchPolicy,
+        profile: MachineProfile | None = None,
     ) -> None:
         self.files = files
+        self.profile = profile  # what `klotski-tier bench` measured on this machine, if known
         self.spec = files.spec
         self.options = options
         self.tokenizer = tokenizer
         self.prefetch = prefetch  # lives as long as the engine: it keeps learning across runs
 
     @classmethod
-    def load(cls, model: str | Path, options: EngineOptions | None = None) -> Engine:
-        """Read the checkpoint's config and headers (no weights) and check the budgets' floor."""
+    def load(
+        cls, model: str | Path, options: EngineOptions | None = None, profile: MachineProfile | None = None
+    ) -> Engine:
+        """Read the checkpoint's config and headers (no weights) and check the budgets' floor.
+
+        ``profile`` (from ``klotski-tier bench``) tells the engine what this machine's drive and
+        compute can do.
+        """
         options = options or EngineOptions()
         files = open_model(Path(model))
         tokenizer = _load_tokenizer(Path(model) / "tokenizer.json")
         check_options(files, options)
         check_budgets(files, options, [])
-        return cls(files, options, tokenizer, build_prefetch(options, files.spec))
+        return cls(files, options, tokenizer, build_prefetch(options, files.spec), profile)
 
     def minimum_budgets(
         self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 32

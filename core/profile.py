@@ -263,3 +263,18 @@ def _int_key(key: str, where: str) -> int:
 def _expect(condition: bool, where: str, what: str) -> None:
     if not condition:
         raise _FieldError(f"field {where} must be {what}")
+
+
+def default_profile_path() -> Path:
+    """Where ``klotski-tier bench`` writes the profile unless told otherwise: the user's cache."""
+    from klotski_tier.core.demo import default_cache_dir  # the cache's one definition
+
+    return default_cache_dir() / PROFILE_FILE_NAME
+
+
+def find_profile(path: Path | None) -> MachineProfile | None:
+    """The profile at ``path`` (which must exist), else the default one if bench wrote it, else None."""
+    if path is not None:
+        return MachineProfile.load(path)
+    default = default_profile_path()
+    return MachineProfile.load(default) if default.is_file() else None
