@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klotski_tier.core import bench
+from klotski_tier.core import bench, bench_compute, bench_drive
 from klotski_tier.core.bench import BenchSettings
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.pagecache import cached_fraction
@@ -68,17 +68,17 @@ def positive(value: float) -> bool:
 
 def test_test_file_is_written_whole_and_evicted(tmp_path: Path) -> None:
     path = tmp_path / "file.bin"
-    bench.write_test_file(path, FILE_BYTES + 4 * KIB)  # not a whole number of write chunks
+    bench_drive.write_test_file(path, FILE_BYTES + 4 * KIB)  # not a whole number of write chunks
     assert path.stat().st_size == FILE_BYTES + 4 * KIB
     assert cached_fraction(path) <= EVICTED_AT_MOST
-    assert positive(bench.raw_direct_gbps(path))
+    assert positive(bench_drive.raw_direct_gbps(path))
 
 
 @pytest.mark.parametrize("mode", ["direct", "buffered"])
-def test_engine_reads_give_one_positive_figure_per_pass(tmp_path: Path, mode: bench.ReadMode) -> None:
+def test_engine_reads_give_one_positive_figure_per_pass(tmp_path: Path, mode: bench_drive.ReadMode) -> None:
     path = tmp_path / "file.bin"
-    bench.write_test_file(path, FILE_BYTES)
-    figures = bench.engine_gbps(path, mode, BLOCK_BYTES, queue_depth=2, passes=2)
+    bench_drive.write_test_file(path, FILE_BYTES)
+    figures = bench_drive.engine_gbps(path, mode, BLOCK_BYTES, queue_depth=2, passes=2)
     assert len(figures) == 2 and all(positive(gbps) for gbps in figures)
 
 
@@ -136,7 +136,7 @@ def test_a_model_gives_its_own_experts_and_layer(checkpoint_factory: CheckpointF
     sample = bench.weight_sample(SAMPLE_BYTES, model)
     assert str(model) in sample.source and sample.item_bytes == 4  # the factory saves float32
     assert 0 < sample.data.nbytes <= SAMPLE_BYTES and sample.data.any()
-    compute = bench.compute_bench(model, (2,))
+    compute = bench_compute.compute_bench(model, (2,))
     assert compute.model == str(model) and compute.dtype == "float32" and positive(compute.expert_s[2])
 
 
@@ -150,7 +150,7 @@ def test_an_unwritable_directory_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write the bench's test file") as caught:
-        bench.write_test_file(blocker / "sub" / "file.bin", FILE_BYTES)
+        bench_drive.write_test_file(blocker / "sub" / "file.bin", FILE_BYTES)
     assert "\n" not in str(caught.value)
 
 
