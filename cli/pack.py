@@ -9,7 +9,7 @@ import click
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.progress import bytes_progress
 from klotski_tier.core import codec as codecs
-from klotski_tier.core import store
+from klotski_tier.core import store, store_pack
 from klotski_tier.core.errors import ConfigError, TierError
 from klotski_tier.core.sizes import format_size
 
@@ -42,7 +42,7 @@ def pack(model_dir: Path, out_dir: Path, compress: codecs.Codec) -> None:
     reads, with a checksum; the store is written atomically.
     """
     with bytes_progress("packing") as progress:
-        summary = store.pack(model_dir, out_dir, codec=compress, progress=progress)
+        summary = store_pack.pack(model_dir, out_dir, codec=compress, progress=progress)
     click.echo(format_summary(summary, compress))
 
 

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.pack import pack, verify
-from klotski_tier.core import store
+from klotski_tier.core import store, store_pack
 from klotski_tier.core.blocks import expert_block
 from tests.conftest import CheckpointFactory
 
@@ -89,7 +89,7 @@ def test_pack_a_missing_model(tmp_path: Path) -> None:
 
 
 def test_verify_names_the_first_bad_block(source: Path, tmp_path: Path) -> None:
-    store.pack(source, tmp_path / "store")
+    store_pack.pack(source, tmp_path / "store")
     entry = store.open_store(tmp_path / "store").entry(expert_block(1, 0))
     with entry.path.open("r+b") as handle:
         handle.seek(entry.offset + 7)

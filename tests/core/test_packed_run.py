@@ -15,7 +15,8 @@ import torch
 from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.codec import parse_codec
 from klotski_tier.core.pagecache import cached_fraction, evict
-from klotski_tier.core.store import pack, verify_store
+from klotski_tier.core.store import verify_store
+from klotski_tier.core.store_pack import pack
 from tests.checkpoints import make_checkpoint
 
 PROMPTS = [[5, 7, 9, 11], [3, 4], [20, 21, 22], [40, 41, 42, 43, 44]]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from klotski_tier.core import codec as codecs
-from klotski_tier.core import store
+from klotski_tier.core import store, store_pack
 from klotski_tier.core.blocks import BlockKind, BlockLayout, expert_block
 from klotski_tier.core.demo import DemoShape, build_demo
 from klotski_tier.core.errors import CheckpointError, InputError, TierError
@@ -87,7 +87,7 @@ def mixtral_bf16(checkpoint_factory: CheckpointFactory) -> Path:
 @pytest.fixture
 def packed(mixtral_bf16: Path, tmp_path: Path) -> Path:
     """A compressed store of the bf16 Mixtral checkpoint, private to the test (free to corrupt)."""
-    return store.pack(mixtral_bf16, tmp_path / "store", codec=ZSTD).path
+    return store_pack.pack(mixtral_bf16, tmp_path / "store", codec=ZSTD).path
 
 
 @pytest.mark.parametrize("codec", [None, ZSTD], ids=["raw", "zstd"])
@@ -102,7 +102,7 @@ def test_every_block_round_trips(
 ) -> None:
     source = checkpoint_factory(family, dtype=dtype, fused=fused)
     files = load_model_files(source)
-    summary = store.pack(source, tmp_path / "store", codec=codec)
+    summary = store_pack.pack(source, tmp_path / "store", codec=codec)
     packed = store.open_store(tmp_path / "store")
     assert packed.spec == files.spec and packed.expert_layout is files.expert_layout
     assert list(packed.layouts) == list(files.layouts) and summary.blocks == len(files.layouts)
@@ -124,7 +124,7 @@ def test_views_read_the_checkpoint_tensors(packed: Path, mixtral_bf16: Path) -> 
 
 
 def test_uncompressed_blocks_are_one_aligned_piece(mixtral_bf16: Path, tmp_path: Path) -> None:
-    opened = store.open_store(store.pack(mixtral_bf16, tmp_path / "store").path)
+    opened = store.open_store(store_pack.pack(mixtral_bf16, tmp_path / "store").path)
     files = load_model_files(mixtral_bf16)
     for block, layout in opened.layouts.items():
         entry = opened.entry(block)
@@ -164,8 +164,10 @@ def test_manifest_records_format_config_and_ratios(packed: Path, mixtral_bf16: P
 def test_demo_model_compresses_with_shuffle(tmp_path: Path) -> None:
     """Structured bf16 weights: zstd:3 after shuffling stores ~74% of the bytes, ~76% without."""
     demo = build_demo(tmp_path / "demo", TINY_DEMO)
-    shuffled = store.pack(demo, tmp_path / "shuffled", codec=ZSTD)
-    plain = store.pack(demo, tmp_path / "plain", codec=codecs.Codec(ZSTD.name, ZSTD.level, shuffle=False))
+    shuffled = store_pack.pack(demo, tmp_path / "shuffled", codec=ZSTD)
+    plain = store_pack.pack(
+        demo, tmp_path / "plain", codec=codecs.Codec(ZSTD.name, ZSTD.level, shuffle=False)
+    )
     assert shuffled.ratio < plain.ratio < 1.0
     assert shuffled.ratio < 0.8 and shuffled.compressed_blocks == shuffled.blocks
 
@@ -177,7 +179,7 @@ def test_demo_model_compresses_with_shuffle(tmp_path: Path) -> None:
 def test_failed_pack_leaves_nothing(
     mixtral_bf16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
-    real = store.assemble_block
+    real = store_pack.assemble_block
     calls: list[BlockLayout] = []
 
     def failing(layout: BlockLayout) -> codecs.Bytes:
@@ -186,11 +188,11 @@ def test_failed_pack_leaves_nothing(
             raise failure
         return real(layout)
 
-    monkeypatch.setattr(store, "assemble_block", failing)
+    monkeypatch.setattr(store_pack, "assemble_block", failing)
     parent = tmp_path / "parent"
     parent.mkdir()
     with pytest.raises(type(failure)):
-        store.pack(mixtral_bf16, parent / "store", codec=ZSTD)
+        store_pack.pack(mixtral_bf16, parent / "store", codec=ZSTD)
     assert len(calls) == FAILING_BLOCK and list(parent.iterdir()) == []
 
 
@@ -200,9 +202,9 @@ def test_write_error_is_one_input_error(
     def disk_full(path: Path, content: dict[str, Any]) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store, "_write_json", disk_full)
+    monkeypatch.setattr(store_pack, "_write_json", disk_full)
     with pytest.raises(InputError, match=r"cannot write the store .*No space left on device"):
-        store.pack(mixtral_bf16, tmp_path / "store")
+        store_pack.pack(mixtral_bf16, tmp_path / "store")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -214,7 +216,7 @@ def test_interrupted_pack_is_cleaned_up_by_the_next(mixtral_bf16: Path, tmp_path
     leftover.mkdir()
     (leftover / store.BLOCKS_FILE).write_bytes(bytes(store.STORE_ALIGN_BYTES))
     assert not store.is_store(leftover) and not (tmp_path / "store").exists()
-    store.pack(mixtral_bf16, tmp_path / "store")
+    store_pack.pack(mixtral_bf16, tmp_path / "store")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["store"]
 
 
@@ -223,7 +225,7 @@ def test_pack_refuses_an_existing_target(mixtral_bf16: Path, tmp_path: Path, exi
     target = tmp_path / "store"
     target.mkdir() if existing == "directory" else target.write_text("keep me")
     with pytest.raises(InputError, match="already exists; remove it or choose another path"):
-        store.pack(mixtral_bf16, target)
+        store_pack.pack(mixtral_bf16, target)
     assert target.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["store"]
 
 
@@ -254,7 +256,7 @@ def test_verify_passes_a_good_store(packed: Path) -> None:
 def test_decode_accepts_every_buffer_kind_and_checks_reads_in_place(
     mixtral_bf16: Path, tmp_path: Path
 ) -> None:
-    opened = store.open_store(store.pack(mixtral_bf16, tmp_path / "store").path)
+    opened = store.open_store(store_pack.pack(mixtral_bf16, tmp_path / "store").path)
     entry = opened.entry(expert_block(1, 3))
     data = (tmp_path / "store" / store.BLOCKS_FILE).read_bytes()[
         entry.offset : entry.offset + entry.padded_bytes
