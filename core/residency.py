@@ -177,7 +177,9 @@ class Residency:
         entry.leases += 1
         if block in self.device.eviction:
             self.device.eviction.on_access(block)
-        return asyncio.ensure_future(self._lease_when_ready(entry))
+        lease = asyncio.ensure_future(self._lease_when_ready(entry))
+        lease.add_done_callback(_mark_retrieved)  # a run that fails early never awaits every request
+        return lease
 
     async def acquire(self, block: BlockId) -> Lease:
         return await self.request(block)
@@ -326,6 +328,13 @@ class Residency:
 
     def _ledger(self, tier: str) -> TierLedger:
         return {HOST: self.host, DEVICE: self.device}[tier]
+
+
+def _mark_retrieved(future: asyncio.Future[Lease]) -> None:
+    """Mark a failed request's error as seen: whoever awaits it still gets it, and asyncio does not log
+    "exception was never retrieved" for requests a failed run abandoned (the run reports the first)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _args(entry: _Entry) -> dict[str, object]:
