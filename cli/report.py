@@ -13,9 +13,6 @@ from klotski_tier.core.profile import MachineProfile
 from klotski_tier.core.runtime import UNLIMITED_BYTES
 from klotski_tier.core.sizes import format_size
 
-DISK_READS_TIER = "host"
-"""The tier whose incoming bytes are the run's disk reads (disk -> host)."""
-
 PREVIEW_CHARS = 200
 """Characters of generated text shown per prompt in the human-readable report."""
 
@@ -47,8 +44,7 @@ def drive_record(metrics: RunMetrics, profile: MachineProfile) -> dict[str, Any]
     ``raw_seconds`` is the least time the drive needs for the bytes read (at its raw O_DIRECT
     bandwidth); ``raw_share`` is that time over the run's wall: near 1, the drive is the bottleneck.
     """
-    disk = metrics.tiers.get(DISK_READS_TIER)
-    read = disk.bytes_in if disk is not None else 0
+    read = metrics.disk_bytes_read
     raw_s = read / (profile.drive.raw_gbps * 1e9)
     return {
         "profile_created": profile.created,

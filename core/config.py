@@ -5,7 +5,9 @@ A configuration file has one table per concern; every key is optional::
     [pipeline]
     batches = 4              # n: batches in a group sharing every loaded weight
     batch_size = 8           # bs: sequences per batch
-    hot_experts = 2          # K: experts prefetched per layer (default: the router's top-k)
+    hot_experts = 2          # K: experts prefetched per layer (default: the router's top-k; "all": E)
+    schedule = "klotski"     # "klotski" (I/O overlaps compute) or "sequential" (load, then compute)
+    expert_order = "ready-first"  # "ready-first" (Klotski's reordering) or "index" (expert 0, 1, ...)
 
     [device]
     memory = "20GiB"         # byte budget, or "unlimited"
@@ -42,12 +44,21 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.sizes import GIB, KIB, MIB, parse_size
 
 UNLIMITED = "unlimited"
+ALL_EXPERTS = "all"  # hot_experts: prefetch every expert of a layer (K = E)
+
+KLOTSKI = "klotski"  # schedule: prefetch ahead, fetch experts at the gate, overlap I/O with compute
+SEQUENTIAL = "sequential"  # schedule: per layer, load what is needed, then compute; nothing ahead
+SCHEDULES = (KLOTSKI, SEQUENTIAL)
+
+READY_FIRST = "ready-first"  # expert order: resident experts first (most tokens first), then as loaded
+INDEX = "index"  # expert order: by expert id, each expert fetched when its turn comes
+EXPERT_ORDERS = (READY_FIRST, INDEX)
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class EngineOptions:
 
     batches: int = 2  # n: batches in a group sharing every loaded weight
     batch_size: int = 4  # bs: sequences per batch
-    hot_experts: int | None = None  # K experts prefetched per layer; None: the router's top-k
+    hot_experts: int | Literal["all"] | None = None  # K prefetched per layer; None: top-k; "all": E
     device_memory_bytes: int | None = None  # None: no limit
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
     host_memory_bytes: int | None = None  # None: no limit
@@ -70,17 +81,32 @@ class EngineOptions:
     prefetch_save_state: Path | None = None  # save the learned state here after each run
     eviction: str = "lru"
     eviction_options: Mapping[str, Any] = field(default_factory=dict)
+    schedule: str = KLOTSKI  # one of SCHEDULES; "sequential" ignores prefetch, hot_experts, expert_order
+    expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "disk_queue_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.hot_experts is not None and self.hot_experts < 0:
-            raise ConfigError(f"hot_experts must not be negative, got {self.hot_experts}")
+        _check_hot_experts("hot_experts", self.hot_experts)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
         for name in ("device_memory_bytes", "host_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must not be negative, got {value}")
+
+
+def _check_hot_experts(key: str, value: object) -> None:
+    if value is None or value == ALL_EXPERTS:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f'{key} must be an integer >= 0 or "{ALL_EXPERTS}", got {value!r}')
+
+
+def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 # ---- reading TOML --------------------------------------------------------------------------
@@ -105,6 +131,21 @@ def _size(key: str, value: Any) -> int | None:
     if isinstance(value, int) and value < 0:
         raise ConfigError(f"{key} must not be negative, got {value}")
     return parse_size(value, what=key)
+
+
+def _hot_experts(key: str, value: Any) -> int | str:
+    _check_hot_experts(key, value)
+    result: int | str = value
+    return result
+
+
+def _choice(*allowed: str) -> _Reader:
+    def read(key: str, value: Any) -> str:
+        _check_choice(key, value, allowed)
+        result: str = value
+        return result
+
+    return read
 
 
 def _text(key: str, value: Any) -> str:
@@ -134,7 +175,9 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
     "pipeline": {
         "batches": ("batches", _integer(1)),
         "batch_size": ("batch_size", _integer(1)),
-        "hot_experts": ("hot_experts", _integer(0)),
+        "hot_experts": ("hot_experts", _hot_experts),
+        "schedule": ("schedule", _choice(*SCHEDULES)),
+        "expert_order": ("expert_order", _choice(*EXPERT_ORDERS)),
     },
     "device": {"memory": ("device_memory_bytes", _size), "type": ("device", _text)},
     "host": {"memory": ("host_memory_bytes", _size), "preload": ("host_preload", _flag)},

@@ -70,7 +70,8 @@ class RunMetrics:
     wall_s: float = 0.0
     compute_s: float = 0.0  # time the compute executor was busy
     io_wait_s: float = 0.0  # time the pipeline waited for a block with no compute running
-    io_busy_s: float = 0.0  # summed duration of disk reads
+    io_busy_s: float = 0.0  # time at least one disk read was in flight
+    disk_bytes_read: int = 0  # bytes read from disk (checkpoint or packed store) by every path
     expert_requests: int = 0  # (layer, expert) selections by the gates, per batch group step
     expert_hits: int = 0  # ... of which the expert was already resident on the device
     expert_in_flight: int = 0  # ... of which a prefetch had already started loading it

@@ -14,6 +14,13 @@ layer serves all ``n`` batches. For each layer ``l`` (ARCHITECTURE.md, section 2
                       each expert's lease is released right after its only computation
                       combine per batch; record the routes with the prefetch policy
 
+Baselines (:mod:`~klotski_tier.core.presets`) change the order, never the tokens. With
+``expert_order="index"`` nothing is fetched at the gate; the selected experts run in id order,
+each requested when its turn comes (resident or in flight if the prefetch policy brought it).
+``schedule="sequential"`` loads nothing ahead, so no read or copy overlaps compute: load attention,
+compute; load the gate, route; then the selected experts in id order, in waves of as many as the
+device budget holds: load a whole wave, then compute it.
+
 Compute runs in the :class:`ComputeRunner`'s thread; this coroutine only orders work and
 awaits readiness futures, so reads and copies proceed while the compute thread is busy.
 Every await on a block is timed: it is time the compute waited for I/O.
@@ -24,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -34,6 +42,7 @@ from torch import Tensor
 from klotski_tier.core import ops
 from klotski_tier.core.blocks import (
     BlockId,
+    BlockLayout,
     BlockWeights,
     attn_block,
     embed_block,
@@ -42,6 +51,7 @@ from klotski_tier.core.blocks import (
     head_block,
 )
 from klotski_tier.core.compute import ComputeRunner
+from klotski_tier.core.config import EXPERT_ORDERS, KLOTSKI, READY_FIRST, SCHEDULES, SEQUENTIAL
 from klotski_tier.core.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.residency import Lease, Residency, State
 from klotski_tier.core.spec import ModelSpec
@@ -54,6 +64,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Requests = dict[int, asyncio.Future[Lease]]  # expert id -> its lease, once the block is resident
 
 
 @dataclass
@@ -82,8 +93,17 @@ class _Routing:
     routes: list[list[int]]  # topk_idx on the host, per token
 
 
+class _Tokens(NamedTuple):
+    """The routed tokens of all n batches together, and room for their expert outputs."""
+
+    x: Tensor  # [N, H]
+    topk_idx: Tensor  # [N, k]
+    topk_w: Tensor  # [N, k]
+    contributions: Tensor  # [N, k, H]
+
+
 class Pipeline:
-    """Runs forward steps of a batch group through the layers in the Klotski order."""
+    """Runs forward steps of a batch group through the layers in the Klotski order (or a baseline's)."""
 
     def __init__(
         self,
@@ -94,9 +114,13 @@ class Pipeline:
         metrics: RunMetrics,
         *,
         hot_experts: int,
+        schedule: str = KLOTSKI,
+        expert_order: str = READY_FIRST,
+        layouts: Mapping[BlockId, BlockLayout] | None = None,
         recorder: RoutingRecorder | None = None,
         timeline: Timeline | None = None,
     ) -> None:
+        assert schedule in SCHEDULES and expert_order in EXPERT_ORDERS, (schedule, expert_order)
         self.spec = spec
         self.res = residency
         self.compute = compute
@@ -105,6 +129,10 @@ class Pipeline:
         self.hot_experts = hot_experts
         self.recorder = recorder
         self.timeline = timeline
+        self._layouts = layouts
+        self._ahead = schedule == KLOTSKI  # prefetch the next blocks while computing
+        self._sequential = schedule == SEQUENTIAL
+        self._at_gate = self._ahead and expert_order == READY_FIRST  # fetch experts right after each gate
         self._step = 0  # forward steps so far in this run
         self._wanted: list[BlockId] = []  # prefetches that found no room yet, most urgent first
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted hot for this step
@@ -116,7 +144,8 @@ class Pipeline:
             self.recorder.begin_step()
         self._step += 1
         self._predicted.clear()
-        self._want([embed_block(), attn_block(0)])
+        if self._ahead:
+            self._want([embed_block(), attn_block(0)])
         await self._embed(batches)
         previous: list[list[int]] | None = None
         for layer in range(self.spec.num_layers):
@@ -141,7 +170,8 @@ class Pipeline:
         await self._attention_phase(layer, batches, previous)
         routings, requests = await self._gate_phase(layer, batches)
         routes = [route for routing in routings for route in routing.routes]
-        self._want_next(layer, routes)
+        if self._ahead:
+            self._want_next(layer, routes)
         await self._expert_phase(layer, batches, routings, requests)
         self._count_layer(layer, routes)
         self.prefetch.observe(layer, routes)
@@ -162,7 +192,7 @@ class Pipeline:
     ) -> None:
         self._wanted = [b for b in self._wanted if b.layer < 0 or b.layer >= layer]  # drop stale wishes
         attn = await self._acquire(attn_block(layer))
-        if previous is None:  # layer 0: nothing predicted it during the previous layer
+        if previous is None and self._ahead:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
         for batch in batches:
             batch.hidden = await self._run(
@@ -179,7 +209,9 @@ class Pipeline:
     def _want_next(self, layer: int, routes: list[list[int]]) -> None:
         """Once layer ``layer`` has routed: the next attention, gate and predicted hot experts
         (or, after the last layer, the head and the next step's first blocks), queued behind the
-        demand loads of this layer's experts."""
+        demand loads of this layer's experts; wishes for its experts no token selected are dropped."""
+        used = {expert for route in routes for expert in route}  # other wishes of this layer are moot now
+        self._wanted = [b for b in self._wanted if b.layer != layer or b.expert < 0 or b.expert in used]
         if layer + 1 < self.spec.num_layers:
             self._want([attn_block(layer + 1), *self._moe_blocks(layer + 1, routes)])
         else:
@@ -194,18 +226,17 @@ class Pipeline:
         while self._wanted and self.res.prefetch(self._wanted[0]):
             self._wanted.pop(0)
 
-    async def _gate_phase(
-        self, layer: int, batches: Sequence[Batch]
-    ) -> tuple[list[_Routing], dict[int, asyncio.Future[Lease]]]:
+    async def _gate_phase(self, layer: int, batches: Sequence[Batch]) -> tuple[list[_Routing], _Requests]:
         gate = await self._acquire(gate_block(layer))
         routings: list[_Routing] = []
-        requests: dict[int, asyncio.Future[Lease]] = {}
+        requests: _Requests = {}
         for batch in batches:
             routing = await self._run(_route, batch, gate, self.spec, label=f"L{layer} gate")
             routings.append(routing)
-            for expert in sorted({e for route in routing.routes for e in route}):
-                if expert not in requests:
-                    requests[expert] = self._request_expert(layer, expert)
+            if self._at_gate:
+                for expert in _selected([routing]):
+                    if expert not in requests:
+                        requests[expert] = self._request_expert(layer, expert)
         await self._release(gate)
         return routings, requests
 
@@ -220,35 +251,50 @@ class Pipeline:
         return self.res.request(block)
 
     async def _expert_phase(
-        self,
-        layer: int,
-        batches: Sequence[Batch],
-        routings: list[_Routing],
-        requests: dict[int, asyncio.Future[Lease]],
+        self, layer: int, batches: Sequence[Batch], routings: list[_Routing], requests: _Requests
     ) -> None:
-        counts = [0] * self.spec.num_experts  # tokens per expert over all n batches
-        for routing in routings:
-            for route in routing.routes:
-                for expert in route:
-                    counts[expert] += 1
-        x, topk_idx, topk_w, contributions = await self._run(_gather_tokens, routings)
-        while requests:  # consumed here, so no released lease outlives its computation
-            expert = await self._next_expert(layer, requests, counts)
-            lease = requests.pop(expert).result()
-            await self._run(
-                _expert, x, topk_idx, topk_w, expert, lease, contributions, label=f"L{layer} expert {expert}"
-            )
-            await self._release(lease)
-            del lease
+        tokens = await self._run(_gather_tokens, routings)
+        if self._at_gate:  # Klotski's order: resident first, most tokens first, then as loads finish
+            counts = Counter(e for routing in routings for route in routing.routes for e in route)
+            while requests:  # consumed here, so no released lease outlives its computation
+                expert = await self._next_expert(layer, requests, counts)
+                await self._compute_expert(layer, tokens, expert, requests.pop(expert).result())
+        else:
+            await self._experts_in_waves(layer, tokens, self._waves(layer, _selected(routings)))
         start = 0
         for batch, routing in zip(batches, routings, strict=True):
             end = start + routing.x.shape[0]
-            await self._run(_combine, batch, routing, contributions[start:end], label=f"L{layer} combine")
+            await self._run(
+                _combine, batch, routing, tokens.contributions[start:end], label=f"L{layer} combine"
+            )
             start = end
 
-    async def _next_expert(
-        self, layer: int, pending: dict[int, asyncio.Future[Lease]], counts: list[int]
-    ) -> int:
+    def _waves(self, layer: int, experts: list[int]) -> list[list[int]]:
+        """Experts loaded together, then computed: one by one, or (sequential) as many as fit."""
+        if not self._sequential:
+            return [[expert] for expert in experts]
+        assert self._layouts is not None, "the sequential schedule sizes its waves from the block layouts"
+        sizes = [self._layouts[expert_block(layer, e)].nbytes for e in experts]
+        return expert_waves(experts, sizes, self.res.device.capacity_bytes - self.res.device.fixed_bytes)
+
+    async def _experts_in_waves(self, layer: int, tokens: _Tokens, waves: list[list[int]]) -> None:
+        """Each wave: request its experts, wait for all of them, compute them in order. The wait
+        before the layer's first expert is an inter-layer bubble, later ones intra-layer."""
+        bubble = INTER_LAYER
+        for wave in waves:
+            leases = {expert: self._request_expert(layer, expert) for expert in wave}
+            await self._timed_wait(asyncio.wait(leases.values()), "expert", bubble, f"L{layer} wave {wave}")
+            for expert in wave:
+                await self._compute_expert(layer, tokens, expert, leases.pop(expert).result())
+            bubble = INTRA_LAYER
+
+    async def _compute_expert(self, layer: int, tokens: _Tokens, expert: int, lease: Lease) -> None:
+        """Run ``expert`` over its tokens of all n batches, then release its lease at once."""
+        x, topk_idx, topk_w, out = tokens
+        await self._run(_expert, x, topk_idx, topk_w, expert, lease, out, label=f"L{layer} expert {expert}")
+        await self._release(lease)
+
+    async def _next_expert(self, layer: int, pending: _Requests, counts: Mapping[int, int]) -> int:
         """The resident expert with the most tokens; if none is resident yet, the first to arrive."""
         ready = [e for e, fut in pending.items() if fut.done()]
         if not ready:
@@ -287,6 +333,25 @@ class Pipeline:
         return await self.compute.run(fn, *unpacked, ready=ready, label=label)
 
 
+def expert_waves(experts: Sequence[int], sizes: Sequence[int], room_bytes: int) -> list[list[int]]:
+    """``experts`` in order, cut into consecutive waves whose ``sizes`` (bytes) sum to at most
+    ``room_bytes``; an expert larger than the room alone still gets a wave of its own."""
+    waves: list[list[int]] = []
+    used = 0  # bytes of the current wave
+    for expert, nbytes in zip(experts, sizes, strict=True):
+        if not waves or used + nbytes > room_bytes:
+            waves.append([])
+            used = 0
+        waves[-1].append(expert)
+        used += nbytes
+    return waves
+
+
+def _selected(routings: Sequence[_Routing]) -> list[int]:
+    """The experts any token of ``routings`` selected, in id order."""
+    return sorted({expert for routing in routings for route in routing.routes for expert in route})
+
+
 # ---- the jobs the compute thread runs ------------------------------------------------------
 
 
@@ -305,14 +370,14 @@ def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> _Routing:
     return _Routing(x, topk_idx, topk_w, shared, topk_idx.cpu().tolist())
 
 
-def _gather_tokens(routings: list[_Routing]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gather_tokens(routings: list[_Routing]) -> _Tokens:
     """The routed tokens of all n batches together, and zeroed room for their expert outputs."""
     x = torch.cat([r.x for r in routings])  # [N, H]
     topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
     topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
     dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)
     contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=dtype, device=x.device)  # [N, k, H]
-    return x, topk_idx, topk_w, contributions
+    return _Tokens(x, topk_idx, topk_w, contributions)
 
 
 def _expert(

@@ -6,6 +6,27 @@ busy, and the correlation predictor prefetching the next layer's experts.
 
 ``ram-rich``: host RAM holds the whole model. Every weight is read into host memory before
 the first step (pinned where CUDA is present) and blocks stream host to device only.
+
+Baselines, run through the same engine so that a benchmark compares schedules, not code bases
+(every one of them generates the same tokens as the default engine). Each sets only what
+defines the system it imitates; memory budgets and the batch size are left to the user, and so
+is the number of batches where the imitated system shares loads between batches:
+
+``sequential``: naive offloading, as Hugging Face accelerate's offload hooks do it. One batch;
+for each layer the blocks it needs are loaded, then computed: attention, then the gate, then
+the selected experts (as many at a time as the device budget holds, in expert id order).
+Nothing is loaded ahead and no read or copy runs while the compute does.
+
+``flexgen``: FlexGen's layer-by-layer schedule, which knows nothing of experts. Batches share
+every loaded weight (``--batches``, default 2), and while layer l computes its experts, the whole
+of layer l+1 is prefetched: attention, gate and every expert, used or not (prefetch
+``whole-layer`` with ``hot_experts = "all"``). The selected experts run in id order, each waited
+for in turn; one the prefetch has not brought yet is loaded when its turn comes, not as soon as its gate ran.
+
+``ondemand-lru``: a single-request expert cache (as in Mixtral-offloading). One batch; an
+expert is fetched when the gate selects it and kept in an LRU cache on the device; no expert
+is predicted or prefetched. Attention and gate weights still load during the previous layer,
+as those systems keep them resident.
 """
 
 from __future__ import annotations
@@ -38,6 +59,32 @@ preload = true         # read every weight once; afterwards only host -> device 
 
 [prefetch]
 policy = "correlation"
+
+[eviction]
+policy = "lru"
+""",
+    "sequential": """
+[pipeline]
+batches = 1
+schedule = "sequential"   # load, then compute; nothing ahead, no overlap
+
+[prefetch]
+policy = "none"
+""",
+    "flexgen": """
+[pipeline]
+hot_experts = "all"       # the whole next layer ...
+expert_order = "index"    # ... computed expert by expert in id order, no reordering
+
+[prefetch]
+policy = "whole-layer"    # every expert, whatever the gates choose
+""",
+    "ondemand-lru": """
+[pipeline]
+batches = 1
+
+[prefetch]
+policy = "none"           # experts only when a gate selects them
 
 [eviction]
 policy = "lru"

@@ -147,8 +147,10 @@ class Residency:
         host_ledger: TierLedger,
         device_ledger: TierLedger,
         timeline: Timeline | None = None,
+        disk_to_device: bool = False,
     ) -> None:
         self._layouts = layouts
+        self._disk_to_device = disk_to_device  # a CPU device without a host tier: read straight into it
         self._source = source
         self._host = host
         self._device = device
@@ -250,6 +252,7 @@ class Residency:
         ledger.eviction.on_insert(entry.block, entry.nbytes)
         entry.task = None
         entry.ready.set_result(None)
+        await self._notify_room()  # a resident block nobody leases is a victim a waiting load can evict
 
     async def _reserve(self, ledger: TierLedger, entry: _Entry) -> None:
         nbytes = entry.nbytes
@@ -273,6 +276,10 @@ class Residency:
             self._room.notify_all()
 
     async def _load_device(self, entry: _Entry) -> None:
+        host_entry = self.host.entries.get(entry.block)
+        if self._disk_to_device and (host_entry is None or not host_entry.resident):
+            await self._read_into_device(entry)
+            return
         host_entry = await self._lease_host(entry.block)
         try:
             assert host_entry.buffer is not None
@@ -289,6 +296,21 @@ class Residency:
         finally:
             host_entry.leases -= 1
             await self._notify_room()
+
+    async def _read_into_device(self, entry: _Entry) -> None:
+        """A CPU device's memory is host memory: read the block from disk straight into its buffer.
+
+        The buffer comes from the host driver (page-aligned, so O_DIRECT reads land in place) but is
+        counted in the device tier only: no second copy, no host-to-device memcpy.
+        """
+        buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
+        started = time.perf_counter()
+        await self._source.read(entry.block, buffer)
+        ended = time.perf_counter()
+        self.device.stats.add_transfer(entry.nbytes, ended - started)
+        if self._timeline is not None:
+            self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
+        entry.buffer = buffer
 
     async def _lease_host(self, block: BlockId) -> _Entry:
         entry = self.host.entries.get(block)

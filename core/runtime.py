@@ -28,7 +28,7 @@ from klotski_tier.core.sizes import format_size
 from klotski_tier.core.timeline import Timeline
 from klotski_tier.policies.prefetch import PrefetchPolicy
 from klotski_tier.policies.registry import make_eviction
-from klotski_tier.tiers.device import DeviceDriver
+from klotski_tier.tiers.device import DeviceDriver, resolve_device
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
 from klotski_tier.tiers.registry import TIER_DRIVERS
@@ -61,7 +61,14 @@ def minimum_budgets(
     """
     block = largest_block_bytes(files.layouts)
     fixed = fixed_device_bytes(files, groups, options.batch_size)
-    return fixed + block, block, fixed
+    host = 0 if reads_into_device(options) else block
+    return fixed + block, host, fixed
+
+
+def reads_into_device(options: EngineOptions) -> bool:
+    """Whether blocks skip the host tier: a CPU device (its memory is host memory) with a host budget
+    of zero reads every block from disk straight into its device buffer."""
+    return options.host_memory_bytes == 0 and resolve_device(options.device).type == "cpu"
 
 
 def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]) -> None:
@@ -78,13 +85,18 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
     if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
         raise BudgetError(
             f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
-            f"{_exact(host_min)} to stage the largest block; raise --host-memory"
+            f"{_exact(host_min)} to stage the largest block; raise --host-memory (0 is allowed with a CPU "
+            "device: blocks are then read straight into device memory)"
         )
 
 
 def hot_experts(files: ModelFiles, options: EngineOptions) -> int:
-    """K, the experts prefetched per layer: the option, else the router's top-k."""
-    return files.spec.top_k if options.hot_experts is None else options.hot_experts
+    """K, the experts prefetched per layer: the option ("all": every expert), else the router's top-k."""
+    if options.hot_experts is None:
+        return files.spec.top_k
+    if isinstance(options.hot_experts, str):  # ALL_EXPERTS
+        return files.spec.num_experts
+    return options.hot_experts
 
 
 def check_options(files: ModelFiles, options: EngineOptions) -> None:
@@ -148,6 +160,7 @@ class Runtime:
             host_ledger=self._ledger(HOST, options.host_memory_bytes),
             device_ledger=self._ledger(DEVICE, options.device_memory_bytes),
             timeline=self.timeline,
+            disk_to_device=reads_into_device(options),
         )
         self.pipeline = Pipeline(
             files.spec,
@@ -156,6 +169,9 @@ class Runtime:
             prefetch,
             self.metrics,
             hot_experts=hot_experts(files, options),
+            schedule=options.schedule,
+            expert_order=options.expert_order,
+            layouts=files.layouts,
             recorder=self.recorder,
             timeline=self.timeline,
         )
@@ -182,6 +198,7 @@ class Runtime:
     def finish(self) -> RunMetrics:
         self.metrics.compute_s = self.compute.busy_s
         self.metrics.io_busy_s = self.disk.busy_s
+        self.metrics.disk_bytes_read = self.disk.bytes_read
         return self.metrics
 
     async def __aenter__(self) -> Runtime:

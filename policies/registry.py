@@ -36,6 +36,7 @@ PREFETCH_POLICIES: Registry[type[PrefetchPolicy]] = Registry(
         "hot-first": "klotski_tier.policies.hot_first:HotFirstPrefetch",
         "correlation": "klotski_tier.policies.correlation:CorrelationPrefetch",
         "oracle": "klotski_tier.policies.oracle:OraclePrefetch",
+        "whole-layer": "klotski_tier.policies.whole_layer:WholeLayerPrefetch",
     },
 )
 

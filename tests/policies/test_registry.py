@@ -101,7 +101,7 @@ def test_policies_import_neither_torch_nor_asyncio() -> None:
 
 def test_registries_list_their_names() -> None:
     assert EVICTION_POLICIES.names() == ["fifo", "hot-first", "lfu", "lru"]
-    assert PREFETCH_POLICIES.names() == ["correlation", "hot-first", "none", "oracle"]
+    assert PREFETCH_POLICIES.names() == ["correlation", "hot-first", "none", "oracle", "whole-layer"]
 
 
 def test_unknown_name_lists_the_valid_names() -> None:
@@ -109,7 +109,7 @@ def test_unknown_name_lists_the_valid_names() -> None:
         ConfigError, match="unknown eviction policy 'mru'; valid names: fifo, hot-first, lfu, lru"
     ):
         make_eviction("mru")
-    with pytest.raises(ConfigError, match="valid names: correlation, hot-first, none, oracle"):
+    with pytest.raises(ConfigError, match="valid names: correlation, hot-first, none, oracle, whole-layer"):
         make_prefetch("klotski")
 
 
