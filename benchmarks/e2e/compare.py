@@ -1,0 +1,201 @@
+"""One point of the benchmark: every system at one memory budget, the lower bound, the token check.
+
+Each system runs ``repeats`` times in fresh workers; a system that picks a configuration does so
+first and says how:
+
+- ``klotski`` (and ``flexgen`` unless its preset fixes n): one run per n of ``batches``, the
+  fastest n kept; its run counts as the first repeat;
+- ``accelerate``: all N prompts in one batch, halved after every run killed for memory, until a
+  batch fits (the first run that fits counts as the first repeat);
+- the bound: the engine with every weight resident at the grouping ``klotski`` chose, ``repeats``
+  times, and the routing of its first run for the bytes the workload must move.
+
+The bound's first run is the token reference; every run of every system must match it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.e2e.bound import Bound, must_move_bytes
+from benchmarks.e2e.results import BenchmarkError, Point, RunRecord, SystemResult, check_tokens
+from benchmarks.e2e.runner import Runner
+from benchmarks.e2e.systems import (
+    KLOTSKI,
+    PRESET_SYSTEMS,
+    SINGLE_BATCH_SYSTEMS,
+    Budget,
+    Inputs,
+    accelerate_job,
+    bound_job,
+    describe_accelerate,
+    describe_engine,
+    engine_job,
+    preset_batching,
+    preset_problem,
+)
+from benchmarks.e2e.worker import ACCELERATE, Job
+from klotski_tier.core.layouts import ModelFiles
+from klotski_tier.core.routing_trace import RoutingTrace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PointPlan:
+    """What to run at each budget point."""
+
+    systems: Sequence[str]
+    batches: Sequence[int]  # n candidates for systems that sweep n
+    batch_size: int  # bs, unless a preset fixes it
+    repeats: int
+    accelerate_batch: int | None = None  # None: the largest that fits, starting from all prompts
+    trace_dir: Path | None = None  # save one extra klotski run's Chrome trace here
+
+
+class Comparison:
+    """Runs points (budgets) of one workload; remembers the reference tokens across points."""
+
+    def __init__(self, runner: Runner, inputs: Inputs, files: ModelFiles, drive_gbps: float) -> None:
+        self.runner = runner
+        self.inputs = inputs
+        self.files = files
+        self.drive_gbps = drive_gbps
+        self.reference: tuple[str, list[list[int]]] | None = None
+        self._extra_runs: list[RunRecord] = []  # runs outside any system's figures, checked too
+
+    def point(self, plan: PointPlan, budget: Budget) -> Point:
+        logger.info("budget %s", budget.describe())
+        systems = [self._system(plan, name, budget) for name in plan.systems]
+        chosen = next((s for s in systems if s.name == KLOTSKI and s.ok), None)
+        n = int(chosen.notes["batches"]) if chosen is not None else plan.batches[0]
+        bound, bound_runs = self._bound(plan, budget, n)
+        self._check([*bound_runs, *(run for s in systems for run in s.runs), *self._extra_runs])
+        self._extra_runs.clear()
+        return Point(budget, systems, bound, bound_runs)
+
+    # ---- systems -----------------------------------------------------------------------------
+
+    def _system(self, plan: PointPlan, name: str, budget: Budget) -> SystemResult:
+        logger.info("system %s", name)
+        if name == ACCELERATE:
+            return self._accelerate(plan, budget)
+        if name in PRESET_SYSTEMS:
+            problem = preset_problem(name)
+            if problem is not None:
+                logger.warning("skipping %s: %s", name, problem)
+                return SystemResult(name, "", skipped=problem)
+            return self._engine(plan, name, budget, preset=name)
+        if name == KLOTSKI:
+            return self._engine(plan, name, budget, preset=None)
+        raise BenchmarkError(f"unknown system {name!r}")
+
+    def _engine(self, plan: PointPlan, name: str, budget: Budget, preset: str | None) -> SystemResult:
+        fixed_n, fixed_bs = preset_batching(preset)
+        bs = fixed_bs or plan.batch_size
+        candidates = [fixed_n] if fixed_n else [1] if name in SINGLE_BATCH_SYSTEMS else list(plan.batches)
+
+        def job(n: int, trace: Path | None = None) -> Job:
+            return engine_job(name, self.inputs, self.files, budget, n, bs, preset=preset, trace_path=trace)
+
+        sweep = {n: self.runner.run(job(n), budget.limit_bytes) for n in candidates}
+        best = _fastest(sweep)
+        result = SystemResult(name, describe_engine(job(best)), [sweep[best]])
+        result.notes.update(
+            batches=best, batch_size=bs, sweep={str(n): _summary(r) for n, r in sweep.items()}
+        )
+        if result.ok:
+            result.runs += self._repeat(lambda: job(best), budget.limit_bytes, plan.repeats - 1)
+        if result.ok and plan.trace_dir is not None and name == KLOTSKI:
+            trace = plan.trace_dir / f"e2e-{name}-trace.json"
+            self.runner.run(job(best, trace), budget.limit_bytes)  # not counted: tracing costs time
+            result.notes["trace"] = str(trace)
+        return result
+
+    def _accelerate(self, plan: PointPlan, budget: Budget) -> SystemResult:
+        batch = plan.accelerate_batch or len(self.inputs.prompts)
+        offload = self.runner.settings.scratch / "accelerate-offload"
+
+        def job() -> Job:
+            return accelerate_job(self.inputs, self.files, budget, batch, offload)
+
+        attempts: list[dict[str, object]] = []
+        while True:
+            record = self.runner.run(job(), budget.limit_bytes)
+            attempts.append({"batch": batch, **_summary(record)})
+            if record.ok or not record.oom or plan.accelerate_batch or batch == 1:
+                break
+            batch //= 2
+        placed = record.output.get("details", {}).get("placed_bytes")
+        result = SystemResult(ACCELERATE, describe_accelerate(job(), placed), [record])
+        result.notes.update(batch=batch, batch_attempts=attempts)
+        if result.ok:
+            result.runs += self._repeat(job, budget.limit_bytes, plan.repeats - 1)
+        if result.ok:
+            self._accelerate_waits(result, batch, offload)
+        return result
+
+    def _accelerate_waits(self, result: SystemResult, batch: int, offload: Path) -> None:
+        """Estimate accelerate's I/O wait as its total time less that of a run with every weight in RAM.
+
+        Its hooks cannot be timed for it: safetensors maps the offloaded files, so the reads happen as
+        page faults inside the matmuls. Both runs compute the same batches on the same threads.
+        """
+        resident = self.runner.run(accelerate_job(self.inputs, self.files, None, batch, offload), None)
+        self._extra_runs.append(resident)
+        result.notes["resident_run"] = _summary(resident)
+        if not resident.ok:
+            return
+        base_s = resident.throughput.total_s
+        for run in result.runs:
+            run.output["io_wait_s"] = max(run.throughput.total_s - base_s, 0.0)
+        result.notes["io_wait"] = f"estimated: total time less {base_s:.2f} s with every weight in RAM"
+
+    def _repeat(self, make: Callable[[], Job], limit_bytes: int | None, count: int) -> list[RunRecord]:
+        """Up to ``count`` runs of ``make()``, stopping at the first failure."""
+        runs: list[RunRecord] = []
+        for _ in range(count):
+            runs.append(self.runner.run(make(), limit_bytes))
+            if not runs[-1].ok:
+                break
+        return runs
+
+    # ---- the bound and the tokens --------------------------------------------------------------
+
+    def _bound(self, plan: PointPlan, budget: Budget, n: int) -> tuple[Bound | None, list[RunRecord]]:
+        routing = self.runner.settings.scratch / f"routing-n{n}.npz"
+        job = bound_job(self.inputs, n, plan.batch_size, routing)
+        runs = self._repeat(lambda: job, None, plan.repeats)  # unlimited: every weight resident
+        if not runs or not all(r.ok for r in runs):
+            logger.warning("the all-resident reference failed: %s", runs[-1].reason if runs else "no run")
+            return None, runs
+        compute_s = statistics.median(float(r.output["compute_s"]) for r in runs)
+        resident = budget.weight_bytes - int(runs[0].output["fixed_bytes"])
+        moved = must_move_bytes(RoutingTrace.load(routing), self.files.layouts, resident)
+        generated = int(runs[0].output["generated_tokens"])
+        return Bound(compute_s, moved, self.drive_gbps, resident, generated, n, plan.batch_size), runs
+
+    def _check(self, runs: list[RunRecord]) -> None:
+        """Every successful run must match the reference (the first successful run ever seen)."""
+        if self.reference is None:
+            first = next((r for r in runs if r.ok), None)
+            if first is None:
+                return
+            self.reference = (first.system, first.tokens)
+        check_tokens(self.reference[0], self.reference[1], runs)
+
+
+def _fastest(sweep: dict[int, RunRecord]) -> int:
+    """The n whose run had the highest throughput (the first n when none succeeded)."""
+    ok = {n: r.throughput.tokens_per_s for n, r in sweep.items() if r.ok}
+    return max(ok, key=lambda n: ok[n]) if ok else next(iter(sweep))
+
+
+def _summary(record: RunRecord) -> dict[str, object]:
+    if record.ok:
+        return {"ok": True, "tokens_per_s": record.throughput.tokens_per_s}
+    return {"ok": False, "reason": record.reason}
