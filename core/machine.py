@@ -27,15 +27,17 @@ class ComputeRates:
     flops_per_s: float  # sustained dense matmul rate in the model's dtype
     weight_bytes_per_s: float  # rate at which a matmul streams its weights from device memory
     job_overhead_s: float  # fixed cost of one compute job
-    # Attention only: fixed cost per sequence of a batch (the engine attends one sequence at a time).
+    # Attention jobs only (their many small ops): a fixed cost per job on top of job_overhead_s, and
+    # one per sequence of the batch (the engine attends one sequence at a time).
+    attention_overhead_s: float = 0.0
     sequence_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
-        overheads = (self.job_overhead_s, self.sequence_overhead_s)
+        overheads = (self.job_overhead_s, self.attention_overhead_s, self.sequence_overhead_s)
         if min(self.flops_per_s, self.weight_bytes_per_s) <= 0 or min(overheads) < 0:
             raise ConfigError(
                 "compute rates must be positive (flops_per_s, weight_bytes_per_s) and the overheads "
-                f"(job_overhead_s, sequence_overhead_s) not negative, got {self}"
+                f"(job_overhead_s, attention_overhead_s, sequence_overhead_s) not negative, got {self}"
             )
 
     def seconds(self, flops: float, weight_bytes: float) -> float:

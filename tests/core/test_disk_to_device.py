@@ -19,7 +19,8 @@ NEW_TOKENS = 4
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen2_moe", num_layers=3, num_experts=6)
-    return {"checkpoint": directory, "store": pack(directory, tmp_path_factory.mktemp("packed") / "store").path}
+    store = pack(directory, tmp_path_factory.mktemp("packed") / "store").path
+    return {"checkpoint": directory, "store": store}
 
 
 def streaming(directory: Path, **changes: object) -> EngineOptions:

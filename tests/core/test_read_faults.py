@@ -27,7 +27,8 @@ GOOD_READS = 12  # reads that succeed before the drive starts failing: the run i
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "mixtral", num_layers=3, num_experts=6)
-    return {"checkpoint": directory, "store": pack(directory, tmp_path_factory.mktemp("packed") / "store").path}
+    store = pack(directory, tmp_path_factory.mktemp("packed") / "store").path
+    return {"checkpoint": directory, "store": store}
 
 
 @pytest.fixture

@@ -1,0 +1,367 @@
+"""The cost model: how long each job and each transfer of the pipeline takes on a :class:`Machine`.
+
+:func:`machine_from_profile` turns what ``klotski-tier bench`` measured into a :class:`Machine`:
+
+- compute: the profile times one routed expert and one decode attention layer at a few token
+  counts. Their FLOPs and weight bytes follow from the profiled model's shape, so the three
+  rates of :class:`ComputeRates` are fitted to the expert times (least squares in log time over
+  a grid of overheads, each point in the regime, arithmetic or weights, that fits it), and the
+  attention times left over per sequence give ``sequence_overhead_s`` (the engine attends one
+  sequence at a time). ``ENGINE_DISPATCH_S`` is added to the job overhead: the bench calls ops
+  directly, the engine hands each job to its compute thread;
+- the drive: ``drive.best`` (the engine's fastest cold read path) at its queue depth;
+- zstd: one thread's decoding rate; host to device: pinned copies on CUDA. On a CPU device the
+  engine still copies every block into a second buffer (the "device" tier) in one thread:
+  ``CPU_COPY_GBPS`` is that copy's rate, measured on this machine with fresh 5.25 MiB buffers.
+
+:class:`CostModel` gives the time of every compute job the pipeline runs (attention per batch,
+routing per batch, one expert over its tokens, ...) and of moving one block from its home (disk,
+optionally compressed, or host) to the device, plus the device bytes a batch group holds outside
+weights (KV cache, activations), with the same formulas as the engine. Block sizes are the
+engine's: aligned views as :mod:`klotski_tier.core.layouts` places them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from klotski_tier.core.blocks import align_up
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.families import family_of
+from klotski_tier.core.machine import GB, ComputeRates, Machine
+from klotski_tier.core.profile import MachineProfile
+from klotski_tier.core.spec import ModelSpec, QKNorm
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+ENGINE_DISPATCH_S = {"cpu": 1.5e-4, "cuda": 1.0e-4}
+"""Seconds the engine adds to every compute job: the event loop hands it to the compute thread and
+awaits it (measured on this machine: 0.15 ms per empty job; on CUDA plus one stream synchronize)."""
+CPU_COPY_GBPS = 4.3
+"""Host-to-"device" copy rate on a CPU device: ``copy_`` of 5.25 MiB into freshly allocated buffers in
+the device driver's thread, median, this machine (4.3 GB/s; 7.3 GB/s into reused buffers)."""
+FP32_BYTES = 4  # routing weights, expert contributions and logits are float32 in the engine
+OVERHEAD_GRID = 200  # candidate job overheads tried by the fit, from 0 to just below the fastest job
+MATMUL_FLOPS = 2  # one multiply-add per weight and token
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Bytes of each kind of block, as the engine lays them out (aligned views, aligned end)."""
+
+    embed: int
+    head: int
+    attn: int
+    gate: int
+    expert: int
+    num_layers: int
+    num_experts: int
+
+    @property
+    def layer(self) -> int:
+        """One whole layer: attention, gate and every expert."""
+        return self.attn + self.gate + self.num_experts * self.expert
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.head + self.num_layers * self.layer
+
+    @property
+    def largest(self) -> int:
+        return max(self.embed, self.head, self.attn, self.gate, self.expert)
+
+
+def _aligned(view_bytes: list[int]) -> int:
+    """Bytes of a block buffer holding these views, each at an aligned offset (as ``_BlockBuilder``)."""
+    end = 0
+    for nbytes in view_bytes:
+        end = align_up(end) + nbytes
+    return align_up(end)
+
+
+def block_sizes(spec: ModelSpec) -> BlockSizes:
+    """The engine's block sizes for ``spec`` (see the role table of :mod:`klotski_tier.core.blocks`)."""
+    item, hidden, q, kv = spec.dtype.itemsize, spec.hidden_size, spec.q_size, spec.kv_size
+    attn = [hidden, q * hidden, kv * hidden, kv * hidden, hidden * q]
+    if spec.qkv_bias:
+        attn += [q, kv, kv] + ([hidden] if family_of(spec.family).o_bias_with_qkv else [])
+    if spec.qk_norm is QKNorm.PER_HEAD:
+        attn += [spec.head_dim, spec.head_dim]
+    elif spec.qk_norm is QKNorm.FULL:
+        attn += [q, kv]
+    gate = [hidden, spec.num_experts * hidden]
+    shared = spec.shared_expert_intermediate_size
+    if shared:
+        gate += [2 * shared * hidden, hidden * shared, hidden]
+    inter = spec.expert_intermediate_size
+    return BlockSizes(
+        embed=_aligned([spec.vocab_size * hidden * item]),
+        head=_aligned([hidden * item, spec.vocab_size * hidden * item]),
+        attn=_aligned([n * item for n in attn]),
+        gate=_aligned([n * item for n in gate]),
+        expert=_aligned([2 * inter * hidden * item, hidden * inter * item]),
+        num_layers=spec.num_layers,
+        num_experts=spec.num_experts,
+    )
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Moving one block from its home to the device: the time of each stage it passes."""
+
+    nbytes: int
+    disk_s: float  # reading it (its compressed bytes when compressed) at the drive's full rate
+    decode_s: float  # decompressing it in one disk thread (0 when not compressed)
+    copy_s: float  # host to device
+    io_threads: int
+
+    @property
+    def bottleneck_s(self) -> float:
+        """Time per block when many stream back to back: the slowest stage (decoding runs on every
+        disk thread at once)."""
+        return max(self.disk_s, self.decode_s / self.io_threads, self.copy_s)
+
+
+NO_TRANSFER = Transfer(0, 0.0, 0.0, 0.0, 1)
+
+
+class CostModel:
+    """Seconds of every compute job and block transfer of ``spec`` on ``machine``."""
+
+    def __init__(self, spec: ModelSpec, machine: Machine) -> None:
+        self.spec = spec
+        self.machine = machine
+        self.rates = machine.compute
+        self.sizes = block_sizes(spec)
+
+    # ---- compute jobs ---------------------------------------------------------------------
+
+    def expert_s(self, tokens: float) -> float:
+        """One routed expert over ``tokens`` tokens (0 when it has none: the engine skips it)."""
+        if tokens <= 0:
+            return 0.0
+        flops = 3 * MATMUL_FLOPS * self.spec.hidden_size * self.spec.expert_intermediate_size * tokens
+        return self.rates.seconds(flops, self.sizes.expert)
+
+    def expert_s_array(self, tokens: FloatArray) -> FloatArray:
+        """:meth:`expert_s` of each entry of ``tokens`` (any shape)."""
+        spec, rates = self.spec, self.rates
+        flops = 3 * MATMUL_FLOPS * spec.hidden_size * spec.expert_intermediate_size * tokens
+        seconds = rates.job_overhead_s + np.maximum(
+            flops / rates.flops_per_s, self.sizes.expert / rates.weight_bytes_per_s
+        )
+        return np.where(tokens > 0, seconds, 0.0)
+
+    def attention_s(self, sequences: int, query_tokens: int, context_tokens: int) -> float:
+        """Attention of one batch: ``sequences`` sequences of ``query_tokens`` new tokens each (1 to
+        decode, the prompt to prefill), after ``context_tokens`` cached ones."""
+        spec, item = self.spec, self.spec.dtype.itemsize
+        q, kv, hidden = spec.q_size, spec.kv_size, spec.hidden_size
+        tokens = sequences * query_tokens
+        keys = query_tokens * context_tokens + query_tokens * (query_tokens + 1) / 2  # causal pairs
+        flops = MATMUL_FLOPS * tokens * hidden * (2 * q + 2 * kv) + 2 * MATMUL_FLOPS * q * sequences * keys
+        kv_bytes = sequences * (context_tokens + query_tokens) * 2 * kv * item
+        rates = self.rates
+        extra = rates.attention_overhead_s + sequences * rates.sequence_overhead_s
+        return rates.seconds(flops, self.sizes.attn + kv_bytes) + extra
+
+    def gate_s(self, tokens: int) -> float:
+        """Routing one batch's ``tokens`` tokens (norm, router, top-k; the shared expert if any)."""
+        spec = self.spec
+        flops = MATMUL_FLOPS * tokens * spec.hidden_size * spec.num_experts
+        flops += 3 * MATMUL_FLOPS * tokens * spec.hidden_size * spec.shared_expert_intermediate_size
+        return self.rates.seconds(flops, self.sizes.gate)
+
+    def gather_s(self, tokens: int) -> float:
+        """Gathering the routed tokens of all n batches and zeroing their contributions."""
+        return self.rates.seconds(0.0, self._contribution_bytes(tokens))
+
+    def combine_s(self, tokens: int) -> float:
+        """Summing one batch's expert contributions into its residual stream."""
+        return self.rates.seconds(0.0, self._contribution_bytes(tokens))
+
+    def embed_s(self, tokens: int) -> float:
+        return self.rates.seconds(0.0, tokens * self.spec.hidden_size * self.spec.dtype.itemsize)
+
+    def head_s(self, sequences: int) -> float:
+        """Final norm and LM head over each sequence's last token."""
+        flops = MATMUL_FLOPS * sequences * self.spec.hidden_size * self.spec.vocab_size
+        return self.rates.seconds(flops, self.sizes.head)
+
+    def _contribution_bytes(self, tokens: int) -> int:
+        return tokens * self.spec.top_k * self.spec.hidden_size * FP32_BYTES
+
+    # ---- transfers ------------------------------------------------------------------------
+
+    def transfer(self, nbytes: int, home: str, compression_ratio: float | None = None) -> Transfer:
+        """Moving ``nbytes`` to the device from ``home``: "device" (already there), "host" or "disk";
+        from disk, a compressed store reads ``nbytes / compression_ratio`` and decodes in a disk thread."""
+        machine = self.machine
+        if home == "device":
+            return NO_TRANSFER
+        copy_s = machine.host_to_device_seconds(nbytes)
+        if home == "host":
+            return Transfer(nbytes, 0.0, 0.0, copy_s, machine.io_threads)
+        if home != "disk":
+            raise ConfigError(f"unknown block home {home!r}; use 'device', 'host' or 'disk'")
+        ratio = compression_ratio or 1.0
+        decode_s = nbytes / (machine.zstd_decompress_gbps * GB) if compression_ratio else 0.0
+        disk_s = machine.disk_seconds(math.ceil(nbytes / ratio))
+        return Transfer(nbytes, disk_s, decode_s, copy_s, machine.io_threads)
+
+    # ---- memory outside weights -------------------------------------------------------------
+
+    def kv_cache_bytes(self, batch_size: int, prompt_tokens: int, new_tokens: int) -> int:
+        """KV cache of one batch, as :func:`klotski_tier.core.sequences.kv_cache_bytes`."""
+        return batch_size * (prompt_tokens + new_tokens) * self.spec.kv_bytes_per_token()
+
+    def activation_bytes(self, batch_size: int, prompt_tokens: int) -> int:
+        """Activations of one batch in prefill, as :func:`klotski_tier.core.sequences.activation_bytes`."""
+        spec = self.spec
+        tokens = batch_size * prompt_tokens
+        hidden = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
+        scores = batch_size * spec.num_heads * prompt_tokens * prompt_tokens * FP32_BYTES
+        return hidden + scores + batch_size * spec.vocab_size * FP32_BYTES
+
+    def fixed_device_bytes(self, batches: int, batch_size: int, prompt_tokens: int, new_tokens: int) -> int:
+        """Device bytes of a group of ``batches`` full batches outside weights, as the engine reserves."""
+        per_batch = self.kv_cache_bytes(batch_size, prompt_tokens, new_tokens)
+        return batches * (per_batch + self.activation_bytes(batch_size, prompt_tokens))
+
+
+# ---- fitting a machine to a profile ---------------------------------------------------------
+
+
+def fit_roofline(flops: FloatArray, weight_bytes: FloatArray, seconds: FloatArray) -> ComputeRates:
+    """``job_overhead_s``, ``flops_per_s`` and ``weight_bytes_per_s`` that best explain ``seconds``.
+
+    For each overhead on a grid, each point is put in the regime its arithmetic intensity suggests
+    (the most intense ones bound by arithmetic, the others by weights, for every split), each rate is
+    the geometric mean its points imply, a regime without points gets the slowest rate that keeps it
+    from binding, and the split's error is the squared log error of the roofline at every point.
+    The best (overhead, split) wins; among equal errors the largest overhead.
+    """
+    order = np.argsort(flops / weight_bytes)  # least intense first
+    f, w, s = flops[order], weight_bytes[order], seconds[order]
+    best: tuple[float, float, float, float] | None = None  # (error, -overhead, 1/F, 1/W)
+    for overhead in np.linspace(0.0, 0.999 * float(s.min()), OVERHEAD_GRID):
+        busy = s - overhead
+        for split in range(len(s) + 1):  # points [split:] are bound by arithmetic
+            per_flop, per_byte = _regime_rates(f, w, busy, split)
+            model = overhead + np.maximum(f * per_flop, w * per_byte)
+            error = float(np.sum(np.log(model / s) ** 2))
+            candidate = (round(error, 12), -float(overhead), per_flop, per_byte)
+            if best is None or candidate < best:
+                best = candidate
+    assert best is not None
+    _, overhead, per_flop, per_byte = best
+    return ComputeRates(1.0 / per_flop, 1.0 / per_byte, -overhead)
+
+
+def _regime_rates(f: FloatArray, w: FloatArray, busy: FloatArray, split: int) -> tuple[float, float]:
+    """Seconds per FLOP and per weight byte implied by the points of each regime."""
+    per_flop = float(np.exp(np.mean(np.log(busy[split:] / f[split:])))) if split < len(f) else 0.0
+    per_byte = float(np.exp(np.mean(np.log(busy[:split] / w[:split])))) if split > 0 else 0.0
+    if split == len(f):  # no arithmetic-bound point: arithmetic just never binds
+        per_flop = float(np.min(w * per_byte / f))
+    if split == 0:  # no weight-bound point: weights just never bind
+        per_byte = float(np.min(f * per_flop / w))
+    return per_flop, per_byte
+
+
+def machine_from_profile(
+    profile: MachineProfile,
+    spec_of_profile_model: ModelSpec,
+    *,
+    device_memory_bytes: int | None = None,
+    name: str = "this machine",
+    source: str = "klotski-tier bench profile",
+) -> Machine:
+    """This machine as the profile measured it (see the module docstring for each figure).
+
+    ``spec_of_profile_model`` is the model the profile's compute figures were measured on (the
+    demo's spec for ``compute.model == "demo"``). ``device_memory_bytes`` defaults to the host's
+    memory on a CPU device; a CUDA profile does not record the GPU's memory, so pass it.
+    """
+    compute, host = profile.compute, profile.host
+    if not compute.expert_s or not compute.attention_s:
+        raise ConfigError("the machine profile has no compute figures; run `klotski-tier bench` again")
+    cpu = compute.device == "cpu"
+    if device_memory_bytes is None and not cpu:
+        raise ConfigError("a CUDA profile does not record the GPU's memory; pass device_memory_bytes")
+    rates = _fit_compute(spec_of_profile_model, profile)
+    if cpu:
+        h2d: float | None = CPU_COPY_GBPS
+    else:
+        h2d = profile.h2d.pinned_gbps if profile.h2d is not None else None
+    return Machine(
+        name=name,
+        source=f"{source}, measured {profile.created} on {host.hostname}",
+        device="cpu" if cpu else "cuda",
+        device_memory_bytes=host.memory_bytes if device_memory_bytes is None else device_memory_bytes,
+        host_memory_bytes=host.memory_bytes,
+        disk_read_gbps=profile.drive.best.gbps,
+        host_to_device_gbps=h2d,
+        compute=rates,
+        zstd_decompress_gbps=profile.zstd.decompress_gbps,
+        io_threads=profile.drive.best.queue_depth,
+    )
+
+
+def _fit_compute(spec: ModelSpec, profile: MachineProfile) -> ComputeRates:
+    """The roofline of the expert figures, the attention's per-sequence rest, and the engine's dispatch."""
+    compute = profile.compute
+    unit = CostModel(spec, _unit_machine(compute.device))
+    tokens = np.array(sorted(compute.expert_s), dtype=np.float64)
+    flops = 3 * MATMUL_FLOPS * spec.hidden_size * spec.expert_intermediate_size * tokens
+    weights = np.full_like(tokens, unit.sizes.expert)
+    measured = np.array([compute.expert_s[int(t)] for t in tokens])
+    rates = fit_roofline(flops, weights, measured)  # without the engine's dispatch: the bench calls ops
+    fitted = CostModel(spec, _unit_machine(compute.device, rates))
+    sequences = sorted(compute.attention_s)
+    rest = [compute.attention_s[t] - fitted.attention_s(t, 1, compute.context_tokens) for t in sequences]
+    per_job, per_sequence = fit_line(np.array(sequences, dtype=np.float64), np.array(rest))
+    dispatch = ENGINE_DISPATCH_S["cpu" if compute.device == "cpu" else "cuda"]
+    logger.info(
+        "fitted %s; attention +%.3f ms per job, +%.3f ms per sequence",
+        rates,
+        per_job * 1e3,
+        per_sequence * 1e3,
+    )
+    return ComputeRates(
+        rates.flops_per_s, rates.weight_bytes_per_s, rates.job_overhead_s + dispatch, per_job, per_sequence
+    )
+
+
+def fit_line(x: FloatArray, y: FloatArray) -> tuple[float, float]:
+    """Intercept and slope, both >= 0, of the least-squares line through (x, y)."""
+    if len(x) >= 2:
+        slope, intercept = np.polyfit(x, y, 1)
+        if slope >= 0 and intercept >= 0:
+            return float(intercept), float(slope)
+        if slope < 0:  # flat: only the intercept
+            return max(0.0, float(np.mean(y))), 0.0
+    return 0.0, max(0.0, float(np.sum(x * y) / np.sum(x * x)))  # through the origin
+
+
+def _unit_machine(device: str, rates: ComputeRates | None = None) -> Machine:
+    """A machine that only carries ``rates`` (the fit's scratch: no memory, links at 1 GB/s)."""
+    return Machine(
+        name="fit",
+        source="fit",
+        device="cpu" if device == "cpu" else "cuda",
+        device_memory_bytes=0,
+        host_memory_bytes=0,
+        disk_read_gbps=1.0,
+        host_to_device_gbps=None,
+        compute=rates or ComputeRates(1.0, 1.0, 0.0),
+        zstd_decompress_gbps=1.0,
+        io_threads=1,
+    )
