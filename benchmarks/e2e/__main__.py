@@ -64,7 +64,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batches", type=_ints, default=[1, 2, 4, 8, 16], help="n values klotski sweeps (1,2,4,8,16)"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="bs, sequences per batch of the engine (1)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="bs of the engine's batches (default: N / n, one group)"
+    )
+    p.add_argument(
+        "--klotski-hot-experts", default="all", help='K of klotski: an integer, or "all" (default)'
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported (3)")
     p.add_argument(
         "--sweep", choices=SWEEPS, help="batches: klotski over --batches; budget: over --sweep-budgets"
@@ -93,6 +98,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         budget=args.budget,
         batches=args.batches,
         batch_size=args.batch_size,
+        klotski_hot_experts=_hot(args.klotski_hot_experts),
         repeats=args.repeats,
         sweep=args.sweep,
         sweep_budgets=args.sweep_budgets,
@@ -121,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_point(point))
     print("\nwrote " + ", ".join(str(p) for p in outcome.files))
     return 0
+
+
+def _hot(text: str) -> int | str:
+    return text if text == "all" else int(text)
 
 
 if __name__ == "__main__":

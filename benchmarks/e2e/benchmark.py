@@ -53,7 +53,8 @@ class BenchConfig:
     systems: Sequence[str] = SYSTEMS
     budget: float = 0.25  # fraction of the model's bytes
     batches: Sequence[int] = (1, 2, 4, 8, 16)  # n: klotski's sweep (the batches sweep's x axis)
-    batch_size: int = 1  # bs 1: n is the group size, and n = 16 groups all 16 prompts
+    batch_size: int | None = None  # None: all N prompts in one group of n batches (bs = ceil(N / n))
+    klotski_hot_experts: int | str | None = "all"  # K of the klotski system
     repeats: int = 3
     sweep: str | None = None  # None, "batches" or "budget"
     sweep_budgets: Sequence[float] = DEFAULT_SWEEP_BUDGETS
@@ -73,7 +74,7 @@ class BenchConfig:
             raise ConfigError(f"unknown system {unknown[0]!r}; valid systems: {', '.join(SYSTEMS)}")
         if self.sweep is not None and self.sweep not in SWEEPS:
             raise ConfigError(f"unknown sweep {self.sweep!r}; valid sweeps: {', '.join(SWEEPS)}")
-        if self.repeats < 1 or self.batch_size < 1 or not self.batches or min(self.batches) < 1:
+        if self.repeats < 1 or (self.batch_size or 1) < 1 or not self.batches or min(self.batches) < 1:
             raise ConfigError("repeats, batch size and every n of --batches must be at least 1")
 
     @property
@@ -115,12 +116,16 @@ def _run_points(
 ) -> tuple[list[float], list[Point]]:
     trace_dir = config.out if config.trace else None
     plan = PointPlan(
-        config.systems, config.batches, config.batch_size, config.repeats, config.accelerate_batch, trace_dir
-    )
+        config.systems, config.batches, config.batch_size, config.repeats, config.accelerate_batch, trace_dir,
+        config.klotski_hot_experts,
+    )  # fmt: skip
     if config.sweep == "batches":
         systems = [s for s in config.systems if s in SWEEP_SYSTEMS] or [KLOTSKI]
         budget = budget_for(config.budget, model_bytes, allowance)
-        plans = [PointPlan(systems, [n], config.batch_size, config.repeats) for n in config.batches]
+        plans = [
+            PointPlan(systems, [n], config.batch_size, config.repeats, None, None, config.klotski_hot_experts)
+            for n in config.batches
+        ]
         return [float(n) for n in config.batches], [comparison.point(p, budget) for p in plans]
     fractions = list(config.sweep_budgets) if config.sweep == "budget" else [config.budget]
     return fractions, [comparison.point(plan, budget_for(f, model_bytes, allowance)) for f in fractions]

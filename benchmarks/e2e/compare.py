@@ -51,10 +51,11 @@ class PointPlan:
 
     systems: Sequence[str]
     batches: Sequence[int]  # n candidates for systems that sweep n
-    batch_size: int  # bs, unless a preset fixes it
+    batch_size: int | None  # bs, unless a preset fixes it; None: the whole workload in one group (N / n)
     repeats: int
     accelerate_batch: int | None = None  # None: the largest that fits, starting from all prompts
     trace_dir: Path | None = None  # save one extra klotski run's Chrome trace here
+    klotski_hot_experts: int | str | None = "all"  # K of klotski; "all": every expert of the next layer
 
 
 class Comparison:
@@ -78,6 +79,10 @@ class Comparison:
         self._extra_runs.clear()
         return Point(budget, systems, bound, bound_runs)
 
+    def batch_size(self, plan: PointPlan, n: int) -> int:
+        """bs of a group of ``n`` batches: the plan's, else all N prompts in one group (ceil(N / n))."""
+        return plan.batch_size or -(-len(self.inputs.prompts) // n)
+
     # ---- systems -----------------------------------------------------------------------------
 
     def _system(self, plan: PointPlan, name: str, budget: Budget) -> SystemResult:
@@ -96,17 +101,22 @@ class Comparison:
 
     def _engine(self, plan: PointPlan, name: str, budget: Budget, preset: str | None) -> SystemResult:
         fixed_n, fixed_bs = preset_batching(preset)
-        bs = fixed_bs or plan.batch_size
         candidates = [fixed_n] if fixed_n else [1] if name in SINGLE_BATCH_SYSTEMS else list(plan.batches)
+        hot = plan.klotski_hot_experts if name == KLOTSKI else None
 
         def job(n: int, trace: Path | None = None) -> Job:
-            return engine_job(name, self.inputs, self.files, budget, n, bs, preset=preset, trace_path=trace)
+            bs = fixed_bs or self.batch_size(plan, n)
+            return engine_job(
+                name, self.inputs, self.files, budget, n, bs, preset=preset, trace_path=trace, hot_experts=hot
+            )
 
         sweep = {n: self.runner.run(job(n), budget.limit_bytes) for n in candidates}
         best = _fastest(sweep)
         result = SystemResult(name, describe_engine(job(best)), [sweep[best]])
         result.notes.update(
-            batches=best, batch_size=bs, sweep={str(n): _summary(r) for n, r in sweep.items()}
+            batches=best,
+            batch_size=fixed_bs or self.batch_size(plan, best),
+            sweep={str(n): _summary(r) for n, r in sweep.items()},
         )
         if result.ok:
             result.runs += self._repeat(lambda: job(best), budget.limit_bytes, plan.repeats - 1)
@@ -168,7 +178,7 @@ class Comparison:
 
     def _bound(self, plan: PointPlan, budget: Budget, n: int) -> tuple[Bound | None, list[RunRecord]]:
         routing = self.runner.settings.scratch / f"routing-n{n}.npz"
-        job = bound_job(self.inputs, n, plan.batch_size, routing)
+        job = bound_job(self.inputs, n, self.batch_size(plan, n), routing)
         runs = self._repeat(lambda: job, None, plan.repeats)  # unlimited: every weight resident
         if not runs or not all(r.ok for r in runs):
             logger.warning("the all-resident reference failed: %s", runs[-1].reason if runs else "no run")
@@ -177,7 +187,8 @@ class Comparison:
         resident = budget.weight_bytes - int(runs[0].output["fixed_bytes"])
         moved = must_move_bytes(RoutingTrace.load(routing), self.files.layouts, resident)
         generated = int(runs[0].output["generated_tokens"])
-        return Bound(compute_s, moved, self.drive_gbps, resident, generated, n, plan.batch_size), runs
+        bs = self.batch_size(plan, n)
+        return Bound(compute_s, moved, self.drive_gbps, resident, generated, n, bs), runs
 
     def _check(self, runs: list[RunRecord]) -> None:
         """Every successful run must match the reference (the first successful run ever seen)."""

@@ -19,8 +19,11 @@ in the results):
 - ``sequential``, ``flexgen``, ``ondemand-lru``: the engine with those presets (when the preset is
   registered; else the system is skipped, saying so); batches and batch size from the preset when
   it sets them, else like ``klotski``;
-- ``klotski``: the engine's defaults, n the best of a sweep over ``--batches`` (until the planner
-  lands);
+- ``klotski``: the engine's defaults with K = ``--klotski-hot-experts`` ("all" by default: with
+  N x top-k tokens per layer every expert is activated, so the whole next layer is prefetched;
+  Klotski's reordering still runs resident experts first), n the best of a sweep over ``--batches``;
+- every engine system runs all N prompts as one batch group: bs = ceil(N / n) unless
+  ``--batch-size`` is given (``sequential`` and ``ondemand-lru``: one batch of N);
 - the engine's systems read the model's packed store (O_DIRECT, no page cache); with no GPU the
   device is the CPU, so the whole weight budget is the device tier and blocks are read from disk
   straight into it (host budget 0); with a GPU, the host tier would stage ``STAGING_BLOCKS``
@@ -132,6 +135,7 @@ def engine_job(
     *,
     preset: str | None = None,
     trace_path: Path | None = None,
+    hot_experts: int | str | None = None,
 ) -> Job:
     """A run of the engine within ``budget``, batch group n = ``batches`` x bs = ``batch_size``."""
     device, host = engine_budgets(budget.weight_bytes, fixed_bytes(work, files, batches, batch_size), files)
@@ -142,6 +146,8 @@ def engine_job(
         "device_memory_bytes": device,
         "host_memory_bytes": host,
     }
+    if hot_experts is not None:
+        options["hot_experts"] = hot_experts
     return Job(
         system, ENGINE, str(work.store or work.model), work.prompts, work.new_tokens, preset=preset,
         engine_options=options, trace_path=None if trace_path is None else str(trace_path),
@@ -189,7 +195,8 @@ def describe_engine(job: Job) -> str:
     opts = job.engine_options
     preset = f"preset {job.preset}, " if job.preset else ""
     device, host = format_size(opts["device_memory_bytes"]), format_size(opts["host_memory_bytes"])
-    return f"{preset}n={opts['batches']} x bs={opts['batch_size']}, device {device} + host {host}"
+    hot = f", K={opts['hot_experts']}" if "hot_experts" in opts else ""
+    return f"{preset}n={opts['batches']} x bs={opts['batch_size']}{hot}, device {device} + host {host}"
 
 
 def describe_accelerate(job: Job, placed: dict[str, int] | None = None) -> str:
