@@ -15,8 +15,10 @@ from klotski_tier.cli.bench import bench
 from klotski_tier.cli.config_cmd import config
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.pack import pack, verify
+from klotski_tier.cli.plan import plan
 from klotski_tier.cli.replay import replay
 from klotski_tier.cli.run import run
+from klotski_tier.cli.simulate import simulate
 from klotski_tier.cli.trace import trace
 
 __all__ = ["main", "report_errors"]
@@ -38,3 +40,5 @@ main.add_command(trace)
 main.add_command(pack)
 main.add_command(verify)
 main.add_command(bench)
+main.add_command(plan)
+main.add_command(simulate)

@@ -1,7 +1,9 @@
 """The engine options of the command line: ``--config``, ``--preset`` and the flags that override them.
 
 ``run`` and ``config show`` share these flags, so that ``config show`` prints exactly the
-configuration a ``run`` with the same flags would use.
+configuration a ``run`` with the same flags would use. :func:`options_and_explicit` also says which
+fields the user set (by a flag, the config file or the preset): ``run --plan auto`` lets the planner
+choose only the others, and ``config show`` prints the configuration before any plan.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
-from klotski_tier.core.config import EngineOptions, build_options, replace
-from klotski_tier.core.presets import PRESETS
+from klotski_tier.core.config import EngineOptions, build_options, read_config_file, replace
+from klotski_tier.core.presets import PRESETS, preset_fields
 from klotski_tier.core.sizes import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,12 +79,21 @@ def options_from_flags(flags: dict[str, Any], **defaults: Any) -> EngineOptions:
 
     ``defaults`` apply only where neither the preset, the file nor a flag set a value.
     """
+    return options_and_explicit(flags, **defaults)[0]
+
+
+def options_and_explicit(flags: dict[str, Any], **defaults: Any) -> tuple[EngineOptions, frozenset[str]]:
+    """As :func:`options_from_flags`, with the EngineOptions fields the user set: by a flag given on
+    the command line, in the ``--config`` file or by the ``--preset`` (``defaults`` are not set)."""
     overrides = {field: flags.pop(name) for name, field in _DIRECT.items()}
     for name, (field, option) in _SIZES.items():
         text = flags.pop(name)
         overrides[field] = None if text is None else parse_size(text, what=option)
-    options = build_options(
-        preset=flags.pop("preset"), config_file=flags.pop("config_file"), overrides=overrides
-    )
+    preset, config_file = flags.pop("preset"), flags.pop("config_file")
+    fields = preset_fields(preset) if preset is not None else {}
+    fields.update(read_config_file(config_file) if config_file is not None else {})
+    given = {field: value for field, value in overrides.items() if value is not None}
+    fields.update(given)
+    options = build_options(overrides=fields)  # the layering above is build_options' own order
     unset = {k: v for k, v in defaults.items() if getattr(options, k) is None}
-    return replace(options, **unset)
+    return replace(options, **unset), frozenset(fields)

@@ -1,5 +1,8 @@
 """Fixtures shared by the whole test suite.
 
+The user's cache (``~/.cache/klotski-tier``: demo model, machine profile) is replaced by an
+empty one for the whole session.
+
 ``checkpoint_factory(family, **kwargs)`` returns the directory of a tiny real checkpoint built by
 :func:`tests.checkpoints.make_checkpoint` with those arguments. Directories are cached for the
 session by their arguments, so many tests can share one build: treat them as read-only, and
@@ -8,7 +11,7 @@ copy one (``shutil.copytree``) before corrupting it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,16 @@ import pytest
 from tests.checkpoints import make_checkpoint
 
 CheckpointFactory = Callable[..., Path]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test reads the user's cache: its machine profile would change what `run --plan auto` does.
+    Tests that need their own cache still set ``KLOTSKI_TIER_CACHE`` themselves."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,252 @@
+"""``klotski-tier simulate``: what the pipeline would do on a machine, for one n or a sweep of n.
+
+It takes ``plan``'s options (:func:`klotski_tier.cli.plan.study_options`), runs the discrete-event
+simulation of ``generate`` (:mod:`klotski_tier.core.simulate`) for each n, and prints one row per n
+beside the planner's prediction for the same n, bs and K. Without ``--batches`` or ``--sweep`` it
+simulates the plan (the planner's n, bs, K and preload). Each row runs ``--prompts`` sequences, or
+else one full group (n x bs). A group whose KV cache and activations leave no room for a block is
+not simulated (it could not run); the others are. ``--list`` prints the shapes and machines known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.files import check_writable
+from klotski_tier.cli.plan import Study, study_from_flags, study_options
+from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
+from klotski_tier.core.config import EngineOptions
+from klotski_tier.core.costmodel import CostModel
+from klotski_tier.core.errors import BudgetError, ConfigError
+from klotski_tier.core.hardware import HARDWARE, load_hardware_file
+from klotski_tier.core.planner import Plan, make_plan
+from klotski_tier.core.profile import default_profile_path
+from klotski_tier.core.shapes import MODEL_SHAPES, load_shapes_file
+from klotski_tier.core.simulate import SimConfig, WorkloadResult, sweep
+from klotski_tier.core.sizes import format_size
+
+DEFAULT_DECODE_STEPS = 8  # decode steps simulated per group; the rest are counted at their mean
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    """The group shapes to simulate and the planner's predictions for them."""
+
+    batches: list[int]  # n that fit, ascending
+    skipped: dict[int, str]  # n that do not fit: why
+    batch_size: int
+    hot_experts: int
+    host_preload: bool
+    plan: Plan  # at this bs and K: its sweep predicts each n
+    from_plan: bool  # n, bs, K and preload are the plan's
+
+    @property
+    def predicted(self) -> dict[int, float]:
+        return {n: tokens_per_s for n, tokens_per_s, _ in self.plan.sweep}
+
+
+@click.command("simulate")
+@study_options
+@click.option(
+    "--batches",
+    "-n",
+    "batch_counts",
+    metavar="N",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="n to simulate (repeatable; default: the planner's).",
+)
+@click.option("--sweep", "sweep_text", metavar="LIST", help="Several n at once, e.g. 1,2,4,8,16.")
+@click.option("--host-preload", is_flag=True, help="Read every block into host RAM first (host.preload).")
+@click.option(
+    "--decode-steps",
+    type=click.IntRange(min=1),
+    default=DEFAULT_DECODE_STEPS,
+    show_default=True,
+    help="Decode steps simulated per group; the others are counted at their mean.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated routes.")
+@click.option(
+    "--png",
+    "png_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Draw decode tokens/s by n into this PNG (needs matplotlib).",
+)
+@click.option("--list", "list_all", is_flag=True, help="List the model shapes and hardware known, and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a row per n.")
+@report_errors
+def simulate(
+    batch_counts: tuple[int, ...],
+    sweep_text: str | None,
+    host_preload: bool,
+    decode_steps: int,
+    seed: int,
+    png_path: Path | None,
+    list_all: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:  # fmt: skip
+    """Simulate generation of a model on a machine for one n or a sweep: throughput, bubbles, bytes
+    moved and peak memory per tier, beside the planner's prediction.
+
+    Without --batches or --sweep: the plan's n, bs, K and preload. With them: bs and K as given, else
+    the engine's defaults (bs 4, K = top-k); each n runs --prompts sequences, else one full group.
+    """
+    if list_all:
+        for line in catalog(flags["shapes_file"], flags["hardware_file"], flags["profile_path"]):
+            click.echo(line)
+        return
+    if png_path is not None:
+        check_writable(png_path, "--png")
+    study = study_from_flags(flags)
+    setup = sweep_setup(study, sorted({*batch_counts, *parse_counts(sweep_text)}), host_preload)
+    if not setup.batches:
+        least = min(setup.skipped)
+        raise BudgetError(
+            f"no n fits: at n={least}, {setup.skipped[least]}; raise --device-memory or lower --batch-size"
+        )
+    results, sequences = _simulate(study, setup, decode_steps, seed)
+    predicted = [setup.predicted.get(result.batches) for result in results]
+    if png_path is not None:
+        render_sweep_png(results, predicted, png_path, f"{study.model} on {study.machine.name}")
+    if as_json:
+        click.echo(json.dumps(_record(study, setup, results, sequences, predicted)))
+        return
+    for line in [*_heading(study, setup), *format_simulation(results, sequences, predicted), *_notes(setup)]:
+        click.echo(line)
+    if png_path is not None:
+        click.echo(f"wrote {png_path}")
+
+
+def parse_counts(text: str | None) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; anything but positive whole numbers is a :class:`ConfigError`."""
+    if text is None:
+        return []
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or not all(item.isdigit() and int(item) > 0 for item in items):
+        raise ConfigError(f"--sweep {text!r} is not a list of positive whole numbers; write e.g. 1,2,4,8")
+    return [int(item) for item in items]
+
+
+def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSetup:
+    """Without ``counts``: the plan's n, bs, K and preload; else ``counts`` at the given (or default)
+    bs and K."""
+    request = study.request
+    if not counts:
+        plan = make_plan(request)
+        return SweepSetup([plan.batches], {}, plan.batch_size, plan.hot_experts,
+                          plan.placement.host_preload, plan, from_plan=True)  # fmt: skip
+    bs = request.batch_size or EngineOptions().batch_size  # the engine's default bs
+    hot = request.hot_experts if request.hot_experts is not None else study.spec.top_k  # as the engine
+    sequences = study.sequences or max(counts) * bs  # the planner tries every n up to this many
+    fixed = dataclasses.replace(request, batch_size=bs, hot_experts=hot, sequences=sequences,
+                                host_preload=True if host_preload else None)  # fmt: skip
+    plan = make_plan(fixed)
+    skipped = {n: why for n in counts if (why := _does_not_fit(study, n, bs)) is not None}
+    fitting = [n for n in counts if n not in skipped]
+    return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False)
+
+
+def _does_not_fit(study: Study, batches: int, batch_size: int) -> str | None:
+    """Why a group of ``batches`` x ``batch_size`` cannot run within the device budget, or None."""
+    request, cost = study.request, CostModel(study.spec, study.machine)
+    budget = _device_budget(study)
+    fixed = cost.fixed_device_bytes(batches, batch_size, request.prompt_tokens, request.new_tokens)
+    if fixed + cost.sizes.largest <= budget:
+        return None
+    return (
+        f"its KV cache and activations ({format_size(fixed)}) and the largest block "
+        f"({format_size(cost.sizes.largest)}) exceed the device budget {format_size(budget)}"
+    )
+
+
+def _device_budget(study: Study) -> int:
+    given = study.request.device_memory_bytes
+    return study.machine.device_memory_bytes if given is None else given
+
+
+def _host_budget(study: Study) -> int:
+    given = study.request.host_memory_bytes
+    return study.machine.host_memory_bytes if given is None else given
+
+
+def _simulate(
+    study: Study, setup: SweepSetup, steps: int, seed: int
+) -> tuple[list[WorkloadResult], list[int]]:
+    request = study.request
+    config = SimConfig(
+        study.spec, study.machine, batches=setup.batches[0], batch_size=setup.batch_size,
+        hot_experts=setup.hot_experts, device_memory_bytes=request.device_memory_bytes,
+        host_memory_bytes=request.host_memory_bytes, host_preload=setup.host_preload,
+        compression_ratio=request.compression_ratio, routing=study.sampler, seed=seed,
+    )  # fmt: skip
+
+    def sequences(n: int) -> int:
+        if setup.from_plan:
+            return request.sequences
+        return study.sequences or n * setup.batch_size
+
+    results = sweep(config, setup.batches, sequences=sequences, prompt_tokens=request.prompt_tokens,
+                    new_tokens=request.new_tokens, max_decode_steps=steps)  # fmt: skip
+    return results, [sequences(n) for n in setup.batches]
+
+
+def _heading(study: Study, setup: SweepSetup) -> list[str]:
+    request, machine = study.request, study.machine
+    routing = study.sampler.describe() if study.sampler is not None else "parametric model"
+    device, host = format_size(_device_budget(study)), format_size(_host_budget(study))
+    lines = [
+        f"simulated {study.model} on {machine.name} ({machine.device}): {request.prompt_tokens} prompt + "
+        f"{request.new_tokens} new tokens per sequence; budgets: device {device}, host {host}; "
+        f"routing: {routing}",
+    ]
+    if setup.from_plan:
+        lines.append(f"n, bs, K and preload from the plan ({setup.plan.why})")
+    return [*lines, ""]
+
+
+def _notes(setup: SweepSetup) -> list[str]:
+    notes = [f"n={n} not simulated: {why}" for n, why in sorted(setup.skipped.items())]
+    return ["", *notes] if notes else []
+
+
+def _record(
+    study: Study,
+    setup: SweepSetup,
+    results: Sequence[WorkloadResult],
+    sequences: Sequence[int],
+    predicted: Sequence[float | None],
+) -> dict[str, Any]:
+    rows = [
+        {**result.to_dict(), "sequences": count, "planner_decode_tokens_per_s": guess}
+        for result, count, guess in zip(results, sequences, predicted, strict=True)
+    ]
+    return {
+        "model": study.model,
+        "machine": study.machine.name,
+        "prompt_tokens": study.request.prompt_tokens,
+        "new_tokens": study.request.new_tokens,
+        "device_budget_bytes": _device_budget(study),
+        "host_budget_bytes": _host_budget(study),
+        "from_plan": setup.from_plan,
+        "rows": rows,
+        "skipped": [{"batches": n, "reason": why} for n, why in sorted(setup.skipped.items())],
+    }
+
+
+def catalog(shapes_file: Path | None, hardware_file: Path | None, profile_path: Path | None) -> list[str]:
+    """The model shapes and machines that ``--model-shape`` and ``--hardware`` can name."""
+    user_shapes = load_shapes_file(shapes_file) if shapes_file is not None else {}
+    machines = {**HARDWARE, **(load_hardware_file(hardware_file) if hardware_file is not None else {})}
+    path = profile_path if profile_path is not None else default_profile_path()
+    state = "" if path.is_file() else " (none yet: run `klotski-tier bench`)"
+    this = f"this machine, from the `klotski-tier bench` profile at {path}{state}"
+    return [*format_shapes(MODEL_SHAPES, user_shapes), "", *format_hardware(machines, this)]

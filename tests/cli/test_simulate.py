@@ -1,0 +1,142 @@
+"""``klotski-tier simulate``: a row per n of a sweep beside the planner's prediction, JSON, the plan's own
+n by default, groups that cannot fit left out, the list of shapes and machines, the sweep chart, and
+one-line errors. The machines are synthetic TOML entries: no test sees the user's machine profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from klotski_tier.cli.main import main
+from klotski_tier.core.hardware import HARDWARE
+from klotski_tier.core.shapes import MODEL_SHAPES, model_shape, shape_to_toml
+
+HARDWARE_TOML = """
+[hardware.test-box]
+base = "rtx3090-sata"
+source = "a synthetic test machine"
+"""
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SWEEP = [1, 2, 4]
+# the demo shape on a small workload with tight budgets, so that experts stream: a few seconds in all
+SMALL = ("--prompt-tokens", "8", "--max-new-tokens", "4", "--decode-steps", "2", "--host-memory", "32MiB")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the user's cache (and its profile)."""
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def machine_args(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
+    path = tmp_path_factory.mktemp("hardware") / "hardware.toml"
+    path.write_text(HARDWARE_TOML, encoding="utf-8")
+    return ("--hardware-file", str(path), "--hardware", "test-box")
+
+
+def simulate(*args: str) -> Result:
+    return CliRunner().invoke(main, ["simulate", *args])
+
+
+def simulate_ok(*args: str) -> str:
+    result = simulate(*args)
+    assert result.exit_code == 0, f"stderr: {result.stderr!r}; exception: {result.exception!r}"
+    return result.stdout
+
+
+def simulate_json(*args: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(simulate_ok(*args, "--json"))
+    return record
+
+
+@pytest.fixture(scope="module")
+def sweep_record(machine_args: tuple[str, ...]) -> dict[str, Any]:
+    return simulate_json(*machine_args, *SMALL, "--device-memory", "64MiB", "--sweep", "1,2,4")
+
+
+def test_a_sweep_gives_one_row_per_n_with_throughput_bubbles_bytes_and_memory(
+    sweep_record: dict[str, Any],
+) -> None:
+    rows = sweep_record["rows"]
+    assert [row["batches"] for row in rows] == SWEEP
+    assert [row["sequences"] for row in rows] == [4 * n for n in SWEEP]  # one full group of bs=4 each
+    for row in rows:
+        assert row["batch_size"] == 4 and row["hot_experts"] == model_shape("demo").top_k
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+        assert row["planner_decode_tokens_per_s"] > 0
+        assert row["decode"]["inter_layer_s"] + row["decode"]["intra_layer_s"] > 0  # experts stream
+        assert row["decode"]["bytes_moved"]["host->device"] > 0
+        assert 0 < row["decode"]["peak_device_bytes"] <= sweep_record["device_budget_bytes"]
+    assert sweep_record["from_plan"] is False and sweep_record["skipped"] == []
+
+
+def test_the_table_has_a_row_per_n(machine_args: tuple[str, ...]) -> None:
+    lines = simulate_ok(*machine_args, *SMALL, "--device-memory", "64MiB", "--batches", "2").splitlines()
+    assert lines[0].startswith("simulated demo on test-box (cuda)")
+    header = next(i for i, line in enumerate(lines) if line.startswith("n "))
+    assert (
+        "decode tok/s" in lines[header] and "planner tok/s" in lines[header] and "peak host" in lines[header]
+    )
+    assert [line.split()[0] for line in lines[header + 1 :] if line] == ["2"]
+
+
+def test_without_n_the_plan_is_simulated(machine_args: tuple[str, ...]) -> None:
+    record = simulate_json(*machine_args, *SMALL, "--device-memory", "64MiB")
+    plan = json.loads(
+        CliRunner().invoke(main, ["plan", *machine_args, *SMALL[:4], "--host-memory", "32MiB",
+                                  "--device-memory", "64MiB", "--json"]).stdout
+    )  # fmt: skip
+    assert record["from_plan"] is True
+    (row,) = record["rows"]
+    assert (row["batches"], row["batch_size"], row["hot_experts"]) == (
+        plan["batches"], plan["batch_size"], plan["hot_experts"],
+    )  # fmt: skip
+    assert row["planner_decode_tokens_per_s"] == pytest.approx(plan["decode"]["tokens_per_s"])
+
+
+def test_a_group_that_cannot_fit_is_left_out(machine_args: tuple[str, ...]) -> None:
+    out = simulate_ok(*machine_args, *SMALL, "--device-memory", "16MiB", "--sweep", "1,64")
+    assert "n=64 not simulated:" in out and "exceed the device budget 16.00 MiB" in out
+    result = simulate(*machine_args, *SMALL, "--device-memory", "16MiB", "--sweep", "64")
+    assert result.exit_code == 1 and "no n fits" in result.stderr
+
+
+def test_list_names_every_shape_and_machine_with_its_source(tmp_path: Path) -> None:
+    shapes = tmp_path / "shapes.toml"
+    shapes.write_text(shape_to_toml("my-moe", model_shape("demo")), encoding="utf-8")
+    out = simulate_ok("--list", "--shapes", str(shapes))
+    for name, entry in MODEL_SHAPES.items():
+        assert any(line.startswith(name + " ") and entry.source in line for line in out.splitlines())
+    assert any(line.startswith("my-moe ") for line in out.splitlines())
+    for name, machine in HARDWARE.items():
+        assert f"  {name}: {machine.source}" in out
+    assert "this / local" in out and "run `klotski-tier bench`" in out  # no profile in this cache
+
+
+def test_png_draws_the_sweep(machine_args: tuple[str, ...], tmp_path: Path) -> None:
+    png = tmp_path / "sweep.png"
+    out = simulate_ok(*machine_args, *SMALL, "--device-memory", "64MiB", "--sweep", "1,2", "--png", str(png))
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert f"wrote {png}" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--sweep", "1,x"], ["--sweep", "1,2,4,8"]),
+        (["--sweep", "0"], ["positive whole numbers"]),
+        (["--model-shape", "nope"], ["unknown model shape", "Qwen3-30B-A3B"]),
+        (["--png", "/no/such/dir/x.png"], ["--png", "does not exist"]),
+    ],
+)
+def test_errors_are_one_line(machine_args: tuple[str, ...], args: list[str], words: list[str]) -> None:
+    result = simulate(*machine_args, *args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    for word in words:
+        assert word in result.stderr
