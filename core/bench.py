@@ -59,7 +59,7 @@ class BenchSettings:
     file_bytes: int = 1 * GIB
     block_sizes: tuple[int, ...] = (256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB)
     queue_depths: tuple[int, ...] = (1, 2, 4, 8)
-    token_counts: tuple[int, ...] = (1, 8, 32, 128)
+    token_counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 128)  # decode gives an expert a few tokens
     zstd_level: int = ZSTD_DEFAULT_LEVEL  # as `klotski-tier pack --compress zstd`
     zstd_sample_bytes: int = 64 * MIB
     h2d_bytes: int = 256 * MIB
@@ -74,7 +74,7 @@ class BenchSettings:
             256 * MIB,
             (1 * MIB, 16 * MIB, 64 * MIB),
             (1, 4),
-            (1, 32),
+            (1, 2, 4, 8, 32),
             zstd_sample_bytes=16 * MIB,
             h2d_bytes=64 * MIB,
         )

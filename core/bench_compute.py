@@ -2,12 +2,20 @@
 
 Times a model's layer-0 expert and attention (or, without a model, random weights of the demo's
 shape) at a range of token counts, on the device the engine would use: the planner's compute
-figures.
+figures. Each is timed as the engine runs it: the pipeline's own job function (the expert with its
+token selection and the scatter of its output, as :mod:`klotski_tier.core.pipeline` calls it) handed
+to a :class:`ComputeRunner` and awaited from the event loop, so every figure includes the hand-off to
+the compute thread. Experts cycle through ``EXPERT_COPIES`` copies of the weights: the engine runs
+each block once per layer, never the same weights twice in a row, so they are not cache-hot.
+``expert_s[0]`` (and ``attention_s[0]``, so both tables keep the same keys) is the hand-off alone: an
+empty job awaited right after a one-token expert job (whose thread pool is still spinning for the
+cores), what every job of the pipeline pays besides its work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import statistics
@@ -17,43 +25,80 @@ from pathlib import Path
 
 import torch
 
-from klotski_tier.core import demo, ops
+from klotski_tier.core import demo, ops, pipeline
 from klotski_tier.core.blocks import (
     BlockLayout,
     BlockWeights,
     attn_block,
     expert_block,
 )
+from klotski_tier.core.compute import ComputeRunner
 from klotski_tier.core.layouts import load_model_files
 from klotski_tier.core.profile import (
     ComputeProfile,
 )
 from klotski_tier.core.spec import ModelSpec, QKNorm
+from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 
 logger = logging.getLogger(__name__)
 CONTEXT_TOKENS = 256  # cached keys each attention query attends to
 COMPUTE_WARMUP_RUNS = 2  # untimed calls first: kernel selection, allocator, caches
-COMPUTE_RUNS = 5  # timed calls; the median counts
+COMPUTE_RUNS = 10  # timed calls; their mean without the slowest counts (see _mean_s)
 SAMPLE_SEED = 0  # the random weights of the demo-shaped sample
+EXPERT_COPIES = 4  # distinct copies of the expert's weights timed in turn (a few MiB each: not cache-hot)
+OTHER_EXPERT = 1  # the expert id in the other routing slots (the timed one is expert 0)
+HANDOFF_TOKENS = 0  # the key of the hand-off alone in ``expert_s``
 
 
 def compute_bench(model: Path | None, token_counts: tuple[int, ...]) -> ComputeProfile:
-    """Median seconds of one expert and of one attention layer per token count, on the compute device."""
+    """Seconds of one expert and of one attention layer per token count, on the compute device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec, attn_w, expert_w = _model_weights(model, device)
-    with torch.inference_mode():
-        expert_s = {t: _median_s(_expert_call(spec, expert_w, t, device), device) for t in token_counts}
-        attention_s = {t: _median_s(_attention_call(spec, attn_w, t, device), device) for t in token_counts}
+    experts = [expert_w] + [
+        {role: t.clone() for role, t in expert_w.items()} for _ in range(EXPERT_COPIES - 1)
+    ]
+    expert_s, attention_s = asyncio.run(_time_jobs(spec, attn_w, experts, token_counts, device))
     dtype = str(spec.dtype).removeprefix("torch.")
     name = "demo" if model is None else str(model)
     return ComputeProfile(device.type, name, dtype, CONTEXT_TOKENS, expert_s, attention_s)
 
 
-def _expert_call(spec: ModelSpec, w: BlockWeights, tokens: int, device: torch.device) -> Callable[[], object]:
+async def _time_jobs(
+    spec: ModelSpec,
+    attn_w: BlockWeights,
+    experts: list[BlockWeights],
+    token_counts: tuple[int, ...],
+    device: torch.device,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Each job awaited through a :class:`ComputeRunner`, as the pipeline awaits it."""
+    driver = DeviceDriver(device)
+    runner = ComputeRunner(driver)
+    try:
+        expert_s = {t: await _mean_s(runner, _expert_call(spec, experts, t, device)) for t in token_counts}
+        attention_s = {
+            t: await _mean_s(runner, _attention_call(spec, attn_w, t, device)) for t in token_counts
+        }
+        handoff = await _handoff_s(runner, _expert_call(spec, experts, 1, device))
+        expert_s[HANDOFF_TOKENS] = attention_s[HANDOFF_TOKENS] = handoff  # a job with no work
+    finally:
+        runner.close()
+        await driver.aclose()
+    return expert_s, attention_s
+
+
+def _expert_call(
+    spec: ModelSpec, experts: list[BlockWeights], tokens: int, device: torch.device
+) -> Callable[[], object]:
+    """The pipeline's expert job: ``tokens`` gathered tokens that each chose expert 0 (and another)."""
     x = torch.randn(tokens, spec.hidden_size, dtype=spec.dtype, device=device)  # [M, H]
-    weights = torch.rand(tokens, device=device)  # [M] routing weights, float32 as Mixtral's
-    return lambda: ops.expert(x, w, weights)
+    topk_idx = torch.full((tokens, spec.top_k), OTHER_EXPERT, device=device)  # [M, k]
+    topk_idx[:, 0] = 0
+    topk_w = torch.rand(tokens, spec.top_k, device=device)  # [M, k] routing weights, float32 as Mixtral's
+    dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)
+    out = torch.zeros(tokens, spec.top_k, spec.hidden_size, dtype=dtype, device=device)  # [M, k, H]
+    weights = itertools.cycle(experts)
+    return lambda: pipeline._expert(x, topk_idx, topk_w, 0, next(weights), out)
 
 
 def _attention_call(
@@ -69,21 +114,34 @@ def _attention_call(
     return lambda: ops.attention(h, w, spec, k_cache, v_cache, positions, key_lengths)
 
 
-def _median_s(call: Callable[[], object], device: torch.device) -> float:
+async def _mean_s(runner: ComputeRunner, call: Callable[[], object]) -> float:
+    """Mean wall time of ``call`` handed to ``runner`` and awaited, the hand-off included, without the
+    slowest run. A mean, not a median: a decode step is the sum of its jobs, and on this CPU the
+    hand-off after a multi-threaded op is heavy-tailed (its worker thread spins for the core the event
+    loop needs), so a median understates what a step pays; the slowest run is a scheduler outlier."""
     seconds = []
     for run in range(COMPUTE_WARMUP_RUNS + COMPUTE_RUNS):
-        _synchronize(device)
         start = time.perf_counter()
-        call()
-        _synchronize(device)
+        await runner.run(call)
         if run >= COMPUTE_WARMUP_RUNS:
             seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return statistics.mean(sorted(seconds)[:-1])
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+async def _handoff_s(runner: ComputeRunner, expert: Callable[[], object]) -> float:
+    """Mean wall time (without the slowest) of an empty job awaited right after ``expert``."""
+    seconds = []
+    for run in range(COMPUTE_WARMUP_RUNS + COMPUTE_RUNS):
+        await runner.run(expert)
+        start = time.perf_counter()
+        await runner.run(_nothing)
+        if run >= COMPUTE_WARMUP_RUNS:
+            seconds.append(time.perf_counter() - start)
+    return statistics.mean(sorted(seconds)[:-1])
+
+
+def _nothing() -> None:
+    """The empty job."""
 
 
 def _model_weights(model: Path | None, device: torch.device) -> tuple[ModelSpec, BlockWeights, BlockWeights]:

@@ -7,8 +7,14 @@
   rates of :class:`ComputeRates` are fitted to the expert times (least squares in log time over
   a grid of overheads, each point in the regime, arithmetic or weights, that fits it), and the
   attention times left over per sequence give ``sequence_overhead_s`` (the engine attends one
-  sequence at a time). ``ENGINE_DISPATCH_S`` is added to the job overhead: the bench calls ops
-  directly, the engine hands each job to its compute thread;
+  sequence at a time). The bench times each job as the engine runs it, handed to a
+  ``ComputeRunner`` and awaited (:mod:`klotski_tier.core.bench_compute`), so the fitted job overhead
+  already holds the hand-off to the compute thread: on this 2-core CPU ~0.4 ms median and ~1 ms mean
+  after a multi-threaded op (its OpenMP worker spins for the core the event loop needs), where an
+  empty job costs 0.1 ms. Every compute job of the pipeline pays it, the tiny ones (routing,
+  gather, combine) included; the bench measures it alone as ``expert_s[0]``, which then is the
+  fit's overhead. A profile from an older bench (ops timed directly) understates it:
+  run ``klotski-tier bench`` again;
 - the drive: ``drive.best`` (the engine's fastest cold read path) at its queue depth;
 - zstd: one thread's decoding rate; host to device: pinned copies on CUDA. On a CPU device the
   engine still copies every block into a second buffer (the "device" tier) in one thread:
@@ -41,13 +47,17 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-ENGINE_DISPATCH_S = {"cpu": 1.5e-4, "cuda": 1.0e-4}
-"""Seconds the engine adds to every compute job: the event loop hands it to the compute thread and
-awaits it (measured on this machine: 0.15 ms per empty job; on CUDA plus one stream synchronize)."""
 CPU_COPY_GBPS = 4.3
 """Host-to-"device" copy rate on a CPU device: ``copy_`` of 5.25 MiB into freshly allocated buffers in
 the device driver's thread, median, this machine (4.3 GB/s; 7.3 GB/s into reused buffers)."""
 FP32_BYTES = 4  # routing weights, expert contributions and logits are float32 in the engine
+PIPELINE_JOB_GAP_S = {"cpu": 7e-4, "cuda": 0.0}
+"""Seconds the pipeline's event loop spends between two compute jobs beyond the bare hand-off the bench
+measures: releasing the lease, pumping prefetches, the I/O completions and task steps queued meanwhile.
+CPU: the demo's decode on this machine (2 shared cores), mean gap between compute spans outside
+bubbles (0.73-1.4 ms over n = 1..8, bs = 4, from ``Engine.generate(timeline=True)``) less the bench's
+hand-off (0.14 ms). CUDA: not measured here; the hand-off in the bench figures stands for it."""
+HANDOFF_TOKENS = 0  # ``expert_s[0]`` of a profile: the hand-off to the compute thread alone
 OVERHEAD_GRID = 200  # candidate job overheads tried by the fit, from 0 to just below the fastest job
 MATMUL_FLOPS = 2  # one multiply-add per weight and token
 
@@ -200,13 +210,16 @@ class CostModel:
 
     # ---- transfers ------------------------------------------------------------------------
 
-    def transfer(self, nbytes: int, home: str, compression_ratio: float | None = None) -> Transfer:
+    def transfer(
+        self, nbytes: int, home: str, compression_ratio: float | None = None, *, into_device: bool = False
+    ) -> Transfer:
         """Moving ``nbytes`` to the device from ``home``: "device" (already there), "host" or "disk";
-        from disk, a compressed store reads ``nbytes / compression_ratio`` and decodes in a disk thread."""
+        from disk, a compressed store reads ``nbytes / compression_ratio`` and decodes in a disk thread.
+        ``into_device``: the read lands in the device buffer (a CPU device with no host budget), no copy."""
         machine = self.machine
         if home == "device":
             return NO_TRANSFER
-        copy_s = machine.host_to_device_seconds(nbytes)
+        copy_s = 0.0 if into_device else machine.host_to_device_seconds(nbytes)
         if home == "host":
             return Transfer(nbytes, 0.0, 0.0, copy_s, machine.io_threads)
         if home != "disk":
@@ -239,19 +252,23 @@ class CostModel:
 # ---- fitting a machine to a profile ---------------------------------------------------------
 
 
-def fit_roofline(flops: FloatArray, weight_bytes: FloatArray, seconds: FloatArray) -> ComputeRates:
+def fit_roofline(
+    flops: FloatArray, weight_bytes: FloatArray, seconds: FloatArray, overhead_s: float | None = None
+) -> ComputeRates:
     """``job_overhead_s``, ``flops_per_s`` and ``weight_bytes_per_s`` that best explain ``seconds``.
 
     For each overhead on a grid, each point is put in the regime its arithmetic intensity suggests
     (the most intense ones bound by arithmetic, the others by weights, for every split), each rate is
     the geometric mean its points imply, a regime without points gets the slowest rate that keeps it
     from binding, and the split's error is the squared log error of the roofline at every point.
-    The best (overhead, split) wins; among equal errors the largest overhead.
+    The best (overhead, split) wins; among equal errors the largest overhead. ``overhead_s``, when
+    measured, is the only overhead tried.
     """
     order = np.argsort(flops / weight_bytes)  # least intense first
     f, w, s = flops[order], weight_bytes[order], seconds[order]
     best: tuple[float, float, float, float] | None = None  # (error, -overhead, 1/F, 1/W)
-    for overhead in np.linspace(0.0, 0.999 * float(s.min()), OVERHEAD_GRID):
+    grid = np.linspace(0.0, 0.999 * float(s.min()), OVERHEAD_GRID)
+    for overhead in grid if overhead_s is None else [min(overhead_s, 0.999 * float(s.min()))]:
         busy = s - overhead
         for split in range(len(s) + 1):  # points [split:] are bound by arithmetic
             per_flop, per_byte = _regime_rates(f, w, busy, split)
@@ -316,27 +333,28 @@ def machine_from_profile(
 
 
 def _fit_compute(spec: ModelSpec, profile: MachineProfile) -> ComputeRates:
-    """The roofline of the expert figures, the attention's per-sequence rest, and the engine's dispatch."""
+    """The roofline of the expert figures (the hand-off included) and the attention's per-sequence rest."""
     compute = profile.compute
     unit = CostModel(spec, _unit_machine(compute.device))
-    tokens = np.array(sorted(compute.expert_s), dtype=np.float64)
+    handoff = compute.expert_s.get(HANDOFF_TOKENS)  # measured by newer benches: pins the job overhead
+    tokens = np.array(sorted(t for t in compute.expert_s if t != HANDOFF_TOKENS), dtype=np.float64)
     flops = 3 * MATMUL_FLOPS * spec.hidden_size * spec.expert_intermediate_size * tokens
     weights = np.full_like(tokens, unit.sizes.expert)
     measured = np.array([compute.expert_s[int(t)] for t in tokens])
-    rates = fit_roofline(flops, weights, measured)  # without the engine's dispatch: the bench calls ops
+    rates = fit_roofline(flops, weights, measured, handoff)
     fitted = CostModel(spec, _unit_machine(compute.device, rates))
-    sequences = sorted(compute.attention_s)
+    sequences = sorted(t for t in compute.attention_s if t != HANDOFF_TOKENS)
     rest = [compute.attention_s[t] - fitted.attention_s(t, 1, compute.context_tokens) for t in sequences]
     per_job, per_sequence = fit_line(np.array(sequences, dtype=np.float64), np.array(rest))
-    dispatch = ENGINE_DISPATCH_S["cpu" if compute.device == "cpu" else "cuda"]
     logger.info(
         "fitted %s; attention +%.3f ms per job, +%.3f ms per sequence",
         rates,
         per_job * 1e3,
         per_sequence * 1e3,
     )
+    gap = PIPELINE_JOB_GAP_S["cpu" if compute.device == "cpu" else "cuda"]
     return ComputeRates(
-        rates.flops_per_s, rates.weight_bytes_per_s, rates.job_overhead_s + dispatch, per_job, per_sequence
+        rates.flops_per_s, rates.weight_bytes_per_s, rates.job_overhead_s + gap, per_job, per_sequence
     )
 
 

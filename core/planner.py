@@ -1,38 +1,14 @@
 """The constraint-sensitive planner: n, bs, K and placement from the machine, the model and its routing.
 
-Per layer of a decode step, with per-batch attention time tA, routing time tG (plus one gather of
-all n batches' tokens and a combine per batch, as the engine runs them), per-block transfer times
-tIO_G, tIO_E, tIO_A from each block's home, the compute of the hot experts tc_hot and of the Q
-cold ones (both from the routing model: they grow with the tokens each expert gets, n * bs * k / E
-on average), every deadline of ARCHITECTURE.md section 2 point 6 must hold:
-
-    (4) n*tA                                   >= tIO_G
-    (5) n*(tA+tG) + gather                     >= tIO_G + K*tIO_E
-    (6) n*(tA+tG) + gather + tc_hot            >= tIO_G + (K+1)*tIO_E        (only when Q > 0)
-    (7) n*(tA+tG) + gather + tc_hot + tc_cold
-        + n*combine                            >= tIO_G + (K+Q)*tIO_E + tIO_A
-
-refined as the engine meets them (see :func:`deadlines`): cold loads cannot start before the first
-gate has routed, and reads that share the drive arrive in groups.
-
-A transfer time is the slowest stage a block passes (drive, decompression spread over the disk
-threads, host-to-device copy): blocks stream back to back. Placement follows the engine: the
-device keeps every weight when they all fit beside the KV cache and activations (then nothing
-moves after the first step), else it streams each layer through LRU (no reuse across steps); the
-host holds every block when its budget allows (blocks then come from RAM), else it stages a window
-of layers from the drive.
+The step model it searches over (deadlines (4)-(7) of ARCHITECTURE.md section 2 point 6 and the step
+recurrence) lives in :mod:`klotski_tier.core.pipeline_model`, placement, transfer times and LRU reuse
+in :mod:`klotski_tier.core.placement_model`; their public names are re-exported here.
 
 :func:`make_plan` tries n = 1, 2, ... (up to the sequences, ``max_batches`` and memory: the KV cache
 grows with n * bs) and K in 0..2k (in eight steps when 2k > 8); it keeps the smallest n that meets
 every deadline in every layer and fits, with the best predicted throughput; if none does, the
 candidate with the least bubble time per token, naming the missed deadline and by how much. Unless
 bs is given, it does so for each bs in powers of two and keeps the best predicted decode throughput.
-Predicted times come from a recurrence over the layers of two steps (the second is reported) in
-the engine's order: one I/O channel carries, per layer, the cold experts requested after the first
-gate, then the next layer's attention, gate and K hot experts requested at the end of the gate
-phase; the compute waits for each (inter-layer bubbles) and drains experts as they arrive
-(intra-layer bubbles). When the device holds fewer experts at once than a layer needs, cold loads
-wait for releases.
 """
 
 from __future__ import annotations
@@ -40,459 +16,45 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from klotski_tier.core.costmodel import CostModel
 from klotski_tier.core.errors import BudgetError, ConfigError
 from klotski_tier.core.machine import Machine
-from klotski_tier.core.routing_model import LayerLoads, RoutingModel
+from klotski_tier.core.pipeline_model import BISECTIONS as BISECTIONS
+from klotski_tier.core.pipeline_model import MAX_SPEEDUP as MAX_SPEEDUP
+from klotski_tier.core.pipeline_model import MEANINGS as MEANINGS
+from klotski_tier.core.pipeline_model import SLACK_TOLERANCE_S as SLACK_TOLERANCE_S
+from klotski_tier.core.pipeline_model import STEADY_STEPS as STEADY_STEPS
+from klotski_tier.core.pipeline_model import Deadline as Deadline
+from klotski_tier.core.pipeline_model import FloatArray as FloatArray
+from klotski_tier.core.pipeline_model import Io as Io
+from klotski_tier.core.pipeline_model import LayerWork as LayerWork
+from klotski_tier.core.pipeline_model import StepPrediction as StepPrediction
+from klotski_tier.core.pipeline_model import StepShape as StepShape
+from klotski_tier.core.pipeline_model import WorkTable as WorkTable
+from klotski_tier.core.pipeline_model import deadlines as deadlines
+from klotski_tier.core.pipeline_model import layer_work as layer_work
+from klotski_tier.core.pipeline_model import least_factor as least_factor
+from klotski_tier.core.pipeline_model import predict_step as predict_step
+from klotski_tier.core.pipeline_model import speedup_to_meet as speedup_to_meet
+from klotski_tier.core.placement_model import Placement as Placement
+from klotski_tier.core.placement_model import io_times as io_times
+from klotski_tier.core.placement_model import lru_misses as lru_misses
+from klotski_tier.core.placement_model import placement_for as placement_for
+from klotski_tier.core.placement_model import reads_into_device as reads_into_device
+from klotski_tier.core.placement_model import weights_working_set as weights_working_set
+from klotski_tier.core.routing_model import RoutingModel
 from klotski_tier.core.sizes import format_size
 from klotski_tier.core.spec import ModelSpec
-from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
-
-FloatArray = npt.NDArray[np.float64]
 
 MAX_BATCH_SIZE = 64  # largest bs tried when the request leaves it open
 FINE_HOT_EXPERTS = 8  # K is tried one by one up to 2k when 2k is at most this; else in COARSE_HOT_STEPS
 COARSE_HOT_STEPS = 8
-SLACK_TOLERANCE_S = 1e-9  # a deadline met to within rounding is met
 TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
-MEANINGS = {
-    4: "the gate is ready before the gate phase",
-    5: "the hot experts are ready before the expert phase",
-    6: "the first cold expert is ready when the hot ones are done",
-    7: "the last cold expert and the next layer's attention are ready in time to end the layer",
-}
-MAX_SPEEDUP = 1e6  # faster links than this are not advice
-BISECTIONS = 20  # halvings of the speed-up interval: well under 0.1%
-STEADY_STEPS = 2  # steps run by the recurrence; the last one is reported (the first fills the channel)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the weights live while the plan runs."""
-
-    device_resident: bool  # every weight stays in device memory after the first step
-    home: str  # where blocks come from when they are loaded: "host" (RAM) or "disk"
-    host_preload: bool  # read every block into host RAM before the first step
-    host_window_layers: int  # home "disk": whole layers the host budget stages ahead of the device
-    compressed: bool  # read from a compressed store (it pays off against the plain bytes)
-    expert_reuse: float = 0.0  # expected share of used experts still in device memory from earlier steps
-
-    def describe(self) -> str:
-        device = (
-            "every weight stays in device memory"
-            if self.device_resident
-            else "layers stream through device memory"
-        )
-        if self.home == "host":
-            return f"{device}; host RAM holds the whole model"
-        store = "a compressed store" if self.compressed else "the checkpoint"
-        window = self.host_window_layers
-        return f"{device}; blocks come from {store} on the drive, {window} layer(s) staged in RAM"
-
-
-@dataclass(frozen=True)
-class Io:
-    """Per-block transfer time (its slowest stage) of each kind of block, 0 when resident."""
-
-    attn: float
-    gate: float
-    expert: float
-    embed: float
-    head: float
-    parallel: int = 1  # loads served at once (disk reads share the drive, so they arrive together)
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """One step of a batch group: its size and the time of each compute job."""
-
-    batches: int
-    batch_size: int
-    tokens: int  # tokens routed to experts (all n batches)
-    attention_s: float  # per batch
-    gate_s: float  # per batch
-    gather_s: float  # per layer
-    combine_s: float  # per batch
-    embed_s: float  # per batch
-    head_s: float  # per batch
-
-    @classmethod
-    def decode(cls, cost: CostModel, batches: int, batch_size: int, context: int) -> StepShape:
-        """A decode step: one new token per sequence after ``context`` cached ones."""
-        return cls.of(cost, batches, batch_size, 1, context)
-
-    @classmethod
-    def prefill(cls, cost: CostModel, batches: int, batch_size: int, prompt: int) -> StepShape:
-        return cls.of(cost, batches, batch_size, prompt, 0)
-
-    @classmethod
-    def of(cls, cost: CostModel, batches: int, batch_size: int, query: int, context: int) -> StepShape:
-        per_batch = batch_size * query
-        return cls(
-            batches=batches,
-            batch_size=batch_size,
-            tokens=batches * per_batch,
-            attention_s=cost.attention_s(batch_size, query, context),
-            gate_s=cost.gate_s(per_batch),
-            gather_s=cost.gather_s(batches * per_batch),
-            combine_s=cost.combine_s(per_batch),
-            embed_s=cost.embed_s(per_batch),
-            head_s=cost.head_s(batch_size),
-        )
-
-
-@dataclass(frozen=True)
-class LayerWork:
-    """One layer's expected expert work with K hot experts (from the routing model)."""
-
-    hot_s: float  # compute of the hot experts that get tokens
-    cold: float  # Q: experts used that were not predicted hot
-    cold_s: float
-    distinct_max: int  # most experts the layer used in any draw
-
-
-@dataclass(frozen=True)
-class WorkTable:
-    """Expected expert work of every layer at one token count, for every K at once: sums over the
-    predictor's ranks, so the K hot experts are the first K columns."""
-
-    hot_s: FloatArray  # [L, E + 1]: compute of the used experts among the first K ranks, K = 0..E
-    used: FloatArray  # [L, E + 1]: experts among the first K ranks that get tokens
-    distinct_max: list[int]  # [L]
-
-    @classmethod
-    def of(cls, loads: tuple[LayerLoads, ...], cost: CostModel) -> WorkTable:
-        tokens = np.stack([load.ranked_tokens for load in loads])  # [L, draws, E]
-        seconds = cost.expert_s_array(tokens).mean(axis=1)  # [L, E]
-        used = (tokens > 0).mean(axis=1)  # [L, E]
-        zero = np.zeros((len(loads), 1))
-        distinct_max = (tokens > 0).sum(axis=2).max(axis=1)  # [L]
-        return cls(np.hstack([zero, seconds.cumsum(axis=1)]), np.hstack([zero, used.cumsum(axis=1)]),
-                   [int(d) for d in distinct_max])  # fmt: skip
-
-    def work(self, hot: int) -> tuple[LayerWork, ...]:
-        hot_s, used = self.hot_s[:, hot], self.used[:, hot]
-        cold, cold_s = self.used[:, -1] - used, self.hot_s[:, -1] - hot_s
-        rows = zip(hot_s.tolist(), cold.tolist(), cold_s.tolist(), self.distinct_max, strict=True)
-        return tuple(LayerWork(h, max(c, 0.0), max(cs, 0.0), d) for h, c, cs, d in rows)
-
-
-def layer_work(loads: tuple[LayerLoads, ...], hot: int, cost: CostModel) -> tuple[LayerWork, ...]:
-    """Each layer's expected expert work with ``hot`` experts prefetched."""
-    return WorkTable.of(loads, cost).work(hot)
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """One deadline in its worst layer: compute side >= I/O side."""
-
-    number: int
-    meaning: str
-    compute_s: float
-    io_s: float
-    layer: int
-
-    @property
-    def slack_s(self) -> float:
-        return self.compute_s - self.io_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "slack_s": self.slack_s, "met": self.slack_s >= -SLACK_TOLERANCE_S}
-
-
-def deadlines(shape: StepShape, hot: int, work: tuple[LayerWork, ...], io: Io) -> tuple[Deadline, ...]:
-    """(4)-(7) as the engine meets them, each in the layer where its slack is least.
-
-    The engine requests cold experts after the first gate, so their loads start once that gate has
-    run and the hot loads are done. Reads sharing the drive (``io.parallel`` > 1) arrive in groups:
-    the first cold expert of (6) comes with the first group, and (7) needs the last cold one early
-    enough to be computed (and the batches combined) before the layer ends, although it shares the
-    drive with the next layer's prefetches.
-    """
-    n, e = shape.batches, io.expert
-    worst: dict[int, Deadline] = {}
-    attention = n * shape.attention_s
-    gated = attention + n * shape.gate_s + shape.gather_s
-    routed = attention + shape.gate_s  # the first gate is done: cold experts are known
-    combine = n * shape.combine_s
-    share = min(io.attn + io.gate + hot * e, (io.parallel - 1) * e)
-    for layer, w in enumerate(work):
-        first = min(float(io.parallel), max(w.cold, 1.0)) if w.cold > 0 else 0.0
-        end = max(io.attn, share + w.cold_s / w.cold + combine if w.cold > 0 and e > 0 else 0.0)
-        rows = [
-            (4, attention, io.gate, 0.0, 0.0),
-            (5, gated, io.gate, float(hot), 0.0),
-            (6, gated + w.hot_s, io.gate, hot + first, first) if w.cold > 0 else (6, gated, 0.0, 0.0, 0.0),
-            (7, gated + w.hot_s + w.cold_s + combine, io.gate + end, hot + w.cold, w.cold),
-        ]
-        for number, compute, fixed, experts, cold in rows:
-            # the later of the loads queued behind the hot ones and those that await the first gate
-            io_s = max(fixed + experts * e, routed + fixed - io.gate + cold * e if cold > 0 else 0.0)
-            deadline = Deadline(number, MEANINGS[number], compute, io_s, layer)
-            if number not in worst or deadline.slack_s < worst[number].slack_s:
-                worst[number] = deadline
-    return tuple(worst[number] for number in sorted(worst))
-
-
-def speedup_to_meet(shape: StepShape, hot: int, work: tuple[LayerWork, ...], io: Io) -> float:
-    """How many times faster every transfer must be for (4)-(7) to hold (inf beyond a million)."""
-    names = ("attn", "gate", "expert", "embed", "head")
-
-    def met(factor: float) -> bool:
-        faster = dataclasses.replace(io, **{name: getattr(io, name) / factor for name in names})
-        return all(d.slack_s >= -SLACK_TOLERANCE_S for d in deadlines(shape, hot, work, faster))
-
-    return least_factor(met)
-
-
-def least_factor(met: Callable[[float], bool]) -> float:
-    """The least factor >= 1 for which ``met`` holds (``met`` monotone), inf beyond a million."""
-    low, high = 1.0, 2.0
-    while not met(high):
-        low, high = high, high * 2
-        if high > MAX_SPEEDUP:
-            return math.inf
-    for _ in range(BISECTIONS):
-        middle = (low + high) / 2
-        low, high = (low, middle) if met(middle) else (middle, high)
-    return high
-
-
-@dataclass(frozen=True)
-class StepPrediction:
-    """One predicted step: its time split into compute and the two kinds of bubble."""
-
-    tokens: int  # tokens the step produces (decode) or reads (prefill)
-    step_s: float
-    compute_s: float
-    inter_layer_s: float
-    intra_layer_s: float
-    io_busy_s: float  # time the I/O channel was busy
-
-    @property
-    def bubble_s(self) -> float:
-        return self.inter_layer_s + self.intra_layer_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.step_s if self.step_s > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bubble_s": self.bubble_s, "tokens_per_s": self.tokens_per_s}
-
-
-@dataclass
-class _Run:
-    """The recurrence's state: the compute clock, the I/O channel, and what each was doing."""
-
-    t: float = 0.0
-    channel: float = 0.0  # when the I/O channel is free
-    busy: float = 0.0
-    compute: float = 0.0
-    inter: float = 0.0
-    intra: float = 0.0
-
-    def load(self, seconds: float, issued: float) -> float:
-        """Queue ``seconds`` of transfers issued at ``issued``; when they are done."""
-        self.channel = max(self.channel, issued) + seconds
-        self.busy += seconds
-        return self.channel
-
-    def wait(self, ready: float, intra: bool = False) -> None:
-        gap = max(0.0, ready - self.t)
-        self.t += gap
-        if intra:
-            self.intra += gap
-        else:
-            self.inter += gap
-
-    def run(self, seconds: float) -> None:
-        self.t += seconds
-        self.compute += seconds
-
-    def drain(
-        self,
-        base: float,
-        count: float,
-        per_io: float,
-        total_s: float,
-        *,
-        intra: bool,
-        parallel: int,
-        tail: float,
-    ) -> None:
-        """Compute ``count`` experts (``total_s`` in all) as they arrive: loads issued from ``base``, each
-        ``per_io`` apart; ``parallel`` of them share the link, so the first ones arrive together and
-        the last ones share it with ``tail`` seconds of loads queued after them."""
-        if total_s <= 0:
-            return
-        first = base + min(float(parallel), max(count, 1.0)) * per_io
-        last = base + count * per_io + (min(tail, (parallel - 1) * per_io) if parallel > 1 else 0.0)
-        if count <= 1:
-            self.wait(max(first, last), intra)
-        else:
-            self.wait(max(self.t, first, last + total_s / count - total_s), intra)
-        self.run(total_s)
-
-
-def predict_step(
-    shape: StepShape, hot: int, work: tuple[LayerWork, ...], io: Io, window: int
-) -> StepPrediction:
-    """The steady step time (see the module docstring); ``window``: experts the device holds at once."""
-    run = _Run()
-    ready = (run.load(io.embed, 0.0), run.load(io.attn, 0.0))
-    before = (0.0, 0.0, 0.0, 0.0, 0.0)
-    for _ in range(STEADY_STEPS):
-        before = (run.t, run.compute, run.inter, run.intra, run.busy)
-        ready = _step(run, shape, hot, work, io, window, ready)
-    after = (run.t, run.compute, run.inter, run.intra, run.busy)
-    step, compute, inter, intra, busy = (now - then for now, then in zip(after, before, strict=True))
-    return StepPrediction(shape.tokens, step, compute, inter, intra, busy)
-
-
-def _step(run: _Run, shape: StepShape, hot: int, work: tuple[LayerWork, ...], io: Io, window: int,
-          ready: tuple[float, float]) -> tuple[float, float]:  # fmt: skip
-    n = shape.batches
-    embed_ready, attn_ready = ready
-    run.wait(embed_ready)
-    run.run(n * shape.embed_s)
-    gate_ready = hot_base = head_ready = 0.0
-    for layer, w in enumerate(work):
-        run.wait(attn_ready)
-        if layer == 0:  # nothing predicted layer 0 during the previous layer
-            gate_ready = hot_base = run.load(io.gate, run.t)
-            run.load(hot * io.expert, run.t)
-        run.run(n * shape.attention_s)
-        run.wait(gate_ready)
-        first_gate = run.t + shape.gate_s
-        run.run(n * shape.gate_s + shape.gather_s)
-        slots = max(1, window - hot)
-        per_cold = io.expert
-        if w.cold > slots:  # loads wait for releases: each slot cycles load + compute
-            per_cold = max(io.expert, (io.expert + w.cold_s / w.cold) / slots)
-        cold_base = max(run.channel, first_gate)
-        run.load(w.cold * per_cold, first_gate)
-        queued = run.channel
-        if layer + 1 < len(work):
-            attn_ready, gate_ready = run.load(io.attn, run.t), run.load(io.gate, run.t)
-            next_hot = gate_ready
-            run.load(hot * io.expert, run.t)
-        else:
-            head_ready = run.load(io.head, run.t)
-            ready = (run.load(io.embed, run.t), run.load(io.attn, run.t))
-        tail = run.channel - queued  # the next layer's loads, sharing the drive with the last cold ones
-        run.drain(hot_base, hot, io.expert, w.hot_s, intra=False, parallel=io.parallel, tail=0.0)
-        run.drain(cold_base, w.cold, per_cold, w.cold_s, intra=True, parallel=io.parallel, tail=tail)
-        run.run(n * shape.combine_s)
-        hot_base = next_hot if layer + 1 < len(work) else 0.0
-    run.wait(head_ready)
-    run.run(n * shape.head_s)
-    return ready
-
-
-def placement_for(
-    cost: CostModel,
-    fixed: int,
-    device_budget: int,
-    host_budget: int,
-    preload: bool | None,
-    ratio: float | None,
-) -> Placement:
-    """The engine's placement for these budgets (see the module docstring)."""
-    sizes = cost.sizes
-    resident = fixed + sizes.total <= device_budget
-    if preload and host_budget < sizes.total:
-        raise BudgetError(
-            f"host preload needs the whole model in host memory ({format_size(sizes.total)}) but the host "
-            f"budget is {format_size(host_budget)}; raise the host memory or turn preload off"
-        )
-    home = "host" if preload or (preload is None and host_budget >= sizes.total) else "disk"
-    compressed = False
-    if home == "disk" and ratio:
-        plain, packed = cost.transfer(sizes.expert, "disk"), cost.transfer(sizes.expert, "disk", ratio)
-        compressed = packed.bottleneck_s < plain.bottleneck_s
-    window = host_budget // sizes.layer if home == "disk" else sizes.num_layers
-    return Placement(resident, home, home == "host", min(window, sizes.num_layers), compressed)
-
-
-def io_times(
-    cost: CostModel,
-    placement: Placement,
-    ratio: float | None,
-    *,
-    steady: bool,
-    misses: tuple[float, float] = (1, 1),
-) -> Io:
-    """Expected transfer time per block: none once every weight is resident (``steady``), else its
-    time from the placement's home times the chance that it must be loaded (``misses``: of the blocks
-    every step uses, and of the experts; see :func:`lru_misses`)."""
-    if steady and placement.device_resident:
-        return Io(0.0, 0.0, 0.0, 0.0, 0.0)
-    sizes, home = cost.sizes, placement.home
-    ratio = ratio if placement.compressed else None
-    always, experts = misses
-
-    def seconds(nbytes: int, miss: float = always) -> float:
-        return cost.transfer(nbytes, home, ratio).bottleneck_s * miss
-
-    return Io(
-        attn=seconds(sizes.attn),
-        gate=seconds(sizes.gate),
-        expert=seconds(sizes.expert, experts),
-        embed=seconds(sizes.embed),
-        head=seconds(sizes.head),
-        parallel=_blocks_at_once(cost, ratio) if home == "disk" else 1,
-    )
-
-
-def lru_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) -> tuple[float, float]:
-    """The chance that a block a step uses is not resident from earlier steps: for the blocks every
-    step uses, and for the experts (weighted by use). Steps route independently; with LRU a block
-    survives j* steps where j* steps touch ``capacity`` bytes (Che's approximation); one step touches
-    its blocks in layer order, so with less room than one step touches, nothing survives."""
-    sizes = cost.sizes
-    usage = np.stack([load.usage for load in loads])  # [L, E]
-    always = sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
-
-    def touched(steps: float) -> float:
-        return always + sizes.expert * float((1.0 - (1.0 - usage) ** steps).sum())
-
-    if capacity < touched(1.0):
-        return 1.0, 1.0
-    if capacity >= always + sizes.expert * float((usage > 0).sum()):
-        return 0.0, 0.0
-    low, high = 1.0, 2.0
-    while touched(high) < capacity:
-        low, high = high, 2 * high
-    for _ in range(BISECTIONS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if touched(middle) < capacity else (low, middle)
-    return 0.0, float((usage * (1.0 - usage) ** low).sum() / max(float(usage.sum()), 1e-300))
-
-
-def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:
-    """Experts read at once: the disk pool's threads take one chunk of at most DEFAULT_CHUNK_BYTES each."""
-    chunks = math.ceil(cost.sizes.expert / (ratio or 1.0) / DEFAULT_CHUNK_BYTES)
-    return max(1, math.ceil(cost.machine.io_threads / chunks))
-
-
-def weights_working_set(cost: CostModel, placement: Placement, hot: int, work: tuple[LayerWork, ...]) -> int:
-    """Device bytes of weights the plan needs at once: all of them when resident, else one layer's used
-    experts (leased until computed) plus the next layer's attention, gate and K hot experts."""
-    sizes = cost.sizes
-    if placement.device_resident:
-        return sizes.total
-    used = max((w.distinct_max for w in work), default=0)
-    return sizes.attn + sizes.gate + (hot + used) * sizes.expert
 
 
 @dataclass(frozen=True)
@@ -673,7 +235,7 @@ def _check_minimum(ctx: _Context, batch_size: int) -> None:
             f"{format_size(fixed + sizes.largest)} (KV cache and activations of {batches} batch(es) of "
             f"{batch_size} + the largest block); raise the device memory or shorten the sequences"
         )
-    if ctx.host_budget < sizes.largest:
+    if ctx.host_budget < sizes.largest and not reads_into_device(ctx.cost, ctx.host_budget):
         raise BudgetError(
             f"host memory budget {format_size(ctx.host_budget)} cannot stage the largest block "
             f"({format_size(sizes.largest)}); raise the host memory"
@@ -739,6 +301,7 @@ def _candidate(
     )
     # from the drive, the host holds each block from its read until its copy: io_threads reads and a copy
     staging = total if placement.home == "host" else (cost.machine.io_threads + 1) * cost.sizes.largest
+    staging = 0 if placement.into_device else staging
     host = TierUse("host", staging, min(total, ctx.host_budget), ctx.host_budget, {"weights": staging})
     found = deadlines(shape, hot, work, io)
     return Candidate(
@@ -859,7 +422,8 @@ def _advice(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> list[st
 
 def _binding_link(cost: CostModel, placement: Placement, ratio: float | None) -> str:
     """The slowest stage experts pass on their way to the device."""
-    expert = cost.transfer(cost.sizes.expert, placement.home, ratio if placement.compressed else None)
+    ratio = ratio if placement.compressed else None
+    expert = cost.transfer(cost.sizes.expert, placement.home, ratio, into_device=placement.into_device)
     if expert.copy_s >= max(expert.disk_s, expert.decode_s / expert.io_threads):
         return "host-to-device link"
     return "drive" if expert.disk_s >= expert.decode_s / expert.io_threads else "decompression"

@@ -120,7 +120,7 @@ def test_zstd_figures_are_consistent(profile: MachineProfile) -> None:
 def test_compute_times_every_token_count(profile: MachineProfile) -> None:
     compute = profile.compute
     assert compute.model == "demo" and compute.dtype == "bfloat16"
-    assert set(compute.expert_s) == set(compute.attention_s) == set(TOKENS)
+    assert set(compute.expert_s) == set(compute.attention_s) == {0, *TOKENS}  # 0: the hand-off alone
     assert all(positive(s) for s in (*compute.expert_s.values(), *compute.attention_s.values()))
 
 

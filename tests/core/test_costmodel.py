@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from klotski_tier.core.bench import demo_spec
 from klotski_tier.core.blocks import BlockKind
 from klotski_tier.core.costmodel import (
     CPU_COPY_GBPS,
-    ENGINE_DISPATCH_S,
+    PIPELINE_JOB_GAP_S,
     CostModel,
     block_sizes,
     fit_roofline,
@@ -163,7 +164,8 @@ TRUTH = ComputeRates(2e10, 1.5e10, 1e-4, attention_overhead_s=6e-4, sequence_ove
 def test_machine_from_profile_recovers_synthetic_rates() -> None:
     machine = machine_from_profile(_profile(_machine(TRUTH), "cpu", (1, 8, 32, 128)), demo_spec())
     fitted = machine.compute
-    assert fitted.job_overhead_s - ENGINE_DISPATCH_S["cpu"] == pytest.approx(TRUTH.job_overhead_s, rel=0.05)
+    gap = PIPELINE_JOB_GAP_S["cpu"]  # the bench's figures hold the hand-off, not the pipeline's own gap
+    assert fitted.job_overhead_s - gap == pytest.approx(TRUTH.job_overhead_s, rel=0.05)
     assert fitted.flops_per_s == pytest.approx(TRUTH.flops_per_s, rel=0.05)
     assert fitted.weight_bytes_per_s == pytest.approx(TRUTH.weight_bytes_per_s, rel=0.05)
     assert fitted.attention_overhead_s == pytest.approx(TRUTH.attention_overhead_s, rel=0.05)
@@ -177,14 +179,22 @@ def test_two_token_counts_fit_a_curve_through_both() -> None:
     """Two points cannot tell the three rates apart; the fit still passes through both (the quick bench)."""
     machine = machine_from_profile(_profile(_machine(TRUTH), "cpu", (1, 32)), demo_spec())
     cost, reference = CostModel(demo_spec(), machine), CostModel(demo_spec(), _machine(TRUTH))
-    dispatch = ENGINE_DISPATCH_S["cpu"]
+    gap = PIPELINE_JOB_GAP_S["cpu"]
     for tokens in (1, 32):
-        assert cost.expert_s(tokens) - dispatch == pytest.approx(reference.expert_s(tokens), rel=1e-3)
-        assert cost.attention_s(tokens, 1, 256) - dispatch == pytest.approx(
+        assert cost.expert_s(tokens) - gap == pytest.approx(reference.expert_s(tokens), rel=1e-3)
+        assert cost.attention_s(tokens, 1, 256) - gap == pytest.approx(
             reference.attention_s(tokens, 1, 256), rel=1e-3
         )
     for tokens in (2, 8, 16):
-        assert cost.expert_s(tokens) - dispatch == pytest.approx(reference.expert_s(tokens), rel=0.25)
+        assert cost.expert_s(tokens) - gap == pytest.approx(reference.expert_s(tokens), rel=0.25)
+
+
+def test_a_measured_hand_off_is_the_job_overhead() -> None:
+    """A profile with ``expert_s[0]`` (the hand-off alone) pins the fit's overhead to it."""
+    profile = _profile(_machine(TRUTH), "cpu", (1, 8, 32, 128))
+    compute = dataclasses.replace(profile.compute, expert_s={**profile.compute.expert_s, 0: 5e-5})
+    machine = machine_from_profile(dataclasses.replace(profile, compute=compute), demo_spec())
+    assert machine.compute.job_overhead_s == pytest.approx(5e-5 + PIPELINE_JOB_GAP_S["cpu"])
 
 
 def test_machine_from_a_cuda_profile_needs_the_gpu_memory() -> None:

@@ -253,3 +253,14 @@ def test_the_predictor_matches_the_correlation_policy() -> None:
         previous = fresh[layer - 1] if layer else None
         expected = policy.predict(layer, 3, previous.tolist() if previous is not None else None)
         assert predictor.predict(layer, 3, previous) == expected
+
+
+def test_a_cpu_device_without_host_budget_reads_straight_into_device_memory() -> None:
+    """As the engine: no host staging, so no BudgetError for a host budget of 0, and no copy to pay."""
+    cpu = dataclasses.replace(_machine(), device="cpu", host_to_device_gbps=0.5)  # a copy would dominate
+    plan = _streaming(1.0, machine=cpu, host_memory_bytes=0)
+    assert plan.placement.into_device and plan.placement.home == "disk"
+    assert plan.memory[1].needed_bytes == 0 and "straight into device memory" in plan.placement.describe()
+    staged = _streaming(1.0, machine=cpu, host_memory_bytes=48 * MIB, batches=plan.batches)
+    assert not staged.placement.into_device
+    assert plan.decode_tokens_per_s > staged.decode_tokens_per_s  # the slow copy is gone

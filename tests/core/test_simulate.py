@@ -127,3 +127,17 @@ def test_same_seed_same_result_and_decode_extrapolation() -> None:
     assert short.decode.tokens == first.decode.tokens == 8 * 8
     assert short.decode_tokens_per_s == pytest.approx(first.decode_tokens_per_s, rel=0.3)
     assert first.to_dict()["decode_tokens_per_s"] == first.decode_tokens_per_s
+
+
+def test_a_cpu_device_without_host_budget_reads_into_device_memory() -> None:
+    """Host budget 0 on a CPU device: blocks go from the drive to the device, nothing is copied."""
+    cpu = dataclasses.replace(_machine(), device="cpu", host_to_device_gbps=4.0)
+    result = simulate_workload(
+        _config(machine=cpu, device_memory_bytes=96 * MIB, host_memory_bytes=0),
+        sequences=SEQUENCES,
+        prompt_tokens=PROMPT,
+        new_tokens=NEW,
+    )
+    moved = result.decode.bytes_moved
+    assert moved[HOST_TO_DEVICE] == 0 and moved[DISK_TO_HOST] > 0
+    assert result.decode.peak_host_bytes == 0 and result.decode_tokens_per_s > 0
