@@ -21,7 +21,7 @@ from klotski_tier.core.bench import BenchSettings, run_bench
 from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.demo import default_cache_dir
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile, ReadResult
+from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile, ReadResult, default_profile_path
 from klotski_tier.core.sizes import format_size, parse_size
 
 MS_PER_S = 1000.0
@@ -73,7 +73,7 @@ def bench(
 ) -> None:
     """Measure the drive, zstd, host-to-device copies and compute; write the machine profile."""
     if profile_path is None:
-        profile_path = default_cache_dir() / PROFILE_FILE_NAME
+        profile_path = default_profile_path()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
     check_writable(profile_path, "--profile")
     settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)

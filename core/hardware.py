@@ -29,12 +29,11 @@ from typing import Any
 import torch
 
 from klotski_tier.core.checkpoint import Checkpoint
-from klotski_tier.core.demo import default_cache_dir
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.families import parse_spec
 from klotski_tier.core.layouts import weight_dtype
 from klotski_tier.core.machine import GB, ComputeRates, Machine
-from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile
+from klotski_tier.core.profile import MachineProfile, default_profile_path
 from klotski_tier.core.shapes import model_shape, read_toml_tables, toml_table
 from klotski_tier.core.sizes import GIB, MIB, parse_size
 from klotski_tier.core.spec import ModelSpec
@@ -161,11 +160,6 @@ def machine_named(
             f"(this machine, from `klotski-tier bench`){from_file}"
         )
     return found
-
-
-def default_profile_path() -> Path:
-    """Where ``klotski-tier bench`` writes the machine profile by default."""
-    return default_cache_dir() / PROFILE_FILE_NAME
 
 
 def local_machine(

@@ -303,14 +303,7 @@ class Residency:
         The buffer comes from the host driver (page-aligned, so O_DIRECT reads land in place) but is
         counted in the device tier only: no second copy, no host-to-device memcpy.
         """
-        buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
-        started = time.perf_counter()
-        await self._source.read(entry.block, buffer)
-        ended = time.perf_counter()
-        self.device.stats.add_transfer(entry.nbytes, ended - started)
-        if self._timeline is not None:
-            self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
-        entry.buffer = buffer
+        await self._read_from_disk(entry, self.device)
 
     async def _lease_host(self, block: BlockId) -> _Entry:
         entry = self.host.entries.get(block)
@@ -327,11 +320,15 @@ class Residency:
         return entry
 
     async def _load_host(self, entry: _Entry) -> None:
+        await self._read_from_disk(entry, self.host)
+
+    async def _read_from_disk(self, entry: _Entry, ledger: TierLedger) -> None:
+        """Read ``entry``'s block from disk into a fresh page-aligned host buffer counted in ``ledger``."""
         buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
         started = time.perf_counter()
         await self._source.read(entry.block, buffer)
         ended = time.perf_counter()
-        self.host.stats.add_transfer(entry.nbytes, ended - started)
+        ledger.stats.add_transfer(entry.nbytes, ended - started)
         if self._timeline is not None:
             self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
         entry.buffer = buffer
