@@ -16,6 +16,7 @@ import torch
 from klotski_tier.core.blocks import BlockId, BlockLayout, TensorPiece
 from klotski_tier.core.store import PackedStore, decode_block
 from klotski_tier.tiers.disk import DiskDriver
+from klotski_tier.tiers.hostmem import aligned_empty
 
 
 class BlockSource:
@@ -47,6 +48,6 @@ class BlockSource:
             await self._disk.read_into([piece], dst)
             await self._disk.run_blocking(lambda: decode_block(dst, entry, dst))  # checks in place
             return
-        staging = torch.empty(entry.padded_bytes, dtype=torch.uint8)  # [padded bytes]
+        staging = aligned_empty(entry.padded_bytes)  # [padded bytes], read in place by O_DIRECT
         await self._disk.read_into([piece], staging)
         await self._disk.run_blocking(lambda: decode_block(staging, entry, dst))

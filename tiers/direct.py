@@ -32,8 +32,11 @@ import torch
 
 from klotski_tier.core.blocks import TensorPiece, align_up
 from klotski_tier.core.errors import TierError
+from klotski_tier.tiers.hostmem import aligned_empty
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DIRECT_ALIGN_BYTES", "O_DIRECT", "AlignedChunk", "BounceBuffers", "aligned_empty", "plan_aligned"]
 
 DIRECT_ALIGN_BYTES = 4096
 """Alignment of O_DIRECT offsets, lengths and buffers: a multiple of every common logical block size."""
@@ -106,13 +109,6 @@ def _spans(
             buffer_offset=piece.buffer_offset + keep_start - start,
             in_place=in_place,
         )
-
-
-def aligned_empty(nbytes: int, alignment: int = DIRECT_ALIGN_BYTES) -> torch.Tensor:
-    """A flat ``uint8`` CPU tensor of ``nbytes`` whose address is a multiple of ``alignment``."""
-    raw = torch.empty(nbytes + alignment, dtype=torch.uint8)  # [nbytes + alignment]
-    shift = -raw.data_ptr() % alignment
-    return raw[shift : shift + nbytes]  # [nbytes] keeps raw's storage alive
 
 
 class BounceBuffers:

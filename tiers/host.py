@@ -13,6 +13,7 @@ import torch
 
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.tiers.base import CopyDone, MemoryTierDriver, check_copy_args
+from klotski_tier.tiers.hostmem import aligned_empty
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,9 @@ HOST_COPY_THREADS = 1
 """Worker threads for host-to-host copies: one memcpy already runs near memory bandwidth."""
 
 BUFFER_ALIGN_BYTES = 4096
-"""Host buffers start on a page boundary, so that O_DIRECT reads can land in them directly."""
+"""Host buffers start on a page boundary, so that O_DIRECT reads can land in them directly; large
+ones are backed by huge pages so that each read reaches the drive as large requests (see
+:mod:`klotski_tier.tiers.hostmem`)."""
 
 
 class HostDriver(MemoryTierDriver):
@@ -46,9 +49,7 @@ class HostDriver(MemoryTierDriver):
         assert nbytes >= 0, f"cannot allocate a negative size ({nbytes} bytes)"
         if self._pin:  # the CUDA host allocator hands out page-aligned memory
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # [nbytes]
-        raw = torch.empty(nbytes + BUFFER_ALIGN_BYTES, dtype=torch.uint8)  # [nbytes + align]
-        skip = -raw.data_ptr() % BUFFER_ALIGN_BYTES
-        return raw[skip : skip + nbytes]  # [nbytes], a view that keeps ``raw`` alive
+        return aligned_empty(nbytes, BUFFER_ALIGN_BYTES)  # [nbytes], huge-page backed when large
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         """Copy ``src`` into the host buffer ``dst`` in the driver's thread; done when it returns."""

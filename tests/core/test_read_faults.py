@@ -60,6 +60,7 @@ def test_a_read_error_fails_the_run_and_frees_everything(
 ) -> None:
     monkeypatch.setattr(runtime, "HostDriver", TrackedHost)
     monkeypatch.setattr(runtime, "DeviceDriver", TrackedDevice)
+    gc.collect()  # buffers of earlier tests that only a collection frees
     live_before = HOST_LIVE.live
     engine = Engine.load(models[kind], streaming_options(models[kind]))
     with pytest.raises(TierError, match="Input/output error") as caught:

@@ -1,0 +1,87 @@
+"""Host I/O buffers: page-aligned always; large ones on 2 MiB boundaries, backed by huge pages where
+the kernel allows (so that each disk read reaches the drive as large requests)."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from klotski_tier.tiers.host import HostDriver
+from klotski_tier.tiers.hostmem import HUGE_PAGE_BYTES, PAGE_ALIGN_BYTES, aligned_empty
+
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+KIB = 1024
+
+
+def _thp_mode() -> str | None:
+    """The selected transparent-huge-page mode (``always``, ``madvise``, ``never``), None if unknown."""
+    try:
+        text = THP_ENABLED.read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+def _anon_huge_kib(address: int) -> int:
+    """``AnonHugePages`` of the mapping of this process that contains ``address`` (in KiB)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping contains {address:#x}")
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4095, 64 * KIB, HUGE_PAGE_BYTES - 1])
+def test_small_buffers_are_page_aligned(nbytes: int) -> None:
+    buffer = aligned_empty(nbytes)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == nbytes
+    assert buffer.data_ptr() % PAGE_ALIGN_BYTES == 0
+
+
+@pytest.mark.parametrize("nbytes", [HUGE_PAGE_BYTES, 3 * HUGE_PAGE_BYTES + 12 * KIB])
+def test_large_buffers_start_on_a_huge_page_and_hold_data(nbytes: int) -> None:
+    buffer = aligned_empty(nbytes)
+    assert buffer.numel() == nbytes
+    assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0
+    buffer.fill_(7)
+    buffer[-1] = 9
+    assert int(buffer[:-1].sum()) == 7 * (nbytes - 1) and int(buffer[-1]) == 9
+
+
+@pytest.mark.skipif(
+    _thp_mode() not in {"always", "madvise"} or not hasattr(mmap, "MADV_HUGEPAGE"),
+    reason="transparent huge pages are off on this kernel",
+)
+def test_large_buffers_are_backed_by_huge_pages() -> None:
+    units = 4
+    buffer = aligned_empty(units * HUGE_PAGE_BYTES + 8 * KIB)  # a partial last unit stays small pages
+    buffer.zero_()
+    huge_kib = _anon_huge_kib(buffer.data_ptr())
+    assert huge_kib >= HUGE_PAGE_BYTES // KIB, "no huge page backs a large I/O buffer"
+    assert huge_kib <= units * HUGE_PAGE_BYTES // KIB, "the partial last unit was huge-paged"
+
+
+def test_the_mapping_lives_as_long_as_its_tensor() -> None:
+    buffer = aligned_empty(2 * HUGE_PAGE_BYTES)
+    view = buffer[HUGE_PAGE_BYTES:]  # [2 MiB]
+    alive = weakref.ref(buffer)
+    del buffer
+    gc.collect()
+    assert alive() is None
+    view.fill_(3)  # the storage is still mapped through the view
+    assert int(view.sum()) == 3 * HUGE_PAGE_BYTES
+
+
+def test_host_tier_buffers_use_it() -> None:
+    host = HostDriver(pin=False)
+    buffer = host.allocate(HUGE_PAGE_BYTES + 4 * KIB)
+    assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0 and buffer.numel() == HUGE_PAGE_BYTES + 4 * KIB
