@@ -22,7 +22,8 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.plan_report import format_plan, plan_record
-from klotski_tier.cli.run import DEMO_DEVICE_MEMORY, store_ratio
+from klotski_tier.cli.run import DEMO_DEVICE_MEMORY
+from klotski_tier.core.autoplan import store_ratio
 from klotski_tier.core.engine import open_model
 from klotski_tier.core.errors import InputError
 from klotski_tier.core.hardware import load_hardware_file, machine_named

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from klotski_tier.core.config import EngineOptions
+from klotski_tier.core.autoplan import RunPlan
 from klotski_tier.core.costmodel import block_sizes
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.machine import Machine
@@ -184,32 +184,30 @@ def plan_record(plan: Plan, request: PlanRequest, model: str, machine: Machine) 
 # --- the plan of a run -----------------------------------------------------------------------
 
 
-def run_plan_line(
-    mode: str, options: EngineOptions, plan: Plan | None, planned: Sequence[str], note: str
-) -> str:
+def run_plan_line(chosen: RunPlan) -> str:
     """One line for ``run``'s table: the n, bs and K the run used and where they come from."""
+    options, plan = chosen.options, chosen.plan
     hot = "top-k" if options.hot_experts is None else str(options.hot_experts)
     shape = f"n={options.batches}, bs={options.batch_size}, K={hot}"
     if plan is None:
-        return f"plan: {mode}, {shape}" + (f" ({note})" if note else "")
-    kept = sorted(set(plan.engine_options()) - set(planned))
+        return f"plan: {chosen.mode}, {shape}" + (f" ({chosen.note})" if chosen.note else "")
+    kept = sorted(set(plan.engine_options()) - set(chosen.planned))
     yours = f"; yours: {', '.join(kept)}" if kept else ""
-    return f"plan: {shape} ({mode}: predicted {plan.decode_tokens_per_s:.2f} decode tok/s{yours})"
+    return f"plan: {shape} ({chosen.mode}: predicted {plan.decode_tokens_per_s:.2f} decode tok/s{yours})"
 
 
-def run_plan_record(
-    mode: str, options: EngineOptions, plan: Plan | None, planned: Sequence[str], note: str
-) -> dict[str, Any]:
+def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
     """``run --json``'s ``plan`` object: what the run used, which of it the plan set, the prediction."""
+    options, plan = chosen.options, chosen.plan
     record: dict[str, Any] = {
-        "mode": mode,
+        "mode": chosen.mode,
         "used": plan is not None,
         "batches": options.batches,
         "batch_size": options.batch_size,
         "hot_experts": options.hot_experts,
         "host_preload": options.host_preload,
-        "planned": sorted(planned),
-        "note": note,
+        "planned": sorted(chosen.planned),
+        "note": chosen.note,
     }
     if plan is not None:
         record.update(

@@ -5,8 +5,11 @@ recurrence) lives in :mod:`klotski_tier.core.pipeline_model`, placement, transfe
 in :mod:`klotski_tier.core.placement_model`; their public names are re-exported here.
 
 :func:`make_plan` tries n = 1, 2, ... (up to the sequences, ``max_batches`` and memory: the KV cache
-grows with n * bs) and K in 0..2k (in eight steps when 2k > 8); it keeps the smallest n that meets
-every deadline in every layer and fits, with the best predicted throughput; if none does, the
+grows with n * bs) and K in 0..2k (in eight steps when 2k > 8). Among the candidates that meet
+every deadline in every layer and fit (the feasible ones) it keeps the smallest n whose predicted
+decode throughput (at its best K) is within :data:`NEAR_BEST` of the best feasible one: per-job
+costs spread over the n * bs tokens of a group, so throughput often keeps rising with n, but memory
+and latency grow with n too, and a few percent do not buy more batches. If none is feasible, the
 candidate with the least bubble time per token, naming the missed deadline and by how much. Unless
 bs is given, it does so for each bs in powers of two and keeps the best predicted decode throughput.
 """
@@ -55,6 +58,8 @@ MAX_BATCH_SIZE = 64  # largest bs tried when the request leaves it open
 FINE_HOT_EXPERTS = 8  # K is tried one by one up to 2k when 2k is at most this; else in COARSE_HOT_STEPS
 COARSE_HOT_STEPS = 8
 TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
+NEAR_BEST = 0.95  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
+NOTABLE_GAIN = 0.01  # the why names a faster larger n only when it is predicted at least this much faster
 
 
 @dataclass(frozen=True)
@@ -310,15 +315,26 @@ def _candidate(
 
 
 def _choose(tried: list[Candidate]) -> Candidate:
-    """Smallest feasible n (best K there); else least bubble per token among those that fit; else best."""
-    feasible = [c for c in tried if c.fits and c.meets_deadlines]
+    """Feasible: the smallest n near the best throughput (:func:`_near_best`); else least bubble per
+    token among those that fit; else among all."""
+    feasible = _feasible(tried)
     if feasible:
-        n = min(c.batches for c in feasible)
-        return max((c for c in feasible if c.batches == n), key=lambda c: c.decode.tokens_per_s)
+        return _near_best(feasible)
     fitting = [c for c in tried if c.fits] or tried
     return min(
         fitting, key=lambda c: (c.decode.bubble_s / c.decode.tokens, -c.decode.tokens_per_s, c.batches)
     )
+
+
+def _feasible(tried: list[Candidate]) -> list[Candidate]:
+    return [c for c in tried if c.fits and c.meets_deadlines]
+
+
+def _near_best(feasible: list[Candidate]) -> Candidate:
+    """The smallest n with a candidate within NEAR_BEST of the best predicted tokens/s; its best K."""
+    best = max(c.decode.tokens_per_s for c in feasible)
+    n = min(c.batches for c in feasible if c.decode.tokens_per_s >= NEAR_BEST * best)
+    return max((c for c in feasible if c.batches == n), key=lambda c: c.decode.tokens_per_s)
 
 
 def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
@@ -346,22 +362,16 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
         prefill=prefill,
         memory=(best.device, best.host),
         memory_cap_batches=cap,
-        why=_why(ctx, best, cap, feasible),
+        why=_why(ctx, best, cap, _feasible(tried)),
         advice=tuple(_advice(ctx, best, cap, feasible)),
         sweep=sweep,
     )
 
 
-def _why(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> str:
-    n, binding = best.batches, best.binding
-    if best.placement.device_resident and feasible:
-        return f"every weight fits in device memory, so nothing moves after the first step: n={n} is enough"
-    if feasible:
-        return (
-            f"n={n} is the smallest number of batches whose loads hide behind compute in every layer; the "
-            f"tightest deadline is ({binding.number}) {binding.meaning}, "
-            f"with {binding.slack_s * 1e3:.2f} ms to spare"
-        )
+def _why(ctx: _Context, best: Candidate, cap: int, feasible: list[Candidate]) -> str:
+    if best.fits and best.meets_deadlines:
+        return _why_feasible(best, feasible)
+    binding = best.binding
     req = ctx.request
     top = _batch_counts(req, best.batch_size).stop - 1
     limit = f"device memory holds the KV cache of at most n={cap}"
@@ -369,8 +379,45 @@ def _why(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> str:
         limit = f"{req.sequences} sequences in batches of {best.batch_size} allow n <= {top}"
     return (
         f"no n hides every load ({limit}): deadline ({binding.number}), {binding.meaning}, is missed by "
-        f"{-binding.slack_s * 1e3:.2f} ms in layer {binding.layer}; n={n} has the least bubble time per token"
+        f"{-binding.slack_s * 1e3:.2f} ms in layer {binding.layer}; n={best.batches} has the least bubble "
+        "time per token"
     )
+
+
+def _why_feasible(best: Candidate, feasible: list[Candidate]) -> str:
+    """Why this n among those that meet every deadline (see :func:`_near_best`), and what it hides."""
+    n, speed, resident = best.batches, _speed(best), best.placement.device_resident
+    smallest = max((c for c in feasible if c.batches == min(f.batches for f in feasible)), key=_speed)
+    fastest = max(feasible, key=_speed)
+    faster = _speed(fastest) / speed - 1  # how much faster the fastest feasible candidate is predicted
+    nothing_moves = "every weight fits in device memory, so nothing moves after the first step"
+    if n == smallest.batches and resident:
+        why = f"{nothing_moves}: n={n} is enough"
+    elif n == smallest.batches:
+        why = f"n={n} is the smallest number of batches whose loads hide behind compute in every layer"
+    else:
+        best_at = "the best predicted throughput"
+        best_at = f"within {1 - NEAR_BEST:.0%} of {best_at}" if faster >= NOTABLE_GAIN else best_at
+        why = (
+            f"n={n}: {best_at}; n={smallest.batches} meets every deadline too but is predicted "
+            f"{1 - _speed(smallest) / speed:.0%} slower"
+        )
+    if faster >= NOTABLE_GAIN:
+        why += (
+            f"; n={fastest.batches} is predicted only {faster:.1%} faster, not worth "
+            f"{fastest.batches / n:.3g}x the KV cache"
+        )
+    if resident:
+        return why if n == smallest.batches else f"{why}; {nothing_moves}"
+    binding = best.binding
+    return (
+        f"{why}; the tightest deadline is ({binding.number}) {binding.meaning}, "
+        f"with {binding.slack_s * 1e3:.2f} ms to spare"
+    )
+
+
+def _speed(candidate: Candidate) -> float:
+    return candidate.decode.tokens_per_s
 
 
 def _advice(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> list[str]:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from klotski_tier.cli.main import main
 from klotski_tier.cli.options import options_and_explicit
 from klotski_tier.core.config import EngineOptions
-from klotski_tier.core.engine import open_model
+from klotski_tier.core.engine import Engine, open_model
 from klotski_tier.core.hardware import local_machine
 from klotski_tier.core.planner import PlanRequest, make_plan
 from tests.conftest import CheckpointFactory
@@ -76,6 +76,21 @@ def test_auto_takes_n_bs_k_and_preload_from_the_plan(model: Path, planned_off: d
     assert {key: plan[key] for key in PLANNED} == expected_plan(model)
     assert plan["predicted_decode_tokens_per_s"] > 0 and plan["binding"]["number"] in (4, 5, 6, 7)
     assert tokens(record) == tokens(planned_off)  # scheduling never changes tokens
+
+
+def test_the_engine_loads_once_with_the_planned_options(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded: list[EngineOptions | None] = []
+    load = Engine.load
+
+    def counting_load(cls: type[Engine], *args: Any, **kwargs: Any) -> Engine:
+        engine = load(*args, **kwargs)
+        loaded.append(engine.options)
+        return engine
+
+    monkeypatch.setattr(Engine, "load", classmethod(counting_load))
+    plan = run_json(model, "--profile", str(PROFILE))["plan"]
+    assert len(loaded) == 1 and loaded[0] is not None
+    assert {key: getattr(loaded[0], key) for key in PLANNED} == {key: plan[key] for key in PLANNED}
 
 
 def test_off_keeps_the_defaults(planned_off: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from klotski_tier.core.costmodel import CostModel
 from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.machine import ComputeRates, Machine
 from klotski_tier.core.planner import (
+    NEAR_BEST,
     Io,
     LayerWork,
     Plan,
@@ -38,10 +39,13 @@ from klotski_tier.policies.correlation import CorrelationPrefetch
 MIB, GIB = 2**20, 2**30
 SPEC = dataclasses.replace(demo_spec(), num_layers=4)  # the demo's widths, 4 layers: 175 MiB
 RATES = ComputeRates(flops_per_s=1.5e10, weight_bytes_per_s=1.5e10, job_overhead_s=3e-4)
+# Compute linear in tokens: no per-job cost and weights read from device memory for free, so more
+# batches share nothing but loads (with RATES, n batches also share each expert job's fixed cost).
+LINEAR_RATES = ComputeRates(flops_per_s=1.5e10, weight_bytes_per_s=1e18, job_overhead_s=0.0)
 
 
-def _machine(disk_gbps: float = 1.0, link_gbps: float = 5.0) -> Machine:
-    return Machine("test", "test", "cuda", 8 * GIB, 16 * GIB, disk_gbps, link_gbps, RATES, 0.6, 4)
+def _machine(disk_gbps: float = 1.0, link_gbps: float = 5.0, rates: ComputeRates = RATES) -> Machine:
+    return Machine("test", "test", "cuda", 8 * GIB, 16 * GIB, disk_gbps, link_gbps, rates, 0.6, 4)
 
 
 def _routing(spec: ModelSpec = SPEC) -> RoutingModel:
@@ -55,7 +59,7 @@ def _plan(**changes: object) -> Plan:
     fields: dict[str, object] = {"spec": SPEC, "machine": _machine(), "routing": ROUTING, "sequences": 64}
     fields.update(prompt_tokens=16, new_tokens=16)
     fields.update(changes)
-    return make_plan(PlanRequest(**fields))  # type: ignore[arg-type]
+    return make_plan(PlanRequest(**fields))
 
 
 def _streaming(disk_gbps: float, **changes: object) -> Plan:
@@ -74,14 +78,14 @@ def _streaming(disk_gbps: float, **changes: object) -> Plan:
 
 
 def test_a_model_that_fits_in_device_memory_needs_one_batch() -> None:
-    plan = _plan(batch_size=4)
+    plan = _plan(batch_size=4, machine=_machine(rates=LINEAR_RATES))
     assert plan.placement.device_resident and plan.feasible
     assert plan.batches == 1 and plan.decode.bubble_s == 0.0
     assert "nothing moves" in plan.why and plan.advice == ()
 
 
 def test_free_io_needs_one_batch_even_when_streaming() -> None:
-    plan = _streaming(1e6, machine=_machine(1e6, 1e6))
+    plan = _streaming(1e6, machine=_machine(1e6, 1e6, LINEAR_RATES))
     assert not plan.placement.device_resident and plan.placement.home == "disk"
     assert plan.batches == 1 and plan.feasible
 
@@ -135,6 +139,47 @@ def test_a_missed_deadline_shows_as_bubbles() -> None:
     )  # (5): 6 s of loads in 1.5
     step = predict_step(shape, 2, work, io, window=100)
     assert step.inter_layer_s > 0 and step.step_s > step.compute_s
+
+
+# ---- which feasible n: the smallest near the best predicted throughput ---------------------------
+
+
+def _feasible_speeds(disk_gbps: float, machine: Machine) -> dict[int, float]:
+    """Predicted decode tokens/s of each n that meets every deadline within the budgets (best K)."""
+    fixed = (_streaming(disk_gbps, machine=machine, batches=n) for n in range(1, 17))  # 64 seqs / bs 4
+    return {plan.batches: plan.decode_tokens_per_s for plan in fixed if plan.feasible}
+
+
+def test_throughput_rising_with_n_buys_more_batches_than_the_smallest_feasible() -> None:
+    """Per-job costs (RATES) are shared by the n * bs tokens of a group: more n, more tokens/s."""
+    machine = _machine(8.0)
+    speeds = _feasible_speeds(8.0, machine)
+    plan = _streaming(8.0, machine=machine)
+    near = [n for n, speed in speeds.items() if speed >= NEAR_BEST * max(speeds.values())]
+    assert plan.feasible and plan.batches == min(near) > min(speeds)
+    assert plan.batches < max(speeds, key=lambda n: speeds[n])  # a few percent do not buy more KV cache
+    assert f"n={min(speeds)} meets every deadline too but is predicted" in plan.why
+    assert "faster, not worth" in plan.why
+
+
+def test_flat_throughput_keeps_the_smallest_feasible_n() -> None:
+    """Compute linear in tokens: once the loads hide, more batches add KV cache and nothing else."""
+    machine = _machine(2.0, rates=LINEAR_RATES)
+    speeds = _feasible_speeds(2.0, machine)
+    plan = _streaming(2.0, machine=machine)
+    assert plan.feasible and 1 < plan.batches == min(speeds)
+    assert max(speeds.values()) < plan.decode_tokens_per_s / NEAR_BEST
+    assert plan.why.startswith(f"n={plan.batches} is the smallest number of batches whose loads hide")
+    assert "faster" not in plan.why
+
+
+def test_device_resident_weights_with_per_job_costs_take_more_batches_and_say_why() -> None:
+    plan = _plan(batch_size=4)  # RATES: each expert job costs the same for 4 tokens or 40
+    assert plan.placement.device_resident and plan.feasible and plan.batches > 1
+    speeds = [speed for _, speed, _ in plan.sweep]
+    assert plan.decode_tokens_per_s >= NEAR_BEST * max(speeds) > speeds[0]
+    assert plan.why.startswith(f"n={plan.batches}: ") and "n=1 meets every deadline too" in plan.why
+    assert plan.why.endswith("nothing moves after the first step")
 
 
 # ---- properties ------------------------------------------------------------------------------------
