@@ -9,6 +9,7 @@ bandwidth)`` (see :mod:`benchmarks.e2e.bound`).
 
 Modules: ``model`` (bench checkpoints), ``workload`` (prompts, throughput), ``cgroup`` (memory
 groups), ``worker`` (one system in one process) with ``accelerate_peer``, ``systems`` (budgets,
-configurations, jobs), ``runner`` (processes), ``compare`` (one budget point), ``bound``,
+configurations, jobs), ``planning`` (klotski's configuration from the planner, and its
+predictions), ``runner`` (processes), ``compare`` (one budget point), ``bound``,
 ``results``, ``report`` (table, JSON, PNG), ``benchmark`` (the whole run), ``__main__`` (CLI).
 """

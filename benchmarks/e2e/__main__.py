@@ -3,6 +3,7 @@
 Examples::
 
     python -m benchmarks.e2e                                   # e2e-2g, a quarter of the model, all systems
+    python -m benchmarks.e2e --klotski-config sweep            # klotski's n: the best of --batches
     python -m benchmarks.e2e --systems accelerate,klotski --repeats 1 --prompts 8 --new-tokens 8
     python -m benchmarks.e2e --sweep batches --systems klotski,flexgen
     python -m benchmarks.e2e --sweep budget --systems klotski,accelerate
@@ -29,10 +30,12 @@ from benchmarks.e2e.benchmark import (
     run_benchmark,
 )
 from benchmarks.e2e.model import BENCH_SHAPES
+from benchmarks.e2e.planning import KLOTSKI_CONFIGS, PLAN
 from benchmarks.e2e.report import format_point
 from benchmarks.e2e.runner import DEFAULT_TIMEOUT_S
 from benchmarks.e2e.systems import SYSTEMS
 from benchmarks.e2e.workload import Workload
+from klotski_tier.core.config import ALL_EXPERTS
 from klotski_tier.core.errors import KlotskiError
 from klotski_tier.core.sizes import parse_size
 
@@ -43,6 +46,10 @@ def _ints(text: str) -> list[int]:
 
 def _floats(text: str) -> list[float]:
     return [float(part) for part in text.split(",") if part.strip()]
+
+
+def _hot(text: str) -> int | str:
+    return text if text == ALL_EXPERTS else int(text)
 
 
 def _names(text: str) -> list[str]:
@@ -62,13 +69,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=16, help="P tokens per prompt (16)")
     p.add_argument("--new-tokens", type=int, default=16, help="G new tokens per prompt (16)")
     p.add_argument(
-        "--batches", type=_ints, default=[1, 2, 4, 8, 16], help="n values klotski sweeps (1,2,4,8,16)"
+        "--klotski-config",
+        choices=KLOTSKI_CONFIGS,
+        default=PLAN,
+        help="plan: klotski's n, bs and K from the planner (needs `klotski-tier bench`'s profile; without "
+        "one, sweep); sweep: n the best of --batches (default: plan)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=None, help="bs of the engine's batches (default: N / n, one group)"
+        "--batches",
+        type=_ints,
+        default=[1, 2, 4, 8, 16],
+        help="n values swept by flexgen, by klotski when swept, and by --sweep batches (1,2,4,8,16)",
     )
     p.add_argument(
-        "--klotski-hot-experts", default="all", help='K of klotski: an integer, or "all" (default)'
+        "--batch-size",
+        type=int,
+        default=None,
+        help="bs of the engine's batches (default: the planner's for klotski, else N / n: one group)",
+    )
+    p.add_argument(
+        "--klotski-hot-experts",
+        type=_hot,
+        default=None,
+        help='K of klotski: an integer or "all" (default: the planner\'s; "all" when swept)',
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="machine profile of `klotski-tier bench` (default: the one bench wrote, if any)",
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported (3)")
     p.add_argument(
@@ -98,7 +127,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         budget=args.budget,
         batches=args.batches,
         batch_size=args.batch_size,
-        klotski_hot_experts=_hot(args.klotski_hot_experts),
+        klotski_hot_experts=args.klotski_hot_experts,
+        klotski_config=args.klotski_config,
+        profile_path=args.profile,
         repeats=args.repeats,
         sweep=args.sweep,
         sweep_budgets=args.sweep_budgets,
@@ -122,15 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except KlotskiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if outcome.note:
+        print(f"note: {outcome.note}")
     for x, point in zip(outcome.xs, outcome.points, strict=True):
         print(f"\n== {outcome.payload['sweep'] or 'budget'} = {x:g} ==")
         print(format_point(point))
     print("\nwrote " + ", ".join(str(p) for p in outcome.files))
     return 0
-
-
-def _hot(text: str) -> int | str:
-    return text if text == "all" else int(text)
 
 
 if __name__ == "__main__":

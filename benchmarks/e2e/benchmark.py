@@ -6,9 +6,11 @@ size). One run:
 1. the bench model is built once (cached) and the workload's prompts are made;
 2. the runtime allowance is measured (an idle worker's peak), unless given;
 3. the drive's raw O_DIRECT bandwidth is measured on a test file beside the model;
-4. each point (one budget, or a sweep over n or over budgets) runs every system and the bound,
+4. klotski's configuration mode is settled: ``plan`` (the planner's n, bs, K at each budget) needs
+   the ``klotski-tier bench`` machine profile; without one it is ``sweep``, with a one-line note;
+5. each point (one budget, or a sweep over n or over budgets) runs every system and the bound,
    checking that every run generates the reference tokens;
-5. the JSON, the chart and the machine profile are written to ``out``.
+6. the JSON, the chart and the machine profile are written to ``out``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 from benchmarks.e2e.bound import drive_gbps
 from benchmarks.e2e.compare import Comparison, PointPlan
 from benchmarks.e2e.model import BENCH_SHAPES, bench_store_dir, resolve_model
+from benchmarks.e2e.planning import KLOTSKI_CONFIGS, PLAN, klotski_mode
 from benchmarks.e2e.report import chart_point, chart_sweep, copy_machine_profile, write_json
 from benchmarks.e2e.results import Point
 from benchmarks.e2e.runner import DEFAULT_TIMEOUT_S, Runner, RunnerSettings
@@ -32,6 +35,7 @@ from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, SYSTEMS, Inputs, budget
 from benchmarks.e2e.workload import Workload, make_prompts
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.layouts import ModelFiles, load_model_files, total_block_bytes
+from klotski_tier.core.profile import default_profile_path
 from klotski_tier.core.sizes import MIB
 
 logger = logging.getLogger(__name__)
@@ -53,8 +57,10 @@ class BenchConfig:
     systems: Sequence[str] = SYSTEMS
     budget: float = 0.25  # fraction of the model's bytes
     batches: Sequence[int] = (1, 2, 4, 8, 16)  # n: klotski's sweep (the batches sweep's x axis)
-    batch_size: int | None = None  # None: all N prompts in one group of n batches (bs = ceil(N / n))
-    klotski_hot_experts: int | str | None = "all"  # K of the klotski system
+    batch_size: int | None = None  # None: the planner's, or all N prompts in one group (bs = ceil(N / n))
+    klotski_hot_experts: int | str | None = None  # K of klotski; None: the planner's, "all" when swept
+    klotski_config: str = PLAN  # PLAN: klotski's n, bs, K from the planner; SWEEP: n the best of batches
+    profile_path: Path | None = None  # the klotski-tier bench profile; None: where bench writes it
     repeats: int = 3
     sweep: str | None = None  # None, "batches" or "budget"
     sweep_budgets: Sequence[float] = DEFAULT_SWEEP_BUDGETS
@@ -74,6 +80,10 @@ class BenchConfig:
             raise ConfigError(f"unknown system {unknown[0]!r}; valid systems: {', '.join(SYSTEMS)}")
         if self.sweep is not None and self.sweep not in SWEEPS:
             raise ConfigError(f"unknown sweep {self.sweep!r}; valid sweeps: {', '.join(SWEEPS)}")
+        if self.klotski_config not in KLOTSKI_CONFIGS:
+            raise ConfigError(
+                f"unknown klotski config {self.klotski_config!r}; valid: {', '.join(KLOTSKI_CONFIGS)}"
+            )
         if self.repeats < 1 or (self.batch_size or 1) < 1 or not self.batches or min(self.batches) < 1:
             raise ConfigError("repeats, batch size and every n of --batches must be at least 1")
 
@@ -83,6 +93,10 @@ class BenchConfig:
         stem = name if name.startswith("e2e") else f"e2e-{name}"
         return stem + (f"-{self.sweep}" if self.sweep else "")
 
+    @property
+    def profile(self) -> Path:
+        return self.profile_path if self.profile_path is not None else default_profile_path()
+
 
 @dataclass
 class BenchOutcome:
@@ -90,6 +104,7 @@ class BenchOutcome:
     points: list[Point]
     xs: list[float]  # the swept quantity of each point (the budget fraction without a sweep)
     files: list[Path]  # written
+    note: str = ""  # one line when klotski is not configured as asked (no machine profile)
 
 
 def run_benchmark(config: BenchConfig) -> BenchOutcome:
@@ -97,6 +112,9 @@ def run_benchmark(config: BenchConfig) -> BenchOutcome:
     model_dir = resolve_model(config.model, config.cache_dir)
     files = load_model_files(model_dir)
     prompts = make_prompts(model_dir, config.workload)
+    mode, note = klotski_mode(config.klotski_config, config.profile, config.sweep)
+    if note:
+        logger.warning("%s", note)
     scratch = Path(tempfile.mkdtemp(prefix=".e2e-scratch-", dir=model_dir.parent))  # on the model's drive
     try:
         runner = Runner(RunnerSettings(model_dir, scratch, config.use_cgroup, config.timeout_s))
@@ -104,26 +122,32 @@ def run_benchmark(config: BenchConfig) -> BenchOutcome:
         gbps = drive_gbps(model_dir.parent, config.drive_file_bytes)
         inputs = Inputs(model_dir, prompts, config.workload.new_tokens, bench_store_dir(model_dir))
         comparison = Comparison(runner, inputs, files, gbps)
-        xs, points = _run_points(config, comparison, total_block_bytes(files.layouts), allowance)
+        plan = _point_plan(config, mode)
+        xs, points = _run_points(config, plan, comparison, total_block_bytes(files.layouts), allowance)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     payload = _payload(config, files, model_dir, allowance, gbps, xs, points)
-    return BenchOutcome(payload, points, xs, _write(config, payload, xs, points, gbps))
+    payload["klotski_config"] = {"requested": config.klotski_config, "used": mode, "note": note or None}
+    return BenchOutcome(payload, points, xs, _write(config, payload, xs, points, gbps), note)
+
+
+def _point_plan(config: BenchConfig, mode: str) -> PointPlan:
+    """What every point runs; the profile plans (``mode`` PLAN) or predicts (SWEEP) when it exists."""
+    return PointPlan(
+        config.systems, config.batches, config.batch_size, config.repeats, config.accelerate_batch,
+        config.out if config.trace else None, config.klotski_hot_experts, mode,
+        config.profile if config.profile.is_file() else None,
+    )  # fmt: skip
 
 
 def _run_points(
-    config: BenchConfig, comparison: Comparison, model_bytes: int, allowance: int
+    config: BenchConfig, plan: PointPlan, comparison: Comparison, model_bytes: int, allowance: int
 ) -> tuple[list[float], list[Point]]:
-    trace_dir = config.out if config.trace else None
-    plan = PointPlan(
-        config.systems, config.batches, config.batch_size, config.repeats, config.accelerate_batch, trace_dir,
-        config.klotski_hot_experts,
-    )  # fmt: skip
-    if config.sweep == "batches":
+    if config.sweep == "batches":  # n set explicitly: no planning (predictions only)
         systems = [s for s in config.systems if s in SWEEP_SYSTEMS] or [KLOTSKI]
         budget = budget_for(config.budget, model_bytes, allowance)
         plans = [
-            PointPlan(systems, [n], config.batch_size, config.repeats, None, None, config.klotski_hot_experts)
+            replace(plan, systems=systems, batches=[n], accelerate_batch=None, trace_dir=None)
             for n in config.batches
         ]
         return [float(n) for n in config.batches], [comparison.point(p, budget) for p in plans]
@@ -184,5 +208,5 @@ def _write(
         chart_sweep(xs, points, png_path, "memory budget (fraction of the model)", title)
     else:
         chart_point(points[0], png_path, f"{title}, budget {config.budget:g} of the model")
-    copy_machine_profile(profile_path, gbps)
+    copy_machine_profile(profile_path, gbps, config.profile)
     return [json_path, png_path, profile_path]

@@ -3,11 +3,14 @@
 Each system runs ``repeats`` times in fresh workers; a system that picks a configuration does so
 first and says how:
 
-- ``klotski`` (and ``flexgen`` unless its preset fixes n): one run per n of ``batches``, the
-  fastest n kept; its run counts as the first repeat;
+- ``klotski`` planned (``--klotski-config plan``): the planner's n, bs, K and preload for this budget
+  (:mod:`benchmarks.e2e.planning`), its predicted tokens/s kept beside the measured ones;
+- ``klotski`` swept (and ``flexgen`` unless its preset fixes n): one run per n of ``batches``, the
+  fastest n kept; its run counts as the first repeat; with a machine profile, klotski's notes give
+  the planner's prediction for each n tried;
 - ``accelerate``: all N prompts in one batch, halved after every run killed for memory, until a
   batch fits (the first run that fits counts as the first repeat);
-- the bound: the engine with every weight resident at the grouping ``klotski`` chose, ``repeats``
+- the bound: the engine with every weight resident at the grouping (n x bs) ``klotski`` chose, ``repeats``
   times, and the routing of its first run for the bytes the workload must move.
 
 The bound's first run is the token reference; every run of every system must match it.
@@ -18,10 +21,11 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.e2e.bound import Bound, must_move_bytes
+from benchmarks.e2e.planning import PLAN, SWEEP, plan_klotski, predict_config
 from benchmarks.e2e.results import BenchmarkError, Point, RunRecord, SystemResult, check_tokens
 from benchmarks.e2e.runner import Runner
 from benchmarks.e2e.systems import (
@@ -39,6 +43,7 @@ from benchmarks.e2e.systems import (
     preset_problem,
 )
 from benchmarks.e2e.worker import ACCELERATE, Job
+from klotski_tier.core.config import ALL_EXPERTS
 from klotski_tier.core.layouts import ModelFiles
 from klotski_tier.core.routing_trace import RoutingTrace
 
@@ -55,7 +60,9 @@ class PointPlan:
     repeats: int
     accelerate_batch: int | None = None  # None: the largest that fits, starting from all prompts
     trace_dir: Path | None = None  # save one extra klotski run's Chrome trace here
-    klotski_hot_experts: int | str | None = "all"  # K of klotski; "all": every expert of the next layer
+    klotski_hot_experts: int | str | None = None  # K of klotski; None: the planner's, or "all" when swept
+    klotski_config: str = SWEEP  # PLAN: n, bs, K from the planner; SWEEP: n the best of ``batches``
+    profile: Path | None = None  # the machine profile to plan and predict with; None: neither
 
 
 class Comparison:
@@ -74,7 +81,8 @@ class Comparison:
         systems = [self._system(plan, name, budget) for name in plan.systems]
         chosen = next((s for s in systems if s.name == KLOTSKI and s.ok), None)
         n = int(chosen.notes["batches"]) if chosen is not None else plan.batches[0]
-        bound, bound_runs = self._bound(plan, budget, n)
+        bs = int(chosen.notes["batch_size"]) if chosen is not None else self.batch_size(plan, n)
+        bound, bound_runs = self._bound(plan, budget, n, bs)
         self._check([*bound_runs, *(run for s in systems for run in s.runs), *self._extra_runs])
         self._extra_runs.clear()
         return Point(budget, systems, bound, bound_runs)
@@ -95,6 +103,8 @@ class Comparison:
                 logger.warning("skipping %s: %s", name, problem)
                 return SystemResult(name, "", skipped=problem)
             return self._engine(plan, name, budget, preset=name)
+        if name == KLOTSKI and plan.klotski_config == PLAN and plan.profile is not None:
+            return self._planned(plan, budget, plan.profile)
         if name == KLOTSKI:
             return self._engine(plan, name, budget, preset=None)
         raise BenchmarkError(f"unknown system {name!r}")
@@ -102,7 +112,7 @@ class Comparison:
     def _engine(self, plan: PointPlan, name: str, budget: Budget, preset: str | None) -> SystemResult:
         fixed_n, fixed_bs = preset_batching(preset)
         candidates = [fixed_n] if fixed_n else [1] if name in SINGLE_BATCH_SYSTEMS else list(plan.batches)
-        hot = plan.klotski_hot_experts if name == KLOTSKI else None
+        hot = _swept_hot(plan.klotski_hot_experts) if name == KLOTSKI else None
 
         def job(n: int, trace: Path | None = None) -> Job:
             bs = fixed_bs or self.batch_size(plan, n)
@@ -114,15 +124,64 @@ class Comparison:
         best = _fastest(sweep)
         result = SystemResult(name, describe_engine(job(best)), [sweep[best]])
         result.notes.update(
+            config=SWEEP,
             batches=best,
             batch_size=fixed_bs or self.batch_size(plan, best),
+            hot_experts=hot,
             sweep={str(n): _summary(r) for n, r in sweep.items()},
         )
+        if name == KLOTSKI and plan.profile is not None:
+            self._predictions(result, plan, budget, plan.profile)
+        return self._finish(result, plan, budget, lambda trace: job(best, trace))
+
+    def _planned(self, plan: PointPlan, budget: Budget, profile: Path) -> SystemResult:
+        """klotski at the planner's configuration for ``budget``; swept when the planner cannot plan."""
+        chosen = plan_klotski(
+            self.inputs, self.files, budget, profile,
+            batch_size=plan.batch_size, hot_experts=plan.klotski_hot_experts,
+        )  # fmt: skip
+        if isinstance(chosen, str):
+            logger.warning("klotski is swept at this budget: %s", chosen)
+            result = self._engine(replace(plan, klotski_config=SWEEP), KLOTSKI, budget, preset=None)
+            result.notes["plan_note"] = chosen
+            return result
+
+        def job(trace: Path | None = None) -> Job:
+            return engine_job(
+                KLOTSKI, self.inputs, self.files, budget, chosen.batches, chosen.batch_size, trace_path=trace,
+                hot_experts=chosen.hot_experts, host_preload=chosen.host_preload,
+            )  # fmt: skip
+
+        result = SystemResult(KLOTSKI, describe_engine(job()), [self.runner.run(job(), budget.limit_bytes)])
+        result.notes.update(
+            config=PLAN,
+            batches=chosen.batches,
+            batch_size=chosen.batch_size,
+            hot_experts=chosen.hot_experts,
+            host_preload=chosen.host_preload,
+            predicted=chosen.prediction.to_dict(),
+        )
+        return self._finish(result, plan, budget, job)
+
+    def _predictions(self, result: SystemResult, plan: PointPlan, budget: Budget, profile: Path) -> None:
+        """The planner's predicted tokens/s beside each n of klotski's sweep, and for the n kept."""
+        hot = result.notes["hot_experts"]
+        for key, summary in result.notes["sweep"].items():
+            n = int(key)
+            found = predict_config(self.inputs, self.files, budget, profile, n, self.batch_size(plan, n), hot)
+            summary["predicted_tokens_per_s"] = None if found is None else found.tokens_per_s
+            if n == result.notes["batches"] and found is not None:
+                result.notes["predicted"] = found.to_dict()
+
+    def _finish(
+        self, result: SystemResult, plan: PointPlan, budget: Budget, job: Callable[[Path | None], Job]
+    ) -> SystemResult:
+        """``result`` (its first run done) with its further repeats, and klotski's traced run."""
         if result.ok:
-            result.runs += self._repeat(lambda: job(best), budget.limit_bytes, plan.repeats - 1)
-        if result.ok and plan.trace_dir is not None and name == KLOTSKI:
-            trace = plan.trace_dir / f"e2e-{name}-trace.json"
-            self.runner.run(job(best, trace), budget.limit_bytes)  # not counted: tracing costs time
+            result.runs += self._repeat(lambda: job(None), budget.limit_bytes, plan.repeats - 1)
+        if result.ok and plan.trace_dir is not None and result.name == KLOTSKI:
+            trace = plan.trace_dir / f"e2e-{result.name}-trace.json"
+            self.runner.run(job(trace), budget.limit_bytes)  # not counted: tracing costs time
             result.notes["trace"] = str(trace)
         return result
 
@@ -176,9 +235,11 @@ class Comparison:
 
     # ---- the bound and the tokens --------------------------------------------------------------
 
-    def _bound(self, plan: PointPlan, budget: Budget, n: int) -> tuple[Bound | None, list[RunRecord]]:
-        routing = self.runner.settings.scratch / f"routing-n{n}.npz"
-        job = bound_job(self.inputs, n, self.batch_size(plan, n), routing)
+    def _bound(
+        self, plan: PointPlan, budget: Budget, n: int, bs: int
+    ) -> tuple[Bound | None, list[RunRecord]]:
+        routing = self.runner.settings.scratch / f"routing-n{n}-bs{bs}.npz"
+        job = bound_job(self.inputs, n, bs, routing)
         runs = self._repeat(lambda: job, None, plan.repeats)  # unlimited: every weight resident
         if not runs or not all(r.ok for r in runs):
             logger.warning("the all-resident reference failed: %s", runs[-1].reason if runs else "no run")
@@ -187,7 +248,6 @@ class Comparison:
         resident = budget.weight_bytes - int(runs[0].output["fixed_bytes"])
         moved = must_move_bytes(RoutingTrace.load(routing), self.files.layouts, resident)
         generated = int(runs[0].output["generated_tokens"])
-        bs = self.batch_size(plan, n)
         return Bound(compute_s, moved, self.drive_gbps, resident, generated, n, bs), runs
 
     def _check(self, runs: list[RunRecord]) -> None:
@@ -204,6 +264,11 @@ def _fastest(sweep: dict[int, RunRecord]) -> int:
     """The n whose run had the highest throughput (the first n when none succeeded)."""
     ok = {n: r.throughput.tokens_per_s for n, r in sweep.items() if r.ok}
     return max(ok, key=lambda n: ok[n]) if ok else next(iter(sweep))
+
+
+def _swept_hot(hot_experts: int | str | None) -> int | str:
+    """K of a swept klotski: the one asked for, else every expert of the next layer."""
+    return ALL_EXPERTS if hot_experts is None else hot_experts
 
 
 def _summary(record: RunRecord) -> dict[str, object]:

@@ -7,9 +7,12 @@ Files, in ``--out`` (default ``benchmarks/results``), named after the model (``<
     <stem>.png           tokens/s per system against the bound (a sweep: against n or the budget)
     <stem>-machine.json  the machine profile of ``klotski-tier bench`` (or, without one, the host facts)
 
-Table columns: tokens/s (generated tokens / prefill + decode time), decode tokens/s, the ratio
-to accelerate, the fraction of the lower bound, the time compute waited for I/O, the bytes read
-from the drive, and the peak memory (the cgroup's, else the process's peak RSS): medians.
+Table columns: tokens/s (generated tokens / prefill + decode time), the planner's predicted tokens/s
+(klotski, when a machine profile exists: see :mod:`benchmarks.e2e.planning`), decode tokens/s, the
+ratio to accelerate, the fraction of the lower bound, the time compute waited for I/O, the bytes read
+from the drive, and the peak memory (the cgroup's, else the process's peak RSS): medians. Below the
+table, each system's configuration (klotski's n, bs, K and whether planned or swept) and, for
+klotski, the planner's predicted tokens/s and decode tokens/s next to the measured ones.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.e2e.planning import PLAN
 from benchmarks.e2e.results import Point, SystemResult
+from benchmarks.e2e.systems import KLOTSKI
 from benchmarks.e2e.worker import ACCELERATE
 from klotski_tier.core.atomic import atomic_open
-from klotski_tier.core.demo import default_cache_dir
-from klotski_tier.core.profile import PROFILE_FILE_NAME, HostInfo
+from klotski_tier.core.profile import HostInfo
 from klotski_tier.core.sizes import format_size
 
 COLUMNS = (
-    ("system", 13), ("tokens/s", 9), ("decode t/s", 10), ("x accel", 8), ("x bound", 8),
+    ("system", 13), ("tokens/s", 9), ("pred t/s", 9), ("decode t/s", 10), ("x accel", 8), ("x bound", 8),
     ("I/O wait s", 10), ("read", 10), ("peak mem", 10),
 )  # fmt: skip
 CHART_DPI = 110
@@ -45,12 +49,20 @@ def format_point(point: Point) -> str:
         lines.append(_row(system, accelerate, bound))
     if point.bound is not None:
         b = point.bound
-        cells = ["bound", f"{b.tokens_per_s:.2f}", MISSING, _ratio(b.tokens_per_s, accelerate), "1.00"]
+        cells = [
+            "bound",
+            f"{b.tokens_per_s:.2f}",
+            MISSING,
+            MISSING,
+            _ratio(b.tokens_per_s, accelerate),
+            "1.00",
+        ]
         cells += [MISSING, format_size(b.must_move_bytes), MISSING]
         lines.append(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True)))
     lines.append("")
     lines.append(f"budget: {point.budget.describe()}")
-    lines += [f"{s.name}: {s.config or ''}" + (f" -- {s.reason}" if not s.ok else "") for s in point.systems]
+    for system in point.systems:
+        lines += _configuration(system)
     if point.bound is not None:
         b = point.bound
         lines.append(
@@ -61,6 +73,28 @@ def format_point(point: Point) -> str:
     return "\n".join(lines)
 
 
+def _configuration(system: SystemResult) -> list[str]:
+    """How ``system`` was configured (klotski: planned or swept, and the planner's prediction)."""
+    mode = system.notes.get("config")
+    how = (
+        f" [{'planned' if mode == PLAN else 'best n of a sweep'}]" if system.name == KLOTSKI and mode else ""
+    )
+    lines = [f"{system.name}: {system.config or ''}{how}" + (f" -- {system.reason}" if not system.ok else "")]
+    if "plan_note" in system.notes:
+        lines.append(f"{system.name}: not planned at this budget: {system.notes['plan_note']}")
+    predicted = system.notes.get("predicted")
+    if predicted is not None:
+        tps, decode = (_number(system.median(name)) for name in ("tokens_per_s", "decode_tokens_per_s"))
+        feasible = "" if predicted["feasible"] else " (infeasible to the planner)"
+        lines.append(
+            f"{system.name} predicted by the planner: {predicted['tokens_per_s']:.2f} tokens/s, decode "
+            f"{predicted['decode_tokens_per_s']:.2f}{feasible}; measured {tps}, decode {decode}"
+        )
+        if mode == PLAN:
+            lines.append(f"{system.name} plan: {predicted['why']}")
+    return lines
+
+
 def _row(system: SystemResult, accelerate: float | None, bound: float | None) -> str:
     if not system.ok:
         cells = [system.name, "failed" if system.runs else "skipped", *([MISSING] * (len(COLUMNS) - 2))]
@@ -69,14 +103,20 @@ def _row(system: SystemResult, accelerate: float | None, bound: float | None) ->
         cells = [
             system.name,
             f"{tps:.2f}",
+            _predicted(system),
             f"{system.median('decode_tokens_per_s') or 0.0:.2f}",
             _ratio(tps, accelerate),
             _ratio(tps, bound),
-            _seconds(system.median("io_wait_s")),
+            _number(system.median("io_wait_s")),
             _bytes(system.median("bytes_read")),
             _bytes(system.median("peak_bytes")),
         ]
     return " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True))
+
+
+def _predicted(system: SystemResult | None) -> str:
+    predicted = system.notes.get("predicted") if system is not None else None
+    return MISSING if predicted is None else f"{predicted['tokens_per_s']:.2f}"
 
 
 def _tokens_per_s(system: SystemResult | None) -> float | None:
@@ -87,7 +127,7 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}" if value is not None and base else MISSING
 
 
-def _seconds(value: float | None) -> str:
+def _number(value: float | None) -> str:  # seconds or tokens/s
     return MISSING if value is None else f"{value:.2f}"
 
 
@@ -103,9 +143,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         handle.write(json.dumps(payload, indent=2) + "\n")
 
 
-def copy_machine_profile(target: Path, drive_gbps: float) -> None:
-    """``klotski-tier bench``'s profile copied to ``target``; without one, the host facts and the drive."""
-    profile = default_cache_dir() / PROFILE_FILE_NAME
+def copy_machine_profile(target: Path, drive_gbps: float, profile: Path) -> None:
+    """The ``klotski-tier bench`` ``profile`` copied to ``target``; without one, the host facts and drive."""
     if profile.is_file():
         shutil.copyfile(profile, target)
         return
@@ -152,6 +191,9 @@ def chart_sweep(xs: Sequence[float], points: Sequence[Point], path: Path, xlabel
     for name in names:
         series = [_tokens_per_s(p.system(name)) for p in points]
         axes.plot(xs, [v if v is not None else float("nan") for v in series], marker="o", label=name)
+        predicted = _predicted_series(points, name)
+        if predicted is not None:
+            axes.plot(xs, predicted, linestyle=":", marker="x", label=f"{name} (planner's prediction)")
     bounds = [p.bound.tokens_per_s if p.bound is not None else float("nan") for p in points]
     axes.plot(xs, bounds, linestyle="--", color="tab:red", label="bound")
     axes.set_xlabel(xlabel)
@@ -161,3 +203,11 @@ def chart_sweep(xs: Sequence[float], points: Sequence[Point], path: Path, xlabel
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=CHART_DPI)
+
+
+def _predicted_series(points: Sequence[Point], name: str) -> list[float] | None:
+    """The planner's predicted tokens/s of system ``name`` at each point (NaN where none); None if none."""
+    notes = [s.notes.get("predicted") if s is not None else None for s in (p.system(name) for p in points)]
+    if all(n is None for n in notes):
+        return None
+    return [float("nan") if n is None else float(n["tokens_per_s"]) for n in notes]

@@ -19,11 +19,14 @@ in the results):
 - ``sequential``, ``flexgen``, ``ondemand-lru``: the engine with those presets (when the preset is
   registered; else the system is skipped, saying so); batches and batch size from the preset when
   it sets them, else like ``klotski``;
-- ``klotski``: the engine's defaults with K = ``--klotski-hot-experts`` ("all" by default: with
-  N x top-k tokens per layer every expert is activated, so the whole next layer is prefetched;
-  Klotski's reordering still runs resident experts first), n the best of a sweep over ``--batches``;
-- every engine system runs all N prompts as one batch group: bs = ceil(N / n) unless
-  ``--batch-size`` is given (``sequential`` and ``ondemand-lru``: one batch of N);
+- ``klotski``: the engine's defaults, configured by ``--klotski-config``: ``plan`` (the default) takes
+  n, bs, K and host preload from the planner for these budgets (see :mod:`benchmarks.e2e.planning`;
+  ``--batch-size`` and ``--klotski-hot-experts``, when given, are fixed and the plan is made around
+  them); ``sweep`` keeps K = ``--klotski-hot-experts`` ("all" by default: with N x top-k tokens per
+  layer every expert is activated, so the whole next layer is prefetched; Klotski's reordering
+  still runs resident experts first) and n the best of a sweep over ``--batches``;
+- every engine system but a planned ``klotski`` runs all N prompts as one batch group: bs = ceil(N / n)
+  unless ``--batch-size`` is given (``sequential`` and ``ondemand-lru``: one batch of N);
 - the engine's systems read the model's packed store (O_DIRECT, no page cache); with no GPU the
   device is the CPU, so the whole weight budget is the device tier and blocks are read from disk
   straight into it (host budget 0); with a GPU, the host tier would stage ``STAGING_BLOCKS``
@@ -136,22 +139,32 @@ def engine_job(
     preset: str | None = None,
     trace_path: Path | None = None,
     hot_experts: int | str | None = None,
+    host_preload: bool | None = None,
 ) -> Job:
-    """A run of the engine within ``budget``, batch group n = ``batches`` x bs = ``batch_size``."""
-    device, host = engine_budgets(budget.weight_bytes, fixed_bytes(work, files, batches, batch_size), files)
-    options = {
+    """A run of the engine within ``budget``, batch group n = ``batches`` x bs = ``batch_size``
+    (``hot_experts``, ``host_preload``: None leaves them to the preset or the engine's defaults)."""
+    options: dict[str, Any] = {
         "batches": batches,
         "batch_size": batch_size,
-        "device": DEVICE,
-        "device_memory_bytes": device,
-        "host_memory_bytes": host,
+        **budget_options(work, files, budget, batches, batch_size),
     }
     if hot_experts is not None:
         options["hot_experts"] = hot_experts
+    if host_preload is not None:
+        options["host_preload"] = host_preload
     return Job(
         system, ENGINE, str(work.store or work.model), work.prompts, work.new_tokens, preset=preset,
         engine_options=options, trace_path=None if trace_path is None else str(trace_path),
     )  # fmt: skip
+
+
+def budget_options(
+    work: Inputs, files: ModelFiles, budget: Budget, batches: int, batch_size: int
+) -> dict[str, Any]:
+    """The EngineOptions fields that put an engine within ``budget`` (device and its two byte budgets),
+    for groups of ``batches`` x ``batch_size`` (whose KV cache and activations a GPU device keeps)."""
+    device, host = engine_budgets(budget.weight_bytes, fixed_bytes(work, files, batches, batch_size), files)
+    return {"device": DEVICE, "device_memory_bytes": device, "host_memory_bytes": host}
 
 
 def bound_job(work: Inputs, batches: int, batch_size: int, routing_path: Path) -> Job:
@@ -196,7 +209,10 @@ def describe_engine(job: Job) -> str:
     preset = f"preset {job.preset}, " if job.preset else ""
     device, host = format_size(opts["device_memory_bytes"]), format_size(opts["host_memory_bytes"])
     hot = f", K={opts['hot_experts']}" if "hot_experts" in opts else ""
-    return f"{preset}n={opts['batches']} x bs={opts['batch_size']}{hot}, device {device} + host {host}"
+    preload = ", host preload" if opts.get("host_preload") else ""
+    return (
+        f"{preset}n={opts['batches']} x bs={opts['batch_size']}{hot}{preload}, device {device} + host {host}"
+    )
 
 
 def describe_accelerate(job: Job, placed: dict[str, int] | None = None) -> str:

@@ -2,8 +2,10 @@
 
 The tiny run uses real worker processes, each in a memory cgroup where the machine allows it
 (root with a cgroup v1 memory controller, as on CI), and checks what the full benchmark
-promises: identical tokens, a well-formed JSON, a chart, peak memory from the cgroup. The
-accelerate peer runs in this process (its imports cost seconds a worker would pay again).
+promises: identical tokens, a well-formed JSON, a chart, peak memory from the cgroup, and klotski
+configured by the planner (with the test machine profile) with its prediction beside the measured
+throughput. The accelerate peer runs in this process (its imports cost seconds a worker would pay
+again).
 """
 
 from __future__ import annotations
@@ -16,26 +18,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.e2e.__main__ import config_from, parser
 from benchmarks.e2e.accelerate_peer import run_accelerate
 from benchmarks.e2e.benchmark import BenchConfig, BenchOutcome, run_benchmark
 from benchmarks.e2e.bound import must_move_bytes
 from benchmarks.e2e.cgroup import MemoryGroup, check_available, group_name, memory_root, own_memory_path
-from benchmarks.e2e.model import BENCH_SHAPES
+from benchmarks.e2e.compare import Comparison, PointPlan
+from benchmarks.e2e.model import BENCH_SHAPES, model_bytes
+from benchmarks.e2e.planning import PLAN, SWEEP, KlotskiPlan, klotski_mode, plan_klotski, predict_config
 from benchmarks.e2e.report import chart_sweep, format_point
-from benchmarks.e2e.results import RunRecord, TokenMismatch, check_tokens
+from benchmarks.e2e.results import Point, RunRecord, TokenMismatch, check_tokens
 from benchmarks.e2e.runner import _record
-from benchmarks.e2e.systems import preset_problem
+from benchmarks.e2e.systems import Inputs, budget_for, preset_problem
 from benchmarks.e2e.worker import ACCELERATE, Job
 from benchmarks.e2e.workload import Workload, make_prompts
 from klotski_tier.core.blocks import BlockLayout, attn_block, expert_block
 from klotski_tier.core.demo import build_demo
 from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.layouts import load_model_files
 from klotski_tier.core.routing_trace import RoutingTrace, TraceMeta
 from klotski_tier.core.sizes import GIB, MIB
 
 WORKLOAD = Workload(prompts=4, prompt_tokens=8, new_tokens=4)
 BUDGET = 0.5  # half the model: accelerate sends layers to disk, the engine streams experts
 PNG_MAGIC = b"\x89PNG"
+PROFILE = Path(__file__).parents[1] / "data" / "machine-profile.json"  # a CPU profile with compute rates
 
 
 def _cgroups() -> bool:
@@ -62,9 +69,8 @@ def outcome(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> BenchOutcom
         workload=WORKLOAD,
         systems=("klotski",),  # two workers (klotski, the bound) of a few seconds each
         budget=BUDGET,
-        batches=(2,),
-        batch_size=2,
         repeats=1,
+        profile_path=PROFILE,  # klotski planned: n, bs and K are the planner's
         use_cgroup=CGROUPS,
         out=tmp_path_factory.mktemp("results"),
         allowance_bytes=1 * GIB,  # skip the idle probe: seconds of imports
@@ -91,8 +97,15 @@ def test_results_json_is_well_formed(outcome: BenchOutcome) -> None:
     assert point["budget"]["limit_bytes"] == point["budget"]["weight_bytes"] + 1 * GIB
     klotski = next(s for s in point["systems"] if s["name"] == "klotski")
     assert klotski["median"]["tokens_per_s"] > 0 and klotski["median"]["bytes_read"] is not None
-    assert klotski["notes"]["batches"] == 2
+    assert data["klotski_config"] == {"requested": PLAN, "used": PLAN, "note": None}
+    notes = klotski["notes"]
+    assert notes["config"] == PLAN and notes["predicted"]["tokens_per_s"] > 0
+    assert notes["predicted"]["decode_tokens_per_s"] > 0
+    planned = (notes["batches"], notes["batch_size"], notes["hot_experts"])
+    assert planned == tuple(notes["predicted"][k] for k in ("batches", "batch_size", "hot_experts"))
+    assert f"n={planned[0]} x bs={planned[1]}, K={planned[2]}" in klotski["config"]
     bound = point["bound"]
+    assert (bound["batches"], bound["batch_size"]) == planned[:2]  # the bound runs klotski's grouping
     assert bound["compute_s"] > 0 and bound["must_move_bytes"] > 0 and bound["drive_gbps"] > 0
     assert bound["seconds"] == max(bound["compute_s"], bound["io_s"])
     assert png_path.read_bytes()[:4] == PNG_MAGIC
@@ -114,6 +127,7 @@ def test_config_names_outputs_and_refuses_unknown_systems() -> None:
 def test_table_names_every_system_and_the_bound(outcome: BenchOutcome) -> None:
     table = format_point(outcome.points[0])
     assert "klotski" in table and "bound: max(compute" in table and "budget: 0.5 of the model" in table
+    assert "pred t/s" in table and "[planned]" in table and "klotski predicted by the planner: " in table
 
 
 @pytest.mark.skipif(not CGROUPS, reason="needs root and a cgroup v1 memory controller")
@@ -136,6 +150,82 @@ def test_accelerate_peer_offloads_and_matches_the_engine(
     assert result["details"]["placed_bytes"].get("disk", 0) > 0
     assert result["tokens"] == outcome.points[0].bound_runs[0].tokens
     assert result["prefill_s"] > 0 and result["decode_s"] > 0 and result["hook_load_s"] > 0
+
+
+# ---- klotski's configuration ---------------------------------------------------------------------
+
+
+def test_without_a_profile_klotski_is_swept_with_a_one_line_note(tmp_path: Path) -> None:
+    mode, note = klotski_mode(PLAN, tmp_path / "missing.json", None)
+    assert mode == SWEEP and "no machine profile" in note and "klotski-tier bench" in note
+    assert "\n" not in note
+    assert klotski_mode(PLAN, PROFILE, None) == (PLAN, "")
+    assert klotski_mode(PLAN, PROFILE, "batches") == (SWEEP, "")  # the batches sweep sets n itself
+    assert klotski_mode(SWEEP, PROFILE, None) == (SWEEP, "")
+
+
+def test_planner_keeps_what_is_fixed_and_predicts_each_n(tiny: Path) -> None:
+    work = Inputs(tiny, make_prompts(tiny, WORKLOAD), WORKLOAD.new_tokens)
+    files = load_model_files(tiny)
+    budget = budget_for(BUDGET, model_bytes(tiny), 1 * GIB)
+    chosen = plan_klotski(work, files, budget, PROFILE, batch_size=2, hot_experts="all")
+    assert isinstance(chosen, KlotskiPlan), chosen
+    assert chosen.batch_size == 2 and chosen.hot_experts == "all" and chosen.prediction.tokens_per_s > 0
+    for n in (1, 2):
+        predicted = predict_config(work, files, budget, PROFILE, n, 2, None)
+        assert predicted is not None
+        assert (predicted.batches, predicted.batch_size, predicted.hot_experts) == (n, 2, files.spec.top_k)
+        assert predicted.tokens_per_s > 0 and not predicted.host_preload
+
+
+class _FakeRunner:
+    """Runs nothing: each engine job "succeeds", faster the more batches it has."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def run(self, job: Job, limit_bytes: int | None) -> RunRecord:
+        self.jobs.append(job)
+        n = int(job.engine_options["batches"])
+        output = {
+            "tokens": [],
+            "generated_tokens": 8,
+            "decode_tokens": 4,
+            "prefill_s": 1.0 / n,
+            "decode_s": 1.0,
+        }
+        return RunRecord(job.system, True, output, None, "rss")
+
+
+def test_swept_klotski_carries_the_planners_prediction_for_each_n(tiny: Path) -> None:
+    work = Inputs(tiny, make_prompts(tiny, WORKLOAD), WORKLOAD.new_tokens)
+    runner = _FakeRunner()
+    comparison = Comparison(runner, work, load_model_files(tiny), 1.0)  # type: ignore[arg-type]
+    plan = PointPlan(["klotski"], [1, 2], None, 1, profile=PROFILE)
+    result = comparison._system(plan, "klotski", budget_for(BUDGET, model_bytes(tiny), 1 * GIB))
+    notes = result.notes
+    assert notes["config"] == SWEEP and notes["batches"] == 2 and notes["hot_experts"] == "all"
+    assert all(notes["sweep"][n]["predicted_tokens_per_s"] > 0 for n in ("1", "2"))
+    assert notes["predicted"]["batches"] == 2 and notes["predicted"]["batch_size"] == 2
+
+
+def test_a_budget_the_planner_cannot_plan_is_swept_saying_why(tiny: Path) -> None:
+    work = Inputs(tiny, make_prompts(tiny, WORKLOAD), WORKLOAD.new_tokens)
+    comparison = Comparison(_FakeRunner(), work, load_model_files(tiny), 1.0)  # type: ignore[arg-type]
+    plan = PointPlan(["klotski"], [1], None, 1, klotski_config=PLAN, profile=PROFILE)
+    budget = budget_for(1e-6, model_bytes(tiny), 1 * GIB)  # below any working set
+    result = comparison._system(plan, "klotski", budget)
+    assert result.notes["config"] == SWEEP and "cannot plan" in result.notes["plan_note"]
+    assert "klotski: not planned at this budget: " in format_point(Point(budget, [result], None))
+
+
+def test_command_line_plans_klotski_by_default() -> None:
+    args = parser().parse_args([])
+    assert args.klotski_config == PLAN and args.klotski_hot_experts is None
+    config = config_from(parser().parse_args(["--klotski-config", "sweep", "--klotski-hot-experts", "3"]))
+    assert config.klotski_config == SWEEP and config.klotski_hot_experts == 3
+    with pytest.raises(ConfigError, match="unknown klotski config 'auto'"):
+        BenchConfig(klotski_config="auto")
 
 
 def test_unregistered_presets_are_skipped_with_a_reason() -> None:
