@@ -371,6 +371,8 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
 def _why(ctx: _Context, best: Candidate, cap: int, feasible: list[Candidate]) -> str:
     if best.fits and best.meets_deadlines:
         return _why_feasible(best, feasible)
+    if best.meets_deadlines:  # loads would hide, but the plan does not fit a budget
+        return _why_too_big(best)
     binding = best.binding
     req = ctx.request
     top = _batch_counts(req, best.batch_size).stop - 1
@@ -381,6 +383,19 @@ def _why(ctx: _Context, best: Candidate, cap: int, feasible: list[Candidate]) ->
         f"no n hides every load ({limit}): deadline ({binding.number}), {binding.meaning}, is missed by "
         f"{-binding.slack_s * 1e3:.2f} ms in layer {binding.layer}; n={best.batches} has the least bubble "
         "time per token"
+    )
+
+
+def _why_too_big(best: Candidate) -> str:
+    """Why a plan whose loads would all hide is still no plan: a tier's needs exceed its budget."""
+    over = [use for use in (best.device, best.host) if not use.fits]
+    needs = "; ".join(
+        f"{use.tier} memory needs {format_size(use.needed_bytes)} of a {format_size(use.budget_bytes)} budget"
+        for use in over
+    )
+    return (
+        f"no plan fits the budgets: n={best.batches} x bs={best.batch_size} with K={best.hot_experts}, the "
+        f"least bubble per token of those tried, does not ({needs}); its loads would hide behind compute"
     )
 
 

@@ -105,6 +105,13 @@ def test_a_very_slow_drive_is_capped_by_device_memory_and_says_so() -> None:
     assert device.fits and device.peak_bytes <= device.budget_bytes
 
 
+def test_loads_that_would_hide_but_do_not_fit_say_so() -> None:
+    plan = _streaming(100.0, device_memory_bytes=16 * MIB)  # a drive fast enough for every deadline
+    assert not plan.feasible and not plan.memory[0].fits
+    assert plan.why.startswith("no plan fits the budgets") and "of a 16.00 MiB budget" in plan.why
+    assert "missed by" not in plan.why
+
+
 def test_room_for_a_steps_experts_keeps_them_for_the_next() -> None:
     """With few tokens a step uses few experts; LRU keeps them when the device has room for a step."""
     tight, roomy = (_streaming(0.05, batches=1, device_memory_bytes=mib * MIB) for mib in (64, 160))
