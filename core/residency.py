@@ -19,6 +19,10 @@ pipeline's releases make room. A prefetch (:meth:`Residency.prefetch`) never wai
 never evicts a leased block: "no room" is a ``False`` return that changes nothing.
 A block is leased from the moment it is requested, in flight or not, so nothing a
 computation is waiting for can be evicted under it.
+
+Disk reads wait in a :class:`~klotski_tier.core.read_queue.ReadQueue` and reach the disk driver
+by urgency, a few blocks at a time: demand first, then prefetched attention, gate, embedding and
+head blocks, then prefetched experts.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from klotski_tier.core.block_source import BlockSource
-from klotski_tier.core.blocks import BlockId, BlockLayout, BlockWeights
+from klotski_tier.core.blocks import BlockId, BlockKind, BlockLayout, BlockWeights
 from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.metrics import TierStats
+from klotski_tier.core.read_queue import DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
 from klotski_tier.core.sizes import format_size
 from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.tiers.device import CopyDone, DeviceDriver
+from klotski_tier.tiers.disk import DEFAULT_QUEUE_DEPTH
 from klotski_tier.tiers.host import HostDriver
 
 if TYPE_CHECKING:
@@ -148,6 +154,7 @@ class Residency:
         device_ledger: TierLedger,
         timeline: Timeline | None = None,
         disk_to_device: bool = False,
+        disk_slots: int = DEFAULT_QUEUE_DEPTH,
     ) -> None:
         self._layouts = layouts
         self._disk_to_device = disk_to_device  # a CPU device without a host tier: read straight into it
@@ -158,6 +165,7 @@ class Residency:
         self.device = device_ledger
         self._room = asyncio.Condition()
         self._timeline = timeline
+        self._reads = ReadQueue(disk_slots, self._urgency)  # blocks in the disk driver: its queue depth
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -181,6 +189,7 @@ class Residency:
             self.device.eviction.on_access(block)
         lease = asyncio.ensure_future(self._lease_when_ready(entry))
         lease.add_done_callback(_mark_retrieved)  # a run that fails early never awaits every request
+        self._reads.dispatch()  # a prefetch waiting for the disk may have become demand
         return lease
 
     async def acquire(self, block: BlockId) -> Lease:
@@ -325,9 +334,10 @@ class Residency:
     async def _read_from_disk(self, entry: _Entry, ledger: TierLedger) -> None:
         """Read ``entry``'s block from disk into a fresh page-aligned host buffer counted in ``ledger``."""
         buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
-        started = time.perf_counter()
-        await self._source.read(entry.block, buffer)
-        ended = time.perf_counter()
+        async with self._reads.slot(entry.block):
+            started = time.perf_counter()
+            await self._source.read(entry.block, buffer)
+            ended = time.perf_counter()
         ledger.stats.add_transfer(entry.nbytes, ended - started)
         if self._timeline is not None:
             self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
@@ -344,6 +354,13 @@ class Residency:
         assert entry.buffer is not None, f"{entry.block} resident without a buffer"
         weights = self._layouts[entry.block].tensors(entry.buffer)
         return Lease(entry.block, weights, entry.copy_done)
+
+    def _urgency(self, block: BlockId) -> int:
+        """How soon a read of ``block`` is needed: demand, next weights or speculative (see ReadQueue)."""
+        entry = self.device.entries.get(block)
+        if entry is None or entry.leases:
+            return DEMAND
+        return SPECULATIVE if block.kind is BlockKind.EXPERT else NEXT_WEIGHTS
 
     def _ledger(self, tier: str) -> TierLedger:
         return {HOST: self.host, DEVICE: self.device}[tier]

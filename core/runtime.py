@@ -161,6 +161,7 @@ class Runtime:
             device_ledger=self._ledger(DEVICE, options.device_memory_bytes),
             timeline=self.timeline,
             disk_to_device=reads_into_device(options),
+            disk_slots=options.disk_queue_depth,  # one block per read the driver keeps in flight
         )
         self.pipeline = Pipeline(
             files.spec,
