@@ -152,21 +152,29 @@ def main() -> None:
     trace = record_routing(model, budgets, args)
     rows, machines = [], []
     for n in args.batches:
-        before = compute_bench(compute_model, TOKEN_COUNTS)
-        row: dict[str, Any] = {"n": n, **measure(model, budgets, n, args)}
-        machine = this_machine(
-            spec, budgets, mean_profile(before, compute_bench(compute_model, TOKEN_COUNTS))
-        )
-        row["planner"], row["simulator"], _ = predict(spec, machine, trace, budgets, n, args)
-        row["planner_ratio"] = row["planner"] / row["measured"]
-        row["simulator_ratio"] = row["simulator"] / row["measured"]
-        row["expert_s"] = machine_compute_figures(machine, spec)
+        row, machine = check(n, model, compute_model, spec, trace, budgets, args)
         rows.append(row)
         machines.append(machine)
-        print(f"n={n}: measured {row['measured']:.2f} tok/s (runs {[round(r, 2) for r in row['runs']]}), "
-              f"planner {row['planner']:.2f}, simulator {row['simulator']:.2f}", flush=True)  # fmt: skip
     _, _, chosen = predict(spec, machines[len(machines) // 2], trace, budgets, None, args)
+    if chosen not in args.batches:  # measure the planner's own choice too
+        row, _ = check(chosen, model, compute_model, spec, trace, budgets, args)
+        rows = sorted([*rows, row], key=lambda r: int(r["n"]))
     report(rows, chosen, args, machines[len(machines) // 2], budgets, time.perf_counter() - started)
+
+
+def check(n: int, model: Path, compute_model: Path, spec: ModelSpec, trace: RoutingTrace,
+          budgets: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], Machine]:  # fmt: skip
+    """One row of the sweep: n measured, then predicted with compute timed just before and after."""
+    before = compute_bench(compute_model, TOKEN_COUNTS)
+    row: dict[str, Any] = {"n": n, **measure(model, budgets, n, args)}
+    machine = this_machine(spec, budgets, mean_profile(before, compute_bench(compute_model, TOKEN_COUNTS)))
+    row["planner"], row["simulator"], _ = predict(spec, machine, trace, budgets, n, args)
+    row["planner_ratio"] = row["planner"] / row["measured"]
+    row["simulator_ratio"] = row["simulator"] / row["measured"]
+    row["expert_s"] = machine_compute_figures(machine, spec)
+    print(f"n={n}: measured {row['measured']:.2f} tok/s (runs {[round(r, 2) for r in row['runs']]}), "
+          f"planner {row['planner']:.2f}, simulator {row['simulator']:.2f}", flush=True)  # fmt: skip
+    return row, machine
 
 
 def mean_profile(first: ComputeProfile, second: ComputeProfile) -> ComputeProfile:

@@ -58,7 +58,7 @@ MAX_BATCH_SIZE = 64  # largest bs tried when the request leaves it open
 FINE_HOT_EXPERTS = 8  # K is tried one by one up to 2k when 2k is at most this; else in COARSE_HOT_STEPS
 COARSE_HOT_STEPS = 8
 TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
-NEAR_BEST = 0.95  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
+NEAR_BEST = 0.98  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
 NOTABLE_GAIN = 0.01  # the why names a faster larger n only when it is predicted at least this much faster
 
 
