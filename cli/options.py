@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from klotski_tier.core.config import EngineOptions, build_options, read_config_file, replace
+from klotski_tier.core.config import ALL_EXPERTS, EngineOptions, build_options, read_config_file, replace
 from klotski_tier.core.presets import PRESETS, preset_fields
 from klotski_tier.core.sizes import parse_size
 
@@ -35,6 +35,26 @@ _SIZES = {
     "host_memory": ("host_memory_bytes", "--host-memory"),
 }
 
+
+class HotExperts(click.ParamType):  # type: ignore[type-arg]
+    """K: a count of experts (>= 0), or "all"."""
+
+    name = "K|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int):
+            return value
+        if value == ALL_EXPERTS:
+            return ALL_EXPERTS
+        try:
+            count = int(value)
+        except ValueError:
+            count = -1
+        if count < 0:
+            self.fail(f'{value!r} is neither a count of experts (0 or more) nor "{ALL_EXPERTS}"', param, ctx)
+        return count
+
+
 _FLAGS = [
     click.option(
         "--config", "config_file", type=click.Path(path_type=Path), help="A TOML configuration file."
@@ -50,7 +70,10 @@ _FLAGS = [
     ),
     click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per batch (bs; default 4)."),
     click.option(
-        "--hot-experts", type=click.IntRange(min=0), help="Experts prefetched per layer (K; default: top-k)."
+        "--hot-experts",
+        type=HotExperts(),
+        metavar="K|all",
+        help='Experts prefetched per layer (K; default: top-k; "all": every expert of the layer).',
     ),
     click.option("--device-memory", metavar="SIZE", help="Device budget, e.g. 2GiB (default: unlimited)."),
     click.option("--host-memory", metavar="SIZE", help="Host RAM budget, e.g. 8GiB (default: unlimited)."),

@@ -15,14 +15,23 @@ with ``MADV_HUGEPAGE`` on their whole 2 MiB units: each unit is one physically c
 and a request reaches the device at full size. It works with transparent huge pages set to
 ``always`` or ``madvise`` (the common defaults); with ``never``, or where the kernel finds no free
 huge page, the mapping is simply made of small pages, as before. The partial last unit stays in
-small pages, so no more memory is touched than the buffer's size rounded up to 4 KiB. The mapping
-is unmapped when the last tensor viewing it is freed.
+small pages, so no more memory is touched than the buffer's size rounded up to 4 KiB.
+
+Why a pool. A fresh mapping costs a page fault and the zeroing of every page, and unmapping it
+a TLB flush: 0.2 s of CPU per GB here, 4 s of a run that streams 18 GB, taken from a compute
+that shares the cores. So when the last tensor viewing a buffer is freed, its mapping goes back
+to a :class:`MappingPool` (one per process) and the next buffer of the same size class reuses it,
+huge pages and all; contents are undefined either way. The pool keeps at most
+:data:`POOL_MAX_FREE_BYTES` of free mappings: memory outside every budget, and its bound.
 """
 
 from __future__ import annotations
 
 import mmap
+import threading
+import weakref
 
+import numpy as np
 import torch
 
 HUGE_PAGE_BYTES = 2 * 1024 * 1024
@@ -30,6 +39,9 @@ HUGE_PAGE_BYTES = 2 * 1024 * 1024
 
 PAGE_ALIGN_BYTES = 4096
 """Every buffer starts on a page boundary: O_DIRECT reads land in it without a bounce copy."""
+
+POOL_MAX_FREE_BYTES = 64 * 1024 * 1024
+"""Free mappings kept for reuse (beyond them, a freed buffer is unmapped)."""
 
 _ANONYMOUS_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -47,10 +59,62 @@ def aligned_empty(nbytes: int, alignment: int = PAGE_ALIGN_BYTES) -> torch.Tenso
 
 
 def _huge_empty(nbytes: int, advice: int) -> torch.Tensor:
-    """``nbytes`` at a 2 MiB boundary of a fresh private mapping, its whole 2 MiB units huge-paged."""
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=_ANONYMOUS_PRIVATE)
-    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # [nbytes + 2 MiB], keeps the mapping alive
-    shift = -whole.data_ptr() % HUGE_PAGE_BYTES
-    huge_bytes = nbytes - nbytes % HUGE_PAGE_BYTES
-    mapping.madvise(advice, shift, huge_bytes)  # before any page is touched
-    return whole[shift : shift + nbytes]  # [nbytes]
+    """``nbytes`` at a 2 MiB boundary of a private mapping (from the pool, else fresh), whose whole
+    2 MiB units are huge-paged; the mapping returns to the pool when the buffer's storage is freed."""
+    size = nbytes - nbytes % -HUGE_PAGE_BYTES + HUGE_PAGE_BYTES  # a size class: k units, and room to align
+    # A class serves (k - 1, k] units: the first k - 1 are whole in any of its buffers, the last may
+    # be partial and stays in small pages, so no more memory is touched than the buffer needs.
+    mapping = POOL.take(size)
+    if mapping is None:
+        mapping = mmap.mmap(-1, size, flags=_ANONYMOUS_PRIVATE)
+        shift = -_address(mapping) % HUGE_PAGE_BYTES
+        mapping.madvise(advice, shift, size - 2 * HUGE_PAGE_BYTES)  # whole units, before any touch
+    shift = -_address(mapping) % HUGE_PAGE_BYTES
+    view = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=shift)  # [nbytes]
+    weakref.finalize(view, POOL.give, mapping).atexit = False  # when torch's storage lets go of it
+    return torch.from_numpy(view)  # [nbytes]
+
+
+def _address(mapping: mmap.mmap) -> int:
+    return int(np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data)
+
+
+class MappingPool:
+    """Free mappings by size, at most ``max_free_bytes`` of them; thread-safe (storages are freed
+    in whichever thread drops the last reference)."""
+
+    def __init__(self, max_free_bytes: int = POOL_MAX_FREE_BYTES) -> None:
+        self.max_free_bytes = max_free_bytes
+        self.free_bytes = 0
+        self.reused = 0  # buffers served from the pool
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> mmap.mmap | None:
+        """A free mapping of exactly ``size`` bytes, or None."""
+        with self._lock:
+            free = self._free.get(size)
+            if not free:
+                return None
+            self.free_bytes -= size
+            self.reused += 1
+            return free.pop()
+
+    def give(self, mapping: mmap.mmap) -> None:
+        """Keep ``mapping`` for reuse if there is room, else let it be unmapped."""
+        size = len(mapping)
+        with self._lock:
+            if self.free_bytes + size > self.max_free_bytes:
+                return
+            self._free.setdefault(size, []).append(mapping)
+            self.free_bytes += size
+
+    def clear(self) -> None:
+        """Unmap every free mapping."""
+        with self._lock:
+            self._free.clear()
+            self.free_bytes = 0
+
+
+POOL = MappingPool()
+"""The process's pool of free huge-page mappings."""

@@ -86,3 +86,17 @@ def test_config_show_prints_the_effective_configuration(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "batches = 5" in result.stdout and "preload = true" in result.stdout
     assert 'policy = "correlation"' in result.stdout
+
+
+@pytest.mark.parametrize(("flag", "shown"), [("all", 'hot_experts = "all"'), ("3", "hot_experts = 3")])
+def test_hot_experts_flag_takes_a_count_or_all(flag: str, shown: str) -> None:
+    result = CliRunner().invoke(main, ["config", "show", "--hot-experts", flag])
+    assert result.exit_code == 0, result.output
+    assert shown in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["many", "-1"])
+def test_hot_experts_flag_refuses_anything_else(flag: str) -> None:
+    result = CliRunner().invoke(main, ["config", "show", "--hot-experts", flag])
+    assert result.exit_code == 2
+    assert "neither a count of experts" in result.output and "Traceback" not in result.output

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import gc
 import mmap
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from klotski_tier.tiers.host import HostDriver
-from klotski_tier.tiers.hostmem import HUGE_PAGE_BYTES, PAGE_ALIGN_BYTES, aligned_empty
+from klotski_tier.tiers.hostmem import HUGE_PAGE_BYTES, PAGE_ALIGN_BYTES, POOL, MappingPool, aligned_empty
 
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 KIB = 1024
@@ -70,13 +69,11 @@ def test_large_buffers_are_backed_by_huge_pages() -> None:
     assert huge_kib <= units * HUGE_PAGE_BYTES // KIB, "the partial last unit was huge-paged"
 
 
-def test_the_mapping_lives_as_long_as_its_tensor() -> None:
+def test_the_mapping_lives_as_long_as_a_view_of_it() -> None:
     buffer = aligned_empty(2 * HUGE_PAGE_BYTES)
     view = buffer[HUGE_PAGE_BYTES:]  # [2 MiB]
-    alive = weakref.ref(buffer)
     del buffer
     gc.collect()
-    assert alive() is None
     view.fill_(3)  # the storage is still mapped through the view
     assert int(view.sum()) == 3 * HUGE_PAGE_BYTES
 
@@ -85,3 +82,30 @@ def test_host_tier_buffers_use_it() -> None:
     host = HostDriver(pin=False)
     buffer = host.allocate(HUGE_PAGE_BYTES + 4 * KIB)
     assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0 and buffer.numel() == HUGE_PAGE_BYTES + 4 * KIB
+
+
+def test_a_freed_buffer_is_reused_and_a_viewed_one_is_not() -> None:
+    POOL.clear()
+    nbytes = 2 * HUGE_PAGE_BYTES + 4 * KIB
+    first = aligned_empty(nbytes)
+    address = first.data_ptr()
+    weights = first[:KIB].view(torch.int32)  # [256] a view, as a block's weights are: keeps the storage
+    del first
+    gc.collect()
+    second = aligned_empty(nbytes)
+    assert second.data_ptr() != address, "a buffer still viewed was handed out again"
+    del weights, second
+    gc.collect()
+    reused_before = POOL.reused
+    third = aligned_empty(nbytes)
+    assert POOL.reused == reused_before + 1 and third.data_ptr() % HUGE_PAGE_BYTES == 0
+
+
+def test_the_pool_keeps_no_more_than_its_bound() -> None:
+    pool = MappingPool(max_free_bytes=3 * HUGE_PAGE_BYTES)
+    mappings = [mmap.mmap(-1, 2 * HUGE_PAGE_BYTES) for _ in range(3)]
+    for mapping in mappings:
+        pool.give(mapping)
+    assert pool.free_bytes == 2 * HUGE_PAGE_BYTES  # the second would exceed the bound: unmapped instead
+    assert pool.take(HUGE_PAGE_BYTES) is None and pool.take(2 * HUGE_PAGE_BYTES) is mappings[0]
+    assert pool.free_bytes == 0 and pool.reused == 1
