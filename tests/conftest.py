@@ -20,6 +20,7 @@ import pytest
 from tests.checkpoints import make_checkpoint
 
 CheckpointFactory = Callable[..., Path]
+BENCH_PROFILE = Path(__file__).parent / "data" / "machine-profile.json"  # a real CPU bench profile
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,6 +31,12 @@ def own_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     patch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture
+def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache of this test's own, empty: no machine profile where `klotski-tier bench` would write one."""
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")

@@ -17,19 +17,16 @@ from klotski_tier.core.config import EngineOptions
 from klotski_tier.core.engine import Engine, open_model
 from klotski_tier.core.hardware import local_machine
 from klotski_tier.core.planner import PlanRequest, make_plan
-from tests.conftest import CheckpointFactory
+from tests.conftest import BENCH_PROFILE, CheckpointFactory
 
-PROFILE = Path(__file__).parent.parent / "data" / "machine-profile.json"  # a real bench profile
+PROFILE = BENCH_PROFILE
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12]]
 MAX_NEW = 3
 PLANNED = ["batch_size", "batches", "host_preload", "hot_experts"]  # the fields a plan sets
 DEFAULTS = EngineOptions()
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the user's cache (and its profile)."""
-    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("empty_cache")
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,15 @@ from klotski_tier.core.engine import open_model
 from klotski_tier.core.errors import CheckpointError, InputError
 from klotski_tier.core.hardware import local_machine
 from klotski_tier.core.planner import PlanRequest, make_plan
-from tests.conftest import CheckpointFactory
+from tests.conftest import BENCH_PROFILE, CheckpointFactory
 
-PROFILE = Path(__file__).parent.parent / "data" / "machine-profile.json"  # a real bench profile
+PROFILE = BENCH_PROFILE
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12]]
 MAX_NEW = 3
 WORDS = {"[UNK]": 0, "the": 1, "cat": 2, "sat": 3}
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No profile where `klotski-tier bench` would write one."""
-    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("empty_cache")
 
 
 @pytest.fixture(scope="module")
