@@ -43,6 +43,9 @@ PAGE_ALIGN_BYTES = 4096
 POOL_MAX_FREE_BYTES = 64 * 1024 * 1024
 """Free mappings kept for reuse (beyond them, a freed buffer is unmapped)."""
 
+SizeClass = tuple[int, int]
+"""(mapping bytes, huge-paged 2 MiB units): buffers of one class can share mappings."""
+
 _ANONYMOUS_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 
@@ -61,17 +64,17 @@ def aligned_empty(nbytes: int, alignment: int = PAGE_ALIGN_BYTES) -> torch.Tenso
 def _huge_empty(nbytes: int, advice: int) -> torch.Tensor:
     """``nbytes`` at a 2 MiB boundary of a private mapping (from the pool, else fresh), whose whole
     2 MiB units are huge-paged; the mapping returns to the pool when the buffer's storage is freed."""
-    size = nbytes - nbytes % -HUGE_PAGE_BYTES + HUGE_PAGE_BYTES  # a size class: k units, and room to align
-    # A class serves (k - 1, k] units: the first k - 1 are whole in any of its buffers, the last may
-    # be partial and stays in small pages, so no more memory is touched than the buffer needs.
-    mapping = POOL.take(size)
+    units = nbytes // HUGE_PAGE_BYTES  # whole 2 MiB units: huge pages; a partial last one: small pages
+    size = nbytes - nbytes % -HUGE_PAGE_BYTES + HUGE_PAGE_BYTES  # every unit, and room to align
+    size_class = (size, units)  # buffers of one class have the same mapping and the same huge units
+    mapping = POOL.take(size_class)
     if mapping is None:
         mapping = mmap.mmap(-1, size, flags=_ANONYMOUS_PRIVATE)
         shift = -_address(mapping) % HUGE_PAGE_BYTES
-        mapping.madvise(advice, shift, size - 2 * HUGE_PAGE_BYTES)  # whole units, before any touch
+        mapping.madvise(advice, shift, units * HUGE_PAGE_BYTES)  # before any page is touched
     shift = -_address(mapping) % HUGE_PAGE_BYTES
     view = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=shift)  # [nbytes]
-    weakref.finalize(view, POOL.give, mapping).atexit = False  # when torch's storage lets go of it
+    weakref.finalize(view, POOL.give, mapping, size_class).atexit = False  # when torch's storage lets go
     return torch.from_numpy(view)  # [nbytes]
 
 
@@ -87,27 +90,27 @@ class MappingPool:
         self.max_free_bytes = max_free_bytes
         self.free_bytes = 0
         self.reused = 0  # buffers served from the pool
-        self._free: dict[int, list[mmap.mmap]] = {}
+        self._free: dict[SizeClass, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
-    def take(self, size: int) -> mmap.mmap | None:
-        """A free mapping of exactly ``size`` bytes, or None."""
+    def take(self, size_class: SizeClass) -> mmap.mmap | None:
+        """A free mapping of this class, or None."""
         with self._lock:
-            free = self._free.get(size)
+            free = self._free.get(size_class)
             if not free:
                 return None
-            self.free_bytes -= size
+            mapping = free.pop()
+            self.free_bytes -= len(mapping)
             self.reused += 1
-            return free.pop()
+            return mapping
 
-    def give(self, mapping: mmap.mmap) -> None:
-        """Keep ``mapping`` for reuse if there is room, else let it be unmapped."""
-        size = len(mapping)
+    def give(self, mapping: mmap.mmap, size_class: SizeClass) -> None:
+        """Keep ``mapping`` for reuse by its class if there is room, else let it be unmapped."""
         with self._lock:
-            if self.free_bytes + size > self.max_free_bytes:
+            if self.free_bytes + len(mapping) > self.max_free_bytes:
                 return
-            self._free.setdefault(size, []).append(mapping)
-            self.free_bytes += size
+            self._free.setdefault(size_class, []).append(mapping)
+            self.free_bytes += len(mapping)
 
     def clear(self) -> None:
         """Unmap every free mapping."""

@@ -56,10 +56,13 @@ def test_large_buffers_start_on_a_huge_page_and_hold_data(nbytes: int) -> None:
     assert int(buffer[:-1].sum()) == 7 * (nbytes - 1) and int(buffer[-1]) == 9
 
 
-@pytest.mark.skipif(
+HUGE_PAGES_OFF = pytest.mark.skipif(
     _thp_mode() not in {"always", "madvise"} or not hasattr(mmap, "MADV_HUGEPAGE"),
     reason="transparent huge pages are off on this kernel",
 )
+
+
+@HUGE_PAGES_OFF
 def test_large_buffers_are_backed_by_huge_pages() -> None:
     units = 4
     buffer = aligned_empty(units * HUGE_PAGE_BYTES + 8 * KIB)  # a partial last unit stays small pages
@@ -67,6 +70,17 @@ def test_large_buffers_are_backed_by_huge_pages() -> None:
     huge_kib = _anon_huge_kib(buffer.data_ptr())
     assert huge_kib >= HUGE_PAGE_BYTES // KIB, "no huge page backs a large I/O buffer"
     assert huge_kib <= units * HUGE_PAGE_BYTES // KIB, "the partial last unit was huge-paged"
+
+
+@HUGE_PAGES_OFF
+@pytest.mark.parametrize("units", [1, 2, 8])
+def test_a_whole_number_of_units_is_all_huge_pages_even_when_reused(units: int) -> None:
+    for _ in range(2):  # the second buffer comes from the pool
+        buffer = aligned_empty(units * HUGE_PAGE_BYTES)
+        buffer.zero_()
+        assert _anon_huge_kib(buffer.data_ptr()) == units * HUGE_PAGE_BYTES // KIB
+        del buffer
+        gc.collect()
 
 
 def test_the_mapping_lives_as_long_as_a_view_of_it() -> None:
@@ -104,8 +118,9 @@ def test_a_freed_buffer_is_reused_and_a_viewed_one_is_not() -> None:
 def test_the_pool_keeps_no_more_than_its_bound() -> None:
     pool = MappingPool(max_free_bytes=3 * HUGE_PAGE_BYTES)
     mappings = [mmap.mmap(-1, 2 * HUGE_PAGE_BYTES) for _ in range(3)]
+    size_class = (2 * HUGE_PAGE_BYTES, 1)
     for mapping in mappings:
-        pool.give(mapping)
+        pool.give(mapping, size_class)
     assert pool.free_bytes == 2 * HUGE_PAGE_BYTES  # the second would exceed the bound: unmapped instead
-    assert pool.take(HUGE_PAGE_BYTES) is None and pool.take(2 * HUGE_PAGE_BYTES) is mappings[0]
+    assert pool.take((2 * HUGE_PAGE_BYTES, 0)) is None and pool.take(size_class) is mappings[0]
     assert pool.free_bytes == 0 and pool.reused == 1
