@@ -134,7 +134,7 @@ class TierDriver(ABC):
         try:
             await wait_settled(list(self._in_flight))
         finally:
-            self._pool.shutdown(wait=False)  # every job has returned: the workers are idle
+            self._pool.shutdown(wait=True)  # every job has returned: idle workers exit at once
             self._release()
             logger.debug("%s driver closed", self.name)
 
