@@ -26,8 +26,8 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from klotski_tier.core.config import ALL_EXPERTS, EngineOptions, replace
-from klotski_tier.core.engine import open_model
-from klotski_tier.core.errors import CheckpointError, InputError, KlotskiError
+from klotski_tier.core.engine import load_tokenizer, open_model
+from klotski_tier.core.errors import InputError, KlotskiError
 from klotski_tier.core.hardware import local_machine
 from klotski_tier.core.layouts import ModelFiles
 from klotski_tier.core.machine import Machine
@@ -146,10 +146,7 @@ def store_ratio(store: PackedStore | None) -> float | None:
 
 
 def _tokenizer(model: Path) -> Tokenizer:
-    path = model / TOKENIZER_FILE
-    if not path.is_file():
+    tokenizer = load_tokenizer(model / TOKENIZER_FILE)
+    if tokenizer is None:
         raise InputError(f"{model} has no {TOKENIZER_FILE}; pass token ids (--prompt-ids)")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        raise CheckpointError(f"cannot read tokenizer {path}: {exc}; fix or remove the file") from exc
+    return tokenizer

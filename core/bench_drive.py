@@ -41,9 +41,10 @@ from klotski_tier.core.profile import (
     ReadResult,
 )
 from klotski_tier.core.sizes import GIB, MIB, format_size
-from klotski_tier.tiers.direct import O_DIRECT, aligned_empty
+from klotski_tier.tiers.direct import O_DIRECT
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
+from klotski_tier.tiers.hostmem import aligned_empty
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]

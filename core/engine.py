@@ -94,7 +94,7 @@ class Engine:
         """
         options = options or EngineOptions()
         files = open_model(Path(model))
-        tokenizer = _load_tokenizer(Path(model) / "tokenizer.json")
+        tokenizer = load_tokenizer(Path(model) / "tokenizer.json")
         check_options(files, options)
         check_budgets(files, options, [])
         return cls(files, options, tokenizer, build_prefetch(options, files.spec), profile)
@@ -253,7 +253,7 @@ class Engine:
         )
 
 
-def _load_tokenizer(path: Path) -> Tokenizer | None:
+def load_tokenizer(path: Path) -> Tokenizer | None:
     """The checkpoint's tokenizer, or None without a tokenizer.json (token-id prompts still work)."""
     if not path.is_file():
         return None

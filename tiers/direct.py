@@ -36,8 +36,6 @@ from klotski_tier.tiers.hostmem import aligned_empty
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIRECT_ALIGN_BYTES", "O_DIRECT", "AlignedChunk", "BounceBuffers", "aligned_empty", "plan_aligned"]
-
 DIRECT_ALIGN_BYTES = 4096
 """Alignment of O_DIRECT offsets, lengths and buffers: a multiple of every common logical block size."""
 

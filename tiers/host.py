@@ -20,11 +20,6 @@ logger = logging.getLogger(__name__)
 HOST_COPY_THREADS = 1
 """Worker threads for host-to-host copies: one memcpy already runs near memory bandwidth."""
 
-BUFFER_ALIGN_BYTES = 4096
-"""Host buffers start on a page boundary, so that O_DIRECT reads can land in them directly; large
-ones are backed by huge pages so that each read reaches the drive as large requests (see
-:mod:`klotski_tier.tiers.hostmem`)."""
-
 
 class HostDriver(MemoryTierDriver):
     """Allocates flat ``uint8`` host buffers (pinned when ``pin``) and copies host bytes into them."""
@@ -49,7 +44,7 @@ class HostDriver(MemoryTierDriver):
         assert nbytes >= 0, f"cannot allocate a negative size ({nbytes} bytes)"
         if self._pin:  # the CUDA host allocator hands out page-aligned memory
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # [nbytes]
-        return aligned_empty(nbytes, BUFFER_ALIGN_BYTES)  # [nbytes], huge-page backed when large
+        return aligned_empty(nbytes)  # [nbytes] page-aligned, huge-page backed when large (tiers/hostmem)
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         """Copy ``src`` into the host buffer ``dst`` in the driver's thread; done when it returns."""

@@ -68,11 +68,12 @@ def _huge_empty(nbytes: int, advice: int) -> torch.Tensor:
     size = nbytes - nbytes % -HUGE_PAGE_BYTES + HUGE_PAGE_BYTES  # every unit, and room to align
     size_class = (size, units)  # buffers of one class have the same mapping and the same huge units
     mapping = POOL.take(size_class)
+    fresh = mapping is None
     if mapping is None:
         mapping = mmap.mmap(-1, size, flags=_ANONYMOUS_PRIVATE)
-        shift = -_address(mapping) % HUGE_PAGE_BYTES
-        mapping.madvise(advice, shift, units * HUGE_PAGE_BYTES)  # before any page is touched
     shift = -_address(mapping) % HUGE_PAGE_BYTES
+    if fresh:
+        mapping.madvise(advice, shift, units * HUGE_PAGE_BYTES)  # before any page is touched
     view = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=shift)  # [nbytes]
     weakref.finalize(view, POOL.give, mapping, size_class).atexit = False  # when torch's storage lets go
     return torch.from_numpy(view)  # [nbytes]

@@ -22,8 +22,9 @@ import torch
 
 from klotski_tier.core.blocks import TensorPiece
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES, O_DIRECT, aligned_empty, plan_aligned
+from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES, O_DIRECT, plan_aligned
 from klotski_tier.tiers.disk import DiskDriver, folio_ranges
+from klotski_tier.tiers.hostmem import aligned_empty
 from tests.tiers.test_conformance import _assert_reproduced, _pack, _sample_tensors, _write_safetensors
 
 T = TypeVar("T")

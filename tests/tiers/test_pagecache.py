@@ -24,8 +24,8 @@ import pytest
 from klotski_tier.core.blocks import TensorPiece
 from klotski_tier.core.errors import ConfigError, TierError
 from klotski_tier.core.pagecache import PAGE_BYTES, cached_bytes, cached_fraction, evict
-from klotski_tier.tiers.direct import aligned_empty
 from klotski_tier.tiers.disk import DiskDriver
+from klotski_tier.tiers.hostmem import aligned_empty
 
 FILE_BYTES = 8 << 20  # 8 MiB: larger than the kernel's first read-ahead windows
 PROBE_BYTES = 64 << 10
