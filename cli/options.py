@@ -81,7 +81,7 @@ _FLAGS = [
     click.option(
         "--prefetch", help="Prefetch policy: none, hot-first, correlation, oracle, or a plugin's name."
     ),
-    click.option("--eviction", help="Eviction policy: lru, lfu, hot-first, fifo, or a plugin's name."),
+    click.option("--eviction", help="Eviction policy: lru, lfu, hot-first, fifo, sweep, or a plugin's name."),
     click.option(
         "--prefetch-trace",
         type=click.Path(path_type=Path),

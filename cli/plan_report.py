@@ -188,7 +188,7 @@ def run_plan_line(chosen: RunPlan) -> str:
     """One line for ``run``'s table: the n, bs and K the run used and where they come from."""
     options, plan = chosen.options, chosen.plan
     hot = "top-k" if options.hot_experts is None else str(options.hot_experts)
-    shape = f"n={options.batches}, bs={options.batch_size}, K={hot}"
+    shape = f"n={options.batches}, bs={options.batch_size}, K={hot}, eviction {options.eviction}"
     if plan is None:
         return f"plan: {chosen.mode}, {shape}" + (f" ({chosen.note})" if chosen.note else "")
     kept = sorted(set(plan.engine_options()) - set(chosen.planned))
@@ -206,6 +206,7 @@ def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
         "batch_size": options.batch_size,
         "hot_experts": options.hot_experts,
         "host_preload": options.host_preload,
+        "eviction": options.eviction,
         "planned": sorted(chosen.planned),
         "note": chosen.note,
     }

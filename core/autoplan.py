@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_AUTO, PLAN_OFF = "auto", "off"
 NO_PROFILE_NOTE = "no machine profile: the defaults; `klotski-tier bench` enables planning"
-PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload")  # EngineOptions a plan sets
+PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction")  # what a plan sets
 TOKENIZER_FILE = "tokenizer.json"
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids
@@ -95,7 +95,7 @@ def plan_files(
     except KlotskiError as exc:
         logger.info("no plan: %s", exc)
         return RunPlan(PLAN_AUTO, options, note=f"the planner cannot plan this run ({exc}); the defaults")
-    planned = {k: v for k, v in plan.engine_options().items() if k not in explicit}
+    planned = {k: v for k, v in plan.engine_options().items() if k not in fixed_fields(explicit)}
     return RunPlan(PLAN_AUTO, replace(options, **planned), plan, tuple(planned))
 
 
@@ -110,6 +110,7 @@ def plan_request(
     """What to plan: this model, prompts of these ``lengths``, the options' budgets and routing trace,
     and the fields the user fixed (``explicit``)."""
     spec = files.spec
+    explicit = fixed_fields(explicit)
     fixed: dict[str, Any] = {name: getattr(options, name) for name in PLANNED_FIELDS if name in explicit}
     if fixed.get("hot_experts") == ALL_EXPERTS:
         fixed["hot_experts"] = spec.num_experts
@@ -126,6 +127,11 @@ def plan_request(
         compression_ratio=store_ratio(files.store),
         **fixed,
     )
+
+
+def fixed_fields(explicit: Set[str]) -> Set[str]:
+    """The planned fields the user fixed: options given for an eviction policy fix the policy too."""
+    return explicit | {"eviction"} if "eviction_options" in explicit else explicit
 
 
 def prompt_lengths(model: Path, prompts: Sequence[PromptInput]) -> list[int]:

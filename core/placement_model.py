@@ -23,6 +23,8 @@ from klotski_tier.core.routing_model import LayerLoads
 from klotski_tier.core.sizes import format_size
 from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
 
+LRU, SWEEP = "lru", "sweep"  # eviction policies the planner models (any other is modelled as LRU)
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -35,6 +37,7 @@ class Placement:
     compressed: bool  # read from a compressed store (it pays off against the plain bytes)
     expert_reuse: float = 0.0  # expected share of used experts still in device memory from earlier steps
     into_device: bool = False  # a CPU device with no host budget: the drive reads into device buffers
+    eviction: str = LRU  # the device tier's eviction policy: "sweep" keeps a prefix of the layer sweep
 
     def describe(self) -> str:
         device = (
@@ -42,6 +45,11 @@ class Placement:
             if self.device_resident
             else "layers stream through device memory"
         )
+        if not self.device_resident and self.eviction == SWEEP and self.expert_reuse > 0:
+            device = (
+                f"about {self.expert_reuse:.0%} of the weights (the first layers of each step) stay in "
+                "device memory, the rest streams through it"
+            )
         if self.home == "host":
             return f"{device}; host RAM holds the whole model"
         store = "a compressed store" if self.compressed else "the checkpoint"
@@ -137,6 +145,19 @@ def lru_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) ->
         middle = (low + high) / 2
         low, high = (middle, high) if touched(middle) < capacity else (low, middle)
     return 0.0, float((usage * (1.0 - usage) ** low).sum() / max(float(usage.sum()), 1e-300))
+
+
+def sweep_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) -> tuple[float, float]:
+    """As :func:`lru_misses`, with the ``sweep`` eviction policy: it keeps a prefix of the layer sweep
+    resident, so of the bytes a step touches, those beyond ``capacity`` are read again every step (the
+    same share of every block kind; no better than LRU where LRU keeps blocks)."""
+    sizes = cost.sizes
+    usage = np.stack([load.usage for load in loads])  # [L, E]
+    always = sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
+    touched = always + sizes.expert * float(usage.sum())
+    kept = min(max(capacity, 0) / touched, 1.0)
+    lru = lru_misses(cost, loads, capacity)
+    return min(lru[0], 1.0 - kept), min(lru[1], 1.0 - kept)
 
 
 def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:

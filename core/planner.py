@@ -42,13 +42,15 @@ from klotski_tier.core.pipeline_model import layer_work as layer_work
 from klotski_tier.core.pipeline_model import least_factor as least_factor
 from klotski_tier.core.pipeline_model import predict_step as predict_step
 from klotski_tier.core.pipeline_model import speedup_to_meet as speedup_to_meet
+from klotski_tier.core.placement_model import LRU, SWEEP
 from klotski_tier.core.placement_model import Placement as Placement
 from klotski_tier.core.placement_model import io_times as io_times
 from klotski_tier.core.placement_model import lru_misses as lru_misses
 from klotski_tier.core.placement_model import placement_for as placement_for
 from klotski_tier.core.placement_model import reads_into_device as reads_into_device
+from klotski_tier.core.placement_model import sweep_misses as sweep_misses
 from klotski_tier.core.placement_model import weights_working_set as weights_working_set
-from klotski_tier.core.routing_model import RoutingModel
+from klotski_tier.core.routing_model import LayerLoads, RoutingModel
 from klotski_tier.core.sizes import format_size
 from klotski_tier.core.spec import ModelSpec
 
@@ -79,6 +81,7 @@ class PlanRequest:
     hot_experts: int | None = None  # fixed K
     host_preload: bool | None = None  # True: every block in host RAM; False: stream from the drive
     compression_ratio: float | None = None  # the ratio of a compressed store the run may read
+    eviction: str | None = None  # fixed device eviction policy (modelled as LRU unless "sweep")
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -172,6 +175,7 @@ class Plan:
             "batch_size": self.batch_size,
             "hot_experts": self.hot_experts,
             "host_preload": self.placement.host_preload,
+            "eviction": self.placement.eviction,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,10 +288,25 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
         + cost.sizes.gate
         + (req.spec.top_k + max(load.distinct_max() for load in loads)) * cost.sizes.expert
     )
-    misses = lru_misses(cost, loads, ctx.device_budget - fixed - in_use)  # a layer's blocks are always held
-    placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1])
+    eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
+    placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
     io = io_times(cost, placement, req.compression_ratio, steady=True, misses=misses)
     return [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
+
+
+def _eviction(
+    fixed: str | None, cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int
+) -> tuple[str, tuple[float, float]]:
+    """The device's eviction policy and its chance of missing a block a step uses (of every block kind,
+    of the experts), given ``capacity`` bytes beyond a layer's blocks in use: ``fixed`` when the user
+    chose one (any but "sweep" modelled as LRU), else "sweep" where it keeps more than LRU."""
+    lru = lru_misses(cost, loads, capacity)
+    if fixed is not None and fixed != SWEEP:
+        return fixed, lru
+    sweep = sweep_misses(cost, loads, capacity)
+    if fixed == SWEEP or sweep < lru:
+        return SWEEP, sweep
+    return LRU, lru
 
 
 def _candidate(

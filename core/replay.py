@@ -228,6 +228,7 @@ class _Replayer:
         for key in misses:
             if self.cache.make_room(used):
                 self.cache.insert(key)
+                self.cache.eviction.on_access(key)  # used once loaded, as the engine counts a lease
         counts = self.counts[layer]
         counts.used += len(used)
         counts.hits += len(hits)

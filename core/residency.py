@@ -185,8 +185,6 @@ class Residency:
         if entry is None:
             entry = self._start(self.device, block, self._load_device, wait_for_room=True)
         entry.leases += 1
-        if block in self.device.eviction:
-            self.device.eviction.on_access(block)
         lease = asyncio.ensure_future(self._lease_when_ready(entry))
         lease.add_done_callback(_mark_retrieved)  # a run that fails early never awaits every request
         self._reads.dispatch()  # a prefetch waiting for the disk may have become demand
@@ -352,6 +350,8 @@ class Residency:
                 await self._notify_room()
             raise
         assert entry.buffer is not None, f"{entry.block} resident without a buffer"
+        if entry.block in self.device.eviction:  # each lease is a use, a block loaded on demand's too
+            self.device.eviction.on_access(entry.block)
         weights = self._layouts[entry.block].tensors(entry.buffer)
         return Lease(entry.block, weights, entry.copy_done)
 

@@ -25,6 +25,7 @@ EVICTION_POLICIES: Registry[type[EvictionPolicy[Any]]] = Registry(
         "lfu": "klotski_tier.policies.lfu:LFUEviction",
         "hot-first": "klotski_tier.policies.hot_first_eviction:HotFirstEviction",
         "fifo": "klotski_tier.policies.fifo:FIFOEviction",
+        "sweep": "klotski_tier.policies.sweep:SweepEviction",
     },
 )
 

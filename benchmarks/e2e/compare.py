@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.e2e.bound import Bound, must_move_bytes
-from benchmarks.e2e.planning import PLAN, SWEEP, plan_klotski, predict_config
+from benchmarks.e2e.planning import PLAN, SWEEP, SWEEP_EVICTION, plan_klotski, predict_config
 from benchmarks.e2e.results import BenchmarkError, Point, RunRecord, SystemResult, check_tokens
 from benchmarks.e2e.runner import Runner
 from benchmarks.e2e.systems import (
@@ -117,8 +117,9 @@ class Comparison:
         def job(n: int, trace: Path | None = None) -> Job:
             bs = fixed_bs or self.batch_size(plan, n)
             return engine_job(
-                name, self.inputs, self.files, budget, n, bs, preset=preset, trace_path=trace, hot_experts=hot
-            )
+                name, self.inputs, self.files, budget, n, bs, preset=preset, trace_path=trace,
+                hot_experts=hot, eviction=SWEEP_EVICTION if name == KLOTSKI else None,
+            )  # fmt: skip
 
         sweep = {n: self.runner.run(job(n), budget.limit_bytes) for n in candidates}
         best = _fastest(sweep)
@@ -149,7 +150,7 @@ class Comparison:
         def job(trace: Path | None = None) -> Job:
             return engine_job(
                 KLOTSKI, self.inputs, self.files, budget, chosen.batches, chosen.batch_size, trace_path=trace,
-                hot_experts=chosen.hot_experts, host_preload=chosen.host_preload,
+                hot_experts=chosen.hot_experts, host_preload=chosen.host_preload, eviction=chosen.eviction,
             )  # fmt: skip
 
         result = SystemResult(KLOTSKI, describe_engine(job()), [self.runner.run(job(), budget.limit_bytes)])
@@ -159,6 +160,7 @@ class Comparison:
             batch_size=chosen.batch_size,
             hot_experts=chosen.hot_experts,
             host_preload=chosen.host_preload,
+            eviction=chosen.eviction,
             predicted=chosen.prediction.to_dict(),
         )
         return self._finish(result, plan, budget, job)

@@ -33,6 +33,7 @@ from klotski_tier.core.planner import Plan
 logger = logging.getLogger(__name__)
 
 PLAN, SWEEP = "plan", "sweep"
+SWEEP_EVICTION = "sweep"  # klotski's device eviction when swept: a prefix of the layer sweep stays
 KLOTSKI_CONFIGS = (PLAN, SWEEP)
 BUDGET_FIELDS = frozenset(("device", "device_memory_bytes", "host_memory_bytes"))  # the harness's
 
@@ -45,6 +46,7 @@ class Prediction:
     batch_size: int
     hot_experts: int
     host_preload: bool
+    eviction: str
     tokens_per_s: float  # generated tokens / predicted prefill + decode time of the whole workload
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
@@ -63,6 +65,7 @@ class KlotskiPlan:
     batch_size: int
     hot_experts: int | str
     host_preload: bool
+    eviction: str
     prediction: Prediction
 
 
@@ -100,7 +103,7 @@ def plan_klotski(
     opts = chosen.options
     hot = ALL_EXPERTS if opts.hot_experts == ALL_EXPERTS else chosen.plan.hot_experts
     prediction = _prediction(chosen.plan, len(work.prompts), work.new_tokens)
-    return KlotskiPlan(opts.batches, opts.batch_size, hot, opts.host_preload, prediction)
+    return KlotskiPlan(opts.batches, opts.batch_size, hot, opts.host_preload, opts.eviction, prediction)
 
 
 def predict_config(
@@ -111,12 +114,15 @@ def predict_config(
     batches: int,
     batch_size: int,
     hot_experts: int | str | None,
+    eviction: str = SWEEP_EVICTION,
 ) -> Prediction | None:
     """The planner's prediction for klotski at exactly this n, bs and K (None: the engine's top-k),
     without host preload, as :func:`benchmarks.e2e.systems.engine_job` runs it; None when it cannot
     plan that configuration."""
     hot = files.spec.top_k if hot_experts is None else hot_experts
-    fixed: dict[str, Any] = {"batches": batches, "batch_size": batch_size, "hot_experts": hot}
+    fixed: dict[str, Any] = {
+        "batches": batches, "batch_size": batch_size, "hot_experts": hot, "eviction": eviction
+    }  # fmt: skip
     options = EngineOptions(**budget_options(work, files, budget, batches, batch_size), **fixed)
     chosen = _plan(work, options, {*BUDGET_FIELDS, *PLANNED_FIELDS}, profile)
     if chosen.plan is None:
@@ -145,6 +151,7 @@ def _prediction(plan: Plan, sequences: int, new_tokens: int) -> Prediction:
         batch_size=plan.batch_size,
         hot_experts=plan.hot_experts,
         host_preload=plan.placement.host_preload,
+        eviction=plan.placement.eviction,
         tokens_per_s=predicted_tokens_per_s(plan, sequences, new_tokens),
         decode_tokens_per_s=plan.decode_tokens_per_s,
         prefill_tokens_per_s=plan.prefill_tokens_per_s,

@@ -140,9 +140,11 @@ def engine_job(
     trace_path: Path | None = None,
     hot_experts: int | str | None = None,
     host_preload: bool | None = None,
+    eviction: str | None = None,
 ) -> Job:
     """A run of the engine within ``budget``, batch group n = ``batches`` x bs = ``batch_size``
-    (``hot_experts``, ``host_preload``: None leaves them to the preset or the engine's defaults)."""
+    (``hot_experts``, ``host_preload``, ``eviction``: None leaves them to the preset or the engine's
+    defaults)."""
     options: dict[str, Any] = {
         "batches": batches,
         "batch_size": batch_size,
@@ -152,6 +154,8 @@ def engine_job(
         options["hot_experts"] = hot_experts
     if host_preload is not None:
         options["host_preload"] = host_preload
+    if eviction is not None:
+        options["eviction"] = eviction
     return Job(
         system, ENGINE, str(work.store or work.model), work.prompts, work.new_tokens, preset=preset,
         engine_options=options, trace_path=None if trace_path is None else str(trace_path),
@@ -210,8 +214,10 @@ def describe_engine(job: Job) -> str:
     device, host = format_size(opts["device_memory_bytes"]), format_size(opts["host_memory_bytes"])
     hot = f", K={opts['hot_experts']}" if "hot_experts" in opts else ""
     preload = ", host preload" if opts.get("host_preload") else ""
+    eviction = f", {opts['eviction']} eviction" if "eviction" in opts else ""
     return (
-        f"{preset}n={opts['batches']} x bs={opts['batch_size']}{hot}{preload}, device {device} + host {host}"
+        f"{preset}n={opts['batches']} x bs={opts['batch_size']}{hot}{preload}{eviction}, "
+        f"device {device} + host {host}"
     )
 
 

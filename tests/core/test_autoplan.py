@@ -67,7 +67,7 @@ def test_fields_the_user_set_stay_and_the_plan_is_made_around_them(model: Path) 
     )
     assert (chosen.options.batches, chosen.options.hot_experts) == (3, 1)
     assert chosen.plan is not None and (chosen.plan.batches, chosen.plan.hot_experts) == (3, 1)
-    assert set(chosen.planned) == {"batch_size", "host_preload"}
+    assert set(chosen.planned) == {"batch_size", "host_preload", "eviction"}
 
 
 def test_without_a_profile_the_options_stay_and_the_model_is_not_opened(tmp_path: Path) -> None:

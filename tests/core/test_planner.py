@@ -114,9 +114,30 @@ def test_loads_that_would_hide_but_do_not_fit_say_so() -> None:
 
 def test_room_for_a_steps_experts_keeps_them_for_the_next() -> None:
     """With few tokens a step uses few experts; LRU keeps them when the device has room for a step."""
-    tight, roomy = (_streaming(0.05, batches=1, device_memory_bytes=mib * MIB) for mib in (64, 160))
+    tight, roomy = (
+        _streaming(0.05, batches=1, device_memory_bytes=mib * MIB, eviction="lru") for mib in (64, 160)
+    )
     assert tight.placement.expert_reuse == 0.0 < roomy.placement.expert_reuse < 1.0
     assert roomy.decode_tokens_per_s > 2 * tight.decode_tokens_per_s
+    assert tight.engine_options()["eviction"] == "lru"
+
+
+def test_sweep_eviction_keeps_a_share_where_lru_keeps_nothing() -> None:
+    """Less room than a step touches: LRU re-reads every block each step, sweep keeps the room's worth,
+    so the planner chooses it, predicts more tokens/s, and the share grows with the budget."""
+    lru = _streaming(0.05, batches=1, device_memory_bytes=64 * MIB, eviction="lru")
+    sweep = _streaming(0.05, batches=1, device_memory_bytes=64 * MIB)
+    more = _streaming(0.05, batches=1, device_memory_bytes=80 * MIB)
+    assert sweep.engine_options()["eviction"] == "sweep" and sweep.placement.eviction == "sweep"
+    assert lru.placement.expert_reuse == 0.0 < sweep.placement.expert_reuse < more.placement.expert_reuse
+    assert sweep.decode_tokens_per_s > lru.decode_tokens_per_s
+    assert "stay in device memory" in sweep.placement.describe()
+
+
+def test_a_resident_model_keeps_lru() -> None:
+    """Nothing is evicted when every weight fits: the plan leaves the engine's default policy."""
+    plan = _streaming(0.05, device_memory_bytes=4096 * MIB, host_memory_bytes=4096 * MIB)
+    assert plan.placement.device_resident and plan.engine_options()["eviction"] == "lru"
 
 
 def test_deadlines_by_hand() -> None:
@@ -245,7 +266,9 @@ def test_expert_compute_grows_with_the_tokens_routed() -> None:
 def test_overrides_are_kept_and_the_plan_is_json() -> None:
     plan = _streaming(0.5, batches=3, batch_size=2, hot_experts=1)
     assert (plan.batches, plan.batch_size, plan.hot_experts) == (3, 2, 1)
-    assert plan.engine_options() == {"batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False}
+    assert plan.engine_options() == {
+        "batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False, "eviction": "sweep"
+    }  # fmt: skip
     data = json.loads(json.dumps(plan.to_dict()))
     assert [d["number"] for d in data["deadlines"]] == [4, 5, 6, 7]
     assert data["decode"]["tokens"] == 6 and data["memory"][0]["tier"] == "device"

@@ -100,7 +100,7 @@ def test_policies_import_neither_torch_nor_asyncio() -> None:
 
 
 def test_registries_list_their_names() -> None:
-    assert EVICTION_POLICIES.names() == ["fifo", "hot-first", "lfu", "lru"]
+    assert EVICTION_POLICIES.names() == ["fifo", "hot-first", "lfu", "lru", "sweep"]
     assert PREFETCH_POLICIES.names() == ["correlation", "hot-first", "none", "oracle", "whole-layer"]
 
 

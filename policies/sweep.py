@@ -1,0 +1,101 @@
+"""Sweep eviction: the block whose next use is furthest away goes first, for a pipeline sweeping layers.
+
+Every step of the pipeline walks the layers in order, 0 to L-1, and starts again. When the weights
+do not fit, LRU evicts exactly the block needed next (the one used longest ago is the first of the
+next sweep), so nothing survives from one step to the next and every block is read every step.
+Belady's rule (evict what is needed furthest in the future) is known here without a trace: seen
+from the layer being computed, the layers just passed come back last. So this policy keeps a
+stable prefix of the sweep resident and streams the rest, which reads ``model - capacity`` bytes
+per step instead of the whole model.
+
+The clock is the layer of the last accessed block (a key with int ``layer >= 0``; the engine
+calls ``on_access`` each time a computation leases a block). Inserts do not move it: a prefetch
+inserts blocks of layers ahead. Ranks, highest evicted first:
+
+- a block of the current layer already used in this pass: ``L`` (done until the next sweep);
+- a block of layer ``p != current``: ``(p - current) mod L``, so the next layer is kept longest;
+- a block of the current layer not used yet in this pass: 0 (it may be needed now);
+- a key without a layer (embedding, head, opaque keys): ``L - current - 0.5``, at the sweep's end.
+
+Ties among blocks of layers go most recently used first: within a layer too, what was used last in
+the past sweep comes last in the next (attention, then gate, then experts). Layerless keys tie least
+recently used first. ``L`` is one more than the largest layer seen.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from klotski_tier.policies.eviction import EvictionPolicy, K
+
+BOUNDARY = 0.5  # a layerless key sits between the last layer and the first of the next sweep
+
+
+def layer_of(key: object) -> int | None:
+    """The layer of ``key`` if it names one (an int attribute ``layer >= 0``), else None."""
+    layer: object = getattr(key, "layer", None)
+    if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0:
+        return layer
+    return None
+
+
+class SweepEviction(EvictionPolicy[K]):
+    """Evicts the block needed furthest ahead in the layer sweep first (see the module docstring)."""
+
+    name = "sweep"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[K, int | None] = OrderedDict()  # key -> layer, least recently used first
+        self._used_in_pass: dict[K, int] = {}  # key -> pass number of its last access
+        self._layers = 0  # one more than the largest layer seen
+        self._current = -1  # layer of the last accessed layered key; -1 before any
+        self._pass = 0  # sweeps begun: the clock going back to a lower layer starts one
+
+    def on_insert(self, key: K, nbytes: int) -> None:
+        assert key not in self._order, f"{self.name}: {key} inserted twice without on_remove in between"
+        assert nbytes >= 0, f"{self.name}: {key} inserted with a negative size ({nbytes} bytes)"
+        layer = layer_of(key)
+        self._order[key] = layer
+        if layer is not None:
+            self._layers = max(self._layers, layer + 1)
+
+    def on_access(self, key: K) -> None:
+        assert key in self._order, f"{self.name}: access to {key}, which is not resident"
+        self._order.move_to_end(key)
+        layer = self._order[key]
+        if layer is None:
+            return
+        if layer < self._current:
+            self._pass += 1
+        self._current = layer
+        self._used_in_pass[key] = self._pass
+
+    def on_remove(self, key: K) -> None:
+        assert key in self._order, f"{self.name}: removal of {key}, which is not resident"
+        del self._order[key]
+        self._used_in_pass.pop(key, None)
+
+    def victims(self) -> Iterator[K]:
+        def order(item: tuple[int, tuple[K, int | None]]) -> tuple[float, int]:
+            age, (key, layer) = item  # age: 0 for the least recently used
+            return -self.rank(key, layer), age if layer is None else -age
+
+        for _, (key, _) in sorted(enumerate(self._order.items()), key=order):
+            if key in self._order:
+                yield key
+
+    def rank(self, key: K, layer: int | None) -> float:
+        """How far ahead in the sweep ``key`` is needed next (higher: evicted sooner)."""
+        layers, current = self._layers, max(self._current, 0)
+        if layer is None:
+            return layers - current - BOUNDARY
+        if layer != current:
+            return float((layer - current) % layers)
+        return float(layers) if self._used_in_pass.get(key) == self._pass else 0.0
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order

@@ -1,0 +1,103 @@
+"""Sweep eviction: Belady's rule for a pipeline that walks the layers in order every step."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+from klotski_tier.policies.eviction import EvictionPolicy
+from klotski_tier.policies.registry import make_eviction
+from klotski_tier.policies.sweep import SweepEviction
+from tests.policies.helpers import BLOCK_BYTES, FakeKey, filled
+
+LAYERS = 4
+EXPERTS = 2
+
+
+def sweep_accesses(steps: int) -> list[FakeKey]:
+    """Every step uses every layer's attention and experts, layer 0 to the last."""
+    return [
+        key
+        for _ in range(steps)
+        for layer in range(LAYERS)
+        for key in (FakeKey(layer), *(FakeKey(layer, e) for e in range(EXPERTS)))
+    ]
+
+
+def run_as_the_engine(policy: EvictionPolicy[Hashable], accesses: Sequence[Hashable], capacity: int) -> int:
+    """Hits through a cache of ``capacity`` blocks; a miss is inserted once loaded, then accessed (the
+    engine counts each lease as a use, a demand load's too)."""
+    hits = 0
+    for key in accesses:
+        if key in policy:
+            hits += 1
+        else:
+            while len(policy) >= capacity:
+                policy.on_remove(next(iter(policy.victims())))
+            policy.on_insert(key, BLOCK_BYTES)
+        policy.on_access(key)
+    return hits
+
+
+def belady_hits(accesses: Sequence[Hashable], capacity: int, counted: int) -> int:
+    """Hits among the first ``counted`` accesses of the optimal policy, which knows the future: evict
+    the block next used furthest ahead (accesses after ``counted`` only inform it: the loop goes on)."""
+    cache: set[Hashable] = set()
+    hits = 0
+    for now, key in enumerate(accesses[:counted]):
+        if key in cache:
+            hits += 1
+            continue
+        if len(cache) >= capacity:
+            ahead = list(accesses[now + 1 :])
+            cache.remove(max(cache, key=lambda k: ahead.index(k) if k in ahead else len(ahead)))
+        cache.add(key)
+    return hits
+
+
+def test_a_sweep_larger_than_the_cache_hits_as_often_as_the_optimum() -> None:
+    """12 blocks a step through 8 slots: LRU evicts the block needed next and never hits; sweep knows
+    the future of a layer sweep, so it hits as often as Belady's optimum (over 7 times a step)."""
+    steps, capacity = 6, 8
+    accesses = sweep_accesses(steps)
+    assert run_as_the_engine(make_eviction("lru"), accesses, capacity) == 0
+    hits = run_as_the_engine(make_eviction("sweep"), accesses, capacity)
+    optimum = belady_hits(sweep_accesses(steps + 1), capacity, counted=len(accesses))
+    assert hits == optimum >= (steps - 1) * (capacity - 1)
+
+
+def test_enough_room_hits_after_the_first_step() -> None:
+    steps, blocks = 3, LAYERS * (1 + EXPERTS)
+    assert run_as_the_engine(SweepEviction(), sweep_accesses(steps), blocks) == (steps - 1) * blocks
+
+
+def test_victims_from_the_layer_just_used_to_the_next_one() -> None:
+    policy: SweepEviction[FakeKey] = filled(SweepEviction(), [FakeKey(layer, 0) for layer in range(LAYERS)])
+    policy.on_insert(FakeKey(2, 1), BLOCK_BYTES)  # a prefetch of layer 2 not used yet
+    policy.on_access(FakeKey(2, 0))  # computing layer 2
+    assert list(policy.victims()) == [
+        FakeKey(2, 0),  # used in this pass: needed again only next step
+        FakeKey(1, 0),  # just passed: next needed after every other layer
+        FakeKey(0, 0),
+        FakeKey(3, 0),  # the next layer: kept longest but for ...
+        FakeKey(2, 1),  # ... the current layer's block not used yet
+    ]
+
+
+def test_a_new_pass_starts_when_the_clock_goes_back() -> None:
+    policy: SweepEviction[FakeKey] = filled(SweepEviction(), [FakeKey(0, 0), FakeKey(0, 1), FakeKey(1, 0)])
+    for key in (FakeKey(0, 0), FakeKey(0, 1), FakeKey(1, 0), FakeKey(0, 0)):
+        policy.on_access(key)  # step 1 uses layers 0 and 1; step 2 begins with L0.E0
+    assert list(policy.victims()) == [FakeKey(0, 0), FakeKey(1, 0), FakeKey(0, 1)]
+
+
+def test_layerless_keys_sit_at_the_end_of_the_sweep() -> None:
+    policy: SweepEviction[object] = filled(SweepEviction(), [FakeKey(0, 0), "head", FakeKey(3, 0)])
+    policy.on_access(FakeKey(0, 0))
+    # from layer 0: layer 3 is 3 layers ahead, the head (and the next embedding) 3.5, L0.E0 a whole sweep
+    assert list(policy.victims()) == [FakeKey(0, 0), "head", FakeKey(3, 0)]
+
+
+def test_without_layers_it_is_lru() -> None:
+    policy: SweepEviction[int] = filled(SweepEviction(), [1, 2, 3])
+    policy.on_access(1)
+    assert list(policy.victims()) == [2, 3, 1]
