@@ -15,13 +15,16 @@ is the number of batches where the imitated system shares loads between batches:
 ``sequential``: naive offloading, as Hugging Face accelerate's offload hooks do it. One batch;
 for each layer the blocks it needs are loaded, then computed: attention, then the gate, then
 the selected experts (as many at a time as the device budget holds, in expert id order).
-Nothing is loaded ahead and no read or copy runs while the compute does.
+Nothing is loaded ahead and no read or copy runs while the compute does. What fits the device
+budget stays there (``sweep`` eviction), as accelerate's ``device_map`` keeps a fixed share resident.
 
 ``flexgen``: FlexGen's layer-by-layer schedule, which knows nothing of experts. Batches share
 every loaded weight (``--batches``, default 2), and while layer l computes its experts, the whole
 of layer l+1 is prefetched: attention, gate and every expert, used or not (prefetch
 ``whole-layer`` with ``hot_experts = "all"``). The selected experts run in id order, each waited
 for in turn; one the prefetch has not brought yet is loaded when its turn comes, not as soon as its gate ran.
+FlexGen's policy search places a fixed share of the weights on the device: ``sweep`` eviction keeps
+such a share resident.
 
 ``ondemand-lru``: a single-request expert cache (as in Mixtral-offloading). One batch; an
 expert is fetched when the gate selects it and kept in an LRU cache on the device; no expert
@@ -70,6 +73,9 @@ schedule = "sequential"   # load, then compute; nothing ahead, no overlap
 
 [prefetch]
 policy = "none"
+
+[eviction]
+policy = "sweep"          # what fits stays (accelerate's device_map keeps a fixed share resident)
 """,
     "flexgen": """
 [pipeline]
@@ -78,6 +84,9 @@ expert_order = "index"    # ... computed expert by expert in id order, no reorde
 
 [prefetch]
 policy = "whole-layer"    # every expert, whatever the gates choose
+
+[eviction]
+policy = "sweep"          # FlexGen's policy search places a fixed share of the weights on the device
 """,
     "ondemand-lru": """
 [pipeline]

@@ -112,7 +112,7 @@ def test_config_files_and_presets_count_as_explicit(model: Path, tmp_path: Path)
         "plan"
     ]
     assert (plan["batches"], plan["batch_size"], plan["host_preload"]) == (1, 1, False)
-    assert plan["planned"] == ["eviction", "hot_experts"]
+    assert plan["planned"] == ["hot_experts"]  # the preset sets the eviction policy
 
 
 def test_the_table_names_the_plan(model: Path) -> None:
