@@ -73,7 +73,10 @@ def prompts(count: int, length: int, vocab: int) -> list[list[int]]:
 
 def measure(model: Path, budgets: dict[str, Any], n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Median decode tokens/s of ``args.runs`` runs of the engine at n batches (after one warm-up)."""
-    engine = Engine.load(model, EngineOptions(batches=n, batch_size=args.batch_size, device="cpu", **budgets))
+    options = EngineOptions(
+        batches=n, batch_size=args.batch_size, device="cpu", eviction=args.eviction, **budgets
+    )
+    engine = Engine.load(model, options)
     batch = prompts(n * args.batch_size, args.prompt_tokens, engine.spec.vocab_size)
     engine.generate(batch, max_new_tokens=2)
     runs = [engine.generate(batch, max_new_tokens=args.new_tokens).metrics for _ in range(args.runs)]
@@ -112,7 +115,7 @@ def predict(spec: ModelSpec, machine: Machine, trace: RoutingTrace, budgets: dic
     request = PlanRequest(
         spec, machine, routing=RoutingModel(TraceRouting(trace)), sequences=sequences,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batches=n, batch_size=args.batch_size,
-        hot_experts=spec.top_k,  # the engine's default K
+        hot_experts=spec.top_k, eviction=args.eviction,  # the engine's default K
         device_memory_bytes=budgets["device_memory_bytes"], host_memory_bytes=_host(budgets),
     )  # fmt: skip
     plan = make_plan(request)
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--eviction", default="sweep", help="the device's eviction policy (lru or sweep)")
     parser.add_argument("--host-memory", type=int, default=None, help="host budget in bytes (demo only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -21,7 +21,13 @@ from klotski_tier.core.bench import BenchSettings, run_bench
 from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.demo import default_cache_dir
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile, ReadResult, default_profile_path
+from klotski_tier.core.profile import (
+    PROFILE_FILE_NAME,
+    ComputeProfile,
+    MachineProfile,
+    ReadResult,
+    default_profile_path,
+)
 from klotski_tier.core.sizes import format_size, parse_size
 
 MS_PER_S = 1000.0
@@ -228,7 +234,21 @@ def _compute(profile: MachineProfile) -> str:
         f"Compute on {c.device}: {c.model} ({c.dtype}); one expert over the tokens, one attention layer "
         f"decoding one token per sequence over {c.context_tokens} cached keys\n"
     )
-    return header + _table(["tokens", "expert ms", "attention ms"], rows)
+    return header + _table(["tokens", "expert ms", "attention ms"], rows) + "\n\n" + contention_line(c)
+
+
+def contention_line(c: ComputeProfile) -> str:
+    """Compute while the drive streams: the machine's io_compute_slowdown."""
+    if not c.io_measured:
+        return "Compute while the drive streams: not measured (a profile of an older bench: run it again)"
+    alone, streaming = c.io_alone_s, c.io_streaming_s
+    jobs = ", ".join(
+        f"{t} tokens {alone[t] * MS_PER_S:.2f} -> {streaming[t] * MS_PER_S:.2f} ms" for t in sorted(alone)
+    )
+    return (
+        f"Compute while the drive streams at {c.io_read_gbps:.2f} GB/s: +{c.io_slowdown:.0%} "
+        f"(one expert, alone -> streaming, median rounds: {jobs})"
+    )
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

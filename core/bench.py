@@ -1,13 +1,15 @@
 """``klotski-tier bench``: every measurement for one :class:`BenchSettings`, and the zstd and copy ones.
 
 :func:`run_bench` runs the drive sweep (:mod:`klotski_tier.core.bench_drive`), zstd decoding and
-host-to-device copies (here) and the compute timings (:mod:`klotski_tier.core.bench_compute`),
-and returns the machine profile (:mod:`klotski_tier.core.profile`).
+host-to-device copies (here), the compute timings (:mod:`klotski_tier.core.bench_compute`) and
+compute while the drive streams its test file (:mod:`klotski_tier.core.bench_contention`), and
+returns the machine profile (:mod:`klotski_tier.core.profile`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 
 from klotski_tier.core import demo
-from klotski_tier.core.bench_compute import compute_bench, read_blocks
+from klotski_tier.core.bench_compute import compute_bench, expert_jobs, read_blocks
 from klotski_tier.core.bench_compute import demo_spec as demo_spec
+from klotski_tier.core.bench_contention import measure_contention
 from klotski_tier.core.bench_drive import GB as GB
 from klotski_tier.core.bench_drive import TEST_FILE_NAME as TEST_FILE_NAME
 from klotski_tier.core.bench_drive import Progress as Progress
@@ -35,10 +38,12 @@ from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.layouts import load_model_files
 from klotski_tier.core.profile import (
     PROFILE_VERSION,
+    ComputeProfile,
     DriveProfile,
     H2DProfile,
     HostInfo,
     MachineProfile,
+    ReadResult,
     ZstdProfile,
 )
 from klotski_tier.core.sizes import GIB, KIB, MIB, format_size
@@ -66,6 +71,8 @@ class BenchSettings:
     model: Path | None = None
     read_rounds: int = 3  # cold reads of each configuration; the median counts
     keep_file: bool = False
+    contention_rounds: int = 6  # rounds of compute alone and while the drive streams (a few s in all)
+    contention_tokens: tuple[int, ...] | None = None  # expert jobs timed so; None: 1 and the most tokens
 
     @classmethod
     def quick(cls, directory: Path) -> BenchSettings:
@@ -77,6 +84,8 @@ class BenchSettings:
             (1, 2, 4, 8, 32),
             zstd_sample_bytes=16 * MIB,
             h2d_bytes=64 * MIB,
+            contention_rounds=4,
+            contention_tokens=(1, 128),  # as the full bench: the large job is the one the drive slows
         )
 
     def __post_init__(self) -> None:
@@ -87,8 +96,8 @@ class BenchSettings:
                 f"(O_DIRECT), got {', '.join(map(format_size, sizes))}"
             )
         counts = (*self.queue_depths, *self.token_counts, self.zstd_sample_bytes, self.h2d_bytes)
-        if min((*counts, self.read_rounds)) < 1:
-            raise ConfigError("bench queue depths, token counts and sample sizes must be at least 1")
+        if min((*counts, *(self.contention_tokens or ()), self.read_rounds, self.contention_rounds)) < 1:
+            raise ConfigError("bench queue depths, token counts, sample sizes and rounds must be at least 1")
 
 
 def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
@@ -102,19 +111,41 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
         raw_gbps, reads = measure_reads(
             path, settings.block_sizes, settings.queue_depths, settings.read_rounds, progress
         )
+        best = best_read(reads)
+        progress("zstd decompression")
+        zstd = zstd_bench(settings.zstd_level, settings.zstd_sample_bytes, settings.model, best.gbps)
+        progress("host-to-device copies")
+        h2d = h2d_bench(settings.h2d_bytes)
+        progress("compute")
+        compute = compute_bench(settings.model, settings.token_counts)
+        progress("compute while the drive streams")
+        compute = contention_bench(compute, settings, path, best)
     finally:
         if not settings.keep_file:
             path.unlink(missing_ok=True)
-    best = best_read(reads)
     drive = DriveProfile(str(settings.directory), settings.file_bytes, settings.read_rounds, raw_gbps, best)
-    progress("zstd decompression")
-    zstd = zstd_bench(settings.zstd_level, settings.zstd_sample_bytes, settings.model, best.gbps)
-    progress("host-to-device copies")
-    h2d = h2d_bench(settings.h2d_bytes)
-    progress("compute")
-    compute = compute_bench(settings.model, settings.token_counts)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     return MachineProfile(PROFILE_VERSION, created, HostInfo.current(), drive, reads, zstd, h2d, compute)
+
+
+def contention_bench(
+    compute: ComputeProfile, settings: BenchSettings, path: Path, best: ReadResult
+) -> ComputeProfile:
+    """``compute`` with its ``io_*`` figures: the expert job at ``contention_tokens`` (by default 1 and
+    the most of ``token_counts``), alone and while ``path`` streams as the best read does (its block
+    size and queue depth, O_DIRECT)."""
+    tokens = settings.contention_tokens or tuple(sorted({1, max(settings.token_counts)}))
+    jobs = expert_jobs(settings.model, tokens)
+    result = measure_contention(
+        path, jobs, block_bytes=best.block_bytes, threads=best.queue_depth, rounds=settings.contention_rounds
+    )
+    return dataclasses.replace(
+        compute,
+        io_slowdown=result.slowdown,
+        io_read_gbps=result.read_gbps,
+        io_alone_s=result.alone_s,
+        io_streaming_s=result.streaming_s,
+    )
 
 
 # --- zstd -----------------------------------------------------------------------------------

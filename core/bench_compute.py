@@ -51,13 +51,16 @@ OTHER_EXPERT = 1  # the expert id in the other routing slots (the timed one is e
 HANDOFF_TOKENS = 0  # the key of the hand-off alone in ``expert_s``
 
 
+def compute_device() -> torch.device:
+    """The device the engine computes on: the GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def compute_bench(model: Path | None, token_counts: tuple[int, ...]) -> ComputeProfile:
     """Seconds of one expert and of one attention layer per token count, on the compute device."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     spec, attn_w, expert_w = _model_weights(model, device)
-    experts = [expert_w] + [
-        {role: t.clone() for role, t in expert_w.items()} for _ in range(EXPERT_COPIES - 1)
-    ]
+    experts = _expert_copies(expert_w)
     expert_s, attention_s = asyncio.run(_time_jobs(spec, attn_w, experts, token_counts, device))
     dtype = str(spec.dtype).removeprefix("torch.")
     name = "demo" if model is None else str(model)
@@ -85,6 +88,21 @@ async def _time_jobs(
         runner.close()
         await driver.aclose()
     return expert_s, attention_s
+
+
+def expert_jobs(model: Path | None, token_counts: tuple[int, ...]) -> dict[int, Callable[[], object]]:
+    """The pipeline's expert job over each token count, on :func:`compute_device`: the job
+    :func:`compute_bench` times (``model``'s layer-0 expert 0, else demo-shaped weights)."""
+    device = compute_device()
+    spec, _, expert_w = _model_weights(model, device)
+    experts = _expert_copies(expert_w)
+    return {tokens: _expert_call(spec, experts, tokens, device) for tokens in token_counts}
+
+
+def _expert_copies(expert_w: BlockWeights) -> list[BlockWeights]:
+    """``EXPERT_COPIES`` distinct copies of the expert's weights (the first is ``expert_w``)."""
+    copies = [{role: t.clone() for role, t in expert_w.items()} for _ in range(EXPERT_COPIES - 1)]
+    return [expert_w, *copies]
 
 
 def _expert_call(

@@ -18,7 +18,22 @@
 - the drive: ``drive.best`` (the engine's fastest cold read path) at its queue depth;
 - zstd: one thread's decoding rate; host to device: pinned copies on CUDA. On a CPU device the
   engine still copies every block into a second buffer (the "device" tier) in one thread:
-  ``CPU_COPY_GBPS`` is that copy's rate, measured on this machine with fresh 5.25 MiB buffers.
+  ``CPU_COPY_GBPS`` is that copy's rate, measured on this machine with fresh 5.25 MiB buffers;
+- I/O contention: ``compute.io_slowdown`` becomes the machine's ``io_compute_slowdown`` c: compute
+  progresses at 1/(1+c) of its rate while the drive reads (over a span where the drive reads for D
+  seconds beside compute, compute needs D*c/(1+c) more). ``klotski-tier bench`` times the pipeline's
+  expert job alone and while its test file streams at full speed (O_DIRECT, the best read's blocks
+  and queue depth, xxh3 of each block; :mod:`klotski_tier.core.bench_contention`). On this 2-core
+  CPU VM a thread streaming 16 MiB O_DIRECT reads slowed the demo's decode compute by +0% at
+  0.5 GB/s, +13-19% at 1.0 GB/s and +58-62% at full speed (1.3-1.5 GB/s). The bench's figure there,
+  ``measure_contention(Path("/work/benchtmp/t.bin"), expert_jobs(None, (1, 128)), block_bytes=64 MiB,
+  threads=2, rounds=6)`` (the demo's expert, the full bench's settings): c = 0.55 at 1.31 GB/s
+  (0.55-0.67 in three runs; 0.22-0.62 earlier the same day, the VM's speed drifting); the 128-token
+  job takes +50-70%, the 1-token one (mostly the hand-off) +0-20%. Only drive reads count (not
+  host-to-device copies, not blocks at home in host RAM): the step model
+  (:mod:`klotski_tier.core.pipeline_model`) and the simulator (:mod:`klotski_tier.core.simulate_events`)
+  charge it the same way. A profile of an older bench lacks the figure: 0, and the machine's
+  ``source`` says "not measured: run klotski-tier bench again";
 
 :class:`CostModel` gives the time of every compute job the pipeline runs (attention per batch,
 routing per batch, one expert over its tokens, ...) and of moving one block from its home (disk,
@@ -40,7 +55,7 @@ from klotski_tier.core.blocks import align_up
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.families import family_of
 from klotski_tier.core.machine import GB, ComputeRates, Machine
-from klotski_tier.core.profile import MachineProfile
+from klotski_tier.core.profile import ComputeProfile, MachineProfile
 from klotski_tier.core.spec import ModelSpec, QKNorm
 
 logger = logging.getLogger(__name__)
@@ -131,6 +146,13 @@ class Transfer:
     decode_s: float  # decompressing it in one disk thread (0 when not compressed)
     copy_s: float  # host to device
     io_threads: int
+
+    @property
+    def drive_share(self) -> float:
+        """Share of this block's streaming time (:attr:`bottleneck_s`) during which the drive reads: 1
+        when the drive is the slowest stage, less when decoding or the copy is, 0 from host RAM."""
+        bottleneck = self.bottleneck_s
+        return self.disk_s / bottleneck if bottleneck > 0 else 0.0
 
     @property
     def bottleneck_s(self) -> float:
@@ -320,7 +342,7 @@ def machine_from_profile(
         h2d = profile.h2d.pinned_gbps if profile.h2d is not None else None
     return Machine(
         name=name,
-        source=f"{source}, measured {profile.created} on {host.hostname}",
+        source=f"{source}, measured {profile.created} on {host.hostname}{_contention_note(compute)}",
         device="cpu" if cpu else "cuda",
         device_memory_bytes=host.memory_bytes if device_memory_bytes is None else device_memory_bytes,
         host_memory_bytes=host.memory_bytes,
@@ -329,7 +351,23 @@ def machine_from_profile(
         compute=rates,
         zstd_decompress_gbps=profile.zstd.decompress_gbps,
         io_threads=profile.drive.best.queue_depth,
+        io_compute_slowdown=compute.io_slowdown,
     )
+
+
+def _contention_note(compute: ComputeProfile) -> str:
+    """What the source says about compute while the drive streams (see the module docstring)."""
+    if compute.io_measured:
+        return (
+            f"; compute +{compute.io_slowdown:.0%} while the drive streams at {compute.io_read_gbps:.2f} GB/s"
+        )
+    level = logging.WARNING if compute.device == "cpu" else logging.INFO  # a GPU computes in its own memory
+    logger.log(
+        level,
+        "the machine profile does not say how much slower compute runs while the drive streams "
+        "(not measured: run klotski-tier bench again); taking it as unaffected",
+    )
+    return "; compute beside drive reads not measured: run klotski-tier bench again"
 
 
 def _fit_compute(spec: ModelSpec, profile: MachineProfile) -> ComputeRates:

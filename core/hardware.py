@@ -9,7 +9,10 @@ what was assumed on top of them. The rules, applied the same way to every entry:
   :data:`JOB_OVERHEAD_S` (about three kernel launches: one expert is gate/up, activation, down);
 - host-to-device: effective pinned-copy rates of a x16 link (about 80 % of its raw rate);
 - disk: the engine's cold read rate from the drive, below the drive's rated sequential read;
-- zstd: :data:`ZSTD_GBPS_PER_THREAD` per decoding thread, one thread per io_threads.
+- zstd: :data:`ZSTD_GBPS_PER_THREAD` per decoding thread, one thread per io_threads;
+- I/O contention: ``io_compute_slowdown`` = :data:`GPU_IO_COMPUTE_SLOWDOWN` (0). A GPU computes in its
+  own memory, and the drive's reads land in host RAM, so streaming does not slow its kernels (on a
+  CPU device it does: ``klotski-tier bench`` measures it for this machine, a user's file may set it).
 
 ``this`` (or ``local``) is the machine ``klotski-tier bench`` measured: its profile, converted by
 the cost model. A user's hardware file holds ``[hardware.NAME]`` tables with the :class:`Machine`
@@ -48,6 +51,7 @@ ZSTD_GBPS_PER_THREAD = 1.0  # zstd decoding, output bytes per second per thread
 PCIE3_X16_GBPS = 12.0  # pinned copies over PCIe 3.0 x16 (15.75 GB/s raw)
 PCIE4_X16_GBPS = 25.0  # pinned copies over PCIe 4.0 x16 (31.5 GB/s raw)
 PCIE5_X16_GBPS = 50.0  # pinned copies over PCIe 5.0 x16 (63 GB/s raw)
+GPU_IO_COMPUTE_SLOWDOWN = 0.0  # a GPU computes in its own memory: drive reads (into host RAM) leave it be
 LOCAL_NAMES = ("this", "local")  # names of the machine `klotski-tier bench` measured
 DEVICES = ("cuda", "cpu")  # Machine.device values
 DEMO_PROFILE_MODEL = "demo"  # the profile's compute.model when bench timed the demo's shape
@@ -79,6 +83,7 @@ _RTX3090 = Machine(
     compute=_gpu_compute(71.0, 936.0),
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=8,
+    io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
 )
 _H800 = Machine(
     name="h800",
@@ -95,6 +100,7 @@ _H800 = Machine(
     compute=_gpu_compute(989.0, 3350.0),
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=16,
+    io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
 )
 _A5000 = Machine(
     name="a5000",
@@ -111,6 +117,7 @@ _A5000 = Machine(
     compute=_gpu_compute(111.1, 768.0),
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=8,
+    io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
 )
 T4_SUSTAINED_FRACTION = 0.45  # the T4's 70 W cap holds its clocks well below boost under GEMM load
 _T4 = Machine(
@@ -129,6 +136,7 @@ _T4 = Machine(
     compute=_gpu_compute(65.0, 320.0, fraction=T4_SUSTAINED_FRACTION),
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=8,
+    io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
 )
 
 HARDWARE: Mapping[str, Machine] = {machine.name: machine for machine in (_RTX3090, _H800, _A5000, _T4)}
@@ -223,6 +231,7 @@ def _gpu_memory(profile: MachineProfile) -> int | None:
 
 _SIZE_KEYS = ("device_memory_bytes", "host_memory_bytes")
 _RATE_KEYS = ("disk_read_gbps", "host_to_device_gbps", "zstd_decompress_gbps")
+_RATIO_KEYS = ("io_compute_slowdown",)  # numbers of at least 0
 _COMPUTE_KEYS = tuple(field.name for field in dataclasses.fields(ComputeRates))
 _COMPUTE_REQUIRED = tuple(
     f.name for f in dataclasses.fields(ComputeRates) if f.default is dataclasses.MISSING
@@ -235,6 +244,7 @@ HARDWARE_KEYS: tuple[str, ...] = (
     *_RATE_KEYS,
     "compute",
     "io_threads",
+    *_RATIO_KEYS,
 )
 """Keys a ``[hardware.NAME]`` table may hold; ``compute`` is a table of :data:`_COMPUTE_KEYS`."""
 
@@ -269,7 +279,11 @@ def _machine_fields(table: Mapping[str, Any], where: str) -> dict[str, Any]:
     fields["compute"] = _compute(table.get("compute", {}), base.get("compute"), where)
     if fields.get("device") == "cpu" and "host_to_device_gbps" not in table:
         fields["host_to_device_gbps"] = None  # the device is the host: no link to cross
-    required = [field.name for field in dataclasses.fields(Machine) if field.name not in ("name", "source")]
+    required = [
+        field.name
+        for field in dataclasses.fields(Machine)
+        if field.name not in ("name", "source") and field.default is dataclasses.MISSING
+    ]
     missing = [key for key in required if key not in fields]
     if missing:
         raise ConfigError(
@@ -297,6 +311,8 @@ def _read(key: str, value: Any, where: str) -> Any:
         return _size(key, value, where)
     if key in _RATE_KEYS:
         return _number(key, value, where)
+    if key in _RATIO_KEYS:
+        return _number(key, value, where, allow_zero=True)
     if key == "io_threads" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{where} io_threads = {value!r} is not an integer of at least 1; fix the file")
     if key == "source" and not isinstance(value, str):

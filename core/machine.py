@@ -9,10 +9,19 @@ Compute follows a roofline with a fixed cost per job: running ``flops`` of matmu
 weight_bytes_per_s)``. Decoding a few tokens is bound by reading the weights, prefill and large
 batch groups by arithmetic; the overhead is what a kernel launch (or, on a CPU device, the hand-off
 to the compute thread) costs whatever the size.
+
+I/O contention: where the device computes in host memory (a CPU device), a drive streaming into that
+memory slows the compute down (the DMA and the block checksums compete for memory bandwidth and
+caches; the reading threads themselves use ~5% of a core). ``io_compute_slowdown`` = c says that
+compute progresses at 1/(1+c) of its rate alone while the drive reads at full speed, so over a span
+where the drive reads for D seconds beside compute, compute needs D*c/(1+c) seconds more. Measured
+by ``klotski-tier bench`` (:mod:`klotski_tier.core.bench_contention`); 0 is "no slowdown" (a GPU
+computes in its own memory) or "not measured" (a profile from an older bench).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from klotski_tier.core.errors import ConfigError
@@ -59,6 +68,8 @@ class Machine:
     compute: ComputeRates
     zstd_decompress_gbps: float  # one thread decoding the packed store's codec
     io_threads: int  # threads that read and decode at once (the disk tier's queue depth)
+    # Compute runs at 1/(1 + this) of its rate while the drive streams (see the module docstring).
+    io_compute_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.device_memory_bytes, self.host_memory_bytes) < 0:
@@ -69,8 +80,18 @@ class Machine:
                 f"machine {self.name!r}: bandwidths must be positive and io_threads at least 1; "
                 "fix the hardware entry"
             )
+        if not _non_negative(self.io_compute_slowdown):
+            raise ConfigError(
+                f"machine {self.name!r}: io_compute_slowdown must be a finite number >= 0, "
+                f"got {self.io_compute_slowdown!r}; fix the hardware entry"
+            )
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"machine {self.name!r}: device must be 'cuda' or 'cpu', got {self.device!r}")
+
+    @property
+    def io_compute_rate(self) -> float:
+        """Compute progress per second while the drive reads at full speed (1 when unaffected)."""
+        return 1.0 / (1.0 + self.io_compute_slowdown)
 
     def disk_seconds(self, nbytes: int) -> float:
         """Time to read ``nbytes`` from the drive at its sustained rate."""
@@ -81,3 +102,10 @@ class Machine:
         if self.host_to_device_gbps is None:
             return 0.0
         return nbytes / (self.host_to_device_gbps * GB)
+
+
+def _non_negative(value: object) -> bool:
+    """Whether ``value`` is a finite real number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value >= 0

@@ -24,12 +24,22 @@ gate, then the next layer's attention, gate and K hot experts requested at the e
 phase; the compute waits for each (inter-layer bubbles) and drains experts as they arrive
 (intra-layer bubbles). When the device holds fewer experts at once than a layer needs, cold loads
 wait for releases. :mod:`klotski_tier.core.planner` searches n, bs and K over this model.
+
+I/O contention: on a machine whose compute slows while the drive streams (``io_compute_slowdown`` c
+of :class:`klotski_tier.core.machine.Machine`, carried by :class:`StepShape`), compute progresses at
+1/(1+c) of its rate while the drive reads, so over a span where the drive reads for D seconds beside
+compute, compute takes D*c/(1+c) seconds more. The channel's busy spans are the drive's reading spans
+scaled by ``Io.drive_share`` (the share of a transfer's time that the drive reads: 0 for blocks from
+host RAM and host-to-device copies), so compute runs at 1 - drive_share*c/(1+c) of its rate while the
+channel is busy. With c = 0 or nothing read from the drive the recurrence is unchanged.
+:mod:`klotski_tier.core.simulate_events` charges the same, read by read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -64,6 +74,8 @@ class Io:
     embed: float
     head: float
     parallel: int = 1  # loads served at once (disk reads share the drive, so they arrive together)
+    # Share of the transfers' time that the drive reads (Transfer.drive_share): 0 from host RAM.
+    drive_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class StepShape:
     combine_s: float  # per batch
     embed_s: float  # per batch
     head_s: float  # per batch
+    io_compute_slowdown: float = 0.0  # the machine's: compute runs at 1/(1+c) while the drive reads
 
     @classmethod
     def decode(cls, cost: CostModel, batches: int, batch_size: int, context: int) -> StepShape:
@@ -102,6 +115,7 @@ class StepShape:
             combine_s=cost.combine_s(per_batch),
             embed_s=cost.embed_s(per_batch),
             head_s=cost.head_s(batch_size),
+            io_compute_slowdown=cost.machine.io_compute_slowdown,
         )
 
 
@@ -255,12 +269,42 @@ class _Run:
     compute: float = 0.0
     inter: float = 0.0
     intra: float = 0.0
+    lost: float = 0.0  # share of compute progress lost while the channel is busy (see the docstring)
+    reading: deque[tuple[float, float]] = dataclasses.field(default_factory=deque)  # busy spans ahead
+
+    @classmethod
+    def of(cls, shape: StepShape, io: Io) -> _Run:
+        slowdown = shape.io_compute_slowdown
+        return cls(lost=io.drive_share * slowdown / (1.0 + slowdown))
 
     def load(self, seconds: float, issued: float) -> float:
         """Queue ``seconds`` of transfers issued at ``issued``; when they are done."""
-        self.channel = max(self.channel, issued) + seconds
+        start = max(self.channel, issued)
+        self.channel = start + seconds
         self.busy += seconds
+        if self.lost > 0 and seconds > 0:
+            if self.reading and self.reading[-1][1] >= start:  # back to back: one span
+                start = self.reading.pop()[0]
+            self.reading.append((start, self.channel))
         return self.channel
+
+    def finish(self, seconds: float) -> float:
+        """When ``seconds`` of compute started now would end, slowed while the channel is busy."""
+        if not self.reading:
+            return self.t + seconds
+        t, left, rate = self.t, seconds, 1.0 - self.lost
+        for start, end in self.reading:
+            if end <= t:
+                continue
+            if left <= start - t:  # done before the span starts
+                return t + left
+            left -= max(0.0, start - t)
+            t = max(t, start)
+            if left <= (end - t) * rate:
+                return t + left / rate
+            left -= (end - t) * rate
+            t = end
+        return t + left
 
     def wait(self, ready: float, intra: bool = False) -> None:
         gap = max(0.0, ready - self.t)
@@ -271,8 +315,15 @@ class _Run:
             self.inter += gap
 
     def run(self, seconds: float) -> None:
-        self.t += seconds
-        self.compute += seconds
+        if not self.reading:  # nothing read from the drive ahead: compute at its own pace
+            self.t += seconds
+            self.compute += seconds
+            return
+        end = self.finish(seconds)
+        self.compute += end - self.t
+        self.t = end
+        while self.reading and self.reading[0][1] <= self.t:
+            self.reading.popleft()
 
     def drain(
         self,
@@ -303,7 +354,7 @@ def predict_step(
     shape: StepShape, hot: int, work: tuple[LayerWork, ...], io: Io, window: int
 ) -> StepPrediction:
     """The steady step time (see the module docstring); ``window``: experts the device holds at once."""
-    run = _Run()
+    run = _Run.of(shape, io)
     ready = (run.load(io.embed, 0.0), run.load(io.attn, 0.0))
     before = (0.0, 0.0, 0.0, 0.0, 0.0)
     for _ in range(STEADY_STEPS):
@@ -328,15 +379,15 @@ def _step(run: _Run, shape: StepShape, hot: int, work: tuple[LayerWork, ...], io
             run.load(hot * io.expert, run.t)
         run.run(n * shape.attention_s)
         run.wait(gate_ready)
-        first_gate = run.t + shape.gate_s
-        run.run(n * shape.gate_s + shape.gather_s)
+        first_gate = run.finish(shape.gate_s)
         slots = max(1, window - hot)
         per_cold = io.expert
         if w.cold > slots:  # loads wait for releases: each slot cycles load + compute
             per_cold = max(io.expert, (io.expert + w.cold_s / w.cold) / slots)
         cold_base = max(run.channel, first_gate)
-        run.load(w.cold * per_cold, first_gate)
+        run.load(w.cold * per_cold, first_gate)  # queued first: they read during the gate phase
         queued = run.channel
+        run.run(n * shape.gate_s + shape.gather_s)
         if layer + 1 < len(work):
             attn_ready, gate_ready = run.load(io.attn, run.t), run.load(io.gate, run.t)
             next_hot = gate_ready

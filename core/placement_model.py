@@ -119,6 +119,7 @@ def io_times(
         embed=seconds(sizes.embed),
         head=seconds(sizes.head),
         parallel=_blocks_at_once(cost, ratio) if home == "disk" else 1,
+        drive_share=cost.transfer(sizes.expert, home, ratio, into_device=placement.into_device).drive_share,
     )
 
 

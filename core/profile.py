@@ -2,7 +2,8 @@
 
 Bandwidths are decimal GB/s (1e9 bytes per second), times are seconds, sizes are bytes.
 ``fraction`` is a bandwidth divided by ``drive.raw_gbps`` (1.0 = the raw drive). Schema of
-version :data:`PROFILE_VERSION` (every field required; ``h2d`` is ``null`` without CUDA)::
+version :data:`PROFILE_VERSION` (every field required but the ``compute.io_*`` ones, which older benches
+did not write and which load as 0 / empty: not measured; ``h2d`` is ``null`` without CUDA)::
 
     version            1
     created            UTC time of the measurement, ISO 8601
@@ -33,6 +34,11 @@ version :data:`PROFILE_VERSION` (every field required; ``h2d`` is ``null`` witho
     compute            device, model, dtype, context_tokens (cached keys of each attention query),
       expert_s         {tokens: seconds} of one routed expert over that many tokens
       attention_s      {tokens: seconds} of one attention layer, one decode query per sequence
+      io_slowdown      compute time while the drive streams / alone - 1, >= 0 (see
+                       :mod:`klotski_tier.core.bench_contention`): the machine's io_compute_slowdown
+      io_read_gbps     the drive's read rate meanwhile (0: not measured)
+      io_alone_s       {tokens: seconds} of the expert job alone, median of the contention rounds
+      io_streaming_s   {tokens: seconds} of the same job while the drive streams
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import os
 import platform
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -137,6 +143,16 @@ class ComputeProfile:
     context_tokens: int
     expert_s: dict[int, float]
     attention_s: dict[int, float]
+    # I/O contention (klotski_tier.core.bench_contention); older profiles lack them: not measured
+    io_slowdown: float = 0.0  # compute time while the drive streams / alone - 1
+    io_read_gbps: float = 0.0  # the drive's read rate meanwhile; 0 = not measured
+    io_alone_s: dict[int, float] = field(default_factory=dict)  # {tokens: seconds} expert job alone
+    io_streaming_s: dict[int, float] = field(default_factory=dict)  # the same while the drive streams
+
+    @property
+    def io_measured(self) -> bool:
+        """Whether the bench measured compute while the drive streams (older profiles did not)."""
+        return self.io_read_gbps > 0
 
 
 @dataclass(frozen=True)
@@ -231,11 +247,12 @@ def _convert_dataclass(kind: Any, value: Any, where: str) -> Any:
     _expect(isinstance(value, dict), where or "the profile", "an object")
     hints = typing.get_type_hints(kind)
     fields = {}
-    for field in dataclasses.fields(kind):
-        name = f"{where}.{field.name}" if where else field.name
-        if field.name not in value:
-            raise _FieldError(f"field {name} is missing")
-        fields[field.name] = _convert(hints[field.name], value[field.name], name)
+    for item in dataclasses.fields(kind):
+        name = f"{where}.{item.name}" if where else item.name
+        if item.name in value:
+            fields[item.name] = _convert(hints[item.name], value[item.name], name)
+        elif item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+            raise _FieldError(f"field {name} is missing")  # a field with a default is newer than the file
     return kind(**fields)
 
 

@@ -16,6 +16,13 @@ is there now and no demand load is waiting, else it waits in the wanted queue, p
 release. The hot experts come from the correlation prefetch policy (learning online, as the
 engine's default), routes from a :class:`RouteSampler` (a trace, a table or the parametric model).
 
+I/O contention: on a machine whose compute slows while the drive streams (``io_compute_slowdown``
+c of its :class:`Machine`), a compute job progresses at 1/(1+c) of its rate while any read of the
+disk pool is in progress, and at its full rate otherwise (decoding, copies, host-resident blocks
+do not count), so a job beside D seconds of drive reading takes D*c/(1+c) seconds more. The I/O
+events of the job's span are run as it goes to know when the drive reads. With c = 0 a job takes
+its time and nothing else changes. :mod:`klotski_tier.core.pipeline_model` charges the same.
+
 Its public names are re-exported by :mod:`klotski_tier.core.simulate`, which drives it.
 """
 
@@ -340,8 +347,23 @@ class EventSimulator:
             self.wanted.pop(0)
 
     def _compute(self, seconds: float) -> None:
-        self.t += seconds
-        self.stats.compute_s += seconds
+        """A job of ``seconds`` alone: slower while the drive reads (see the module docstring)."""
+        slowdown = self.config.machine.io_compute_slowdown
+        if slowdown <= 0:
+            self.t += seconds
+            self.stats.compute_s += seconds
+            return
+        start, left = self.t, seconds
+        while left > 0:
+            self._advance(self.t)
+            rate = 1.0 / (1.0 + slowdown) if self.reads else 1.0
+            event = self._next_io_event()
+            if self.t + left / rate <= event:
+                self.t += left / rate
+                break
+            left -= (event - self.t) * rate
+            self.t = event
+        self.stats.compute_s += self.t - start
 
     def _wait(self, entries: Sequence[_Entry], intra: bool) -> None:
         """Until one of ``entries`` is resident: a bubble."""

@@ -124,6 +124,27 @@ def test_compute_times_every_token_count(profile: MachineProfile) -> None:
     assert all(positive(s) for s in (*compute.expert_s.values(), *compute.attention_s.values()))
 
 
+def test_compute_is_timed_while_the_drive_streams(profile: MachineProfile) -> None:
+    """At 1 token and at the most tokens, alone and while the test file streams (before it is removed)."""
+    compute = profile.compute
+    assert compute.io_measured and positive(compute.io_read_gbps)
+    assert math.isfinite(compute.io_slowdown) and compute.io_slowdown >= 0
+    assert set(compute.io_alone_s) == set(compute.io_streaming_s) == {1, max(TOKENS)}
+    assert all(positive(s) for s in (*compute.io_alone_s.values(), *compute.io_streaming_s.values()))
+
+
+def test_a_profile_without_the_contention_figures_still_loads(
+    profile: MachineProfile, tmp_path: Path
+) -> None:
+    """Profiles written before the contention figures existed load them as not measured."""
+    path = bad_profile(
+        profile, tmp_path, lambda d: [d["compute"].pop(k) for k in list(d["compute"]) if k[:3] == "io_"]
+    )
+    compute = MachineProfile.load(path).compute
+    assert not compute.io_measured and compute.io_slowdown == 0.0 and compute.io_streaming_s == {}
+    assert compute.expert_s == profile.compute.expert_s
+
+
 def test_host_to_device_is_measured_only_with_cuda(profile: MachineProfile) -> None:
     if torch.cuda.is_available():
         assert profile.h2d is not None and positive(profile.h2d.pinned_gbps)

@@ -258,3 +258,16 @@ def test_bad_tables_are_one_line_errors(tmp_path: Path, change: tuple[str, str],
 
 def test_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
     one_line_error(tmp_path / "absent.toml", "cannot read hardware file")
+
+
+def test_this_machine_takes_the_measured_contention_and_toml_keeps_it(tmp_path: Path) -> None:
+    """The bench's compute-while-streaming figure becomes this machine's; a TOML copy keeps it."""
+    pytest.importorskip(COSTMODEL)
+    profiled = tiny_profile()
+    measured = dataclasses.replace(profiled.compute, io_slowdown=0.4, io_read_gbps=1.2)
+    path = tmp_path / "profile.json"
+    dataclasses.replace(profiled, compute=measured).save(path)
+    machine = machine_named("this", path)
+    assert machine.io_compute_slowdown == 0.4
+    copy = dataclasses.replace(machine, name="copy")
+    assert load_hardware_file(write(tmp_path, hardware_to_toml(copy))) == {"copy": copy}
