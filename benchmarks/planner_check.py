@@ -123,7 +123,7 @@ def predict(spec: ModelSpec, machine: Machine, trace: RoutingTrace, budgets: dic
         return plan.decode_tokens_per_s, 0.0, plan.batches
     config = SimConfig(
         spec, machine, n, args.batch_size, device_memory_bytes=budgets["device_memory_bytes"],
-        host_memory_bytes=_host(budgets), routing=TraceRouting(trace),
+        host_memory_bytes=_host(budgets), routing=TraceRouting(trace), eviction=args.eviction,
     )  # fmt: skip
     sim = simulate_workload(
         config, sequences=sequences, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens

@@ -49,6 +49,11 @@ class SweepSetup:
     from_plan: bool  # n, bs, K and preload are the plan's
 
     @property
+    def eviction(self) -> str:
+        """The device's eviction policy: the plan's (sweep where the weights stream)."""
+        return self.plan.placement.eviction
+
+    @property
     def predicted(self) -> dict[int, float]:
         return {n: tokens_per_s for n, tokens_per_s, _ in self.plan.sweep}
 
@@ -187,6 +192,7 @@ def _simulate(
         hot_experts=setup.hot_experts, device_memory_bytes=request.device_memory_bytes,
         host_memory_bytes=request.host_memory_bytes, host_preload=setup.host_preload,
         compression_ratio=request.compression_ratio, routing=study.sampler, seed=seed,
+        eviction=setup.eviction,
     )  # fmt: skip
 
     def sequences(n: int) -> int:
@@ -206,7 +212,7 @@ def _heading(study: Study, setup: SweepSetup) -> list[str]:
     lines = [
         f"simulated {study.model} on {machine.name} ({machine.device}): {request.prompt_tokens} prompt + "
         f"{request.new_tokens} new tokens per sequence; budgets: device {device}, host {host}; "
-        f"routing: {routing}",
+        f"{setup.eviction} eviction; routing: {routing}",
     ]
     if setup.from_plan:
         lines.append(f"n, bs, K and preload from the plan ({setup.plan.why})")

@@ -11,7 +11,8 @@ moves them: a device load leases the block's host copy (reading it from the driv
 chunks of at most ``read_chunk_bytes`` queue in the disk pool, ``io_threads`` of them at a time
 sharing the drive's bandwidth; a compressed block is decoded in the thread of its last chunk), then
 copies it on the single copy channel. Demand loads wait for
-room (evicting unleased resident blocks, least recently used first); a prefetch starts only if room
+room (evicting unleased resident blocks in the order of the engine's eviction policy: the same
+policy object, ``SimConfig.eviction``, told of every landing and every lease); a prefetch starts only if room
 is there now and no demand load is waiting, else it waits in the wanted queue, pumped after each
 release. The hot experts come from the correlation prefetch policy (learning online, as the
 engine's default), routes from a :class:`RouteSampler` (a trace, a table or the parametric model).
@@ -31,7 +32,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,11 @@ from klotski_tier.core.costmodel import CostModel
 from klotski_tier.core.machine import GB, Machine
 from klotski_tier.core.routing_model import HotPredictor, IntArray, RouteSampler
 from klotski_tier.core.spec import ModelSpec
+from klotski_tier.policies.eviction import EvictionPolicy
+from klotski_tier.policies.registry import make_eviction
 from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
+
+DEFAULT_EVICTION = "lru"  # the engine's default (EngineOptions.eviction)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class SimConfig:
     routing: RouteSampler | None = None  # None: the parametric model with the demo's figures
     seed: int = 0
     read_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # the disk tier reads a block in chunks of at most this
+    eviction: str = DEFAULT_EVICTION  # the device tier's eviction policy (a name in the registry)
 
 
 @dataclass
@@ -109,18 +115,19 @@ class _Entry:
 
 
 class _Ledger:
-    """One memory tier: entries, byte budget, LRU order of resident blocks, demand loads waiting for room."""
+    """One memory tier: entries, byte budget, the eviction policy's order of resident blocks (the
+    engine's own policy object), demand loads waiting for room."""
 
-    def __init__(self, capacity: int, fixed: int) -> None:
+    def __init__(self, capacity: int, fixed: int, eviction: str = DEFAULT_EVICTION) -> None:
         self.capacity, self.used, self.peak = capacity - fixed, 0, 0
         self.fixed = fixed
         self.entries: dict[BlockId, _Entry] = {}
-        self.lru: OrderedDict[BlockId, None] = OrderedDict()
+        self.eviction: EvictionPolicy[BlockId] = make_eviction(eviction)
         self.waiting: deque[_Entry] = deque()
 
     def make_room(self, nbytes: int) -> bool:
         room, victims = self.capacity - self.used, []
-        for block in self.lru:
+        for block in self.eviction.victims():
             if room >= nbytes:
                 break
             if self.entries[block].leases == 0:
@@ -130,8 +137,16 @@ class _Ledger:
             return False
         for block in victims:
             self.used -= self.entries.pop(block).nbytes
-            del self.lru[block]
+            self.eviction.on_remove(block)
         return True
+
+    def resident(self, block: BlockId, nbytes: int) -> None:
+        self.eviction.on_insert(block, nbytes)
+
+    def use(self, block: BlockId) -> None:
+        """A lease of ``block`` (a use, as the engine counts each lease) if it is resident."""
+        if block in self.eviction:
+            self.eviction.on_access(block)
 
     def take(self, nbytes: int) -> None:
         self.used += nbytes
@@ -149,7 +164,7 @@ class EventSimulator:
             machine.device_memory_bytes if config.device_memory_bytes is None else config.device_memory_bytes
         )
         host = machine.host_memory_bytes if config.host_memory_bytes is None else config.host_memory_bytes
-        self.device, self.host = _Ledger(device, fixed_bytes), _Ledger(host, 0)
+        self.device, self.host = _Ledger(device, fixed_bytes, config.eviction), _Ledger(host, 0)
         # as the engine (runtime.reads_into_device): a CPU device with no host budget reads into its buffers
         self.into_device = machine.device == "cpu" and host == 0
         self.t = 0.0  # the compute clock; I/O has advanced to self.io_t <= self.t
@@ -168,7 +183,7 @@ class EventSimulator:
         if config.host_preload:
             for block, nbytes in all_blocks(cost):
                 self.host.entries[block] = _Entry(block, nbytes, ready_s=0.0)
-                self.host.lru[block] = None
+                self.host.resident(block, nbytes)
                 self.host.take(nbytes)
 
     # ---- I/O: the disk pool, the copy channel, in simulated time -----------------------------
@@ -227,7 +242,7 @@ class EventSimulator:
 
     def _host_ready(self, entry: _Entry, now: float) -> None:
         entry.ready_s = now
-        self.host.lru[entry.block] = None
+        self.host.resident(entry.block, entry.nbytes)
         self.stats.bytes_moved[DISK_TO_HOST] += entry.nbytes
         self.copy_queue.extend(entry.waiters)
         entry.waiters.clear()
@@ -241,7 +256,9 @@ class EventSimulator:
     def _landed(self, entry: _Entry, now: float) -> None:
         """``entry`` is resident in device memory."""
         entry.ready_s = now
-        self.device.lru[entry.block] = None
+        self.device.resident(entry.block, entry.nbytes)
+        if entry.leases:  # a demand load: used as soon as it lands
+            self.device.use(entry.block)
         self._grant()
 
     # ---- residency: requests, prefetches, releases -------------------------------------------
@@ -254,8 +271,8 @@ class EventSimulator:
             entry = self.device.entries[block] = _Entry(block, self.cost_bytes(block))
             self.device.waiting.append(entry)
             self._grant()
-        elif block in self.device.lru:
-            self.device.lru.move_to_end(block)
+        else:
+            self.device.use(block)
         entry.leases += 1
         return entry
 
@@ -308,8 +325,7 @@ class EventSimulator:
             host = self.host.entries[entry.block] = _Entry(entry.block, entry.nbytes)
             self.host.waiting.append(host)
         host.leases += 1
-        if host.block in self.host.lru:
-            self.host.lru.move_to_end(host.block)
+        self.host.use(host.block)
         if host.ready_s is None:
             host.waiters.append(entry)
         else:
