@@ -83,6 +83,17 @@ def test_a_measured_figure_round_trips_and_becomes_the_machines(tmp_path: Path) 
     assert machine.io_compute_rate == pytest.approx(1 / 1.6)
 
 
+def test_a_cpu_machine_reads_at_the_rate_the_drive_kept_beside_compute() -> None:
+    profile = _measured(tiny_profile(), 0.6)
+    best = profile.drive.best.gbps
+    slower = dataclasses.replace(profile, compute=dataclasses.replace(profile.compute, io_read_gbps=best / 2))
+    assert machine_from_profile(slower, model_shape("demo")).disk_read_gbps == best / 2
+    faster = dataclasses.replace(profile, compute=dataclasses.replace(profile.compute, io_read_gbps=best * 2))
+    assert machine_from_profile(faster, model_shape("demo")).disk_read_gbps == best  # never above the best
+    unmeasured = dataclasses.replace(profile, compute=dataclasses.replace(profile.compute, io_read_gbps=0.0))
+    assert machine_from_profile(unmeasured, model_shape("demo")).disk_read_gbps == best
+
+
 def test_a_negative_figure_in_a_profile_is_refused(tmp_path: Path) -> None:
     data = _measured(tiny_profile(), 0.6).to_json()
     data["compute"]["io_slowdown"] = -0.2
