@@ -42,6 +42,7 @@ DEMO_DEVICE_BYTES = 128 * MIB  # the demo's default device budget (cli/run.py)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # compute figures measured now (decode sees a few tokens per expert)
 TOLERANCE = 0.20  # issue 5: predictions within 20 % of the measured throughput
 BEST_SHARE = 0.90  # the chosen n gives at least 90 % of the best measured throughput
+IO_FIELDS = ("io_slowdown", "io_read_gbps", "io_alone_s", "io_streaming_s")  # contention, from the profile
 VOCAB_START = 10  # prompt token ids start here (past the special tokens)
 
 
@@ -104,7 +105,8 @@ def this_machine(spec: ModelSpec, budgets: dict[str, Any], compute: ComputeProfi
     profile = find_profile(None)
     if profile is None:
         raise SystemExit("no machine profile: run `klotski-tier bench` first")
-    profile = dataclasses.replace(profile, compute=compute)
+    io = {name: getattr(profile.compute, name) for name in IO_FIELDS}  # measured by the bench only
+    profile = dataclasses.replace(profile, compute=dataclasses.replace(compute, **io))
     return machine_from_profile(profile, spec, device_memory_bytes=budgets["device_memory_bytes"])
 
 
@@ -243,7 +245,8 @@ def plot(rows: list[dict[str, Any]], chosen: int, args: argparse.Namespace, path
     ax.axvline(chosen, color="gray", linewidth=0.8, label=f"planner's n={chosen}")
     ax.set(xscale="log", xlabel="batches n", ylabel="decode tokens/s",
            title=f"{args.model}: bs={args.batch_size}, predicted vs measured")  # fmt: skip
-    ax.set_xticks(ns, [str(n) for n in ns])
+    swept = sorted(set(args.batches))  # the chosen n is the line (a tick beside 16 would overlap it)
+    ax.set_xticks(swept, [str(n) for n in swept])
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
