@@ -20,11 +20,11 @@ in the results):
   registered; else the system is skipped, saying so); batches and batch size from the preset when
   it sets them, else like ``klotski``;
 - ``klotski``: the engine's defaults, configured by ``--klotski-config``: ``plan`` (the default) takes
-  n, bs, K and host preload from the planner for these budgets (see :mod:`benchmarks.e2e.planning`;
+  n, bs, K, host preload and eviction from the planner for these budgets (see :mod:`benchmarks.e2e.planning`;
   ``--batch-size`` and ``--klotski-hot-experts``, when given, are fixed and the plan is made around
   them); ``sweep`` keeps K = ``--klotski-hot-experts`` ("all" by default: with N x top-k tokens per
   layer every expert is activated, so the whole next layer is prefetched; Klotski's reordering
-  still runs resident experts first) and n the best of a sweep over ``--batches``;
+  still runs resident experts first), ``sweep`` eviction, and n the best of a sweep over ``--batches``;
 - every engine system but a planned ``klotski`` runs all N prompts as one batch group: bs = ceil(N / n)
   unless ``--batch-size`` is given (``sequential`` and ``ondemand-lru``: one batch of N);
 - the engine's systems read the model's packed store (O_DIRECT, no page cache); with no GPU the
