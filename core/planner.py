@@ -2,7 +2,8 @@
 
 The step model it searches over (deadlines (4)-(7) of ARCHITECTURE.md section 2 point 6 and the step
 recurrence) lives in :mod:`klotski_tier.core.pipeline_model`, placement, transfer times and LRU reuse
-in :mod:`klotski_tier.core.placement_model`; their public names are re-exported here.
+in :mod:`klotski_tier.core.placement_model`, the request, candidate and plan types in
+:mod:`klotski_tier.core.plan_types`; their public names are re-exported here.
 
 :func:`make_plan` tries n = 1, 2, ... (up to the sequences, ``max_batches`` and memory: the KV cache
 grows with n * bs) and K in 0..2k (in eight steps when 2k > 8). Among the candidates that meet
@@ -19,12 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from klotski_tier.core.costmodel import CostModel
-from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.machine import Machine
+from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.pipeline_model import BISECTIONS as BISECTIONS
 from klotski_tier.core.pipeline_model import MAX_SPEEDUP as MAX_SPEEDUP
 from klotski_tier.core.pipeline_model import MEANINGS as MEANINGS
@@ -50,9 +49,12 @@ from klotski_tier.core.placement_model import placement_for as placement_for
 from klotski_tier.core.placement_model import reads_into_device as reads_into_device
 from klotski_tier.core.placement_model import sweep_misses as sweep_misses
 from klotski_tier.core.placement_model import weights_working_set as weights_working_set
+from klotski_tier.core.plan_types import Candidate as Candidate
+from klotski_tier.core.plan_types import Plan as Plan
+from klotski_tier.core.plan_types import PlanRequest as PlanRequest
+from klotski_tier.core.plan_types import TierUse as TierUse
 from klotski_tier.core.routing_model import LayerLoads, RoutingModel
 from klotski_tier.core.sizes import format_size
-from klotski_tier.core.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -62,132 +64,6 @@ COARSE_HOT_STEPS = 8
 TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
 NEAR_BEST = 0.98  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
 NOTABLE_GAIN = 0.01  # the why names a faster larger n only when it is predicted at least this much faster
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What to plan for; ``None`` fields are the planner's to choose (or the machine's figures)."""
-
-    spec: ModelSpec
-    machine: Machine
-    routing: RoutingModel | None = None  # None: the parametric model with the demo's skew
-    device_memory_bytes: int | None = None  # None: the machine's device memory
-    host_memory_bytes: int | None = None  # None: the machine's host memory
-    sequences: int = 8
-    prompt_tokens: int = 32
-    new_tokens: int = 32
-    batches: int | None = None  # fixed n
-    batch_size: int | None = None  # fixed bs
-    hot_experts: int | None = None  # fixed K
-    host_preload: bool | None = None  # True: every block in host RAM; False: stream from the drive
-    compression_ratio: float | None = None  # the ratio of a compressed store the run may read
-    eviction: str | None = None  # fixed device eviction policy (modelled as LRU unless "sweep")
-    max_batches: int = 64
-
-    def __post_init__(self) -> None:
-        counts = (self.sequences, self.prompt_tokens, self.new_tokens, self.max_batches)
-        if min(counts) < 1 or min(self.batches or 1, self.batch_size or 1) < 1:
-            raise ConfigError("plan: sequences, prompt and new tokens, batches and batch size must be >= 1")
-        if self.hot_experts is not None and not 0 <= self.hot_experts <= self.spec.num_experts:
-            raise ConfigError(
-                f"plan: hot experts K must be in 0..{self.spec.num_experts}, got {self.hot_experts}"
-            )
-        if self.compression_ratio is not None and self.compression_ratio <= 0:
-            raise ConfigError(f"plan: compression ratio must be positive, got {self.compression_ratio}")
-
-
-@dataclass(frozen=True)
-class TierUse:
-    """One tier under a plan: the bytes it needs to run without memory stalls (and what they are),
-    and its peak (LRU caching fills the budget up to the whole model), against the budget."""
-
-    tier: str
-    needed_bytes: int
-    peak_bytes: int
-    budget_bytes: int
-    parts: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def fits(self) -> bool:
-        return self.needed_bytes <= self.budget_bytes
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One (n, bs, K) the planner tried: its worst deadline and its predicted decode step."""
-
-    batches: int
-    batch_size: int
-    hot_experts: int
-    placement: Placement
-    deadlines: tuple[Deadline, ...]
-    decode: StepPrediction
-    device: TierUse
-    host: TierUse
-    shape: StepShape
-    work: tuple[LayerWork, ...]
-    io: Io
-
-    @property
-    def fits(self) -> bool:
-        return self.device.fits and self.host.fits
-
-    @property
-    def binding(self) -> Deadline:
-        return min(self.deadlines, key=lambda d: d.slack_s)
-
-    @property
-    def meets_deadlines(self) -> bool:
-        return self.binding.slack_s >= -SLACK_TOLERANCE_S
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The chosen plan, its predictions and why (see the module docstring)."""
-
-    batches: int
-    batch_size: int
-    hot_experts: int
-    placement: Placement
-    deadlines: tuple[Deadline, ...]
-    binding: Deadline  # the deadline with the least slack (negative: missed by that much)
-    feasible: bool  # every deadline met in every layer, within every budget
-    decode: StepPrediction
-    prefill: StepPrediction
-    memory: tuple[TierUse, TierUse]  # device, host
-    memory_cap_batches: int  # the largest n whose working set fits at this bs and K
-    why: str
-    advice: tuple[str, ...]
-    sweep: tuple[tuple[int, float, float], ...]  # (n, predicted decode tokens/s, bubble s per step)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode.tokens_per_s
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill.tokens_per_s
-
-    def engine_options(self) -> dict[str, Any]:
-        """The EngineOptions fields this plan sets."""
-        return {
-            "batches": self.batches,
-            "batch_size": self.batch_size,
-            "hot_experts": self.hot_experts,
-            "host_preload": self.placement.host_preload,
-            "eviction": self.placement.eviction,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: every field, each deadline with its slack, tokens/s of both phases."""
-        data = asdict(self)
-        data["deadlines"] = [d.to_dict() for d in self.deadlines]
-        data["binding"] = self.binding.to_dict()
-        data["decode"] = self.decode.to_dict()
-        data["prefill"] = self.prefill.to_dict()
-        data["memory"] = [{**asdict(m), "fits": m.fits} for m in self.memory]
-        data["placement"] = {**asdict(self.placement), "description": self.placement.describe()}
-        return data
 
 
 @dataclass
