@@ -137,13 +137,20 @@ async def _mean_s(runner: ComputeRunner, call: Callable[[], object]) -> float:
     slowest run. A mean, not a median: a decode step is the sum of its jobs, and on this CPU the
     hand-off after a multi-threaded op is heavy-tailed (its worker thread spins for the core the event
     loop needs), so a median understates what a step pays; the slowest run is a scheduler outlier."""
+    seconds = await run_times(runner, call, COMPUTE_WARMUP_RUNS, COMPUTE_RUNS)
+    return statistics.mean(sorted(seconds)[:-1])
+
+
+async def run_times(runner: ComputeRunner, call: Callable[[], object], warmup: int, runs: int) -> list[float]:
+    """Wall seconds of each of ``runs`` runs of ``call`` handed to ``runner`` and awaited (the hand-off
+    included), after ``warmup`` untimed ones."""
     seconds = []
-    for run in range(COMPUTE_WARMUP_RUNS + COMPUTE_RUNS):
+    for run in range(warmup + runs):
         start = time.perf_counter()
         await runner.run(call)
-        if run >= COMPUTE_WARMUP_RUNS:
+        if run >= warmup:
             seconds.append(time.perf_counter() - start)
-    return statistics.mean(sorted(seconds)[:-1])
+    return seconds
 
 
 async def _handoff_s(runner: ComputeRunner, expert: Callable[[], object]) -> float:

@@ -40,15 +40,16 @@ from types import TracebackType
 import torch
 import xxhash
 
+from klotski_tier.core.bench_compute import compute_device, run_times
 from klotski_tier.core.compute import ComputeRunner
 from klotski_tier.core.errors import TierError
+from klotski_tier.core.machine import GB
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.direct import open_for_reading
 from klotski_tier.tiers.hostmem import aligned_empty
 
 logger = logging.getLogger(__name__)
 
-GB = 1e9  # bandwidths are decimal GB/s, as drives are rated
 CONTENTION_WARMUP_RUNS = 1  # untimed jobs of each token count per round (the streamer's start is not timed)
 CONTENTION_RUNS = 4  # timed jobs of each token count per round; their median is the round's figure
 STREAM_START_TIMEOUT_S = 60.0  # the first block of the stream must arrive within this
@@ -144,7 +145,7 @@ def measure_contention(
     """Time each of ``jobs`` ({tokens: the expert job}) alone and while ``path`` streams
     (see the module docstring); ``rounds`` of each, alternating."""
     assert jobs and rounds > 0, "nothing to time"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     alone, streaming, rates = asyncio.run(_rounds(path, jobs, device, block_bytes, threads, rounds))
     alone_s = {tokens: statistics.median(times) for tokens, times in alone.items()}
     streaming_s = {tokens: statistics.median(times) for tokens, times in streaming.items()}
@@ -187,16 +188,10 @@ async def _rounds(
 
 async def _time_jobs(runner: ComputeRunner, jobs: dict[int, Job]) -> dict[int, float]:
     """Median seconds of each job handed to ``runner`` and awaited, after warm-up runs."""
-    medians = {}
-    for tokens, job in jobs.items():
-        seconds = []
-        for run in range(CONTENTION_WARMUP_RUNS + CONTENTION_RUNS):
-            start = time.perf_counter()
-            await runner.run(job)
-            if run >= CONTENTION_WARMUP_RUNS:
-                seconds.append(time.perf_counter() - start)
-        medians[tokens] = statistics.median(seconds)
-    return medians
+    return {
+        tokens: statistics.median(await run_times(runner, job, CONTENTION_WARMUP_RUNS, CONTENTION_RUNS))
+        for tokens, job in jobs.items()
+    }
 
 
 def _round_totals(samples: dict[int, list[float]], rounds: int) -> list[float]:

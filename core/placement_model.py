@@ -21,9 +21,11 @@ from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.pipeline_model import BISECTIONS, Io, LayerWork
 from klotski_tier.core.routing_model import LayerLoads
 from klotski_tier.core.sizes import format_size
+from klotski_tier.policies.lru import LRUEviction
+from klotski_tier.policies.sweep import SweepEviction
 from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
 
-LRU, SWEEP = "lru", "sweep"  # eviction policies the planner models (any other is modelled as LRU)
+LRU, SWEEP = LRUEviction.name, SweepEviction.name  # the policies modelled (any other as LRU)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def lru_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) ->
     its blocks in layer order, so with less room than one step touches, nothing survives."""
     sizes = cost.sizes
     usage = np.stack([load.usage for load in loads])  # [L, E]
-    always = sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
+    always = _always_bytes(cost)
 
     def touched(steps: float) -> float:
         return always + sizes.expert * float((1.0 - (1.0 - usage) ** steps).sum())
@@ -148,17 +150,22 @@ def lru_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) ->
     return 0.0, float((usage * (1.0 - usage) ** low).sum() / max(float(usage.sum()), 1e-300))
 
 
-def sweep_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) -> tuple[float, float]:
-    """As :func:`lru_misses`, with the ``sweep`` eviction policy: it keeps a prefix of the layer sweep
-    resident, so of the bytes a step touches, those beyond ``capacity`` are read again every step (the
-    same share of every block kind; no better than LRU where LRU keeps blocks)."""
-    sizes = cost.sizes
+def sweep_misses(
+    cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int, lru: tuple[float, float]
+) -> tuple[float, float]:
+    """As :func:`lru_misses` (``lru``: its answer), with the ``sweep`` eviction policy: it keeps a
+    prefix of the layer sweep resident, so of the bytes a step touches, those beyond ``capacity`` are
+    read again every step (the same share of every block kind; no worse than LRU)."""
     usage = np.stack([load.usage for load in loads])  # [L, E]
-    always = sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
-    touched = always + sizes.expert * float(usage.sum())
-    kept = min(max(capacity, 0) / touched, 1.0)
-    lru = lru_misses(cost, loads, capacity)
-    return min(lru[0], 1.0 - kept), min(lru[1], 1.0 - kept)
+    touched = _always_bytes(cost) + cost.sizes.expert * float(usage.sum())
+    missed = 1.0 - min(max(capacity, 0) / touched, 1.0)
+    return min(lru[0], missed), min(lru[1], missed)
+
+
+def _always_bytes(cost: CostModel) -> int:
+    """Bytes of the blocks every step uses: embedding, head, each layer's attention and gate."""
+    sizes = cost.sizes
+    return sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
 
 
 def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:

@@ -179,7 +179,7 @@ def _eviction(
     lru = lru_misses(cost, loads, capacity)
     if fixed is not None and fixed != SWEEP:
         return fixed, lru
-    sweep = sweep_misses(cost, loads, capacity)
+    sweep = sweep_misses(cost, loads, capacity, lru)
     if fixed == SWEEP or sweep < lru:
         return SWEEP, sweep
     return LRU, lru

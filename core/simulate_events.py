@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from klotski_tier.core.blocks import BlockId, attn_block, embed_block, expert_block, gate_block, head_block
+from klotski_tier.core.config import EngineOptions
 from klotski_tier.core.costmodel import CostModel
 from klotski_tier.core.machine import GB, Machine
 from klotski_tier.core.routing_model import HotPredictor, IntArray, RouteSampler
@@ -48,7 +49,7 @@ from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.policies.registry import make_eviction
 from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
 
-DEFAULT_EVICTION = "lru"  # the engine's default (EngineOptions.eviction)
+DEFAULT_EVICTION = EngineOptions.eviction  # the engine's default policy
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ from benchmarks.e2e.systems import Budget, Inputs, budget_options
 from klotski_tier.core.autoplan import PLANNED_FIELDS, RunPlan, plan_model
 from klotski_tier.core.config import ALL_EXPERTS, EngineOptions
 from klotski_tier.core.layouts import ModelFiles
+from klotski_tier.core.placement_model import SWEEP as SWEEP_POLICY
 from klotski_tier.core.planner import Plan
 
 logger = logging.getLogger(__name__)
 
 PLAN, SWEEP = "plan", "sweep"
-SWEEP_EVICTION = "sweep"  # klotski's device eviction when swept: a prefix of the layer sweep stays
+SWEEP_EVICTION = SWEEP_POLICY  # klotski's device eviction when swept: a prefix of the layer sweep stays
 KLOTSKI_CONFIGS = (PLAN, SWEEP)
 BUDGET_FIELDS = frozenset(("device", "device_memory_bytes", "host_memory_bytes"))  # the harness's
 
