@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.bench_compute import compute_bench
-from klotski_tier.core.costmodel import CostModel, machine_from_profile
-from klotski_tier.core.demo import demo_model_dir
-from klotski_tier.core.machine import Machine
-from klotski_tier.core.planner import PlanRequest, make_plan
-from klotski_tier.core.profile import ComputeProfile, find_profile
-from klotski_tier.core.routing_model import RoutingModel, TraceRouting
-from klotski_tier.core.routing_trace import RoutingTrace
-from klotski_tier.core.simulate import SimConfig, simulate_workload
-from klotski_tier.core.spec import ModelSpec
+from klotski_tier.core.bench.compute import compute_bench
+from klotski_tier.core.bench.profile import ComputeProfile, find_profile
+from klotski_tier.core.demo.build import demo_model_dir
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.observe.routing_trace import RoutingTrace
+from klotski_tier.core.plan.costmodel import CostModel, machine_from_profile
+from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.planner import PlanRequest, make_plan
+from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
+from klotski_tier.core.plan.simulate import SimConfig, simulate_workload
 
 MIB = 2**20
 DEMO_DEVICE_BYTES = 128 * MIB  # the demo's default device budget (cli/run.py)

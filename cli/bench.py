@@ -1,7 +1,7 @@
 """``klotski-tier bench``: measure this machine's drive, zstd, copies and compute; write its profile.
 
 Progress goes to stderr; the tables (or, with ``--json``, the profile) to stdout. The machine
-profile (schema in :mod:`klotski_tier.core.profile`) is written to ``--profile`` every time.
+profile (schema in :mod:`klotski_tier.core.bench.profile`) is written to ``--profile`` every time.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import check_writable
-from klotski_tier.core.bench import BenchSettings, run_bench
-from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
-from klotski_tier.core.demo import default_cache_dir
-from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.profile import (
+from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
     MachineProfile,
     ReadResult,
     default_profile_path,
 )
-from klotski_tier.core.sizes import format_size, parse_size
+from klotski_tier.core.bench.suite import BenchSettings, run_bench
+from klotski_tier.core.demo.build import default_cache_dir
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
+from klotski_tier.core.units import format_size, parse_size
 
 MS_PER_S = 1000.0
 

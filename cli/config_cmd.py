@@ -8,7 +8,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.options import engine_flags, options_from_flags
-from klotski_tier.core.config import to_toml
+from klotski_tier.core.runtime.config import to_toml
 
 
 @click.group()

@@ -14,9 +14,15 @@ from typing import Any, TypeVar
 
 import click
 
-from klotski_tier.core.config import ALL_EXPERTS, EngineOptions, build_options, read_config_file, replace
-from klotski_tier.core.presets import PRESETS, preset_fields
-from klotski_tier.core.sizes import parse_size
+from klotski_tier.core.runtime.config import (
+    ALL_EXPERTS,
+    EngineOptions,
+    build_options,
+    read_config_file,
+    replace,
+)
+from klotski_tier.core.runtime.presets import PRESETS, preset_fields
+from klotski_tier.core.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -8,10 +8,11 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.progress import bytes_progress
-from klotski_tier.core import codec as codecs
-from klotski_tier.core import store, store_pack
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.core.sizes import format_size
+from klotski_tier.core.store import codec as codecs
+from klotski_tier.core.store import pack as store_pack
+from klotski_tier.core.store import packed as store
+from klotski_tier.core.units import format_size
 
 
 def _parse_compress(ctx: click.Context, param: click.Parameter, value: str) -> codecs.Codec:

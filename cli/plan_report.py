@@ -11,16 +11,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from klotski_tier.core.autoplan import RunPlan
-from klotski_tier.core.costmodel import block_sizes
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.machine import Machine
-from klotski_tier.core.planner import Deadline, Plan, PlanRequest, StepPrediction, TierUse
-from klotski_tier.core.shapes import ShapeEntry, active_parameter_count, parameter_count
-from klotski_tier.core.simulate import DISK_TO_HOST, HOST_TO_DEVICE, WorkloadResult
-from klotski_tier.core.sizes import format_size
-from klotski_tier.core.spec import ModelSpec
-from klotski_tier.core.timeline import write_atomic
+from klotski_tier.core.model.shapes import ShapeEntry, active_parameter_count, parameter_count
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.observe.timeline import write_atomic
+from klotski_tier.core.plan.autoplan import RunPlan
+from klotski_tier.core.plan.costmodel import block_sizes
+from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.planner import Deadline, Plan, PlanRequest, StepPrediction, TierUse
+from klotski_tier.core.plan.simulate import DISK_TO_HOST, HOST_TO_DEVICE, WorkloadResult
+from klotski_tier.core.units import format_size
 
 MS_PER_S = 1000.0
 BILLION = 1e9  # parameters per "B" in the shapes list

@@ -1,7 +1,7 @@
 """``klotski-tier replay FILE``: compare prefetch and eviction policies on a recorded routing trace.
 
 Thin: load the trace, replay every (prefetch, eviction) pair through
-:func:`klotski_tier.core.replay.replay_by_name`, print a table or one JSON object.
+:func:`klotski_tier.core.observe.replay.replay_by_name`, print a table or one JSON object.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.core.replay import ReplayResult, replay_by_name
-from klotski_tier.core.routing_trace import RoutingTrace
-from klotski_tier.core.sizes import format_size, parse_size
+from klotski_tier.core.observe.replay import ReplayResult, replay_by_name
+from klotski_tier.core.observe.routing_trace import RoutingTrace
+from klotski_tier.core.units import format_size, parse_size
 from klotski_tier.policies.registry import PREFETCH_POLICIES
 
 DEFAULT_EVICTION = "lru"

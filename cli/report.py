@@ -1,17 +1,17 @@
 """What ``klotski-tier run`` shows: generated text per prompt and a metrics table.
 
-Pure formatting of a :class:`~klotski_tier.core.engine.GenerationResult`; the command prints.
+Pure formatting of a :class:`~klotski_tier.core.runtime.engine.GenerationResult`; the command prints.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from klotski_tier.core.engine import GenerationResult, SequenceOutput
-from klotski_tier.core.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
-from klotski_tier.core.profile import MachineProfile
-from klotski_tier.core.runtime import UNLIMITED_BYTES
-from klotski_tier.core.sizes import format_size
+from klotski_tier.core.bench.profile import MachineProfile
+from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
+from klotski_tier.core.runtime.engine import GenerationResult, SequenceOutput
+from klotski_tier.core.runtime.run import UNLIMITED_BYTES
+from klotski_tier.core.units import format_size
 
 PREVIEW_CHARS = 200
 """Characters of generated text shown per prompt in the human-readable report."""

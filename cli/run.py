@@ -2,7 +2,7 @@
 
 With ``--plan auto`` (the default) the planner chooses n, bs, K and host preload for this model,
 these prompts and budgets on this machine (its ``klotski-tier bench`` profile) before the engine
-loads (:func:`klotski_tier.core.autoplan.plan_model`); whatever the user set (a flag, the
+loads (:func:`klotski_tier.core.plan.autoplan.plan_model`); whatever the user set (a flag, the
 ``--config`` file or the ``--preset``) stays as set and the plan is made around it. Without a
 profile, or when the planner cannot plan, the run keeps the defaults and says so. ``--plan off``:
 the defaults. Scheduling never changes tokens.
@@ -24,12 +24,12 @@ from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
 from klotski_tier.cli.progress import StepProgress, bytes_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
 from klotski_tier.cli.report import format_metrics, format_outputs, output_record, result_record
-from klotski_tier.core.autoplan import PLAN_AUTO, PLAN_OFF, RunPlan, plan_model
-from klotski_tier.core.demo import demo_model_dir, demo_prompts
-from klotski_tier.core.engine import Engine, GenerationResult
+from klotski_tier.core.bench.profile import find_profile
+from klotski_tier.core.demo.build import demo_model_dir, demo_prompts
 from klotski_tier.core.errors import InputError
-from klotski_tier.core.profile import find_profile
-from klotski_tier.core.sizes import parse_size
+from klotski_tier.core.plan.autoplan import PLAN_AUTO, PLAN_OFF, RunPlan, plan_model
+from klotski_tier.core.runtime.engine import Engine, GenerationResult
+from klotski_tier.core.units import parse_size
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``klotski-tier simulate``: what the pipeline would do on a machine, for one n or a sweep of n.
 
 It takes ``plan``'s options (:func:`klotski_tier.cli.plan.study_options`), runs the discrete-event
-simulation of ``generate`` (:mod:`klotski_tier.core.simulate`) for each n, and prints one row per n
+simulation of ``generate`` (:mod:`klotski_tier.core.plan.simulate`) for each n, and prints one row per n
 beside the planner's prediction for the same n, bs and K. Without ``--batches`` or ``--sweep`` it
 simulates the plan (the planner's n, bs, K and preload). Each row runs ``--prompts`` sequences, or
 else one full group (n x bs). A group whose KV cache and activations leave no room for a block is
@@ -23,15 +23,15 @@ from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import check_writable
 from klotski_tier.cli.plan import Study, study_from_flags, study_options
 from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
-from klotski_tier.core.config import EngineOptions
-from klotski_tier.core.costmodel import CostModel
+from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.hardware import HARDWARE, load_hardware_file
-from klotski_tier.core.planner import Plan, make_plan
-from klotski_tier.core.profile import default_profile_path
-from klotski_tier.core.shapes import MODEL_SHAPES, load_shapes_file
-from klotski_tier.core.simulate import SimConfig, WorkloadResult, sweep
-from klotski_tier.core.sizes import format_size
+from klotski_tier.core.model.shapes import MODEL_SHAPES, load_shapes_file
+from klotski_tier.core.plan.costmodel import CostModel
+from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
+from klotski_tier.core.plan.planner import Plan, make_plan
+from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, sweep
+from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.units import format_size
 
 DEFAULT_DECODE_STEPS = 8  # decode steps simulated per group; the rest are counted at their mean
 

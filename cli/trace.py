@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.core.timeline import read_trace, summarize
-from klotski_tier.core.timeline_plot import render_png
+from klotski_tier.core.observe.timeline import read_trace, summarize
+from klotski_tier.core.observe.timeline_plot import render_png
 
 MS_PER_S = 1000.0
 

@@ -1,6 +1,6 @@
 """klotski-tier: expert-aware multi-batch offloaded inference for Mixture-of-Experts models.
 
-The public Python API lives in :mod:`klotski_tier.core.engine`; the names most users need are
+The public Python API lives in :mod:`klotski_tier.core.runtime.engine`; the names most users need are
 re-exported here (imported lazily, so ``import klotski_tier.policies`` stays light)::
 
     from klotski_tier import Engine, EngineOptions
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in ("Engine", "EngineOptions", "GenerationResult"):
-        from klotski_tier.core import engine
+        from klotski_tier.core.runtime import engine
 
         return getattr(engine, name)
     if name == "KlotskiError":

@@ -2,7 +2,7 @@
 
 A policy orders candidates and nothing else: it holds no tensors, does no I/O, never imports
 torch or asyncio, and counts no bytes (the residency manager owns each tier's byte budget).
-Keys are opaque hashables: the engine passes :class:`~klotski_tier.core.blocks.BlockId`,
+Keys are opaque hashables: the engine passes :class:`~klotski_tier.core.model.blocks.BlockId`,
 tests pass ints or strings.
 
 Lifecycle of a key, as the residency manager drives it::

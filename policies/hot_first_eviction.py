@@ -11,7 +11,7 @@ first; then the hot experts, fewest uses first (ties least recently used first).
 experts leave only when nothing else can make room.
 
 Keys stay opaque: a key is an expert if it has int attributes ``layer`` and ``expert`` with
-``expert >= 0`` (as :class:`~klotski_tier.core.blocks.BlockId` has); any other key (ints,
+``expert >= 0`` (as :class:`~klotski_tier.core.model.blocks.BlockId` has); any other key (ints,
 strings, attention or gate blocks) is never hot and ages in plain LRU order.
 """
 

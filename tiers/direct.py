@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from klotski_tier.core.blocks import TensorPiece, align_up
 from klotski_tier.core.errors import TierError
+from klotski_tier.core.model.blocks import TensorPiece, align_up
 from klotski_tier.tiers.hostmem import aligned_empty
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ by packing the store, say):
   folios: pages cached by others (a write, a plain read) sit in folios of up to
   :data:`FOLIO_BYTES`, which are dropped only when covered whole.
 
-Check it with :func:`klotski_tier.core.pagecache.cached_fraction`.
+Check it with :func:`klotski_tier.core.store.pagecache.cached_fraction`.
 
 File descriptors are opened once per path, in a worker thread, and closed in ``aclose``. See
 :mod:`klotski_tier.tiers.base` for the threading and cancellation rules.
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from klotski_tier.core.blocks import TensorPiece, align_up
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.core.sizes import MIB, format_size
+from klotski_tier.core.model.blocks import TensorPiece, align_up
+from klotski_tier.core.units import MIB, format_size
 from klotski_tier.tiers.base import TierDriver
 from klotski_tier.tiers.direct import (
     DIRECT_ALIGN_BYTES,

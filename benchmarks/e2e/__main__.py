@@ -35,9 +35,9 @@ from benchmarks.e2e.report import format_point
 from benchmarks.e2e.runner import DEFAULT_TIMEOUT_S
 from benchmarks.e2e.systems import SYSTEMS
 from benchmarks.e2e.workload import Workload
-from klotski_tier.core.config import ALL_EXPERTS
 from klotski_tier.core.errors import KlotskiError
-from klotski_tier.core.sizes import parse_size
+from klotski_tier.core.runtime.config import ALL_EXPERTS
+from klotski_tier.core.units import parse_size
 
 
 def _ints(text: str) -> list[int]:

@@ -118,7 +118,7 @@ def _summary(device_map: dict[str, str]) -> dict[str, int]:
 
 def _evict_offload(offload_dir: str | None) -> None:
     """Drop the offload files just written from the page cache: every run starts cold."""
-    from klotski_tier.core.pagecache import evict
+    from klotski_tier.core.store.pagecache import evict
 
     if offload_dir is None:
         return

@@ -33,10 +33,10 @@ from benchmarks.e2e.results import Point
 from benchmarks.e2e.runner import DEFAULT_TIMEOUT_S, Runner, RunnerSettings
 from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, SYSTEMS, Inputs, budget_for
 from benchmarks.e2e.workload import Workload, make_prompts
+from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.layouts import ModelFiles, load_model_files, total_block_bytes
-from klotski_tier.core.profile import default_profile_path
-from klotski_tier.core.sizes import MIB
+from klotski_tier.core.model.layouts import ModelFiles, load_model_files, total_block_bytes
+from klotski_tier.core.units import MIB
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
   new tokens and batch grouping (n x bs) with every weight resident: unlimited budgets, every
   block preloaded into host RAM before the first step, so no step ever waits for the drive.
 - raw drive bandwidth: one O_DIRECT sequential read of a test file on the checkpoint's drive,
-  page cache evicted (:func:`klotski_tier.core.bench.raw_direct_gbps`, as ``klotski-tier
+  page cache evicted (:func:`klotski_tier.core.bench.suite.raw_direct_gbps`, as ``klotski-tier
   bench`` measures its 100 % reference), the median of a few reads, in the same run.
 - ``must_move_bytes``: the fewest bytes any schedule must read from the drive under the budget.
   A *forward step* is one prefill or decode pass of a batch group (the trace's steps). Step s
@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from klotski_tier.core.bench import TEST_FILE_NAME, raw_direct_gbps, write_test_file
-from klotski_tier.core.blocks import BlockId, BlockKind, BlockLayout, expert_block
-from klotski_tier.core.routing_trace import RoutingTrace
+from klotski_tier.core.bench.suite import TEST_FILE_NAME, raw_direct_gbps, write_test_file
+from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, expert_block
+from klotski_tier.core.observe.routing_trace import RoutingTrace
 
 logger = logging.getLogger(__name__)
 

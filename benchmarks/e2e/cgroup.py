@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.sizes import format_size
+from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
 

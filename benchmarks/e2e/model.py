@@ -1,6 +1,6 @@
 """Bench-scale checkpoints: the demo model's Mixtral layout and routing at benchmark sizes.
 
-Each shape is built once by :func:`klotski_tier.core.demo.build_demo` (atomic, deterministic)
+Each shape is built once by :func:`klotski_tier.core.demo.build.build_demo` (atomic, deterministic)
 into ``<cache>/bench/<name>-v<DEMO_VERSION>`` (``<cache>`` is ``$KLOTSKI_TIER_CACHE`` or
 ``~/.cache/klotski-tier``), with the demo's realistic routing (a few hot experts per layer,
 a token's expert in one layer predicting its next): a real Hugging Face Mixtral directory that
@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from klotski_tier.core.demo import DEMO_VERSION, DemoShape, build_demo, default_cache_dir
+from klotski_tier.core.demo.build import DEMO_VERSION, DemoShape, build_demo, default_cache_dir
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.layouts import load_model_files, total_block_bytes
-from klotski_tier.core.sizes import format_size
-from klotski_tier.core.store import BLOCKS_FILE, is_store
-from klotski_tier.core.store_pack import pack
+from klotski_tier.core.model.layouts import load_model_files, total_block_bytes
+from klotski_tier.core.store.pack import pack
+from klotski_tier.core.store.packed import BLOCKS_FILE, is_store
+from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
 

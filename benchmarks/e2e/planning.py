@@ -1,7 +1,7 @@
 """klotski's configuration from the planner, and the planner's predictions next to what was measured.
 
 ``--klotski-config plan`` (the default): at each budget point, :func:`plan_klotski` asks
-:func:`klotski_tier.core.autoplan.plan_model` for n, bs, K and host preload within the budgets the
+:func:`klotski_tier.core.plan.autoplan.plan_model` for n, bs, K and host preload within the budgets the
 harness gives the engine (:func:`benchmarks.e2e.systems.budget_options`: those stay as they are),
 for the workload's prompts and new tokens, with this machine's ``klotski-tier bench`` profile;
 ``--batch-size`` and ``--klotski-hot-experts``, when given, are fixed and the plan is made around
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.e2e.systems import Budget, Inputs, budget_options
-from klotski_tier.core.autoplan import PLANNED_FIELDS, RunPlan, plan_model
-from klotski_tier.core.config import ALL_EXPERTS, EngineOptions
-from klotski_tier.core.layouts import ModelFiles
-from klotski_tier.core.placement_model import SWEEP as SWEEP_POLICY
-from klotski_tier.core.planner import Plan
+from klotski_tier.core.model.layouts import ModelFiles
+from klotski_tier.core.plan.autoplan import PLANNED_FIELDS, RunPlan, plan_model
+from klotski_tier.core.plan.placement_model import SWEEP as SWEEP_POLICY
+from klotski_tier.core.plan.planner import Plan
+from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions
 
 logger = logging.getLogger(__name__)
 

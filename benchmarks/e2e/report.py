@@ -29,8 +29,8 @@ from benchmarks.e2e.results import Point, SystemResult
 from benchmarks.e2e.systems import KLOTSKI
 from benchmarks.e2e.worker import ACCELERATE
 from klotski_tier.core.atomic import atomic_open
-from klotski_tier.core.profile import HostInfo
-from klotski_tier.core.sizes import format_size
+from klotski_tier.core.bench.profile import HostInfo
+from klotski_tier.core.units import format_size
 
 COLUMNS = (
     ("system", 13), ("tokens/s", 9), ("pred t/s", 9), ("decode t/s", 10), ("x accel", 8), ("x bound", 8),

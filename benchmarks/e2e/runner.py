@@ -25,8 +25,8 @@ from benchmarks.e2e.cgroup import MemoryGroup, check_available, group_name
 from benchmarks.e2e.model import weight_files
 from benchmarks.e2e.results import BenchmarkError, RunRecord
 from benchmarks.e2e.worker import PROBE, RESULT_MARK, Job
-from klotski_tier.core.pagecache import evict
-from klotski_tier.core.sizes import MIB, format_size
+from klotski_tier.core.store.pagecache import evict
+from klotski_tier.core.units import MIB, format_size
 
 logger = logging.getLogger(__name__)
 

@@ -41,11 +41,11 @@ from typing import Any
 
 from benchmarks.e2e.worker import ACCELERATE, ENGINE, Job
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.layouts import ModelFiles, largest_block_bytes
-from klotski_tier.core.presets import preset_fields
-from klotski_tier.core.runtime import fixed_device_bytes
-from klotski_tier.core.sequences import GenSequence
-from klotski_tier.core.sizes import format_size
+from klotski_tier.core.model.layouts import ModelFiles, largest_block_bytes
+from klotski_tier.core.runtime.presets import preset_fields
+from klotski_tier.core.runtime.run import fixed_device_bytes
+from klotski_tier.core.runtime.sequences import GenSequence
+from klotski_tier.core.units import format_size
 
 KLOTSKI = "klotski"
 BOUND = "bound"
@@ -92,7 +92,7 @@ def preset_problem(name: str) -> str | None:
     try:
         preset_fields(name)
     except ConfigError as exc:
-        return f"preset {name!r} is not registered in klotski_tier.core.presets yet ({exc})"
+        return f"preset {name!r} is not registered in klotski_tier.core.runtime.presets yet ({exc})"
     return None
 
 

@@ -78,8 +78,8 @@ def rss_peak_bytes() -> int:
 
 def run_engine(job: Job) -> dict[str, Any]:
     """Generate with the klotski-tier engine configured by ``job``; the measurements."""
-    from klotski_tier.core.config import build_options
-    from klotski_tier.core.engine import Engine
+    from klotski_tier.core.runtime.config import build_options
+    from klotski_tier.core.runtime.engine import Engine
 
     options = build_options(preset=job.preset, overrides=job.engine_options)
     started = time.perf_counter()
@@ -124,7 +124,7 @@ def run_probe() -> dict[str, Any]:
     import torch
     import transformers.models.mixtral.modeling_mixtral  # noqa: F401
 
-    import klotski_tier.core.engine  # noqa: F401
+    import klotski_tier.core.runtime.engine  # noqa: F401
 
     square = torch.ones(PROBE_MATMUL_SIZE, PROBE_MATMUL_SIZE, dtype=torch.bfloat16)  # [S, S]
     float((square @ square).sum())  # starts the intra-op thread pool and the bf16 kernels

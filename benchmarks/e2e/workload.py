@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from klotski_tier.core.demo import demo_prompts
+from klotski_tier.core.demo.build import demo_prompts
 from klotski_tier.core.errors import ConfigError, InputError
 
 FILLER_REPEATS = 64  # the rotated filler text, repeated: enough words for prompts of thousands of tokens
@@ -40,7 +40,7 @@ class Workload:
 
     @property
     def generated_tokens(self) -> int:
-        """Tokens the workload generates (no demo model ever emits EOS: see core/demo.py)."""
+        """Tokens the workload generates (no demo model ever emits EOS: see core/demo/build.py)."""
         return self.prompts * self.new_tokens
 
     def describe(self) -> str:

@@ -32,12 +32,12 @@ from benchmarks.e2e.runner import _record
 from benchmarks.e2e.systems import Inputs, budget_for, preset_problem
 from benchmarks.e2e.worker import ACCELERATE, Job
 from benchmarks.e2e.workload import Workload, make_prompts
-from klotski_tier.core.blocks import BlockLayout, attn_block, expert_block
-from klotski_tier.core.demo import build_demo
+from klotski_tier.core.demo.build import build_demo
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.layouts import load_model_files
-from klotski_tier.core.routing_trace import RoutingTrace, TraceMeta
-from klotski_tier.core.sizes import GIB, MIB
+from klotski_tier.core.model.blocks import BlockLayout, attn_block, expert_block
+from klotski_tier.core.model.layouts import load_model_files
+from klotski_tier.core.observe.routing_trace import RoutingTrace, TraceMeta
+from klotski_tier.core.units import GIB, MIB
 
 WORKLOAD = Workload(prompts=4, prompt_tokens=8, new_tokens=4)
 BUDGET = 0.5  # half the model: accelerate sends layers to disk, the engine streams experts

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.bench import bench
-from klotski_tier.core.bench import TEST_FILE_NAME
-from klotski_tier.core.codec import ZSTD_DEFAULT_LEVEL
-from klotski_tier.core.profile import PROFILE_FILE_NAME, MachineProfile
+from klotski_tier.core.bench.profile import PROFILE_FILE_NAME, MachineProfile
+from klotski_tier.core.bench.suite import TEST_FILE_NAME
+from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL
 
 TINY = [
     "--quick",

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.checkpoint import Checkpoint
-from klotski_tier.core.engine import Engine, EngineOptions
 from klotski_tier.core.errors import CheckpointError
+from klotski_tier.core.model.checkpoint import Checkpoint
+from klotski_tier.core.runtime.engine import Engine, EngineOptions
 from tests.checkpoints import MAX_POSITIONS, VOCAB_SIZE
 from tests.conftest import CheckpointFactory
 

@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.pack import pack, verify
-from klotski_tier.core import store, store_pack
-from klotski_tier.core.blocks import expert_block
+from klotski_tier.core.model.blocks import expert_block
+from klotski_tier.core.store import pack as store_pack
+from klotski_tier.core.store import packed as store
 from tests.conftest import CheckpointFactory
 
 

@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.routing_trace import RoutingRecorder, TraceMeta
-from klotski_tier.core.shapes import model_shape, shape_to_toml
-from klotski_tier.core.sizes import MIB
-from klotski_tier.core.spec import ModelSpec
+from klotski_tier.core.model.shapes import model_shape, shape_to_toml
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
+from klotski_tier.core.units import MIB
 from tests.conftest import CheckpointFactory
 
 PROFILE = Path(__file__).parent.parent / "data" / "machine-profile.json"  # a real bench profile

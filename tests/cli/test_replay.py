@@ -11,7 +11,7 @@ from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
 from klotski_tier.cli.replay import COLUMNS
-from klotski_tier.core.routing_trace import RoutingTrace, TraceMeta
+from klotski_tier.core.observe.routing_trace import RoutingTrace, TraceMeta
 from klotski_tier.policies.registry import PREFETCH_POLICIES
 
 EXPERT_BYTES = 1024

@@ -13,9 +13,9 @@ from click.testing import CliRunner, Result
 from tokenizers import Tokenizer
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.demo import DemoShape, build_demo
-from klotski_tier.core.engine import Engine, EngineOptions
-from klotski_tier.core.sizes import KIB, MIB
+from klotski_tier.core.demo.build import DemoShape, build_demo
+from klotski_tier.core.runtime.engine import Engine, EngineOptions
+from klotski_tier.core.units import KIB, MIB
 from tests.conftest import CheckpointFactory
 
 MAX_NEW = 3

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from klotski_tier.cli.main import main
 from klotski_tier.cli.options import options_and_explicit
-from klotski_tier.core.config import EngineOptions
-from klotski_tier.core.engine import Engine, open_model
-from klotski_tier.core.hardware import local_machine
-from klotski_tier.core.planner import PlanRequest, make_plan
+from klotski_tier.core.plan.hardware import local_machine
+from klotski_tier.core.plan.planner import PlanRequest, make_plan
+from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.engine import Engine, open_model
 from tests.conftest import BENCH_PROFILE, CheckpointFactory
 
 PROFILE = BENCH_PROFILE

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.profile import MachineProfile, default_profile_path, find_profile
+from klotski_tier.core.bench.profile import MachineProfile, default_profile_path, find_profile
 from tests.conftest import CheckpointFactory
 
 PROFILE = Path(__file__).parent.parent / "data" / "machine-profile.json"  # a real bench profile

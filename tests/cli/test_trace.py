@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.trace import trace
-from klotski_tier.core.timeline import BUBBLE_TRACK, COMPUTE_TRACK, INTER_LAYER_BUBBLE, Timeline
+from klotski_tier.core.observe.timeline import BUBBLE_TRACK, COMPUTE_TRACK, INTER_LAYER_BUBBLE, Timeline
 
 MS = 1e-3  # seconds per millisecond
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from klotski_tier.core.blocks import attn_block, expert_block, gate_block
 from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.model.blocks import attn_block, expert_block, gate_block
 from klotski_tier.policies.fifo import FIFOEviction
 from klotski_tier.policies.hot_first_eviction import HotFirstEviction, expert_of
 from klotski_tier.policies.lfu import LFUEviction

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from klotski_tier.core.blocks import attn_block, expert_block
+from klotski_tier.core.model.blocks import attn_block, expert_block
 from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.policies.registry import EVICTION_POLICIES, make_eviction
 from tests.policies.helpers import BLOCK_BYTES, FakeKey, filled

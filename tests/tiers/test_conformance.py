@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from klotski_tier.core.blocks import BlockLayout, TensorPiece, TensorView, align_up, expert_block
 from klotski_tier.core.errors import TierError
+from klotski_tier.core.model.blocks import BlockLayout, TensorPiece, TensorView, align_up, expert_block
 from klotski_tier.tiers.base import MemoryTierDriver
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from klotski_tier.core.blocks import TensorPiece
 from klotski_tier.core.errors import ConfigError, TierError
+from klotski_tier.core.model.blocks import TensorPiece
 from klotski_tier.tiers.disk import DiskDriver, split_chunks
 
 T = TypeVar("T")

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from klotski_tier.core.blocks import TensorPiece
 from klotski_tier.core.errors import ConfigError, TierError
+from klotski_tier.core.model.blocks import TensorPiece
 from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES, O_DIRECT, plan_aligned
 from klotski_tier.tiers.disk import DiskDriver, folio_ranges
 from klotski_tier.tiers.hostmem import aligned_empty

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from klotski_tier.core.blocks import TensorPiece
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.core.pagecache import PAGE_BYTES, cached_bytes, cached_fraction, evict
+from klotski_tier.core.model.blocks import TensorPiece
+from klotski_tier.core.store.pagecache import PAGE_BYTES, cached_bytes, cached_fraction, evict
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.hostmem import aligned_empty
 

@@ -1,0 +1,1 @@
+"""The built-in demo model: a synthetic Mixtral checkpoint built once into the user's cache."""

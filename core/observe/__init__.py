@@ -1,0 +1,1 @@
+"""What a run shows: metrics, the timeline, routing traces and their statistics, offline replay."""

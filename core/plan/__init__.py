@@ -1,0 +1,1 @@
+"""Machine models, the cost model, the planner and the simulator."""

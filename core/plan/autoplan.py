@@ -1,0 +1,158 @@
+"""Planning a run before its engine loads: the options the planner picks for a model, its prompts and
+budgets on this machine.
+
+``klotski-tier run --plan auto`` and the e2e benchmark call :func:`plan_model` and then load the
+engine once, with :attr:`RunPlan.options`::
+
+    chosen = plan_model("path/to/mixtral", options, prompts, max_new_tokens=32)
+    engine = Engine.load("path/to/mixtral", chosen.options)
+
+What the plan needs comes from the checkpoint's config and headers (:func:`open_model`, no weights),
+the prompts' lengths (text prompts through the checkpoint's tokenizer), the options' budgets and
+routing trace, and the ``klotski-tier bench`` profile. The fields named in ``explicit`` (the ones a
+user set) stay as set and the plan is made around them; the planner chooses the others. Planning
+is advice: without a profile, or when the planner cannot plan, the options stay as they are and
+:attr:`RunPlan.note` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from klotski_tier.core.bench.profile import default_profile_path
+from klotski_tier.core.errors import InputError, KlotskiError
+from klotski_tier.core.model.layouts import ModelFiles
+from klotski_tier.core.observe.routing_trace import RoutingTrace
+from klotski_tier.core.plan.hardware import local_machine
+from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.planner import Plan, PlanRequest, make_plan
+from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
+from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, replace
+from klotski_tier.core.runtime.engine import load_tokenizer, open_model
+from klotski_tier.core.store.packed import PackedStore
+
+logger = logging.getLogger(__name__)
+
+PLAN_AUTO, PLAN_OFF = "auto", "off"
+NO_PROFILE_NOTE = "no machine profile: the defaults; `klotski-tier bench` enables planning"
+PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction")  # what a plan sets
+TOKENIZER_FILE = "tokenizer.json"
+
+PromptInput = str | Sequence[int]  # a text prompt, or its token ids
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The options a run uses and the plan they come from, if any."""
+
+    mode: str  # PLAN_AUTO or PLAN_OFF
+    options: EngineOptions
+    plan: Plan | None = None
+    planned: tuple[str, ...] = ()  # EngineOptions fields the plan set (the others: the user's or defaults)
+    note: str = ""  # why no plan is used
+
+
+def plan_model(
+    model: str | Path,
+    options: EngineOptions,
+    prompts: Sequence[PromptInput],
+    max_new_tokens: int,
+    *,
+    explicit: Set[str] = frozenset(),
+    profile_path: Path | None = None,
+) -> RunPlan:
+    """``options`` with the plan's values for the fields not in ``explicit``, for ``model`` (a
+    checkpoint or packed store directory) generating ``max_new_tokens`` after each of ``prompts``.
+
+    ``profile_path`` None: the profile ``klotski-tier bench`` wrote, if any. A checkpoint that cannot
+    be opened raises (as :meth:`Engine.load` would); a plan that cannot be made is a note.
+    """
+    if profile_path is None and not default_profile_path().is_file():
+        return RunPlan(PLAN_AUTO, options, note=NO_PROFILE_NOTE)
+    return plan_files(open_model(Path(model)), options, prompts, max_new_tokens, explicit, profile_path)
+
+
+def plan_files(
+    files: ModelFiles,
+    options: EngineOptions,
+    prompts: Sequence[PromptInput],
+    max_new_tokens: int,
+    explicit: Set[str],
+    profile_path: Path | None,
+) -> RunPlan:
+    """:func:`plan_model` for a checkpoint already opened."""
+    try:  # planning is advice: the run goes on with the options as they are
+        lengths = prompt_lengths(files.directory, prompts)
+        plan = make_plan(
+            plan_request(files, options, lengths, max_new_tokens, explicit, local_machine(profile_path))
+        )
+    except KlotskiError as exc:
+        logger.info("no plan: %s", exc)
+        return RunPlan(PLAN_AUTO, options, note=f"the planner cannot plan this run ({exc}); the defaults")
+    planned = {k: v for k, v in plan.engine_options().items() if k not in fixed_fields(explicit)}
+    return RunPlan(PLAN_AUTO, replace(options, **planned), plan, tuple(planned))
+
+
+def plan_request(
+    files: ModelFiles,
+    options: EngineOptions,
+    lengths: Sequence[int],
+    max_new_tokens: int,
+    explicit: Set[str],
+    machine: Machine,
+) -> PlanRequest:
+    """What to plan: this model, prompts of these ``lengths``, the options' budgets and routing trace,
+    and the fields the user fixed (``explicit``)."""
+    spec = files.spec
+    explicit = fixed_fields(explicit)
+    fixed: dict[str, Any] = {name: getattr(options, name) for name in PLANNED_FIELDS if name in explicit}
+    if fixed.get("hot_experts") == ALL_EXPERTS:
+        fixed["hot_experts"] = spec.num_experts
+    trace = options.prefetch_trace
+    return PlanRequest(
+        spec,
+        machine,
+        RoutingModel(TraceRouting(RoutingTrace.load(trace))) if trace is not None else None,
+        device_memory_bytes=options.device_memory_bytes,
+        host_memory_bytes=options.host_memory_bytes,
+        sequences=len(lengths),
+        prompt_tokens=max(1, *lengths),
+        new_tokens=max_new_tokens,
+        compression_ratio=store_ratio(files.store),
+        **fixed,
+    )
+
+
+def fixed_fields(explicit: Set[str]) -> Set[str]:
+    """The planned fields the user fixed: options given for an eviction policy fix the policy too."""
+    return explicit | {"eviction"} if "eviction_options" in explicit else explicit
+
+
+def prompt_lengths(model: Path, prompts: Sequence[PromptInput]) -> list[int]:
+    """Tokens of each prompt; text through ``model``'s tokenizer, read only when a prompt is text."""
+    if not prompts:
+        raise InputError("no prompts given; pass at least one prompt")
+    if not any(isinstance(prompt, str) for prompt in prompts):
+        return [len(prompt) for prompt in prompts]
+    tokenizer = _tokenizer(model)
+    return [len(tokenizer.encode(p).ids) if isinstance(p, str) else len(p) for p in prompts]
+
+
+def store_ratio(store: PackedStore | None) -> float | None:
+    """Raw over stored bytes of a store whose blocks are compressed; None for anything else."""
+    if store is None or not any(entry.compressed for entry in store.entries.values()):
+        return None
+    return store.raw_bytes / store.stored_bytes
+
+
+def _tokenizer(model: Path) -> Tokenizer:
+    tokenizer = load_tokenizer(model / TOKENIZER_FILE)
+    if tokenizer is None:
+        raise InputError(f"{model} has no {TOKENIZER_FILE}; pass token ids (--prompt-ids)")
+    return tokenizer

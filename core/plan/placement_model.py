@@ -1,0 +1,184 @@
+"""Where the planner's blocks live and what moving them costs: placement, transfer times, LRU reuse.
+
+Placement follows the engine: the device keeps every weight when they all fit beside the KV cache
+and activations (then nothing moves after the first step), else it streams each layer through LRU;
+the host holds every block when its budget allows (blocks then come from RAM), else it stages a
+window of layers from the drive; a CPU device with no host budget reads blocks from the drive
+straight into its buffers (:func:`reads_into_device`). A transfer time is the slowest stage a block
+passes (drive, decompression spread over the disk threads, host-to-device copy): blocks stream back
+to back. The step model that uses these times is :mod:`klotski_tier.core.plan.pipeline_model`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.plan.costmodel import CostModel
+from klotski_tier.core.plan.pipeline_model import BISECTIONS, Io, LayerWork
+from klotski_tier.core.plan.routing_model import LayerLoads
+from klotski_tier.core.units import format_size
+from klotski_tier.policies.lru import LRUEviction
+from klotski_tier.policies.sweep import SweepEviction
+from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
+
+LRU, SWEEP = LRUEviction.name, SweepEviction.name  # the policies modelled (any other as LRU)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights live while the plan runs."""
+
+    device_resident: bool  # every weight stays in device memory after the first step
+    home: str  # where blocks come from when they are loaded: "host" (RAM) or "disk"
+    host_preload: bool  # read every block into host RAM before the first step
+    host_window_layers: int  # home "disk": whole layers the host budget stages ahead of the device
+    compressed: bool  # read from a compressed store (it pays off against the plain bytes)
+    expert_reuse: float = 0.0  # expected share of used experts still in device memory from earlier steps
+    into_device: bool = False  # a CPU device with no host budget: the drive reads into device buffers
+    eviction: str = LRU  # the device tier's eviction policy: "sweep" keeps a prefix of the layer sweep
+
+    def describe(self) -> str:
+        device = (
+            "every weight stays in device memory"
+            if self.device_resident
+            else "layers stream through device memory"
+        )
+        if not self.device_resident and self.eviction == SWEEP and self.expert_reuse > 0:
+            device = (
+                f"about {self.expert_reuse:.0%} of the weights (the first layers of each step) stay in "
+                "device memory, the rest streams through it"
+            )
+        if self.home == "host":
+            return f"{device}; host RAM holds the whole model"
+        store = "a compressed store" if self.compressed else "the checkpoint"
+        if self.into_device:
+            return f"{device}; blocks are read from {store} on the drive straight into device memory"
+        window = self.host_window_layers
+        return f"{device}; blocks come from {store} on the drive, {window} layer(s) staged in RAM"
+
+
+def placement_for(
+    cost: CostModel,
+    fixed: int,
+    device_budget: int,
+    host_budget: int,
+    preload: bool | None,
+    ratio: float | None,
+) -> Placement:
+    """The engine's placement for these budgets (see the module docstring)."""
+    sizes = cost.sizes
+    resident = fixed + sizes.total <= device_budget
+    into_device = reads_into_device(cost, host_budget)
+    if preload and host_budget < sizes.total:
+        raise BudgetError(
+            f"host preload needs the whole model in host memory ({format_size(sizes.total)}) but the host "
+            f"budget is {format_size(host_budget)}; raise the host memory or turn preload off"
+        )
+    home = "host" if preload or (preload is None and host_budget >= sizes.total) else "disk"
+    compressed = False
+    if home == "disk" and ratio:
+        plain, packed = cost.transfer(sizes.expert, "disk"), cost.transfer(sizes.expert, "disk", ratio)
+        compressed = packed.bottleneck_s < plain.bottleneck_s
+    window = host_budget // sizes.layer if home == "disk" else sizes.num_layers
+    layers = min(window, sizes.num_layers)
+    return Placement(resident, home, home == "host", layers, compressed, into_device=into_device)
+
+
+def reads_into_device(cost: CostModel, host_budget: int) -> bool:
+    """As :func:`klotski_tier.core.runtime.run.reads_into_device`: a CPU device's memory is host memory, so
+    with a host budget of 0 the drive reads every block straight into its device buffer."""
+    return cost.machine.device == "cpu" and host_budget == 0
+
+
+def io_times(
+    cost: CostModel,
+    placement: Placement,
+    ratio: float | None,
+    *,
+    steady: bool,
+    misses: tuple[float, float] = (1, 1),
+) -> Io:
+    """Expected transfer time per block: none once every weight is resident (``steady``), else its
+    time from the placement's home times the chance that it must be loaded (``misses``: of the blocks
+    every step uses, and of the experts; see :func:`lru_misses`)."""
+    if steady and placement.device_resident:
+        return Io(0.0, 0.0, 0.0, 0.0, 0.0)
+    sizes, home = cost.sizes, placement.home
+    ratio = ratio if placement.compressed else None
+    always, experts = misses
+
+    def seconds(nbytes: int, miss: float = always) -> float:
+        return cost.transfer(nbytes, home, ratio, into_device=placement.into_device).bottleneck_s * miss
+
+    return Io(
+        attn=seconds(sizes.attn),
+        gate=seconds(sizes.gate),
+        expert=seconds(sizes.expert, experts),
+        embed=seconds(sizes.embed),
+        head=seconds(sizes.head),
+        parallel=_blocks_at_once(cost, ratio) if home == "disk" else 1,
+        drive_share=cost.transfer(sizes.expert, home, ratio, into_device=placement.into_device).drive_share,
+    )
+
+
+def lru_misses(cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int) -> tuple[float, float]:
+    """The chance that a block a step uses is not resident from earlier steps: for the blocks every
+    step uses, and for the experts (weighted by use). Steps route independently; with LRU a block
+    survives j* steps where j* steps touch ``capacity`` bytes (Che's approximation); one step touches
+    its blocks in layer order, so with less room than one step touches, nothing survives."""
+    sizes = cost.sizes
+    usage = np.stack([load.usage for load in loads])  # [L, E]
+    always = _always_bytes(cost)
+
+    def touched(steps: float) -> float:
+        return always + sizes.expert * float((1.0 - (1.0 - usage) ** steps).sum())
+
+    if capacity < touched(1.0):
+        return 1.0, 1.0
+    if capacity >= always + sizes.expert * float((usage > 0).sum()):
+        return 0.0, 0.0
+    low, high = 1.0, 2.0
+    while touched(high) < capacity:
+        low, high = high, 2 * high
+    for _ in range(BISECTIONS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if touched(middle) < capacity else (low, middle)
+    return 0.0, float((usage * (1.0 - usage) ** low).sum() / max(float(usage.sum()), 1e-300))
+
+
+def sweep_misses(
+    cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int, lru: tuple[float, float]
+) -> tuple[float, float]:
+    """As :func:`lru_misses` (``lru``: its answer), with the ``sweep`` eviction policy: it keeps a
+    prefix of the layer sweep resident, so of the bytes a step touches, those beyond ``capacity`` are
+    read again every step (the same share of every block kind; no worse than LRU)."""
+    usage = np.stack([load.usage for load in loads])  # [L, E]
+    touched = _always_bytes(cost) + cost.sizes.expert * float(usage.sum())
+    missed = 1.0 - min(max(capacity, 0) / touched, 1.0)
+    return min(lru[0], missed), min(lru[1], missed)
+
+
+def _always_bytes(cost: CostModel) -> int:
+    """Bytes of the blocks every step uses: embedding, head, each layer's attention and gate."""
+    sizes = cost.sizes
+    return sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
+
+
+def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:
+    """Experts read at once: the disk pool's threads take one chunk of at most DEFAULT_CHUNK_BYTES each."""
+    chunks = math.ceil(cost.sizes.expert / (ratio or 1.0) / DEFAULT_CHUNK_BYTES)
+    return max(1, math.ceil(cost.machine.io_threads / chunks))
+
+
+def weights_working_set(cost: CostModel, placement: Placement, hot: int, work: tuple[LayerWork, ...]) -> int:
+    """Device bytes of weights the plan needs at once: all of them when resident, else one layer's used
+    experts (leased until computed) plus the next layer's attention, gate and K hot experts."""
+    sizes = cost.sizes
+    if placement.device_resident:
+        return sizes.total
+    used = max((w.distinct_max for w in work), default=0)
+    return sizes.attn + sizes.gate + (hot + used) * sizes.expert

@@ -1,0 +1,148 @@
+"""What the planner is asked (:class:`PlanRequest`) and what it answers: the candidates it tries
+(:class:`Candidate`), the memory each uses per tier (:class:`TierUse`) and the chosen :class:`Plan`.
+The search itself is :mod:`klotski_tier.core.plan.planner`, which re-exports these names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.pipeline_model import (
+    SLACK_TOLERANCE_S,
+    Deadline,
+    Io,
+    LayerWork,
+    StepPrediction,
+    StepShape,
+)
+from klotski_tier.core.plan.placement_model import Placement
+from klotski_tier.core.plan.routing_model import RoutingModel
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan for; ``None`` fields are the planner's to choose (or the machine's figures)."""
+
+    spec: ModelSpec
+    machine: Machine
+    routing: RoutingModel | None = None  # None: the parametric model with the demo's skew
+    device_memory_bytes: int | None = None  # None: the machine's device memory
+    host_memory_bytes: int | None = None  # None: the machine's host memory
+    sequences: int = 8
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    batches: int | None = None  # fixed n
+    batch_size: int | None = None  # fixed bs
+    hot_experts: int | None = None  # fixed K
+    host_preload: bool | None = None  # True: every block in host RAM; False: stream from the drive
+    compression_ratio: float | None = None  # the ratio of a compressed store the run may read
+    eviction: str | None = None  # fixed device eviction policy (modelled as LRU unless "sweep")
+    max_batches: int = 64
+
+    def __post_init__(self) -> None:
+        counts = (self.sequences, self.prompt_tokens, self.new_tokens, self.max_batches)
+        if min(counts) < 1 or min(self.batches or 1, self.batch_size or 1) < 1:
+            raise ConfigError("plan: sequences, prompt and new tokens, batches and batch size must be >= 1")
+        if self.hot_experts is not None and not 0 <= self.hot_experts <= self.spec.num_experts:
+            raise ConfigError(
+                f"plan: hot experts K must be in 0..{self.spec.num_experts}, got {self.hot_experts}"
+            )
+        if self.compression_ratio is not None and self.compression_ratio <= 0:
+            raise ConfigError(f"plan: compression ratio must be positive, got {self.compression_ratio}")
+
+
+@dataclass(frozen=True)
+class TierUse:
+    """One tier under a plan: the bytes it needs to run without memory stalls (and what they are),
+    and its peak (LRU caching fills the budget up to the whole model), against the budget."""
+
+    tier: str
+    needed_bytes: int
+    peak_bytes: int
+    budget_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.budget_bytes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (n, bs, K) the planner tried: its worst deadline and its predicted decode step."""
+
+    batches: int
+    batch_size: int
+    hot_experts: int
+    placement: Placement
+    deadlines: tuple[Deadline, ...]
+    decode: StepPrediction
+    device: TierUse
+    host: TierUse
+    shape: StepShape
+    work: tuple[LayerWork, ...]
+    io: Io
+
+    @property
+    def fits(self) -> bool:
+        return self.device.fits and self.host.fits
+
+    @property
+    def binding(self) -> Deadline:
+        return min(self.deadlines, key=lambda d: d.slack_s)
+
+    @property
+    def meets_deadlines(self) -> bool:
+        return self.binding.slack_s >= -SLACK_TOLERANCE_S
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen plan, its predictions and why (see the module docstring)."""
+
+    batches: int
+    batch_size: int
+    hot_experts: int
+    placement: Placement
+    deadlines: tuple[Deadline, ...]
+    binding: Deadline  # the deadline with the least slack (negative: missed by that much)
+    feasible: bool  # every deadline met in every layer, within every budget
+    decode: StepPrediction
+    prefill: StepPrediction
+    memory: tuple[TierUse, TierUse]  # device, host
+    memory_cap_batches: int  # the largest n whose working set fits at this bs and K
+    why: str
+    advice: tuple[str, ...]
+    sweep: tuple[tuple[int, float, float], ...]  # (n, predicted decode tokens/s, bubble s per step)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode.tokens_per_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill.tokens_per_s
+
+    def engine_options(self) -> dict[str, Any]:
+        """The EngineOptions fields this plan sets."""
+        return {
+            "batches": self.batches,
+            "batch_size": self.batch_size,
+            "hot_experts": self.hot_experts,
+            "host_preload": self.placement.host_preload,
+            "eviction": self.placement.eviction,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, each deadline with its slack, tokens/s of both phases."""
+        data = asdict(self)
+        data["deadlines"] = [d.to_dict() for d in self.deadlines]
+        data["binding"] = self.binding.to_dict()
+        data["decode"] = self.decode.to_dict()
+        data["prefill"] = self.prefill.to_dict()
+        data["memory"] = [{**asdict(m), "fits": m.fits} for m in self.memory]
+        data["placement"] = {**asdict(self.placement), "description": self.placement.describe()}
+        return data

@@ -1,0 +1,400 @@
+"""The constraint-sensitive planner: n, bs, K and placement from the machine, the model and its routing.
+
+The step model it searches over (deadlines (4)-(7) of ARCHITECTURE.md section 2 point 6 and the step
+recurrence) lives in :mod:`klotski_tier.core.plan.pipeline_model`, placement, transfer times and LRU reuse
+in :mod:`klotski_tier.core.plan.placement_model`, the request, candidate and plan types in
+:mod:`klotski_tier.core.plan.plan_types`; their public names are re-exported here.
+
+:func:`make_plan` tries n = 1, 2, ... (up to the sequences, ``max_batches`` and memory: the KV cache
+grows with n * bs) and K in 0..2k (in eight steps when 2k > 8). Among the candidates that meet
+every deadline in every layer and fit (the feasible ones) it keeps the smallest n whose predicted
+decode throughput (at its best K) is within :data:`NEAR_BEST` of the best feasible one: per-job
+costs spread over the n * bs tokens of a group, so throughput often keeps rising with n, but memory
+and latency grow with n too, and a few percent do not buy more batches. If none is feasible, the
+candidate with the least bubble time per token, naming the missed deadline and by how much. Unless
+bs is given, it does so for each bs in powers of two and keeps the best predicted decode throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.plan.costmodel import CostModel
+from klotski_tier.core.plan.pipeline_model import BISECTIONS as BISECTIONS
+from klotski_tier.core.plan.pipeline_model import MAX_SPEEDUP as MAX_SPEEDUP
+from klotski_tier.core.plan.pipeline_model import MEANINGS as MEANINGS
+from klotski_tier.core.plan.pipeline_model import SLACK_TOLERANCE_S as SLACK_TOLERANCE_S
+from klotski_tier.core.plan.pipeline_model import STEADY_STEPS as STEADY_STEPS
+from klotski_tier.core.plan.pipeline_model import Deadline as Deadline
+from klotski_tier.core.plan.pipeline_model import FloatArray as FloatArray
+from klotski_tier.core.plan.pipeline_model import Io as Io
+from klotski_tier.core.plan.pipeline_model import LayerWork as LayerWork
+from klotski_tier.core.plan.pipeline_model import StepPrediction as StepPrediction
+from klotski_tier.core.plan.pipeline_model import StepShape as StepShape
+from klotski_tier.core.plan.pipeline_model import WorkTable as WorkTable
+from klotski_tier.core.plan.pipeline_model import deadlines as deadlines
+from klotski_tier.core.plan.pipeline_model import layer_work as layer_work
+from klotski_tier.core.plan.pipeline_model import least_factor as least_factor
+from klotski_tier.core.plan.pipeline_model import predict_step as predict_step
+from klotski_tier.core.plan.pipeline_model import speedup_to_meet as speedup_to_meet
+from klotski_tier.core.plan.placement_model import LRU, SWEEP
+from klotski_tier.core.plan.placement_model import Placement as Placement
+from klotski_tier.core.plan.placement_model import io_times as io_times
+from klotski_tier.core.plan.placement_model import lru_misses as lru_misses
+from klotski_tier.core.plan.placement_model import placement_for as placement_for
+from klotski_tier.core.plan.placement_model import reads_into_device as reads_into_device
+from klotski_tier.core.plan.placement_model import sweep_misses as sweep_misses
+from klotski_tier.core.plan.placement_model import weights_working_set as weights_working_set
+from klotski_tier.core.plan.plan_types import Candidate as Candidate
+from klotski_tier.core.plan.plan_types import Plan as Plan
+from klotski_tier.core.plan.plan_types import PlanRequest as PlanRequest
+from klotski_tier.core.plan.plan_types import TierUse as TierUse
+from klotski_tier.core.plan.routing_model import LayerLoads, RoutingModel
+from klotski_tier.core.units import format_size
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 64  # largest bs tried when the request leaves it open
+FINE_HOT_EXPERTS = 8  # K is tried one by one up to 2k when 2k is at most this; else in COARSE_HOT_STEPS
+COARSE_HOT_STEPS = 8
+TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
+NEAR_BEST = 0.98  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
+NOTABLE_GAIN = 0.01  # the why names a faster larger n only when it is predicted at least this much faster
+
+
+@dataclass
+class _Context:
+    request: PlanRequest
+    cost: CostModel
+    routing: RoutingModel
+    device_budget: int
+    host_budget: int
+    tables: dict[int, WorkTable] = field(default_factory=dict)
+
+    def work_table(self, tokens: int) -> WorkTable:
+        if tokens not in self.tables:
+            self.tables[tokens] = WorkTable.of(self.routing.loads(tokens), self.cost)
+        return self.tables[tokens]
+
+
+def make_plan(request: PlanRequest) -> Plan:
+    """The plan for ``request``; :class:`BudgetError` when no plan can run within its budgets."""
+    ctx = _context(request)
+    sizes = [request.batch_size] if request.batch_size else _batch_sizes(request.sequences)
+    _check_minimum(ctx, min(sizes))
+    chosen: list[tuple[Candidate, list[Candidate]]] = []
+    for bs in sizes:
+        tried = [c for n in _batch_counts(request, bs) for c in _candidates(ctx, n, bs)]
+        if tried:
+            chosen.append((_choose(tried), tried))
+    best, tried = max(
+        chosen, key=lambda pair: (pair[0].fits, pair[0].decode.tokens_per_s, -pair[0].batch_size)
+    )
+    logger.info("plan: n=%d bs=%d K=%d", best.batches, best.batch_size, best.hot_experts)
+    return _plan(ctx, best, [c for c in tried if c.batch_size == best.batch_size])
+
+
+def _context(request: PlanRequest) -> _Context:
+    routing = request.routing or RoutingModel.default_for(request.spec)
+    routing.check_model(request.spec)
+    machine = request.machine
+    device = (
+        machine.device_memory_bytes if request.device_memory_bytes is None else request.device_memory_bytes
+    )
+    host = machine.host_memory_bytes if request.host_memory_bytes is None else request.host_memory_bytes
+    return _Context(request, CostModel(request.spec, machine), routing, device, host)
+
+
+def _check_minimum(ctx: _Context, batch_size: int) -> None:
+    """The engine's own floor (runtime.minimum_budgets) for the smallest group this request allows."""
+    req, sizes = ctx.request, ctx.cost.sizes
+    batches = req.batches or 1
+    fixed = ctx.cost.fixed_device_bytes(batches, batch_size, req.prompt_tokens, req.new_tokens)
+    if ctx.device_budget < fixed + sizes.largest:
+        raise BudgetError(
+            f"device memory budget {format_size(ctx.device_budget)} is below the minimum working set "
+            f"{format_size(fixed + sizes.largest)} (KV cache and activations of {batches} batch(es) of "
+            f"{batch_size} + the largest block); raise the device memory or shorten the sequences"
+        )
+    if ctx.host_budget < sizes.largest and not reads_into_device(ctx.cost, ctx.host_budget):
+        raise BudgetError(
+            f"host memory budget {format_size(ctx.host_budget)} cannot stage the largest block "
+            f"({format_size(sizes.largest)}); raise the host memory"
+        )
+
+
+def _batch_sizes(sequences: int) -> list[int]:
+    sizes = [1 << i for i in range(int(math.log2(MAX_BATCH_SIZE)) + 1) if 1 << i < sequences]
+    return [*sizes, min(sequences, MAX_BATCH_SIZE)]
+
+
+def _batch_counts(request: PlanRequest, batch_size: int) -> range:
+    if request.batches is not None:
+        return range(request.batches, request.batches + 1)
+    return range(1, min(request.max_batches, math.ceil(request.sequences / batch_size)) + 1)
+
+
+def _hot_counts(ctx: _Context) -> list[int]:
+    spec = ctx.request.spec
+    if ctx.request.hot_experts is not None:
+        return [ctx.request.hot_experts]
+    most = min(spec.num_experts, 2 * spec.top_k)
+    if most <= FINE_HOT_EXPERTS:
+        return list(range(most + 1))
+    return sorted({round(most * step / COARSE_HOT_STEPS) for step in range(COARSE_HOT_STEPS + 1)})
+
+
+def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
+    """Every K at (n, bs); none when even the engine's floor does not fit this group."""
+    req, cost = ctx.request, ctx.cost
+    fixed = cost.fixed_device_bytes(n, bs, req.prompt_tokens, req.new_tokens)
+    if fixed + cost.sizes.largest > ctx.device_budget:
+        return []
+    placement = placement_for(
+        cost, fixed, ctx.device_budget, ctx.host_budget, req.host_preload, req.compression_ratio
+    )
+    shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
+    loads = ctx.routing.loads(shape.tokens)
+    in_use = (
+        cost.sizes.attn
+        + cost.sizes.gate
+        + (req.spec.top_k + max(load.distinct_max() for load in loads)) * cost.sizes.expert
+    )
+    eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
+    placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
+    io = io_times(cost, placement, req.compression_ratio, steady=True, misses=misses)
+    return [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
+
+
+def _eviction(
+    fixed: str | None, cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int
+) -> tuple[str, tuple[float, float]]:
+    """The device's eviction policy and its chance of missing a block a step uses (of every block kind,
+    of the experts), given ``capacity`` bytes beyond a layer's blocks in use: ``fixed`` when the user
+    chose one (any but "sweep" modelled as LRU), else "sweep" where it keeps more than LRU."""
+    lru = lru_misses(cost, loads, capacity)
+    if fixed is not None and fixed != SWEEP:
+        return fixed, lru
+    sweep = sweep_misses(cost, loads, capacity, lru)
+    if fixed == SWEEP or sweep < lru:
+        return SWEEP, sweep
+    return LRU, lru
+
+
+def _candidate(
+    ctx: _Context, shape: StepShape, hot: int, placement: Placement, io: Io, fixed: int
+) -> Candidate:
+    cost, req = ctx.cost, ctx.request
+    work = ctx.work_table(shape.tokens).work(hot)
+    weights = weights_working_set(cost, placement, hot, work)
+    window = (ctx.device_budget - fixed) // cost.sizes.expert
+    decode = predict_step(shape, hot, work, io, window)
+    kv = shape.batches * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
+    total = cost.sizes.total
+    parts = {"KV cache": kv, "activations": fixed - kv, "weights": weights}
+    device = TierUse(
+        "device", fixed + weights, min(fixed + total, ctx.device_budget), ctx.device_budget, parts
+    )
+    # from the drive, the host holds each block from its read until its copy: io_threads reads and a copy
+    staging = total if placement.home == "host" else (cost.machine.io_threads + 1) * cost.sizes.largest
+    staging = 0 if placement.into_device else staging
+    host = TierUse("host", staging, min(total, ctx.host_budget), ctx.host_budget, {"weights": staging})
+    found = deadlines(shape, hot, work, io)
+    return Candidate(
+        shape.batches, shape.batch_size, hot, placement, found, decode, device, host, shape, work, io
+    )
+
+
+def _choose(tried: list[Candidate]) -> Candidate:
+    """Feasible: the smallest n near the best throughput (:func:`_near_best`); else least bubble per
+    token among those that fit; else among all."""
+    feasible = _feasible(tried)
+    if feasible:
+        return _near_best(feasible)
+    fitting = [c for c in tried if c.fits] or tried
+    return min(
+        fitting, key=lambda c: (c.decode.bubble_s / c.decode.tokens, -c.decode.tokens_per_s, c.batches)
+    )
+
+
+def _feasible(tried: list[Candidate]) -> list[Candidate]:
+    return [c for c in tried if c.fits and c.meets_deadlines]
+
+
+def _near_best(feasible: list[Candidate]) -> Candidate:
+    """The smallest n with a candidate within NEAR_BEST of the best predicted tokens/s; its best K."""
+    best = max(c.decode.tokens_per_s for c in feasible)
+    n = min(c.batches for c in feasible if c.decode.tokens_per_s >= NEAR_BEST * best)
+    return max((c for c in feasible if c.batches == n), key=lambda c: c.decode.tokens_per_s)
+
+
+def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
+    req, cost = ctx.request, ctx.cost
+    shape = StepShape.prefill(cost, best.batches, best.batch_size, req.prompt_tokens)
+    work = ctx.work_table(shape.tokens).work(best.hot_experts)
+    fixed = best.device.parts["KV cache"] + best.device.parts["activations"]
+    io = io_times(cost, best.placement, req.compression_ratio, steady=False)
+    prefill = predict_step(
+        shape, best.hot_experts, work, io, (ctx.device_budget - fixed) // cost.sizes.expert
+    )
+    same_k = [c for c in tried if c.hot_experts == best.hot_experts]
+    cap = max((c.batches for c in same_k if c.fits), default=best.batches)
+    sweep = tuple((c.batches, c.decode.tokens_per_s, c.decode.bubble_s) for c in same_k)
+    feasible = best.fits and best.meets_deadlines
+    return Plan(
+        batches=best.batches,
+        batch_size=best.batch_size,
+        hot_experts=best.hot_experts,
+        placement=best.placement,
+        deadlines=best.deadlines,
+        binding=best.binding,
+        feasible=feasible,
+        decode=best.decode,
+        prefill=prefill,
+        memory=(best.device, best.host),
+        memory_cap_batches=cap,
+        why=_why(ctx, best, cap, _feasible(tried)),
+        advice=tuple(_advice(ctx, best, cap, feasible)),
+        sweep=sweep,
+    )
+
+
+def _why(ctx: _Context, best: Candidate, cap: int, feasible: list[Candidate]) -> str:
+    if best.fits and best.meets_deadlines:
+        return _why_feasible(best, feasible)
+    if best.meets_deadlines:  # loads would hide, but the plan does not fit a budget
+        return _why_too_big(best)
+    binding = best.binding
+    req = ctx.request
+    top = _batch_counts(req, best.batch_size).stop - 1
+    limit = f"device memory holds the KV cache of at most n={cap}"
+    if cap >= top:
+        limit = f"{req.sequences} sequences in batches of {best.batch_size} allow n <= {top}"
+    return (
+        f"no n hides every load ({limit}): deadline ({binding.number}), {binding.meaning}, is missed by "
+        f"{-binding.slack_s * 1e3:.2f} ms in layer {binding.layer}; n={best.batches} has the least bubble "
+        "time per token"
+    )
+
+
+def _why_too_big(best: Candidate) -> str:
+    """Why a plan whose loads would all hide is still no plan: a tier's needs exceed its budget."""
+    over = [use for use in (best.device, best.host) if not use.fits]
+    needs = "; ".join(
+        f"{use.tier} memory needs {format_size(use.needed_bytes)} of a {format_size(use.budget_bytes)} budget"
+        for use in over
+    )
+    return (
+        f"no plan fits the budgets: n={best.batches} x bs={best.batch_size} with K={best.hot_experts}, the "
+        f"least bubble per token of those tried, does not ({needs}); its loads would hide behind compute"
+    )
+
+
+def _why_feasible(best: Candidate, feasible: list[Candidate]) -> str:
+    """Why this n among those that meet every deadline (see :func:`_near_best`), and what it hides."""
+    n, speed, resident = best.batches, _speed(best), best.placement.device_resident
+    smallest = max((c for c in feasible if c.batches == min(f.batches for f in feasible)), key=_speed)
+    fastest = max(feasible, key=_speed)
+    faster = _speed(fastest) / speed - 1  # how much faster the fastest feasible candidate is predicted
+    nothing_moves = "every weight fits in device memory, so nothing moves after the first step"
+    if n == smallest.batches and resident:
+        why = f"{nothing_moves}: n={n} is enough"
+    elif n == smallest.batches:
+        why = f"n={n} is the smallest number of batches whose loads hide behind compute in every layer"
+    else:
+        best_at = "the best predicted throughput"
+        best_at = f"within {1 - NEAR_BEST:.0%} of {best_at}" if faster >= NOTABLE_GAIN else best_at
+        why = (
+            f"n={n}: {best_at}; n={smallest.batches} meets every deadline too but is predicted "
+            f"{1 - _speed(smallest) / speed:.0%} slower"
+        )
+    if faster >= NOTABLE_GAIN:
+        why += (
+            f"; n={fastest.batches} is predicted only {faster:.1%} faster, not worth "
+            f"{fastest.batches / n:.3g}x the KV cache"
+        )
+    if resident:
+        return why if n == smallest.batches else f"{why}; {nothing_moves}"
+    binding = best.binding
+    return (
+        f"{why}; the tightest deadline is ({binding.number}) {binding.meaning}, "
+        f"with {binding.slack_s * 1e3:.2f} ms to spare"
+    )
+
+
+def _speed(candidate: Candidate) -> float:
+    return candidate.decode.tokens_per_s
+
+
+def _advice(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> list[str]:
+    """Plain-words changes that would relax the binding deadline."""
+    if feasible:
+        return []
+    advice: list[str] = []
+    cost, req, placement = ctx.cost, ctx.request, best.placement
+    link = _binding_link(cost, placement, req.compression_ratio)
+    link_field = {"drive": "disk_read_gbps", "host-to-device link": "host_to_device_gbps"}.get(link)
+    if link_field is not None:
+        gbps = getattr(cost.machine, link_field)
+        factor = _link_speedup(ctx, best, link_field)
+        if math.isfinite(factor):
+            advice.append(
+                f"a faster {link}: at {gbps * factor:.2f} GB/s instead of {gbps:.2f} every deadline would "
+                f"be met with n={best.batches}"
+            )
+        else:
+            advice.append(
+                f"a faster {link} alone is not enough: even without its {gbps:.2f} GB/s limit, the other "
+                "stages (host-to-device copies, decompression) or the compute of n batches miss a deadline"
+            )
+    if cap == best.batches and req.batches is None and cap < _batch_counts(req, best.batch_size).stop - 1:
+        extra = cost.fixed_device_bytes(1, best.batch_size, req.prompt_tokens, req.new_tokens)
+        advice.append(
+            f"more device memory: each further batch of {best.batch_size} needs {format_size(extra)} of KV "
+            "cache and activations, and more batches share every load"
+        )
+    if cap >= _batch_counts(req, best.batch_size).stop - 1 and req.batches is None:
+        advice.append(
+            f"more sequences at once: {req.sequences} in batches of {best.batch_size} make at most "
+            f"{best.batches} batches; more batches would share every load"
+        )
+    if placement.home == "disk":
+        missing = format_size(max(cost.sizes.total - ctx.host_budget, 0))
+        advice.append(
+            f"more host memory: {missing} more holds the whole model in RAM (host.preload), so experts "
+            "come over the host link instead of from the drive"
+        )
+    if placement.home == "disk" and not placement.compressed and link == "drive":
+        ratio = req.compression_ratio or TYPICAL_ZSTD_RATIO
+        advice.append(
+            f"compression: a zstd store (`klotski-tier pack --compress zstd`, ratio ~{ratio:.2f}) reads "
+            f"{1 / ratio:.0%} of the bytes from the drive, if the disk threads decode fast enough"
+        )
+    return advice
+
+
+def _binding_link(cost: CostModel, placement: Placement, ratio: float | None) -> str:
+    """The slowest stage experts pass on their way to the device."""
+    ratio = ratio if placement.compressed else None
+    expert = cost.transfer(cost.sizes.expert, placement.home, ratio, into_device=placement.into_device)
+    if expert.copy_s >= max(expert.disk_s, expert.decode_s / expert.io_threads):
+        return "host-to-device link"
+    return "drive" if expert.disk_s >= expert.decode_s / expert.io_threads else "decompression"
+
+
+def _link_speedup(ctx: _Context, best: Candidate, link_field: str) -> float:
+    """How many times faster the machine's ``link_field`` link must be for every deadline of ``best``."""
+    req, machine = ctx.request, ctx.cost.machine
+
+    def met(factor: float) -> bool:
+        faster = dataclasses.replace(machine, **{link_field: getattr(machine, link_field) * factor})
+        io = io_times(CostModel(req.spec, faster), best.placement, req.compression_ratio, steady=True)
+        return all(
+            d.slack_s >= -SLACK_TOLERANCE_S for d in deadlines(best.shape, best.hot_experts, best.work, io)
+        )
+
+    return least_factor(met)

@@ -1,0 +1,1 @@
+"""The engine: configuration, residency, the Klotski pipeline, compute, the Python API."""

@@ -1,0 +1,293 @@
+"""Configuration: the frozen :class:`EngineOptions`, read from TOML files and built-in presets.
+
+A configuration file has one table per concern; every key is optional::
+
+    [pipeline]
+    batches = 4              # n: batches in a group sharing every loaded weight
+    batch_size = 8           # bs: sequences per batch
+    hot_experts = 2          # K: experts prefetched per layer (default: the router's top-k; "all": E)
+    schedule = "klotski"     # "klotski" (I/O overlaps compute) or "sequential" (load, then compute)
+    expert_order = "ready-first"  # "ready-first" (Klotski's reordering) or "index" (expert 0, 1, ...)
+
+    [device]
+    memory = "20GiB"         # byte budget, or "unlimited"
+    type = "cuda"            # cpu, cuda or cuda:N (default: cuda when present)
+
+    [host]
+    memory = "64GiB"
+    preload = false          # read every weight into host RAM before running
+
+    [disk]
+    driver = "disk"          # a name in the tier-driver registry
+    queue_depth = 4          # reads in flight
+
+    [prefetch]
+    policy = "correlation"   # a name in the prefetch-policy registry
+    trace = "warmup.npz"     # routing trace: warm-up for learning policies, the truth for "oracle"
+    state = "table.json"     # learned state saved by an earlier run
+    save_state = "table.json"  # where to save the learned state after the run (only when set)
+    options = { decay = 0.99 }   # the policy's own keyword arguments
+
+    [eviction]
+    policy = "lru"
+    options = {}
+
+Layering: built-in defaults, then a preset (``--preset``), then the file (``--config``), then
+command-line flags. Every value is checked when loaded; an error names the file, the key,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.units import GIB, KIB, MIB, parse_size
+
+UNLIMITED = "unlimited"
+ALL_EXPERTS = "all"  # hot_experts: prefetch every expert of a layer (K = E)
+
+KLOTSKI = "klotski"  # schedule: prefetch ahead, fetch experts at the gate, overlap I/O with compute
+SEQUENTIAL = "sequential"  # schedule: per layer, load what is needed, then compute; nothing ahead
+SCHEDULES = (KLOTSKI, SEQUENTIAL)
+
+READY_FIRST = "ready-first"  # expert order: resident experts first (most tokens first), then as loaded
+INDEX = "index"  # expert order: by expert id, each expert fetched when its turn comes
+EXPERT_ORDERS = (READY_FIRST, INDEX)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run: the batch group shape, memory budgets, policies and drivers."""
+
+    batches: int = 2  # n: batches in a group sharing every loaded weight
+    batch_size: int = 4  # bs: sequences per batch
+    hot_experts: int | Literal["all"] | None = None  # K prefetched per layer; None: top-k; "all": E
+    device_memory_bytes: int | None = None  # None: no limit
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
+    host_memory_bytes: int | None = None  # None: no limit
+    host_preload: bool = False  # read every block into host RAM before the first step
+    disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
+    disk_queue_depth: int = 4
+    prefetch: str = "correlation"  # the Klotski predictor (falls back to frequency until it has learned)
+    prefetch_options: Mapping[str, Any] = field(default_factory=dict)
+    prefetch_trace: Path | None = None  # routing trace: warm-up, or the truth for an oracle
+    prefetch_state: Path | None = None  # learned policy state saved by an earlier run
+    prefetch_save_state: Path | None = None  # save the learned state here after each run
+    eviction: str = "lru"
+    eviction_options: Mapping[str, Any] = field(default_factory=dict)
+    schedule: str = KLOTSKI  # one of SCHEDULES; "sequential" ignores prefetch, hot_experts, expert_order
+    expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
+
+    def __post_init__(self) -> None:
+        for name in ("batches", "batch_size", "disk_queue_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _check_hot_experts("hot_experts", self.hot_experts)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
+        for name in ("device_memory_bytes", "host_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must not be negative, got {value}")
+
+
+def _check_hot_experts(key: str, value: object) -> None:
+    if value is None or value == ALL_EXPERTS:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f'{key} must be an integer >= 0 or "{ALL_EXPERTS}", got {value!r}')
+
+
+def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# ---- reading TOML --------------------------------------------------------------------------
+
+_Reader = Callable[[str, Any], Any]
+
+
+def _integer(minimum: int) -> _Reader:
+    def read(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    return read
+
+
+def _size(key: str, value: Any) -> int | None:
+    if value == UNLIMITED:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f'{key} must be a size such as "512MiB" or "{UNLIMITED}", got {value!r}')
+    if isinstance(value, int) and value < 0:
+        raise ConfigError(f"{key} must not be negative, got {value}")
+    return parse_size(value, what=key)
+
+
+def _hot_experts(key: str, value: Any) -> int | str:
+    _check_hot_experts(key, value)
+    result: int | str = value
+    return result
+
+
+def _choice(*allowed: str) -> _Reader:
+    def read(key: str, value: Any) -> str:
+        _check_choice(key, value, allowed)
+        result: str = value
+        return result
+
+    return read
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _path(key: str, value: Any) -> Path:
+    return Path(_text(key, value)).expanduser()
+
+
+def _table(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a table of the policy's options, got {value!r}")
+    return dict(value)
+
+
+# section -> key -> (EngineOptions field, reader)
+SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
+    "pipeline": {
+        "batches": ("batches", _integer(1)),
+        "batch_size": ("batch_size", _integer(1)),
+        "hot_experts": ("hot_experts", _hot_experts),
+        "schedule": ("schedule", _choice(*SCHEDULES)),
+        "expert_order": ("expert_order", _choice(*EXPERT_ORDERS)),
+    },
+    "device": {"memory": ("device_memory_bytes", _size), "type": ("device", _text)},
+    "host": {"memory": ("host_memory_bytes", _size), "preload": ("host_preload", _flag)},
+    "disk": {"driver": ("disk_driver", _text), "queue_depth": ("disk_queue_depth", _integer(1))},
+    "prefetch": {
+        "policy": ("prefetch", _text),
+        "options": ("prefetch_options", _table),
+        "trace": ("prefetch_trace", _path),
+        "state": ("prefetch_state", _path),
+        "save_state": ("prefetch_save_state", _path),
+    },
+    "eviction": {"policy": ("eviction", _text), "options": ("eviction_options", _table)},
+}
+
+
+def parse_config(document: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """EngineOptions fields set by a parsed TOML ``document``; errors name ``source`` and the key."""
+    fields: dict[str, Any] = {}
+    for section, table in document.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]; valid sections: {', '.join(SCHEMA)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys, got {table!r}")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                valid = ", ".join(SCHEMA[section])
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key}; valid keys in [{section}]: {valid}"
+                )
+            name, read = SCHEMA[section][key]
+            try:
+                fields[name] = read(f"{section}.{key}", value)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
+    return fields
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """EngineOptions fields set by the TOML file at ``path``."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    fields = parse_config(document, source=str(path))
+    for name in ("prefetch_trace", "prefetch_state", "prefetch_save_state"):
+        if name in fields and not fields[name].is_absolute():
+            fields[name] = path.parent / fields[name]  # relative to the file that names it
+    return fields
+
+
+def build_options(
+    *, preset: str | None = None, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> EngineOptions:
+    """Defaults, then ``preset``, then ``config_file``, then ``overrides`` (flags given by the user)."""
+    from klotski_tier.core.runtime.presets import preset_fields
+
+    fields: dict[str, Any] = {}
+    if preset is not None:
+        fields.update(preset_fields(preset))
+    if config_file is not None:
+        fields.update(read_config_file(config_file))
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return EngineOptions(**fields)
+
+
+# ---- writing TOML ----------------------------------------------------------------------------
+
+
+def to_toml(options: EngineOptions) -> str:
+    """The effective configuration as a TOML document that :func:`read_config_file` reads back."""
+    lines: list[str] = []
+    for section, keys in SCHEMA.items():
+        lines.append(f"[{section}]")
+        for key, (name, _) in keys.items():
+            value = getattr(options, name)
+            if value is None and name.endswith("_memory_bytes"):
+                lines.append(f'{key} = "{UNLIMITED}"')
+                continue
+            if value is None:
+                lines.append(f"# {key} = (default)")
+                continue
+            lines.append(f"{key} = {_toml_value(name, value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(name: str, value: Any) -> str:
+    if name.endswith("_memory_bytes"):
+        return _size_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k} = {_toml_value('', v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return repr(value)
+
+
+def _size_text(nbytes: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if nbytes and nbytes % scale == 0:
+            return f'"{nbytes // scale}{unit}"'
+    return str(nbytes)
+
+
+def replace(options: EngineOptions, **changes: Any) -> EngineOptions:
+    """A copy of ``options`` with ``changes`` (validated again)."""
+    return dataclasses.replace(options, **changes)

@@ -1,0 +1,378 @@
+"""The residency manager: the single record of where every block is.
+
+Tiers, fastest last: ``disk`` (the home of every block: the checkpoint), ``host`` (RAM) and
+``device`` (where compute runs). For each memory tier a :class:`TierLedger` holds the
+blocks present there and enforces the tier's byte budget; the eviction policy orders the
+victims. The life of a block in a tier::
+
+    absent --reserve room--> in flight --bytes landed--> resident --lease--> leased
+      ^                          |                          |  ^              |
+      |                          | load failed              |  +--release---+
+      +--------------------------+-------- evicted <--------+  (only when not leased)
+
+One readiness future per (block, tier) is shared by every waiter; a waiter that is
+cancelled does not cancel the load, and a load's buffer is not freed while a tier driver's
+thread may still write it (drivers return only when their threads are done).
+
+Demand loads (:meth:`Residency.request`, :meth:`Residency.acquire`) wait for room: the
+pipeline's releases make room. A prefetch (:meth:`Residency.prefetch`) never waits and
+never evicts a leased block: "no room" is a ``False`` return that changes nothing.
+A block is leased from the moment it is requested, in flight or not, so nothing a
+computation is waiting for can be evicted under it.
+
+Disk reads wait in a :class:`~klotski_tier.core.runtime.read_queue.ReadQueue` and reach the disk driver
+by urgency, a few blocks at a time: demand first, then prefetched attention, gate, embedding and
+head blocks, then prefetched experts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, BlockWeights
+from klotski_tier.core.observe.metrics import TierStats
+from klotski_tier.core.runtime.read_queue import DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
+from klotski_tier.core.store.block_source import BlockSource
+from klotski_tier.core.units import format_size
+from klotski_tier.policies.eviction import EvictionPolicy
+from klotski_tier.tiers.device import CopyDone, DeviceDriver
+from klotski_tier.tiers.disk import DEFAULT_QUEUE_DEPTH
+from klotski_tier.tiers.host import HostDriver
+
+if TYPE_CHECKING:
+    from klotski_tier.core.observe.timeline import Timeline
+
+logger = logging.getLogger(__name__)
+
+HOST = "host"
+DEVICE = "device"
+
+
+class State(enum.Enum):
+    ABSENT = "absent"
+    IN_FLIGHT = "in flight"
+    RESIDENT = "resident"
+    LEASED = "leased"
+
+
+@dataclass(eq=False)
+class _Entry:
+    block: BlockId
+    nbytes: int
+    ready: asyncio.Future[None]
+    buffer: torch.Tensor | None = None
+    copy_done: CopyDone | None = None
+    leases: int = 0
+    reserved: bool = False  # its bytes are counted in the ledger
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def resident(self) -> bool:
+        return self.ready.done() and self.ready.exception() is None
+
+
+@dataclass(eq=False)
+class TierLedger:
+    """Blocks present in one memory tier, and the bytes they take against its budget."""
+
+    name: str
+    capacity_bytes: int
+    eviction: EvictionPolicy[BlockId]
+    stats: TierStats
+    fixed_bytes: int = 0  # reserved outside blocks (KV cache, activations)
+    entries: dict[BlockId, _Entry] = field(default_factory=dict)
+    used_bytes: int = 0
+    demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
+
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.fixed_bytes - self.used_bytes
+
+    def take(self, nbytes: int) -> None:
+        self.used_bytes += nbytes
+        self.stats.observe_peak(self.used_bytes + self.fixed_bytes)
+
+    def make_room(self, nbytes: int) -> bool:
+        """Evict unleased resident blocks until ``nbytes`` fit; False (nothing evicted) if they cannot."""
+        if self.free_bytes() >= nbytes:
+            return True
+        victims: list[_Entry] = []
+        room = self.free_bytes()
+        for block in self.eviction.victims():
+            entry = self.entries[block]
+            if entry.leases == 0 and entry.resident:
+                victims.append(entry)
+                room += entry.nbytes
+                if room >= nbytes:
+                    break
+        if room < nbytes:
+            return False
+        for entry in victims:
+            self.drop(entry)
+            self.stats.evictions += 1
+        return True
+
+    def drop(self, entry: _Entry) -> None:
+        del self.entries[entry.block]
+        if entry.block in self.eviction:
+            self.eviction.on_remove(entry.block)
+        if entry.reserved:
+            self.used_bytes -= entry.nbytes
+            entry.reserved = False
+        entry.buffer = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A device-resident block held for a computation; release it through the manager."""
+
+    block: BlockId
+    weights: BlockWeights
+    copy_done: CopyDone | None
+
+
+class Residency:
+    """Moves blocks disk -> host -> device on demand or ahead of time, within byte budgets."""
+
+    def __init__(
+        self,
+        layouts: Mapping[BlockId, BlockLayout],
+        *,
+        source: BlockSource,
+        host: HostDriver,
+        device: DeviceDriver,
+        host_ledger: TierLedger,
+        device_ledger: TierLedger,
+        timeline: Timeline | None = None,
+        disk_to_device: bool = False,
+        disk_slots: int = DEFAULT_QUEUE_DEPTH,
+    ) -> None:
+        self._layouts = layouts
+        self._disk_to_device = disk_to_device  # a CPU device without a host tier: read straight into it
+        self._source = source
+        self._host = host
+        self._device = device
+        self.host = host_ledger
+        self.device = device_ledger
+        self._room = asyncio.Condition()
+        self._timeline = timeline
+        self._reads = ReadQueue(disk_slots, self._urgency)  # blocks in the disk driver: its queue depth
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def state(self, block: BlockId, tier: str = DEVICE) -> State:
+        entry = self._ledger(tier).entries.get(block)
+        if entry is None:
+            return State.ABSENT
+        if not entry.ready.done():
+            return State.IN_FLIGHT
+        return State.LEASED if entry.leases else State.RESIDENT
+
+    # ---- the pipeline's calls ------------------------------------------------------------
+
+    def request(self, block: BlockId) -> asyncio.Future[Lease]:
+        """Lease ``block`` on the device now; the future resolves once it is resident there."""
+        entry = self.device.entries.get(block)
+        if entry is None:
+            entry = self._start(self.device, block, self._load_device, wait_for_room=True)
+        entry.leases += 1
+        lease = asyncio.ensure_future(self._lease_when_ready(entry))
+        lease.add_done_callback(_mark_retrieved)  # a run that fails early never awaits every request
+        self._reads.dispatch()  # a prefetch waiting for the disk may have become demand
+        return lease
+
+    async def acquire(self, block: BlockId) -> Lease:
+        return await self.request(block)
+
+    def prefetch(self, block: BlockId) -> bool:
+        """Start loading ``block`` to the device if absent and there is room now; never waits."""
+        if block in self.device.entries:
+            return True
+        nbytes = self._layouts[block].nbytes
+        if self.device.demand_waiting or not self.device.make_room(nbytes):
+            return False
+        self.device.take(nbytes)
+        entry = self._start(self.device, block, self._load_device, wait_for_room=False)
+        entry.reserved = True
+        return True
+
+    async def stage_in_host(self, block: BlockId) -> None:
+        """Make ``block`` resident in host RAM (waiting for room), without leasing it."""
+        entry = await self._lease_host(block)
+        entry.leases -= 1
+        await self._notify_room()
+
+    async def release(self, lease: Lease) -> None:
+        entry = self.device.entries.get(lease.block)
+        assert entry is not None and entry.leases > 0, f"{lease.block} released without a lease"
+        entry.leases -= 1
+        await self._notify_room()
+
+    async def aclose(self) -> None:
+        """Cancel loads still running and wait until no driver thread touches a buffer."""
+        tasks = [e.task for ledger in (self.device, self.host) for e in ledger.entries.values() if e.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def _start(
+        self,
+        ledger: TierLedger,
+        block: BlockId,
+        load: Callable[[_Entry], Any],
+        *,
+        wait_for_room: bool,
+    ) -> _Entry:
+        loop = asyncio.get_running_loop()
+        entry = _Entry(block, self._layouts[block].nbytes, loop.create_future())
+        ledger.entries[block] = entry
+        entry.task = loop.create_task(self._run_load(ledger, entry, load, wait_for_room))
+        return entry
+
+    async def _run_load(
+        self, ledger: TierLedger, entry: _Entry, load: Callable[[_Entry], Any], wait_for_room: bool
+    ) -> None:
+        try:
+            if wait_for_room:
+                await self._reserve(ledger, entry)
+            await load(entry)
+        except BaseException as exc:
+            ledger.drop(entry)
+            await self._notify_room()
+            if not entry.ready.done():
+                entry.ready.set_exception(exc)
+                entry.ready.exception()  # mark retrieved: waiters re-raise it themselves
+            if not isinstance(exc, Exception):
+                raise
+            return
+        ledger.eviction.on_insert(entry.block, entry.nbytes)
+        entry.task = None
+        entry.ready.set_result(None)
+        await self._notify_room()  # a resident block nobody leases is a victim a waiting load can evict
+
+    async def _reserve(self, ledger: TierLedger, entry: _Entry) -> None:
+        nbytes = entry.nbytes
+        room_at_best = ledger.capacity_bytes - ledger.fixed_bytes
+        if nbytes > room_at_best:
+            raise BudgetError(
+                f"{ledger.name} budget leaves {format_size(room_at_best)} for weights but one block needs "
+                f"{format_size(nbytes)}; raise --{ledger.name}-memory"
+            )
+        async with self._room:
+            ledger.demand_waiting += 1
+            try:
+                await self._room.wait_for(lambda: ledger.make_room(nbytes))
+            finally:
+                ledger.demand_waiting -= 1
+            ledger.take(nbytes)
+            entry.reserved = True
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    async def _load_device(self, entry: _Entry) -> None:
+        host_entry = self.host.entries.get(entry.block)
+        if self._disk_to_device and (host_entry is None or not host_entry.resident):
+            await self._read_into_device(entry)
+            return
+        host_entry = await self._lease_host(entry.block)
+        try:
+            assert host_entry.buffer is not None
+            buffer = self._device.allocate(entry.nbytes)
+            source = host_entry.buffer[: entry.nbytes]  # a store's host buffer may hold padding too
+            done = await self._device.copy_from_host(buffer, source)
+            entry.copy_done = done
+            self.device.stats.add_transfer(entry.nbytes, done.end_s - done.start_s)
+            if self._timeline is not None:  # timed in the copy thread: one copy at a time
+                self._timeline.span(
+                    "copy host→device", str(entry.block), done.start_s, done.end_s, **_args(entry)
+                )
+            entry.buffer = buffer
+        finally:
+            host_entry.leases -= 1
+            await self._notify_room()
+
+    async def _read_into_device(self, entry: _Entry) -> None:
+        """A CPU device's memory is host memory: read the block from disk straight into its buffer.
+
+        The buffer comes from the host driver (page-aligned, so O_DIRECT reads land in place) but is
+        counted in the device tier only: no second copy, no host-to-device memcpy.
+        """
+        await self._read_from_disk(entry, self.device)
+
+    async def _lease_host(self, block: BlockId) -> _Entry:
+        entry = self.host.entries.get(block)
+        if entry is None:
+            entry = self._start(self.host, block, self._load_host, wait_for_room=True)
+        entry.leases += 1
+        if block in self.host.eviction:
+            self.host.eviction.on_access(block)
+        try:
+            await asyncio.shield(entry.ready)
+        except BaseException:
+            entry.leases -= 1
+            raise
+        return entry
+
+    async def _load_host(self, entry: _Entry) -> None:
+        await self._read_from_disk(entry, self.host)
+
+    async def _read_from_disk(self, entry: _Entry, ledger: TierLedger) -> None:
+        """Read ``entry``'s block from disk into a fresh page-aligned host buffer counted in ``ledger``."""
+        buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
+        async with self._reads.slot(entry.block):
+            started = time.perf_counter()
+            await self._source.read(entry.block, buffer)
+            ended = time.perf_counter()
+        ledger.stats.add_transfer(entry.nbytes, ended - started)
+        if self._timeline is not None:
+            self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
+        entry.buffer = buffer
+
+    async def _lease_when_ready(self, entry: _Entry) -> Lease:
+        try:
+            await asyncio.shield(entry.ready)
+        except BaseException:
+            entry.leases -= 1
+            with contextlib.suppress(RuntimeError):
+                await self._notify_room()
+            raise
+        assert entry.buffer is not None, f"{entry.block} resident without a buffer"
+        if entry.block in self.device.eviction:  # each lease is a use, a block loaded on demand's too
+            self.device.eviction.on_access(entry.block)
+        weights = self._layouts[entry.block].tensors(entry.buffer)
+        return Lease(entry.block, weights, entry.copy_done)
+
+    def _urgency(self, block: BlockId) -> int:
+        """How soon a read of ``block`` is needed: demand, next weights or speculative (see ReadQueue)."""
+        entry = self.device.entries.get(block)
+        if entry is None or entry.leases:
+            return DEMAND
+        return SPECULATIVE if block.kind is BlockKind.EXPERT else NEXT_WEIGHTS
+
+    def _ledger(self, tier: str) -> TierLedger:
+        return {HOST: self.host, DEVICE: self.device}[tier]
+
+
+def _mark_retrieved(future: asyncio.Future[Lease]) -> None:
+    """Mark a failed request's error as seen: whoever awaits it still gets it, and asyncio does not log
+    "exception was never retrieved" for requests a failed run abandoned (the run reports the first)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _args(entry: _Entry) -> dict[str, object]:
+    """What a timeline span of a block's move carries: its kind (for colors) and size."""
+    return {"kind": entry.block.kind.value, "bytes": entry.nbytes}

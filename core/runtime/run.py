@@ -1,0 +1,217 @@
+"""One run's machinery, wired together: tier drivers, ledgers, residency, compute, pipeline.
+
+:class:`Runtime` is an async context manager: entering it opens the drivers inside the
+running event loop, leaving it cancels outstanding loads, waits until no driver thread
+touches a buffer, and shuts every executor down. :func:`check_budgets` refuses, before any
+byte moves, budgets that cannot hold the minimum working set, and says what that minimum is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+import torch
+
+from klotski_tier.core.errors import BudgetError, ConfigError
+from klotski_tier.core.model.layouts import ModelFiles, largest_block_bytes, total_block_bytes
+from klotski_tier.core.observe.metrics import RunMetrics, TierStats
+from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
+from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.runtime.compute import ComputeRunner
+from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.pipeline import Pipeline
+from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, TierLedger
+from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
+from klotski_tier.core.store.block_source import BlockSource
+from klotski_tier.core.units import format_size
+from klotski_tier.policies.prefetch import PrefetchPolicy
+from klotski_tier.policies.registry import make_eviction
+from klotski_tier.tiers.device import DeviceDriver, resolve_device
+from klotski_tier.tiers.disk import DiskDriver
+from klotski_tier.tiers.host import HostDriver
+from klotski_tier.tiers.registry import TIER_DRIVERS
+
+logger = logging.getLogger(__name__)
+
+UNLIMITED_BYTES = 1 << 62
+"""Budget of a tier the user did not limit."""
+
+
+def fixed_device_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], batch_size: int) -> int:
+    """Device bytes held outside weight blocks by the largest group: KV cache and activations."""
+    worst = 0
+    for group in groups:
+        parts = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        kv = sum(kv_cache_bytes(part, files.spec) for part in parts)
+        activations = max(activation_bytes(part, files.spec) for part in parts) * len(parts)
+        worst = max(worst, kv + activations)
+    return worst
+
+
+def minimum_budgets(
+    files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]
+) -> tuple[int, int, int]:
+    """(device minimum, host minimum, device bytes outside weights) for these batch groups.
+
+    The pipeline needs, on the device, the KV cache and activations of a batch group plus the
+    largest single block (one block leased at a time is enough to make progress); on the host,
+    room to stage the largest block on its way from disk.
+    """
+    block = largest_block_bytes(files.layouts)
+    fixed = fixed_device_bytes(files, groups, options.batch_size)
+    host = 0 if reads_into_device(options) else block
+    return fixed + block, host, fixed
+
+
+def reads_into_device(options: EngineOptions) -> bool:
+    """Whether blocks skip the host tier: a CPU device (its memory is host memory) with a host budget
+    of zero reads every block from disk straight into its device buffer."""
+    return options.host_memory_bytes == 0 and resolve_device(options.device).type == "cpu"
+
+
+def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]) -> None:
+    """Raise :class:`BudgetError`, before any byte moves, when a budget is below its minimum."""
+    device_min, host_min, fixed = minimum_budgets(files, options, groups)
+    if options.device_memory_bytes is not None and options.device_memory_bytes < device_min:
+        detail = f"KV cache and activations {format_size(fixed)} + " if fixed else ""
+        raise BudgetError(
+            f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum "
+            "working set "
+            f"{_exact(device_min)}: {detail}largest block {format_size(host_min)}; raise --device-memory "
+            "or lower --batches/--batch-size"
+        )
+    if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
+        raise BudgetError(
+            f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
+            f"{_exact(host_min)} to stage the largest block; raise --host-memory (0 is allowed with a CPU "
+            "device: blocks are then read straight into device memory)"
+        )
+
+
+def hot_experts(files: ModelFiles, options: EngineOptions) -> int:
+    """K, the experts prefetched per layer: the option ("all": every expert), else the router's top-k."""
+    if options.hot_experts is None:
+        return files.spec.top_k
+    if isinstance(options.hot_experts, str):  # ALL_EXPERTS
+        return files.spec.num_experts
+    return options.hot_experts
+
+
+def check_options(files: ModelFiles, options: EngineOptions) -> None:
+    """Check what depends on the model, and resolve every plugin name now, so that a typo fails
+    at load, not mid-run."""
+    if hot_experts(files, options) > files.spec.num_experts:
+        raise ConfigError(
+            f"hot_experts K={options.hot_experts} exceeds the model's {files.spec.num_experts} experts per "
+            f"layer; choose K between 0 and {files.spec.num_experts}"
+        )
+    make_eviction(options.eviction, **options.eviction_options)
+    _disk_driver(options.disk_driver)
+    if options.host_preload and options.host_memory_bytes is not None:
+        total = total_block_bytes(files.layouts)
+        if options.host_memory_bytes < total:
+            raise BudgetError(
+                f"host.preload needs the whole model in host memory ({_exact(total)}) but the host budget is "
+                f"{format_size(options.host_memory_bytes)}; raise --host-memory or turn preload off"
+            )
+
+
+def _disk_driver(name: str) -> type[DiskDriver]:
+    driver = TIER_DRIVERS.get(name)
+    if not (isinstance(driver, type) and issubclass(driver, DiskDriver)):
+        raise ConfigError(f"tier driver {name!r} cannot serve as the disk tier; it must subclass DiskDriver")
+    return driver
+
+
+def _exact(nbytes: int) -> str:
+    return f"{format_size(nbytes)} ({nbytes} bytes)"
+
+
+class Runtime:
+    """Drivers, residency, compute and pipeline for one ``generate`` call."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        options: EngineOptions,
+        prefetch: PrefetchPolicy,
+        *,
+        record_routing: bool = False,
+        timeline: bool = False,
+    ) -> None:
+        self.files = files
+        self.options = options
+        self.metrics = RunMetrics()
+        self.timeline = Timeline() if timeline else None
+        self.recorder = RoutingRecorder(TraceMeta.of(files.spec)) if record_routing else None
+        direct = files.store is not None  # a packed store is aligned for O_DIRECT reads
+        self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth, direct=direct)
+        self.host_driver = HostDriver()
+        self.device_driver = DeviceDriver(options.device)
+        self.device: torch.device = self.device_driver.device
+        self.compute = ComputeRunner(self.device_driver, self.timeline)
+        self.residency = Residency(
+            files.layouts,
+            source=BlockSource(files.layouts, self.disk, files.store),
+            host=self.host_driver,
+            device=self.device_driver,
+            host_ledger=self._ledger(HOST, options.host_memory_bytes),
+            device_ledger=self._ledger(DEVICE, options.device_memory_bytes),
+            timeline=self.timeline,
+            disk_to_device=reads_into_device(options),
+            disk_slots=options.disk_queue_depth,  # one block per read the driver keeps in flight
+        )
+        self.pipeline = Pipeline(
+            files.spec,
+            self.residency,
+            self.compute,
+            prefetch,
+            self.metrics,
+            hot_experts=hot_experts(files, options),
+            schedule=options.schedule,
+            expert_order=options.expert_order,
+            layouts=files.layouts,
+            recorder=self.recorder,
+            timeline=self.timeline,
+        )
+
+    def _ledger(self, name: str, budget: int | None) -> TierLedger:
+        capacity = UNLIMITED_BYTES if budget is None else budget
+        stats = TierStats(name, capacity)
+        self.metrics.tiers[name] = stats
+        eviction = make_eviction(self.options.eviction, **self.options.eviction_options)
+        return TierLedger(name, capacity, eviction, stats)
+
+    async def preload_host(self, progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Read every block into host RAM (``host.preload``), so that steps only copy host to device."""
+        blocks = sorted(self.files.layouts)
+        for done, block in enumerate(blocks, 1):
+            await self.residency.stage_in_host(block)
+            if progress:
+                progress("preload", done, len(blocks))
+
+    def reserve_fixed(self, groups: Sequence[Sequence[GenSequence]]) -> None:
+        """Count the KV cache and activations of the largest group against the device budget."""
+        self.residency.device.fixed_bytes = fixed_device_bytes(self.files, groups, self.options.batch_size)
+
+    def finish(self) -> RunMetrics:
+        self.metrics.compute_s = self.compute.busy_s
+        self.metrics.io_busy_s = self.disk.busy_s
+        self.metrics.disk_bytes_read = self.disk.bytes_read
+        return self.metrics
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.residency.aclose()
+        finally:
+            self.compute.close()
+            await self.disk.aclose()
+            await self.host_driver.aclose()
+            await self.device_driver.aclose()

@@ -1,0 +1,96 @@
+"""Sequences being generated, and the step inputs of a batch built from them.
+
+A batch's KV cache holds each sequence's tokens at their own positions 0..len-1 (no left
+padding). Prefill right-pads the prompts of a batch to the longest; the padded tokens are
+masked out of attention and never routed to experts. Each decode step feeds one token per
+sequence at position ``len``; finished sequences stay in the batch with their token masked
+out of the MoE, so they cost attention only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.runtime.pipeline import Batch
+
+
+@dataclass
+class GenSequence:
+    """One prompt and what has been generated for it so far."""
+
+    index: int  # position in the caller's prompt list
+    prompt: list[int]
+    max_new_tokens: int
+    generated: list[int] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)  # float32 [V] per generated token, when asked
+    finish_reason: str | None = None  # "eos" | "length"
+
+    @property
+    def length(self) -> int:
+        """Tokens in the KV cache once the last generated token has been fed back."""
+        return len(self.prompt) + len(self.generated)
+
+    def append(self, token: int, eos_token_ids: Sequence[int]) -> None:
+        self.generated.append(token)
+        if token in eos_token_ids:
+            self.finish_reason = "eos"
+        elif len(self.generated) >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+
+def new_batch(seqs: Sequence[GenSequence], spec: ModelSpec, device: torch.device) -> Batch:
+    """A batch for ``seqs`` with an empty KV cache and its prefill inputs."""
+    max_positions = max(len(s.prompt) + s.max_new_tokens for s in seqs)
+    cache_shape = (spec.num_layers, len(seqs), spec.num_kv_heads, max_positions, spec.head_dim)
+    longest = max(len(s.prompt) for s in seqs)
+    ids = torch.zeros((len(seqs), longest), dtype=torch.long)  # [B, T]
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq.prompt)] = torch.tensor(seq.prompt, dtype=torch.long)
+    lengths = torch.tensor([len(s.prompt) for s in seqs], dtype=torch.long)  # [B]
+    positions = torch.arange(longest, dtype=torch.long).expand(len(seqs), longest)  # [B, T]
+    return Batch(
+        k_cache=torch.zeros(cache_shape, dtype=spec.dtype, device=device),
+        v_cache=torch.zeros(cache_shape, dtype=spec.dtype, device=device),
+        ids=ids.to(device),
+        positions=positions.to(device),
+        token_mask=(positions < lengths[:, None]).to(device),
+        key_lengths=lengths.to(device),
+        last_index=(lengths - 1).to(device),
+    )
+
+
+def set_decode_inputs(batch: Batch, seqs: Sequence[GenSequence]) -> None:
+    """Feed each sequence's last generated token at its next position."""
+    device = batch.ids.device
+    ids = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long)  # [B, 1]
+    positions = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long)  # [B, 1]
+    active = torch.tensor([[s.finish_reason is None] for s in seqs])  # [B, 1]
+    batch.ids = ids.to(device)
+    batch.positions = positions.to(device)
+    batch.token_mask = active.to(device)
+    batch.key_lengths = (positions[:, 0] + 1).to(device)
+    batch.last_index = torch.zeros(len(seqs), dtype=torch.long, device=device)
+
+
+def kv_cache_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
+    """Bytes of the KV cache :func:`new_batch` allocates for ``seqs``."""
+    max_positions = max(len(s.prompt) + s.max_new_tokens for s in seqs)
+    return len(seqs) * max_positions * spec.kv_bytes_per_token()
+
+
+def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
+    """Upper bound of the activations one batch of ``seqs`` holds during a prefill step.
+
+    Residual stream and normed copy [B, T, H], the expert contributions [N, k, H], the
+    attention scores [B, Hq, T, T] (fp32) and the logits [B, V] (fp32).
+    """
+    batch, longest = len(seqs), max(len(s.prompt) for s in seqs)
+    tokens = batch * longest
+    hidden = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
+    scores = batch * spec.num_heads * longest * longest * 4
+    return hidden + scores + batch * spec.vocab_size * 4

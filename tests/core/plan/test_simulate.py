@@ -1,0 +1,143 @@
+"""The discrete-event simulator against the planner, budgets, bytes moved, and known routing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from klotski_tier.core.bench.suite import demo_spec
+from klotski_tier.core.observe.routing_trace import RoutingTrace, TraceMeta
+from klotski_tier.core.plan.costmodel import CostModel
+from klotski_tier.core.plan.machine import ComputeRates, Machine
+from klotski_tier.core.plan.planner import PlanRequest, make_plan
+from klotski_tier.core.plan.routing_model import ParametricRouting, RoutingModel, TraceRouting
+from klotski_tier.core.plan.simulate import DISK_TO_HOST, HOST_TO_DEVICE, SimConfig, simulate_workload, sweep
+
+MIB, GIB = 2**20, 2**30
+SPEC = dataclasses.replace(demo_spec(), num_layers=4)  # the demo's widths, 4 layers: 175 MiB
+RATES = ComputeRates(flops_per_s=1.5e10, weight_bytes_per_s=1.5e10, job_overhead_s=3e-4)
+SEQUENCES, PROMPT, NEW = 8, 8, 6
+
+
+def _machine(disk_gbps: float = 1.0, link_gbps: float = 5.0) -> Machine:
+    return Machine("test", "test", "cuda", 8 * GIB, 16 * GIB, disk_gbps, link_gbps, RATES, 0.6, 4)
+
+
+def _config(**changes: object) -> SimConfig:
+    fields: dict[str, object] = {"spec": SPEC, "machine": _machine(), "batches": 2, "batch_size": 4}
+    fields["routing"] = ParametricRouting.for_spec(SPEC, seed=1)
+    fields.update(changes)
+    return SimConfig(**fields)  # type: ignore[arg-type]
+
+
+def _run(config: SimConfig, sequences: int = SEQUENCES) -> tuple[float, float]:
+    """Decode tokens/s and the share of decode time spent in bubbles."""
+    result = simulate_workload(config, sequences=sequences, prompt_tokens=PROMPT, new_tokens=NEW)
+    decode = result.decode
+    return result.decode_tokens_per_s, (decode.inter_layer_s + decode.intra_layer_s) / decode.step_s
+
+
+def _planned(config: SimConfig, sequences: int = SEQUENCES) -> float:
+    request = PlanRequest(
+        SPEC,
+        config.machine,
+        RoutingModel(ParametricRouting.for_spec(SPEC, seed=1), draws=8),
+        device_memory_bytes=config.device_memory_bytes,
+        host_memory_bytes=config.host_memory_bytes,
+        sequences=sequences,
+        prompt_tokens=PROMPT,
+        new_tokens=NEW,
+        batches=config.batches,
+        batch_size=config.batch_size,
+        hot_experts=SPEC.top_k,
+    )
+    return make_plan(request).decode_tokens_per_s
+
+
+def test_without_bubbles_the_simulator_agrees_with_the_planner() -> None:
+    config = _config()  # 8 GiB of device memory: every weight stays after the first step
+    simulated, bubbles = _run(config)
+    assert bubbles == 0.0
+    assert simulated == pytest.approx(_planned(config), rel=0.05)
+
+
+def test_when_io_dominates_both_show_bubbles() -> None:
+    config = _config(
+        machine=_machine(disk_gbps=0.2), device_memory_bytes=64 * MIB, host_memory_bytes=48 * MIB
+    )
+    simulated, bubbles = _run(config)
+    assert bubbles > 0.5  # the drive, not the compute, sets the pace
+    assert simulated == pytest.approx(_planned(config), rel=0.25)
+    free, _ = _run(_config())
+    assert simulated < free / 2
+
+
+def test_budgets_hold_and_bytes_are_counted() -> None:
+    device, host = 40 * MIB, 32 * MIB
+    result = simulate_workload(
+        _config(device_memory_bytes=device, host_memory_bytes=host),
+        sequences=8,
+        prompt_tokens=8,
+        new_tokens=4,
+    )
+    for phase in (result.prefill, result.decode):
+        assert 0 < phase.peak_device_bytes <= device and 0 < phase.peak_host_bytes <= host
+        assert phase.bytes_moved[DISK_TO_HOST] > 0 and phase.bytes_moved[HOST_TO_DEVICE] > 0
+    preloaded = simulate_workload(_config(device_memory_bytes=device, host_preload=True), sequences=8,
+                                  prompt_tokens=8, new_tokens=4)  # fmt: skip
+    assert (
+        preloaded.prefill.bytes_moved[DISK_TO_HOST] == 0 and preloaded.decode.bytes_moved[HOST_TO_DEVICE] > 0
+    )
+
+
+def test_predicted_experts_stream_exactly_once_per_step() -> None:
+    """Every token picks experts 0 and 1: once the predictor has seen a step, each decode step moves
+    every layer's attention, gate and those two experts, plus the embedding and the head, once."""
+    meta = TraceMeta(
+        "mixtral", SPEC.num_layers, SPEC.num_experts, SPEC.top_k, SPEC.hidden_size, SPEC.expert_bytes
+    )
+    steps = (np.tile(np.array([[0, 1]], dtype=np.int16), (SPEC.num_layers, 16, 1)),)
+    config = _config(routing=TraceRouting(RoutingTrace(meta, steps)), device_memory_bytes=40 * MIB)
+    result = simulate_workload(config, sequences=8, prompt_tokens=8, new_tokens=5)
+    sizes = CostModel(SPEC, config.machine).sizes
+    per_step = sizes.embed + sizes.head + SPEC.num_layers * (sizes.attn + sizes.gate + 2 * sizes.expert)
+    assert result.decode.bytes_moved[HOST_TO_DEVICE] == 4 * per_step
+    assert result.decode.intra_layer_s == 0.0  # no cold expert: every used one was predicted
+    assert result.decode.tokens == 4 * 8
+
+
+def test_a_sweep_over_n_on_a_slow_drive_gains_with_n() -> None:
+    config = _config(
+        machine=_machine(disk_gbps=0.5), device_memory_bytes=96 * MIB, host_memory_bytes=48 * MIB
+    )
+    results = sweep(config, [1, 2, 4], sequences=lambda n: 4 * n, prompt_tokens=PROMPT, new_tokens=4)
+    assert [r.batches for r in results] == [1, 2, 4]
+    speeds = [r.decode_tokens_per_s for r in results]
+    assert speeds == sorted(speeds) and speeds[-1] > 1.5 * speeds[0]
+
+
+def test_same_seed_same_result_and_decode_extrapolation() -> None:
+    config = _config(device_memory_bytes=64 * MIB, host_memory_bytes=48 * MIB)
+    first = simulate_workload(config, sequences=8, prompt_tokens=8, new_tokens=9)
+    again = simulate_workload(config, sequences=8, prompt_tokens=8, new_tokens=9)
+    assert first == again
+    short = simulate_workload(config, sequences=8, prompt_tokens=8, new_tokens=9, max_decode_steps=3)
+    assert short.decode.tokens == first.decode.tokens == 8 * 8
+    assert short.decode_tokens_per_s == pytest.approx(first.decode_tokens_per_s, rel=0.3)
+    assert first.to_dict()["decode_tokens_per_s"] == first.decode_tokens_per_s
+
+
+def test_a_cpu_device_without_host_budget_reads_into_device_memory() -> None:
+    """Host budget 0 on a CPU device: blocks go from the drive to the device, nothing is copied."""
+    cpu = dataclasses.replace(_machine(), device="cpu", host_to_device_gbps=4.0)
+    result = simulate_workload(
+        _config(machine=cpu, device_memory_bytes=96 * MIB, host_memory_bytes=0),
+        sequences=SEQUENCES,
+        prompt_tokens=PROMPT,
+        new_tokens=NEW,
+    )
+    moved = result.decode.bytes_moved
+    assert moved[HOST_TO_DEVICE] == 0 and moved[DISK_TO_HOST] > 0
+    assert result.decode.peak_host_bytes == 0 and result.decode_tokens_per_s > 0

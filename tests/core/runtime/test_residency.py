@@ -1,0 +1,180 @@
+"""The residency manager: one load per block however many wait, leases, budgets, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from klotski_tier.core.errors import BudgetError, TierError
+from klotski_tier.core.model.blocks import attn_block, expert_block
+from klotski_tier.core.model.layouts import ModelFiles, load_model_files
+from klotski_tier.core.observe.metrics import TierStats
+from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, State, TierLedger
+from klotski_tier.core.store.block_source import BlockSource
+from klotski_tier.policies.lru import LRUEviction
+from klotski_tier.tiers.device import DeviceDriver
+from klotski_tier.tiers.disk import DiskDriver
+from klotski_tier.tiers.host import HostDriver
+from tests.checkpoints import make_checkpoint
+
+UNLIMITED = 1 << 40
+
+
+class GatedDisk(DiskDriver):
+    """A disk whose reads block in the worker thread until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__(queue_depth=1)
+        self.gate = threading.Event()
+        self.reading = threading.Event()
+
+    def _read_chunk(self, fd: int, file_offset: int, view: memoryview) -> int:
+        self.reading.set()
+        assert self.gate.wait(timeout=30), "test never opened the gate"
+        return super()._read_chunk(fd, file_offset, view)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    return load_model_files(make_checkpoint(tmp_path_factory.mktemp("ckpt"), "mixtral", num_experts=4))
+
+
+@asynccontextmanager
+async def residency(
+    files: ModelFiles, *, device_bytes: int = UNLIMITED, disk: DiskDriver | None = None
+) -> AsyncIterator[Residency]:
+    disk = disk or DiskDriver()
+    async with disk, HostDriver() as host, DeviceDriver("cpu") as device:
+        res = Residency(
+            files.layouts,
+            source=BlockSource(files.layouts, disk),
+            host=host,
+            device=device,
+            host_ledger=TierLedger(HOST, UNLIMITED, LRUEviction(), TierStats(HOST, UNLIMITED)),
+            device_ledger=TierLedger(DEVICE, device_bytes, LRUEviction(), TierStats(DEVICE, device_bytes)),
+        )
+        try:
+            yield res
+        finally:
+            await res.aclose()
+
+
+def run(coro_fn: Callable[[], object]) -> None:
+    asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def test_one_load_is_shared_by_every_waiter(files: ModelFiles) -> None:
+    async def scenario() -> None:
+        async with residency(files) as res:
+            block = expert_block(0, 1)
+            first, second = res.request(block), res.request(block)
+            leases = await asyncio.gather(first, second)
+            assert res.host.stats.transfers == 1 and res.device.stats.transfers == 1
+            assert leases[0].weights["gate_up"].data_ptr() == leases[1].weights["gate_up"].data_ptr()
+            assert res.state(block) is State.LEASED
+            for lease in leases:
+                await res.release(lease)
+            assert res.state(block) is State.RESIDENT
+
+    run(scenario)
+
+
+def test_leased_block_is_never_evicted(files: ModelFiles) -> None:
+    expert_bytes = files.layouts[expert_block(0, 0)].nbytes
+
+    async def scenario() -> None:
+        async with residency(files, device_bytes=2 * expert_bytes) as res:
+            held = await res.acquire(expert_block(0, 0))
+            for expert in (1, 2, 3):
+                lease = await res.acquire(expert_block(0, expert))
+                await res.release(lease)
+                assert res.state(expert_block(0, 0)) is State.LEASED
+            assert res.device.stats.peak_bytes <= 2 * expert_bytes
+            assert res.device.stats.evictions == 2
+            await res.release(held)
+
+    run(scenario)
+
+
+def test_prefetch_without_room_changes_nothing(files: ModelFiles) -> None:
+    expert_bytes = files.layouts[expert_block(0, 0)].nbytes
+
+    async def scenario() -> None:
+        async with residency(files, device_bytes=expert_bytes) as res:
+            held = await res.acquire(expert_block(0, 0))
+            assert res.prefetch(expert_block(0, 1)) is False
+            assert res.state(expert_block(0, 1)) is State.ABSENT
+            assert res.device.used_bytes == expert_bytes
+            await res.release(held)
+            assert res.prefetch(expert_block(0, 1)) is True
+            assert res.state(expert_block(0, 0)) is State.ABSENT  # evicted to make room
+
+    run(scenario)
+
+
+def test_block_larger_than_budget_is_a_budget_error(files: ModelFiles) -> None:
+    async def scenario() -> None:
+        async with residency(files, device_bytes=16) as res:
+            with pytest.raises(BudgetError, match="raise --device-memory"):
+                await res.acquire(attn_block(0))
+            assert res.device.used_bytes == 0 and res.state(attn_block(0)) is State.ABSENT
+
+    run(scenario)
+
+
+def test_cancelled_wait_leaves_the_load_running(files: ModelFiles) -> None:
+    async def scenario() -> None:
+        disk = GatedDisk()
+        async with residency(files, disk=disk) as res:
+            block = expert_block(1, 2)
+            waiter = asyncio.ensure_future(res.request(block))
+            await asyncio.to_thread(disk.reading.wait, 30)
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+            assert res.state(block) is State.IN_FLIGHT, "cancelling a waiter must not stop the load"
+            assert res.device.used_bytes == files.layouts[block].nbytes
+            disk.gate.set()
+            lease = await res.acquire(block)
+            assert lease.weights["down"].shape[0] == files.spec.hidden_size
+            await res.release(lease)
+
+    run(scenario)
+
+
+def test_close_waits_for_the_reading_thread(files: ModelFiles) -> None:
+    async def scenario() -> None:
+        disk = GatedDisk()
+        async with residency(files, disk=disk) as res:
+            res.prefetch(expert_block(1, 3))
+            await asyncio.to_thread(disk.reading.wait, 30)
+            closing = asyncio.ensure_future(res.aclose())
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not closing.done(), "aclose returned while a thread still writes the buffer"
+            disk.gate.set()
+            await closing
+            assert res.device.used_bytes == 0 and res.host.used_bytes == 0
+
+    run(scenario)
+
+
+def test_failed_read_reaches_waiters_and_frees_the_room(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path / "ckpt", "mixtral")
+    files = load_model_files(directory)
+    shard = next(directory.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated after opening
+
+    async def scenario() -> None:
+        async with residency(files) as res:
+            block = expert_block(1, 3)
+            with pytest.raises(TierError, match=r"truncated|short read"):
+                await res.acquire(block)
+            assert res.state(block) is State.ABSENT
+            assert res.device.used_bytes == 0 and res.host.used_bytes == 0
+
+    run(scenario)
