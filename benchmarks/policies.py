@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.demo.build import demo_model_dir, demo_prompts
+from klotski_tier.core.demo.build import demo_model_dir
+from klotski_tier.core.demo.tokenizer import demo_prompts
 from klotski_tier.core.observe.replay import replay
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.policies.registry import make_eviction, make_prefetch

@@ -25,8 +25,8 @@ from klotski_tier.core.bench.profile import (
     default_profile_path,
 )
 from klotski_tier.core.bench.suite import BenchSettings, run_bench
-from klotski_tier.core.demo.build import default_cache_dir
 from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.units import format_size, parse_size
 

@@ -14,14 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
-from klotski_tier.core.runtime.config import (
-    ALL_EXPERTS,
-    EngineOptions,
-    build_options,
-    read_config_file,
-    replace,
-)
-from klotski_tier.core.runtime.presets import PRESETS, preset_fields
+from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, read_config_file, replace
+from klotski_tier.core.runtime.presets import PRESETS, build_options, preset_fields
 from klotski_tier.core.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])

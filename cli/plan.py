@@ -24,7 +24,6 @@ from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.plan_report import format_plan, plan_record
 from klotski_tier.cli.run import DEMO_DEVICE_MEMORY
 from klotski_tier.core.errors import InputError
-from klotski_tier.core.model.shapes import load_shapes_file, model_shape
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.plan.autoplan import store_ratio
@@ -32,7 +31,8 @@ from klotski_tier.core.plan.hardware import load_hardware_file, machine_named
 from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RouteSampler, RoutingModel, TraceRouting
-from klotski_tier.core.runtime.engine import open_model
+from klotski_tier.core.plan.shapes import load_shapes_file, model_shape
+from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])

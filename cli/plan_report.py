@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.shapes import ShapeEntry, active_parameter_count, parameter_count
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.timeline import write_atomic
 from klotski_tier.core.plan.autoplan import RunPlan
 from klotski_tier.core.plan.costmodel import block_sizes
 from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import Deadline, Plan, PlanRequest, StepPrediction, TierUse
+from klotski_tier.core.plan.shapes import ShapeEntry, active_parameter_count, parameter_count
 from klotski_tier.core.plan.simulate import DISK_TO_HOST, HOST_TO_DEVICE, WorkloadResult
 from klotski_tier.core.units import format_size
 

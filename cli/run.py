@@ -2,7 +2,7 @@
 
 With ``--plan auto`` (the default) the planner chooses n, bs, K and host preload for this model,
 these prompts and budgets on this machine (its ``klotski-tier bench`` profile) before the engine
-loads (:func:`klotski_tier.core.plan.autoplan.plan_model`); whatever the user set (a flag, the
+loads (:func:`klotski_tier.core.plan.autoplan.plan_files`); whatever the user set (a flag, the
 ``--config`` file or the ``--preset``) stays as set and the plan is made around it. Without a
 profile, or when the planner cannot plan, the run keeps the defaults and says so. ``--plan off``:
 the defaults. Scheduling never changes tokens.
@@ -25,10 +25,12 @@ from klotski_tier.cli.progress import StepProgress, bytes_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
 from klotski_tier.cli.report import format_metrics, format_outputs, output_record, result_record
 from klotski_tier.core.bench.profile import find_profile
-from klotski_tier.core.demo.build import demo_model_dir, demo_prompts
+from klotski_tier.core.demo.build import demo_model_dir
+from klotski_tier.core.demo.tokenizer import demo_prompts
 from klotski_tier.core.errors import InputError
-from klotski_tier.core.plan.autoplan import PLAN_AUTO, PLAN_OFF, RunPlan, plan_model
+from klotski_tier.core.plan.autoplan import PLAN_AUTO, PLAN_OFF, RunPlan, plan_files
 from klotski_tier.core.runtime.engine import Engine, GenerationResult
+from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
 
 logger = logging.getLogger(__name__)
@@ -113,12 +115,11 @@ def run(
     if not prompts:
         raise InputError("no prompt given; use --prompt, --prompts or --prompt-ids")
     options, explicit = options_and_explicit(flags, **demo_defaults)
+    model_files = open_model(model)
     chosen = RunPlan(PLAN_OFF, options)
     if plan_mode == PLAN_AUTO:
-        chosen = plan_model(
-            model, options, prompts, max_new_tokens, explicit=explicit, profile_path=profile_path
-        )
-    engine = Engine.load(model, chosen.options, profile=profile)
+        chosen = plan_files(model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
+    engine = Engine.from_files(model_files, chosen.options)
     with StepProgress() as progress:
         result = engine.generate(
             prompts,

@@ -25,10 +25,10 @@ from klotski_tier.cli.plan import Study, study_from_flags, study_options
 from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
 from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.model.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
 from klotski_tier.core.plan.planner import Plan, make_plan
+from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, sweep
 from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.units import format_size

@@ -1,4 +1,5 @@
-"""Human byte sizes ("512MiB", "8GiB", "1.5GB", "4096") parsed and printed in one place."""
+"""Units, in one place: binary sizes (KiB, MiB, GiB), decimal gigabytes for bandwidths, alignment, and
+human byte sizes ("512MiB", "8GiB", "1.5GB", "4096") parsed and printed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from klotski_tier.core.errors import ConfigError
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
+
+GB = 1e9
+"""Decimal gigabyte: bandwidths are decimal GB/s, as drives and links are rated."""
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -50,3 +54,13 @@ def format_size(nbytes: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def align_up(value: int, alignment: int) -> int:
+    """The smallest multiple of ``alignment`` that is at least ``value``."""
+    return (value + alignment - 1) // alignment * alignment
+
+
+def align_down(value: int, alignment: int) -> int:
+    """The largest multiple of ``alignment`` that is at most ``value``."""
+    return value // alignment * alignment

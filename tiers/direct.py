@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from klotski_tier.core.errors import TierError
-from klotski_tier.core.model.blocks import TensorPiece, align_up
+from klotski_tier.core.units import align_down, align_up
 from klotski_tier.tiers.hostmem import aligned_empty
+from klotski_tier.tiers.ranges import FileRange
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,8 @@ class AlignedChunk:
     in_place: bool
 
 
-def align_down(value: int, alignment: int = DIRECT_ALIGN_BYTES) -> int:
-    return value // alignment * alignment
-
-
 def plan_aligned(
-    pieces: Sequence[TensorPiece], chunk_bytes: int, base_address: int, alignment: int = DIRECT_ALIGN_BYTES
+    pieces: Sequence[FileRange], chunk_bytes: int, base_address: int, alignment: int = DIRECT_ALIGN_BYTES
 ) -> Iterator[AlignedChunk]:
     """Aligned reads that together deliver every piece into a buffer starting at ``base_address``.
 
@@ -91,7 +88,7 @@ def plan_aligned(
 
 
 def _spans(
-    piece: TensorPiece, low: int, high: int, chunk_bytes: int, *, in_place: bool
+    piece: FileRange, low: int, high: int, chunk_bytes: int, *, in_place: bool
 ) -> Iterator[AlignedChunk]:
     """Reads of ``[low, high)`` (aligned) cut at ``chunk_bytes``, each keeping its overlap with the piece."""
     start, end = piece.file_offset, piece.file_offset + piece.nbytes

@@ -3,9 +3,9 @@
 Two read paths, chosen per driver and both ``queue_depth`` reads in flight at most, each read at
 most ``chunk_bytes``:
 
-- buffered (the default, for the original safetensors files): every :class:`TensorPiece` is cut
-  into chunks read with one ``os.preadv`` each straight into a ``memoryview`` of the destination
-  (no staging copy);
+- buffered (the default, for the original safetensors files): every
+  :class:`~klotski_tier.tiers.ranges.FileRange` is cut into chunks read with one ``os.preadv`` each
+  straight into a ``memoryview`` of the destination (no staging copy);
 - ``direct=True`` (for a packed store whose blocks are 4 KiB-aligned): files are opened with
   ``O_DIRECT`` and read by the aligned plan of :mod:`klotski_tier.tiers.direct`, straight into
   the destination where its address allows, else through a per-thread bounce buffer. A file
@@ -46,26 +46,20 @@ from pathlib import Path
 import torch
 
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.core.model.blocks import TensorPiece, align_up
-from klotski_tier.core.units import MIB, format_size
+from klotski_tier.core.units import MIB, align_down, align_up, format_size
 from klotski_tier.tiers.base import TierDriver
 from klotski_tier.tiers.direct import (
     DIRECT_ALIGN_BYTES,
     O_DIRECT,
     AlignedChunk,
     BounceBuffers,
-    align_down,
     open_for_reading,
     plan_aligned,
 )
+from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH
+from klotski_tier.tiers.ranges import FileRange
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_QUEUE_DEPTH = 4
-"""Reads in flight (one worker thread each): enough to keep an NVMe queue busy."""
-
-DEFAULT_CHUNK_BYTES = 16 * MIB
-"""Largest single ``preadv``: big enough for full drive bandwidth, small enough to spread over threads."""
 
 PAGE_BYTES = mmap.PAGESIZE
 """The page cache's unit: each chunk's dropped range is widened to whole pages."""
@@ -91,7 +85,7 @@ class _OpenFile:
     direct: bool
 
 
-def split_chunks(pieces: Sequence[TensorPiece], chunk_bytes: int) -> Iterator[_Chunk]:
+def split_chunks(pieces: Sequence[FileRange], chunk_bytes: int) -> Iterator[_Chunk]:
     """Each piece cut into consecutive chunks of at most ``chunk_bytes`` bytes."""
     for piece in pieces:
         for start in range(0, piece.nbytes, chunk_bytes):
@@ -99,7 +93,7 @@ def split_chunks(pieces: Sequence[TensorPiece], chunk_bytes: int) -> Iterator[_C
             yield _Chunk(piece.path, piece.file_offset + start, piece.buffer_offset + start, size)
 
 
-def folio_ranges(pieces: Sequence[TensorPiece]) -> list[tuple[Path, int, int]]:
+def folio_ranges(pieces: Sequence[FileRange]) -> list[tuple[Path, int, int]]:
     """``(path, start, end)`` covering the pieces, widened to :data:`FOLIO_BYTES`, merged where they touch."""
     ranges: list[tuple[Path, int, int]] = []
     widened = sorted(
@@ -142,7 +136,7 @@ class DiskDriver(TierDriver):
         self._bounce = BounceBuffers()
         self._lock = threading.Lock()  # guards _files, bytes_read and busy time, touched by workers
 
-    async def read_into(self, pieces: Sequence[TensorPiece], dst: torch.Tensor) -> None:
+    async def read_into(self, pieces: Sequence[FileRange], dst: torch.Tensor) -> None:
         """Read every piece into ``dst`` (flat ``uint8`` CPU tensor, may be pinned) at its buffer offset.
 
         Raises :class:`TierError` naming the file and offset when a read fails or the file is short.
@@ -151,7 +145,7 @@ class DiskDriver(TierDriver):
         memory = _writable_view(dst)
         for piece in pieces:
             assert piece.buffer_offset >= 0 and piece.buffer_offset + piece.nbytes <= len(memory), (
-                f"piece {piece.tensor_name} [{piece.buffer_offset}, +{piece.nbytes}) "
+                f"range {piece.path}@{piece.file_offset} to [{piece.buffer_offset}, +{piece.nbytes}) "
                 f"does not fit a buffer of {len(memory)} bytes"
             )
         jobs: list[Callable[[], None]]
@@ -244,7 +238,7 @@ class DiskDriver(TierDriver):
         start, end = align_down(file_offset, PAGE_BYTES), align_up(file_offset + nbytes, PAGE_BYTES)
         _advise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
-    def _sweep(self, pieces: Sequence[TensorPiece]) -> None:
+    def _sweep(self, pieces: Sequence[FileRange]) -> None:
         """Worker thread: drop the pieces' ranges widened to whole folios (large folios cached before)."""
         for path, start, end in folio_ranges(pieces):
             _advise(self._file(path).fd, start, end - start, os.POSIX_FADV_DONTNEED)

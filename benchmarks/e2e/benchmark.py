@@ -35,7 +35,8 @@ from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, SYSTEMS, Inputs, budget
 from benchmarks.e2e.workload import Workload, make_prompts
 from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.layouts import ModelFiles, load_model_files, total_block_bytes
+from klotski_tier.core.model.layouts import total_block_bytes
+from klotski_tier.core.store.files import ModelFiles, load_model_files
 from klotski_tier.core.units import MIB
 
 logger = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ from typing import Any
 from klotski_tier.core.bench.suite import TEST_FILE_NAME, raw_direct_gbps, write_test_file
 from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, expert_block
 from klotski_tier.core.observe.routing_trace import RoutingTrace
+from klotski_tier.core.units import GB
 
 logger = logging.getLogger(__name__)
 
-GB = 1e9  # drive bandwidths are decimal GB/s, as drives are rated
 DRIVE_ROUNDS = 3  # raw reads of the test file; the median counts
 
 

@@ -43,9 +43,9 @@ from benchmarks.e2e.systems import (
     preset_problem,
 )
 from benchmarks.e2e.worker import ACCELERATE, Job
-from klotski_tier.core.model.layouts import ModelFiles
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.runtime.config import ALL_EXPERTS
+from klotski_tier.core.store.files import ModelFiles
 
 logger = logging.getLogger(__name__)
 

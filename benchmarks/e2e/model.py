@@ -26,9 +26,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from klotski_tier.core.demo.build import DEMO_VERSION, DemoShape, build_demo, default_cache_dir
+from klotski_tier.core.demo.build import DEMO_VERSION, build_demo
+from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.layouts import load_model_files, total_block_bytes
+from klotski_tier.core.model.layouts import total_block_bytes
+from klotski_tier.core.paths import default_cache_dir
+from klotski_tier.core.store.files import load_model_files
 from klotski_tier.core.store.pack import pack
 from klotski_tier.core.store.packed import BLOCKS_FILE, is_store
 from klotski_tier.core.units import format_size

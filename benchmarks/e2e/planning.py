@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.e2e.systems import Budget, Inputs, budget_options
-from klotski_tier.core.model.layouts import ModelFiles
 from klotski_tier.core.plan.autoplan import PLANNED_FIELDS, RunPlan, plan_model
 from klotski_tier.core.plan.placement_model import SWEEP as SWEEP_POLICY
 from klotski_tier.core.plan.planner import Plan
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions
+from klotski_tier.core.store.files import ModelFiles
 
 logger = logging.getLogger(__name__)
 

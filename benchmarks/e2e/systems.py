@@ -41,10 +41,11 @@ from typing import Any
 
 from benchmarks.e2e.worker import ACCELERATE, ENGINE, Job
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.layouts import ModelFiles, largest_block_bytes
+from klotski_tier.core.model.layouts import largest_block_bytes
 from klotski_tier.core.runtime.presets import preset_fields
 from klotski_tier.core.runtime.run import fixed_device_bytes
 from klotski_tier.core.runtime.sequences import GenSequence
+from klotski_tier.core.store.files import ModelFiles
 from klotski_tier.core.units import format_size
 
 KLOTSKI = "klotski"

@@ -78,8 +78,8 @@ def rss_peak_bytes() -> int:
 
 def run_engine(job: Job) -> dict[str, Any]:
     """Generate with the klotski-tier engine configured by ``job``; the measurements."""
-    from klotski_tier.core.runtime.config import build_options
     from klotski_tier.core.runtime.engine import Engine
+    from klotski_tier.core.runtime.presets import build_options
 
     options = build_options(preset=job.preset, overrides=job.engine_options)
     started = time.perf_counter()

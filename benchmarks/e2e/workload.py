@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from klotski_tier.core.demo.build import demo_prompts
+from klotski_tier.core.demo.tokenizer import demo_prompts
 from klotski_tier.core.errors import ConfigError, InputError
 
 FILLER_REPEATS = 64  # the rotated filler text, repeated: enough words for prompts of thousands of tokens

@@ -28,7 +28,7 @@ import torch
 from klotski_tier.core.bench.profile import (
     ComputeProfile,
 )
-from klotski_tier.core.demo import build as demo
+from klotski_tier.core.demo import shape as demo_shape
 from klotski_tier.core.model import ops
 from klotski_tier.core.model.blocks import (
     BlockLayout,
@@ -36,10 +36,10 @@ from klotski_tier.core.model.blocks import (
     attn_block,
     expert_block,
 )
-from klotski_tier.core.model.layouts import load_model_files
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
 from klotski_tier.core.runtime import pipeline
 from klotski_tier.core.runtime.compute import ComputeRunner
+from klotski_tier.core.store.files import load_model_files
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 
@@ -215,7 +215,7 @@ def _demo_weights(device: torch.device) -> tuple[ModelSpec, BlockWeights, BlockW
 
 def demo_spec() -> ModelSpec:
     """The :class:`ModelSpec` of the demo model: Mixtral numerics, the dimensions of ``DEMO_SHAPE``."""
-    shape = demo.DEMO_SHAPE
+    shape = demo_shape.DEMO_SHAPE
     return ModelSpec(
         family="mixtral",
         vocab_size=shape.vocab_size,
@@ -233,12 +233,12 @@ def demo_spec() -> ModelSpec:
         qk_norm=QKNorm.NONE,
         qkv_bias=False,
         clip_qkv=None,
-        rms_norm_eps=demo.RMS_NORM_EPS,
+        rms_norm_eps=demo_shape.RMS_NORM_EPS,
         rope_theta=shape.rope_theta,
         max_position_embeddings=shape.max_position_embeddings,
         tie_word_embeddings=False,
         dtype=torch.bfloat16,
-        eos_token_ids=(demo.EOS_TOKEN_ID,),
+        eos_token_ids=(demo_shape.EOS_TOKEN_ID,),
         pad_token_id=None,
-        bos_token_id=demo.BOS_TOKEN_ID,
+        bos_token_id=demo_shape.BOS_TOKEN_ID,
     )

@@ -42,8 +42,8 @@ import xxhash
 
 from klotski_tier.core.bench.compute import compute_device, run_times
 from klotski_tier.core.errors import TierError
-from klotski_tier.core.plan.machine import GB
 from klotski_tier.core.runtime.compute import ComputeRunner
+from klotski_tier.core.units import GB
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.direct import open_for_reading
 from klotski_tier.tiers.hostmem import aligned_empty

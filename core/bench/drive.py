@@ -40,7 +40,7 @@ from klotski_tier.core.model.blocks import (
     TensorPiece,
 )
 from klotski_tier.core.store.pagecache import evict
-from klotski_tier.core.units import GIB, MIB, format_size
+from klotski_tier.core.units import GB, GIB, MIB, format_size
 from klotski_tier.tiers.direct import O_DIRECT
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
@@ -49,7 +49,6 @@ from klotski_tier.tiers.hostmem import aligned_empty
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 """``progress(message)``: what the bench is measuring now (the CLI shows it on stderr)."""
-GB = 1e9  # bandwidths are decimal GB/s, as drives and links are rated
 TEST_FILE_NAME = "klotski-tier-bench.bin"
 WRITE_CHUNK_BYTES = 16 * MIB  # the test file is written in chunks of random bytes
 RAW_READ_MAX_BYTES = 1 * GIB  # largest single read of the raw measurement (Linux caps one at ~2 GiB)

@@ -58,6 +58,7 @@ import torch
 
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.paths import default_cache_dir
 
 PROFILE_VERSION = 1
 """Bump when a field changes meaning or is removed; loading refuses other versions."""
@@ -284,8 +285,6 @@ def _expect(condition: bool, where: str, what: str) -> None:
 
 def default_profile_path() -> Path:
     """Where ``klotski-tier bench`` writes the profile unless told otherwise: the user's cache."""
-    from klotski_tier.core.demo.build import default_cache_dir  # the cache's one definition
-
     return default_cache_dir() / PROFILE_FILE_NAME
 
 

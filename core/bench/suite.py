@@ -23,7 +23,6 @@ import torch
 from klotski_tier.core.bench.compute import compute_bench, expert_jobs, read_blocks
 from klotski_tier.core.bench.compute import demo_spec as demo_spec
 from klotski_tier.core.bench.contention import measure_contention
-from klotski_tier.core.bench.drive import GB as GB
 from klotski_tier.core.bench.drive import TEST_FILE_NAME as TEST_FILE_NAME
 from klotski_tier.core.bench.drive import Progress as Progress
 from klotski_tier.core.bench.drive import best_read, measure_reads
@@ -39,14 +38,16 @@ from klotski_tier.core.bench.profile import (
     ReadResult,
     ZstdProfile,
 )
-from klotski_tier.core.demo import build as demo
+from klotski_tier.core.demo.build import DEMO_DIR_NAME
+from klotski_tier.core.demo.shape import DEMO_SHAPE
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.blocks import (
     BlockKind,
 )
-from klotski_tier.core.model.layouts import load_model_files
+from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, Bytes, Codec, CodecName, decode, encode
-from klotski_tier.core.units import GIB, KIB, MIB, format_size
+from klotski_tier.core.store.files import load_model_files
+from klotski_tier.core.units import GB, GIB, KIB, MIB, format_size
 from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
         generator = torch.Generator().manual_seed(SAMPLE_SEED)
         values = torch.randn(nbytes // 2, generator=generator).mul_(RANDOM_WEIGHT_STD)  # [n/2] float32
         data = values.to(torch.bfloat16).view(torch.uint8).numpy()  # [n]
-        return WeightSample("random bf16", data, min(demo.DEMO_SHAPE.expert_bytes, nbytes), 2)
+        return WeightSample("random bf16", data, min(DEMO_SHAPE.expert_bytes, nbytes), 2)
     files = load_model_files(directory)
     experts = [layout for block, layout in files.layouts.items() if block.kind is BlockKind.EXPERT]
     chosen = experts[: -(-nbytes // experts[0].nbytes)]  # enough blocks for nbytes
@@ -200,7 +201,7 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
 
 
 def _built_demo() -> Path | None:
-    directory = demo.default_cache_dir() / demo.DEMO_DIR_NAME
+    directory = default_cache_dir() / DEMO_DIR_NAME
     return directory if (directory / "config.json").is_file() else None
 
 

@@ -36,10 +36,21 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from klotski_tier.core.atomic import remove_stale_temps
-from klotski_tier.core.errors import CheckpointError, ConfigError
+from klotski_tier.core.demo.shape import (
+    BOS_TOKEN_ID,
+    DEMO_ROUTING,
+    DEMO_SHAPE,
+    EOS_TOKEN_ID,
+    RMS_NORM_EPS,
+    SPECIAL_TOKENS,
+    DemoRouting,
+    DemoShape,
+)
+from klotski_tier.core.demo.tokenizer import train_demo_tokenizer
+from klotski_tier.core.errors import CheckpointError
+from klotski_tier.core.paths import CACHE_ENV_VAR, default_cache_dir
 from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -49,8 +60,6 @@ ProgressFn = Callable[[int, int], None]
 
 DEMO_VERSION = 2  # bump whenever the bytes of the build change, so stale caches are not reused
 DEMO_DIR_NAME = f"demo-mixtral-v{DEMO_VERSION}"
-CACHE_ENV_VAR = "KLOTSKI_TIER_CACHE"  # overrides the cache root (default ~/.cache/klotski-tier)
-CACHE_SUBDIR = "klotski-tier"  # under $XDG_CACHE_HOME or ~/.cache
 
 SEED = 20250301  # the one seed of the build: weights and nothing else depend on it
 ROUTING_SEED = SEED + 1  # the routing plan (coordinates, token types, expert orders) has its own generator
@@ -60,20 +69,16 @@ ROUTING_SEED = SEED + 1  # the routing plan (coordinates, token types, expert or
 # from uniform and routing is decisive, so a bug in any part of the engine shows in the logits.
 EMBEDDING_STD = 1.0  # unit-scale embeddings: the residual stream starts at std 1
 INITIALIZER_RANGE = 0.02  # config.json's initializer_range (HF's default); used only by HF's own init
-RMS_NORM_EPS = 1e-5  # Mixtral's epsilon
 SHARD_MAX_BYTES = 100 * 1000**2  # ~100 MB per shard: a few shards, like a real sharded repository
 # The routing coordinates (see DemoRouting): 1 + E coordinates of the residual stream that only
 # the embeddings write and only the routers read. An embedding holds c and its type's u each at
 # ROUTING_DIRECTION_RMS * sqrt(H) (5.7 in the demo): as much as 1/16 of its std-1 random part holds.
 ROUTING_DIRECTION_RMS = 0.25
-MAX_ROUTING_LOGIT = 30.0  # a larger bonus only makes routing deterministic, and logits huge in bf16
 # Mean square that one attention or MoE sublayer adds to the residual stream, measured with
 # transformers on the default demo (about the same at every width: the matrices are LeCun-scaled).
 # The routers scale their structured rows by the residual's expected RMS at their layer, so that a
 # bonus of x logits stays x logits at every depth although the residual grows.
 SUBLAYER_MEAN_SQUARE = 0.3
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Mistral's tokenizer
-UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 FORMAT_TRANSFORMERS_VERSION = "5.0.0"  # the transformers release whose saved layout these files follow
 # config.json fields that do not depend on the shape (values as in mistralai/Mixtral-8x7B-v0.1)
 _CONFIG_FIXED: dict[str, Any] = {
@@ -83,142 +88,8 @@ _CONFIG_FIXED: dict[str, Any] = {
     "router_jitter_noise": 0.0, "sliding_window": None, "tie_word_embeddings": False,
     "transformers_version": FORMAT_TRANSFORMERS_VERSION, "use_cache": True,
 }  # fmt: skip
-MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the special tokens and one token per byte
 INDEX_FILE = "model.safetensors.index.json"
 _TEMP_MARK = ".tmp-"  # temporary build directories: .{name}.tmp-{pid}-{random}
-
-
-# The tokenizer's training text: everyday English, the demo prompts' topics, a little code
-# and a few non-ASCII names. Changing it changes the vocabulary: bump DEMO_VERSION.
-_CORPUS = """\
-Once upon a time, in a small village by the sea, there lived an old fisherman and his daughter.
-Every morning before sunrise they walked down to the harbour, checked the nets and listened to the wind.
-When the weather was calm they sailed far beyond the rocks; when a storm was coming they stayed home,
-mended ropes by the fire and told each other stories about distant islands, kings and talking animals.
-The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
-The capital of France is Paris, the capital of Japan is Tokyo, and the capital of Italy is Rome.
-Spring brings rain and flowers, summer brings long warm evenings, autumn paints the leaves red and gold,
-and winter covers the quiet fields with snow. Children build snowmen while their parents drink hot tea.
-To cook rice, rinse it until the water runs clear, add one and a half cups of water for every cup of rice,
-bring it to a boil, cover the pot, lower the heat and wait twenty minutes. Let it rest before serving.
-A good bread needs flour, water, salt, yeast and patience: knead the dough, let it rise, shape it, bake it.
-When the train finally arrived, the station was crowded with travellers carrying suitcases and umbrellas.
-She bought a ticket, found a seat by the window and watched the mountains, rivers and cities roll past.
-Science asks simple questions with careful experiments. Why is the sky blue? Why do apples fall down?
-Light from the sun is scattered by the air, and gravity pulls every object toward the centre of the earth.
-The three laws of thermodynamics describe energy, heat, work and entropy in every physical system.
-A computer stores numbers in memory, reads them into registers, adds and multiplies them very quickly,
-and writes the results back. Programs are written in languages such as Python, C, Rust and JavaScript.
-def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
-for i in range(10): print(i, fibonacci(i)) # prints 0 1 1 2 3 5 8 13 21 34
-A language model predicts the next word from the words before it. It reads a prompt, one token at a time,
-and then writes new tokens, choosing the most likely one or sampling from the distribution it computes.
-A mixture of experts sends each token to a few experts chosen by a small router, called the gate.
-Each expert is a feed-forward network; only the selected experts run, so a large model stays fast.
-When the weights do not fit in the memory of the accelerator, they live on disk or in host memory,
-and they are copied to the device just in time, layer by layer and expert by expert, while it computes.
-Good scheduling hides the slow transfers behind useful work, so the device is never idle for long.
-Here is a short poem about autumn: the wind is cold, the light is thin, the apples wait to be brought in.
-The library was quiet. An old clock ticked on the wall, and dust danced in a narrow beam of afternoon light.
-Doctors, teachers, farmers, engineers, musicians and painters all work together to build a better city.
-Numbers: one, two, three, four, five, six, seven, eight, nine, ten, hundred, thousand, million, billion.
-Days: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. Months: January, February, March,
-April, May, June, July, August, September, October, November, December. Colours: red, green, blue, yellow.
-Café, naïve, façade, Zürich, São Paulo, Kraków, 東京, Москва and Αθήνα are names written in many scripts.
-"""
-
-
-@dataclass(frozen=True)
-class DemoShape:
-    """Mixtral dimensions of a demo checkpoint (element counts)."""
-
-    vocab_size: int  # V: the tokenizer is trained to exactly this many ids, the model emits as many
-    hidden_size: int  # H
-    num_layers: int
-    num_experts: int  # E routed experts per layer
-    top_k: int  # experts per token
-    intermediate_size: int  # I: one expert is three [I, H] / [H, I] matrices
-    num_heads: int  # Hq
-    num_kv_heads: int  # Hkv < Hq: grouped-query attention, as in Mixtral
-    max_position_embeddings: int  # longest sequence (prompt + generated tokens)
-    rope_theta: float  # RoPE base frequency
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{self}: hidden_size must divide by num_heads, num_heads by num_kv_heads")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ConfigError(f"{self}: top_k must be between 1 and num_experts")
-        if self.hidden_size <= self.num_experts:
-            raise ConfigError(f"{self}: hidden_size must exceed num_experts (routing uses 1 + E coordinates)")
-
-    @property
-    def head_dim(self) -> int:
-        """D: hidden size per attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes of one expert in bf16 (w1, w2, w3)."""
-        return 3 * self.hidden_size * self.intermediate_size * torch.bfloat16.itemsize
-
-
-DEMO_SHAPE = DemoShape(
-    vocab_size=1024,  # the corpus below yields up to ~1260 ids; tiny next to Mixtral's 32000
-    hidden_size=512,  # big enough that each expert matrix is a real GEMM, 1/8 of Mixtral's 4096
-    num_layers=8,  # enough layers for prefetching one layer ahead to matter
-    num_experts=8,  # Mixtral's 8 experts ...
-    top_k=2,  # ... top-2 routed, so 3/4 of the experts of a layer are idle per token
-    intermediate_size=1792,  # 3.5 x H like Mixtral (14336 / 4096): one expert is 5.25 MiB
-    num_heads=8,  # head_dim 64
-    num_kv_heads=4,  # GQA: two query heads share one KV head
-    max_position_embeddings=2048,  # plenty for the demo prompts and a few hundred new tokens
-    rope_theta=1e6,  # Mixtral's RoPE base
-)
-"""The shipped demo: ~367 MB in bf16, 64 experts of 5.25 MiB, so a 128 MiB budget holds about a third."""
-
-
-@dataclass(frozen=True)
-class DemoRouting:
-    """How the demo's routers pick experts: skew within a layer, correlation between layers.
-
-    Random routers spread tokens almost uniformly and independently per layer, which makes every
-    prefetcher look alike. The demo's weights are chosen with structure instead (the checkpoint stays
-    an ordinary Mixtral one). The residual stream reserves 1 + E *routing coordinates*, drawn at
-    random (like the few outsized dimensions of trained LLMs): a common one c that every token's
-    embedding holds, and type coordinates u_0 .. u_{E-1}, of which each token id's embedding holds
-    one (its *type*, drawn once per id). No other matrix reads or writes them (attention, experts
-    and lm_head have zeros there), so they reach every layer's router unchanged while the rest of
-    the residual stream evolves freely. RMSNorm only rescales them. Router row e of layer l is a
-    random row elsewhere (logits of std ~1, independent between layers) plus two structured parts,
-    in logits per token, scaled for the residual's growth with depth (``SUBLAYER_MEAN_SQUARE``):
-
-    - skew: ``hot_logit / (r + 1) ** hot_exponent`` along c, where r is e's rank in the layer's own
-      random hot order: a few experts per layer get a large bonus for every token;
-    - correlation: ``type_logit`` along u_j for the expert that type j prefers in layer l (a random
-      permutation per layer): a token that took type j's expert in layer l - 1 tends to take type
-      j's expert in layer l, a different but predictable one.
-
-    ``DemoRouting(0, 1, 0)`` gives the old unstructured routing. Defaults: see ``DEMO_ROUTING``.
-    """
-
-    hot_logit: float  # logit bonus of each layer's hottest expert, for every token
-    hot_exponent: float  # Zipf-like profile: the r-th hottest expert (r = 0, 1, ...) gets hot_logit/(r+1)^x
-    type_logit: float  # logit bonus of the expert a token's type prefers in each layer
-
-    def __post_init__(self) -> None:
-        values = (self.hot_logit, self.hot_exponent, self.type_logit)
-        if not all(math.isfinite(v) and 0.0 <= v <= MAX_ROUTING_LOGIT for v in values):
-            raise ConfigError(f"{self}: every routing parameter must be between 0 and {MAX_ROUTING_LOGIT}")
-
-    def hot_bonuses(self, num_experts: int) -> list[float]:
-        """Logit bonus of the r-th hottest expert of a layer, r = 0 .. num_experts - 1."""
-        return [self.hot_logit / (rank + 1) ** self.hot_exponent for rank in range(num_experts)]
-
-
-DEMO_ROUTING = DemoRouting(hot_logit=2.25, hot_exponent=1.0, type_logit=3.0)
-"""The shipped demo's routing, tuned with transformers (tests/core/demo/test_demo.py) to Mixtral-8x7B's skew
-(the 2 busiest of 8 experts take ~0.5 of a layer's selections) and a strong link between consecutive
-layers (a token's previous first choice predicts its next one ~70% of the time, frequency ~27%)."""
 
 
 class _Role(enum.Enum):
@@ -261,15 +132,6 @@ def _numel(dims: tuple[int, ...]) -> int:
     return count
 
 
-def default_cache_dir() -> Path:
-    """``$KLOTSKI_TIER_CACHE``, else ``$XDG_CACHE_HOME/klotski-tier``, else ``~/.cache/klotski-tier``."""
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / CACHE_SUBDIR
-
-
 def demo_model_dir(cache_dir: Path | None = None, *, progress: ProgressFn | None = None) -> Path:
     """Directory of the built demo checkpoint under ``cache_dir``, building it (once) if absent."""
     target = (cache_dir if cache_dir is not None else default_cache_dir()) / DEMO_DIR_NAME
@@ -282,20 +144,6 @@ def demo_model_dir(cache_dir: Path | None = None, *, progress: ProgressFn | None
     build_demo(target, DEMO_SHAPE, progress=progress)
     logger.info("built the demo model in %.1f s", time.perf_counter() - started)
     return target
-
-
-def demo_prompts() -> list[str]:
-    """Short prompts the CLI runs when the user gives none."""
-    return [
-        "The quick brown fox",
-        "Once upon a time, in a small village by the sea,",
-        "A mixture of experts sends each token to",
-        "The best way to cook rice is",
-        "def fibonacci(n):",
-        "Here is a short poem about autumn:",
-        "The capital of France is",
-        "When the train finally arrived,",
-    ]
 
 
 def build_demo(
@@ -367,36 +215,6 @@ def _write_checkpoint(
 
 
 # --- tokenizer ------------------------------------------------------------------------------
-
-
-def train_demo_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE with exactly ``vocab_size`` ids, trained on the built-in corpus.
-
-    Byte-level: any text, in any script, encodes (unknown characters fall back to bytes).
-    Encoding adds ``<s>`` in front, like Mistral's tokenizer.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL_TOKENS[BOS_TOKEN_ID]} $A",
-        pair=f"{SPECIAL_TOKENS[BOS_TOKEN_ID]} $A {SPECIAL_TOKENS[BOS_TOKEN_ID]} $B",
-        special_tokens=[(SPECIAL_TOKENS[BOS_TOKEN_ID], BOS_TOKEN_ID)],
-    )
-    actual = tokenizer.get_vocab_size(with_added_tokens=True)
-    if actual != vocab_size:
-        raise ConfigError(
-            f"the demo corpus yields {actual} token ids, not {vocab_size}; pick a vocab_size from "
-            f"{MIN_VOCAB_SIZE} to about 1260"
-        )
-    return tokenizer
 
 
 def _metadata_files(shape: DemoShape) -> dict[str, dict[str, Any]]:

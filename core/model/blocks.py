@@ -136,9 +136,5 @@ class BlockLayout:
         return out
 
 
-def align_up(value: int, alignment: int = BUFFER_ALIGN_BYTES) -> int:
-    return (value + alignment - 1) // alignment * alignment
-
-
 BlockWeights = Mapping[str, torch.Tensor]
 """The tensors of one resident block, by view role (see the table above)."""

@@ -4,9 +4,9 @@
 :class:`BlockLayout` per block (EMBED, ATTN l, GATE l, EXPERT l e, HEAD) with the view roles of
 the table in :mod:`klotski_tier.core.model.blocks`. Every tensor's shape and dtype is checked against
 the spec on the way, so a checkpoint that does not match its config fails here, at start-up,
-naming the tensor. :func:`load_model_files` is the one call the engine makes.
+naming the tensor. :func:`klotski_tier.core.store.files.open_model` opens a model with them.
 
-Each view starts at a buffer offset aligned with :func:`align_up`. A view may be made of several
+Each view starts at a buffer offset aligned to ``BUFFER_ALIGN_BYTES``. A view may be made of several
 pieces placed back to back: a per-expert checkpoint's ``gate_proj`` and ``up_proj`` become one
 ``gate_up`` [2I, H] view, exactly as the fused layout stores them. In the fused layout expert
 e's rows of ``gate_up_proj`` [E, 2I, H] are one contiguous file range, so each expert is still
@@ -20,17 +20,17 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from klotski_tier.core.errors import CheckpointError
 from klotski_tier.core.model.blocks import (
+    BUFFER_ALIGN_BYTES,
     BlockId,
     BlockLayout,
     TensorPiece,
     TensorView,
-    align_up,
     attn_block,
     embed_block,
     expert_block,
@@ -38,47 +38,13 @@ from klotski_tier.core.model.blocks import (
     head_block,
 )
 from klotski_tier.core.model.checkpoint import Checkpoint
-
-if TYPE_CHECKING:
-    from klotski_tier.core.store.packed import PackedStore
-from klotski_tier.core.model.families import ExpertLayout, Family, family_of, parse_spec
+from klotski_tier.core.model.families import ExpertLayout, Family, family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
-from klotski_tier.core.units import format_size
+from klotski_tier.core.units import align_up
 
 logger = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """A checkpoint opened and checked: its spec and the layout of every block."""
-
-    checkpoint: Checkpoint | None  # None for a packed store
-    spec: ModelSpec
-    layouts: Mapping[BlockId, BlockLayout]
-    expert_layout: ExpertLayout
-    directory: Path
-    store: PackedStore | None = None  # the packed store the blocks come from, if any
-
-
-def load_model_files(directory: str | Path) -> ModelFiles:
-    """Open ``directory``, parse its config and lay out every block; any mismatch raises here."""
-    checkpoint = Checkpoint.open(directory)
-    spec = parse_spec(checkpoint.config, weight_dtype(checkpoint))
-    expert_layout = family_of(spec.family).names.expert_layout(checkpoint.tensors)
-    layouts = build_layouts(checkpoint, spec)
-    logger.info(
-        "%s: %s, %d layers x %d experts (%s), %d blocks, %s",
-        checkpoint.directory,
-        spec.family,
-        spec.num_layers,
-        spec.num_experts,
-        expert_layout.value,
-        len(layouts),
-        format_size(total_block_bytes(layouts)),
-    )
-    return ModelFiles(checkpoint, spec, layouts, expert_layout, checkpoint.directory)
 
 
 def weight_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
@@ -162,7 +128,7 @@ class _BlockBuilder:
 
     def add(self, role: str, shape: Shape, *sources: _Source) -> None:
         """View ``role`` of ``shape`` over ``sources`` placed back to back."""
-        start = cursor = align_up(self.end)
+        start = cursor = align_up(self.end, BUFFER_ALIGN_BYTES)
         for source in sources:
             self.pieces.append(
                 TensorPiece(source.name, source.path, source.file_offset, source.nbytes, cursor)
@@ -174,7 +140,8 @@ class _BlockBuilder:
         self.end = cursor
 
     def build(self) -> BlockLayout:
-        return BlockLayout(self.block, tuple(self.pieces), tuple(self.views), align_up(self.end))
+        nbytes = align_up(self.end, BUFFER_ALIGN_BYTES)
+        return BlockLayout(self.block, tuple(self.pieces), tuple(self.views), nbytes)
 
 
 def _embed(source: _Sources, family: Family) -> BlockLayout:

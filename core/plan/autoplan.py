@@ -1,11 +1,12 @@
 """Planning a run before its engine loads: the options the planner picks for a model, its prompts and
 budgets on this machine.
 
-``klotski-tier run --plan auto`` and the e2e benchmark call :func:`plan_model` and then load the
-engine once, with :attr:`RunPlan.options`::
+``klotski-tier run --plan auto`` and the e2e benchmark plan a run and then load the engine once, with
+:attr:`RunPlan.options`, from the model they opened for the plan::
 
-    chosen = plan_model("path/to/mixtral", options, prompts, max_new_tokens=32)
-    engine = Engine.load("path/to/mixtral", chosen.options)
+    files = open_model("path/to/mixtral")
+    chosen = plan_files(files, options, prompts, 32, explicit, profile_path, find_profile(profile_path))
+    engine = Engine.from_files(files, chosen.options)
 
 What the plan needs comes from the checkpoint's config and headers (:func:`open_model`, no weights),
 the prompts' lengths (text prompts through the checkpoint's tokenizer), the options' budgets and
@@ -25,16 +26,16 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from klotski_tier.core.bench.profile import default_profile_path
+from klotski_tier.core.bench.profile import MachineProfile, find_profile
 from klotski_tier.core.errors import InputError, KlotskiError
-from klotski_tier.core.model.layouts import ModelFiles
+from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.plan.hardware import local_machine
 from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import Plan, PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, replace
-from klotski_tier.core.runtime.engine import load_tokenizer, open_model
+from klotski_tier.core.store.files import ModelFiles, open_model
 from klotski_tier.core.store.packed import PackedStore
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 PLAN_AUTO, PLAN_OFF = "auto", "off"
 NO_PROFILE_NOTE = "no machine profile: the defaults; `klotski-tier bench` enables planning"
 PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction")  # what a plan sets
-TOKENIZER_FILE = "tokenizer.json"
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids
 
@@ -73,9 +73,10 @@ def plan_model(
     ``profile_path`` None: the profile ``klotski-tier bench`` wrote, if any. A checkpoint that cannot
     be opened raises (as :meth:`Engine.load` would); a plan that cannot be made is a note.
     """
-    if profile_path is None and not default_profile_path().is_file():
+    profile = find_profile(profile_path)
+    if profile is None:
         return RunPlan(PLAN_AUTO, options, note=NO_PROFILE_NOTE)
-    return plan_files(open_model(Path(model)), options, prompts, max_new_tokens, explicit, profile_path)
+    return plan_files(open_model(model), options, prompts, max_new_tokens, explicit, profile_path, profile)
 
 
 def plan_files(
@@ -85,13 +86,16 @@ def plan_files(
     max_new_tokens: int,
     explicit: Set[str],
     profile_path: Path | None,
+    profile: MachineProfile | None,
 ) -> RunPlan:
-    """:func:`plan_model` for a checkpoint already opened."""
+    """:func:`plan_model` for a checkpoint already opened and a profile already read from
+    ``profile_path`` (None: none was found)."""
+    if profile is None:
+        return RunPlan(PLAN_AUTO, options, note=NO_PROFILE_NOTE)
     try:  # planning is advice: the run goes on with the options as they are
         lengths = prompt_lengths(files.directory, prompts)
-        plan = make_plan(
-            plan_request(files, options, lengths, max_new_tokens, explicit, local_machine(profile_path))
-        )
+        machine = local_machine(profile_path, profile=profile)
+        plan = make_plan(plan_request(files, options, lengths, max_new_tokens, explicit, machine))
     except KlotskiError as exc:
         logger.info("no plan: %s", exc)
         return RunPlan(PLAN_AUTO, options, note=f"the planner cannot plan this run ({exc}); the defaults")

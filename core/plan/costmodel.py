@@ -56,10 +56,11 @@ import numpy.typing as npt
 
 from klotski_tier.core.bench.profile import ComputeProfile, MachineProfile
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.blocks import align_up
+from klotski_tier.core.model.blocks import BUFFER_ALIGN_BYTES
 from klotski_tier.core.model.families import family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
-from klotski_tier.core.plan.machine import GB, ComputeRates, Machine
+from klotski_tier.core.plan.machine import ComputeRates, Machine
+from klotski_tier.core.units import GB, align_up
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ def _aligned(view_bytes: list[int]) -> int:
     """Bytes of a block buffer holding these views, each at an aligned offset (as ``_BlockBuilder``)."""
     end = 0
     for nbytes in view_bytes:
-        end = align_up(end) + nbytes
-    return align_up(end)
+        end = align_up(end, BUFFER_ALIGN_BYTES) + nbytes
+    return align_up(end, BUFFER_ALIGN_BYTES)
 
 
 def block_sizes(spec: ModelSpec) -> BlockSizes:

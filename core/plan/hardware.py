@@ -36,10 +36,10 @@ from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.model.families import parse_spec
 from klotski_tier.core.model.layouts import weight_dtype
-from klotski_tier.core.model.shapes import model_shape, read_toml_tables, toml_table
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.plan.machine import GB, ComputeRates, Machine
-from klotski_tier.core.units import GIB, MIB, parse_size
+from klotski_tier.core.plan.machine import ComputeRates, Machine
+from klotski_tier.core.plan.shapes import model_shape, read_toml_tables, toml_table
+from klotski_tier.core.units import GB, GIB, MIB, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -173,21 +173,24 @@ def machine_named(
 def local_machine(
     profile_path: Path | None = None,
     *,
+    profile: MachineProfile | None = None,
     profile_spec: ModelSpec | None = None,
     device_memory_bytes: int | None = None,
 ) -> Machine:
     """This machine, from its ``klotski-tier bench`` profile (default: where ``bench`` writes it).
 
+    ``profile`` is that profile already loaded from ``profile_path`` (read from it otherwise).
     ``profile_spec`` is the shape of the model the profile timed: by default the demo's when it
     timed the demo, else read from the model directory it names. ``device_memory_bytes`` defaults
     to this GPU's memory (a CUDA profile does not record it) or, on a CPU device, the host's.
     """
     path = profile_path if profile_path is not None else default_profile_path()
-    if not path.is_file():
-        raise ConfigError(
-            f"no machine profile at {path}; run `klotski-tier bench` first to measure this machine"
-        )
-    profile = MachineProfile.load(path)
+    if profile is None:
+        if not path.is_file():
+            raise ConfigError(
+                f"no machine profile at {path}; run `klotski-tier bench` first to measure this machine"
+            )
+        profile = MachineProfile.load(path)
     from klotski_tier.core.plan.costmodel import machine_from_profile  # the planner's; imported when needed
 
     machine: Machine = machine_from_profile(

@@ -25,8 +25,7 @@ import math
 from dataclasses import dataclass
 
 from klotski_tier.core.errors import ConfigError
-
-GB = 1e9  # decimal: bandwidths as drives and links are rated
+from klotski_tier.core.units import GB
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from klotski_tier.core.plan.routing_model import LayerLoads
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.policies.sweep import SweepEviction
-from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
+from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
 
 LRU, SWEEP = LRUEviction.name, SweepEviction.name  # the policies modelled (any other as LRU)
 

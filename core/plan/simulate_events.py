@@ -49,12 +49,13 @@ from klotski_tier.core.model.blocks import (
 )
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.plan.costmodel import CostModel
-from klotski_tier.core.plan.machine import GB, Machine
+from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.routing_model import HotPredictor, IntArray, RouteSampler
 from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.units import GB
 from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.policies.registry import make_eviction
-from klotski_tier.tiers.disk import DEFAULT_CHUNK_BYTES
+from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
 
 DEFAULT_EVICTION = EngineOptions.eviction  # the engine's default policy
 

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.units import GIB, KIB, MIB, parse_size
+from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
 
 UNLIMITED = "unlimited"
 ALL_EXPERTS = "all"  # hot_experts: prefetch every expert of a layer (K = E)
@@ -73,7 +74,7 @@ class EngineOptions:
     host_memory_bytes: int | None = None  # None: no limit
     host_preload: bool = False  # read every block into host RAM before the first step
     disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
-    disk_queue_depth: int = 4
+    disk_queue_depth: int = DEFAULT_QUEUE_DEPTH
     prefetch: str = "correlation"  # the Klotski predictor (falls back to frequency until it has learned)
     prefetch_options: Mapping[str, Any] = field(default_factory=dict)
     prefetch_trace: Path | None = None  # routing trace: warm-up, or the truth for an oracle
@@ -228,21 +229,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if name in fields and not fields[name].is_absolute():
             fields[name] = path.parent / fields[name]  # relative to the file that names it
     return fields
-
-
-def build_options(
-    *, preset: str | None = None, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
-) -> EngineOptions:
-    """Defaults, then ``preset``, then ``config_file``, then ``overrides`` (flags given by the user)."""
-    from klotski_tier.core.runtime.presets import preset_fields
-
-    fields: dict[str, Any] = {}
-    if preset is not None:
-        fields.update(preset_fields(preset))
-    if config_file is not None:
-        fields.update(read_config_file(config_file))
-    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return EngineOptions(**fields)
 
 
 # ---- writing TOML ----------------------------------------------------------------------------

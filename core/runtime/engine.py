@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from klotski_tier.core.bench.profile import MachineProfile
-from klotski_tier.core.errors import CheckpointError, ConfigError, InputError
-from klotski_tier.core.model.layouts import ModelFiles, load_model_files
+from klotski_tier.core.errors import ConfigError, InputError
+from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from klotski_tier.core.observe.metrics import RunMetrics
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.observe.timeline import Timeline
@@ -37,7 +36,7 @@ from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.runtime.policy_setup import build_prefetch, save_prefetch_state
 from klotski_tier.core.runtime.run import Runtime, check_budgets, check_options, minimum_budgets
 from klotski_tier.core.runtime.sequences import GenSequence, new_batch, set_decode_inputs
-from klotski_tier.core.store.packed import is_store, open_store
+from klotski_tier.core.store.files import ModelFiles, open_model
 from klotski_tier.policies.prefetch import PrefetchPolicy
 
 __all__ = ["Engine", "EngineOptions", "GenerationResult", "SequenceOutput"]
@@ -74,30 +73,26 @@ class Engine:
         options: EngineOptions,
         tokenizer: Tokenizer | None,
         prefetch: PrefetchPolicy,
-        profile: MachineProfile | None = None,
     ) -> None:
         self.files = files
-        self.profile = profile  # what `klotski-tier bench` measured on this machine, if known
         self.spec = files.spec
         self.options = options
         self.tokenizer = tokenizer
         self.prefetch = prefetch  # lives as long as the engine: it keeps learning across runs
 
     @classmethod
-    def load(
-        cls, model: str | Path, options: EngineOptions | None = None, profile: MachineProfile | None = None
-    ) -> Engine:
-        """Read the checkpoint's config and headers (no weights) and check the budgets' floor.
+    def load(cls, model: str | Path, options: EngineOptions | None = None) -> Engine:
+        """Read the checkpoint's config and headers (no weights) and check the budgets' floor."""
+        return cls.from_files(open_model(model), options)
 
-        ``profile`` (from ``klotski-tier bench``) tells the engine what this machine's drive and
-        compute can do.
-        """
+    @classmethod
+    def from_files(cls, files: ModelFiles, options: EngineOptions | None = None) -> Engine:
+        """:meth:`load` for a model already opened (:func:`~klotski_tier.core.store.files.open_model`)."""
         options = options or EngineOptions()
-        files = open_model(Path(model))
-        tokenizer = load_tokenizer(Path(model) / "tokenizer.json")
+        tokenizer = load_tokenizer(files.directory / TOKENIZER_FILE)
         check_options(files, options)
         check_budgets(files, options, [])
-        return cls(files, options, tokenizer, build_prefetch(options, files.spec), profile)
+        return cls(files, options, tokenizer, build_prefetch(options, files.spec))
 
     def minimum_budgets(
         self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 32
@@ -251,25 +246,6 @@ class Engine:
         return SequenceOutput(
             seq.prompt, seq.generated, self.decode(seq.generated), seq.finish_reason, seq.logits
         )
-
-
-def load_tokenizer(path: Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None without a tokenizer.json (token-id prompts still work)."""
-    if not path.is_file():
-        return None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"cannot read tokenizer {path}: {reason}; fix or remove the file") from exc
-
-
-def open_model(path: Path) -> ModelFiles:
-    """A Hugging Face checkpoint directory, or a store written by ``klotski-tier pack``."""
-    if not is_store(path):
-        return load_model_files(path)
-    store = open_store(path)
-    return ModelFiles(None, store.spec, store.layouts, store.expert_layout, path, store)
 
 
 class _Sampler:

@@ -35,10 +35,12 @@ as those systems keep them resident.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.runtime.config import parse_config
+from klotski_tier.core.runtime.config import EngineOptions, parse_config, read_config_file
 
 PRESETS: dict[str, str] = {
     "nvme-only": """
@@ -106,3 +108,16 @@ def preset_fields(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return parse_config(tomllib.loads(PRESETS[name]), source=f"preset {name}")
+
+
+def build_options(
+    *, preset: str | None = None, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> EngineOptions:
+    """Defaults, then ``preset``, then ``config_file``, then ``overrides`` (flags given by the user)."""
+    fields: dict[str, Any] = {}
+    if preset is not None:
+        fields.update(preset_fields(preset))
+    if config_file is not None:
+        fields.update(read_config_file(config_file))
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return EngineOptions(**fields)

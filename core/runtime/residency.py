@@ -46,7 +46,7 @@ from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.tiers.device import CopyDone, DeviceDriver
-from klotski_tier.tiers.disk import DEFAULT_QUEUE_DEPTH
+from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
 from klotski_tier.tiers.host import HostDriver
 
 if TYPE_CHECKING:

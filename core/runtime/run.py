@@ -15,7 +15,7 @@ from types import TracebackType
 import torch
 
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.model.layouts import ModelFiles, largest_block_bytes, total_block_bytes
+from klotski_tier.core.model.layouts import largest_block_bytes, total_block_bytes
 from klotski_tier.core.observe.metrics import RunMetrics, TierStats
 from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.observe.timeline import Timeline
@@ -25,6 +25,7 @@ from klotski_tier.core.runtime.pipeline import Pipeline
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, TierLedger
 from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
 from klotski_tier.core.store.block_source import BlockSource
+from klotski_tier.core.store.files import ModelFiles
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.prefetch import PrefetchPolicy
 from klotski_tier.policies.registry import make_eviction

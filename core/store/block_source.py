@@ -13,10 +13,11 @@ from collections.abc import Mapping
 
 import torch
 
-from klotski_tier.core.model.blocks import BlockId, BlockLayout, TensorPiece
+from klotski_tier.core.model.blocks import BlockId, BlockLayout
 from klotski_tier.core.store.packed import PackedStore, decode_block
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.hostmem import aligned_empty
+from klotski_tier.tiers.ranges import ByteRange
 
 
 class BlockSource:
@@ -43,7 +44,7 @@ class BlockSource:
             await self._disk.read_into(self._layouts[block].pieces, dst)
             return
         entry = self._store.entry(block)
-        piece = TensorPiece(str(block), entry.path, entry.offset, entry.padded_bytes, 0)
+        piece = ByteRange(entry.path, entry.offset, entry.padded_bytes, 0)
         if not entry.compressed:
             await self._disk.read_into([piece], dst)
             await self._disk.run_blocking(lambda: decode_block(dst, entry, dst))  # checks in place

@@ -21,10 +21,10 @@ import numpy as np
 
 from klotski_tier.core.atomic import remove_stale_temps
 from klotski_tier.core.errors import InputError
-from klotski_tier.core.model.blocks import BlockLayout, align_up
+from klotski_tier.core.model.blocks import BlockLayout
 from klotski_tier.core.model.checkpoint import read_range
-from klotski_tier.core.model.layouts import ModelFiles, load_model_files
 from klotski_tier.core.store import codec as codecs
+from klotski_tier.core.store.files import ModelFiles, load_model_files
 from klotski_tier.core.store.packed import (
     BLOCKS_FILE,
     COPIED_FILES,
@@ -38,6 +38,7 @@ from klotski_tier.core.store.packed import (
     StoreSummary,
 )
 from klotski_tier.core.store.pagecache import evict
+from klotski_tier.core.units import align_up
 
 logger = logging.getLogger(__name__)
 

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 
 from klotski_tier.core.errors import CheckpointError, TierError
-from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, TensorPiece, TensorView, align_up
+from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, TensorPiece, TensorView
 from klotski_tier.core.model.checkpoint import SAFETENSORS_DTYPES, read_range
 from klotski_tier.core.model.families import ExpertLayout, parse_spec
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.store import codec as codecs
 from klotski_tier.core.store.pagecache import evict
+from klotski_tier.core.units import align_up
 
 logger = logging.getLogger(__name__)
 

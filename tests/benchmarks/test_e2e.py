@@ -35,8 +35,8 @@ from benchmarks.e2e.workload import Workload, make_prompts
 from klotski_tier.core.demo.build import build_demo
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.blocks import BlockLayout, attn_block, expert_block
-from klotski_tier.core.model.layouts import load_model_files
 from klotski_tier.core.observe.routing_trace import RoutingTrace, TraceMeta
+from klotski_tier.core.store.files import load_model_files
 from klotski_tier.core.units import GIB, MIB
 
 WORKLOAD = Workload(prompts=4, prompt_tokens=8, new_tokens=4)

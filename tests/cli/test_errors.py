@@ -17,6 +17,7 @@ from klotski_tier.cli.main import main
 from klotski_tier.core.errors import CheckpointError
 from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.runtime.engine import Engine, EngineOptions
+from klotski_tier.core.store.files import ModelFiles
 from tests.checkpoints import MAX_POSITIONS, VOCAB_SIZE
 from tests.conftest import CheckpointFactory
 
@@ -114,16 +115,14 @@ def test_truncated_shard_is_caught_when_opened(model: Path, out_dir: Path, cut: 
 def test_shard_truncated_after_loading_is_reported_when_read(
     model: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_load = Engine.load
+    real_load = Engine.from_files
 
-    def load_then_truncate(
-        directory: str | Path, options: EngineOptions | None = None, **kwargs: Any
-    ) -> Engine:
-        engine = real_load(directory, options, **kwargs)
+    def load_then_truncate(files: ModelFiles, options: EngineOptions | None = None) -> Engine:
+        engine = real_load(files, options)
         os.truncate(model / "model.safetensors", TRUNCATED_SIZE_BYTES)
         return engine
 
-    monkeypatch.setattr(Engine, "load", load_then_truncate)
+    monkeypatch.setattr(Engine, "from_files", load_then_truncate)
     run_fails(["--model", str(model), "--plan", "off", *IDS], "truncated", out_dir)
 
 

@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.model.shapes import model_shape, shape_to_toml
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
+from klotski_tier.core.plan.shapes import model_shape, shape_to_toml
 from klotski_tier.core.units import MIB
 from tests.conftest import CheckpointFactory
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner, Result
 from tokenizers import Tokenizer
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.demo.build import DemoShape, build_demo
+from klotski_tier.core.demo.build import build_demo
+from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.runtime.engine import Engine, EngineOptions
 from klotski_tier.core.units import KIB, MIB
 from tests.conftest import CheckpointFactory

@@ -11,12 +11,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from klotski_tier.cli import run as run_command
 from klotski_tier.cli.main import main
 from klotski_tier.cli.options import options_and_explicit
+from klotski_tier.core.bench.profile import MachineProfile
 from klotski_tier.core.plan.hardware import local_machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.runtime.config import EngineOptions
-from klotski_tier.core.runtime.engine import Engine, open_model
+from klotski_tier.core.runtime.engine import Engine
+from klotski_tier.core.store.files import ModelFiles, open_model
 from tests.conftest import BENCH_PROFILE, CheckpointFactory
 
 PROFILE = BENCH_PROFILE
@@ -75,18 +78,33 @@ def test_auto_takes_n_bs_k_and_preload_from_the_plan(model: Path, planned_off: d
     assert tokens(record) == tokens(planned_off)  # scheduling never changes tokens
 
 
-def test_the_engine_loads_once_with_the_planned_options(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_model_opens_and_the_profile_loads_once_and_the_engine_has_the_planned_options(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded: list[EngineOptions | None] = []
-    load = Engine.load
+    opened: list[Path] = []
+    profiles: list[Path] = []
+    load, open_files, read_profile = Engine.from_files, run_command.open_model, MachineProfile.load
 
     def counting_load(cls: type[Engine], *args: Any, **kwargs: Any) -> Engine:
         engine = load(*args, **kwargs)
         loaded.append(engine.options)
         return engine
 
-    monkeypatch.setattr(Engine, "load", classmethod(counting_load))
+    def counting_open(path: Path) -> ModelFiles:
+        opened.append(path)
+        return open_files(path)
+
+    def counting_read(cls: type[MachineProfile], path: Path) -> MachineProfile:
+        profiles.append(path)
+        return read_profile(path)
+
+    monkeypatch.setattr(Engine, "from_files", classmethod(counting_load))
+    monkeypatch.setattr(run_command, "open_model", counting_open)
+    monkeypatch.setattr(MachineProfile, "load", classmethod(counting_read))
     plan = run_json(model, "--profile", str(PROFILE))["plan"]
     assert len(loaded) == 1 and loaded[0] is not None
+    assert opened == [model] and profiles == [PROFILE]
     assert {key: getattr(loaded[0], key) for key in PLANNED} == {key: plan[key] for key in PLANNED}
 
 

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
-from klotski_tier.core.model.shapes import MODEL_SHAPES, model_shape, shape_to_toml
 from klotski_tier.core.plan.hardware import HARDWARE
+from klotski_tier.core.plan.shapes import MODEL_SHAPES, model_shape, shape_to_toml
 
 HARDWARE_TOML = """
 [hardware.test-box]

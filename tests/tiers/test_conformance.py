@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from klotski_tier.core.errors import TierError
-from klotski_tier.core.model.blocks import BlockLayout, TensorPiece, TensorView, align_up, expert_block
+from klotski_tier.core.model.blocks import (
+    BUFFER_ALIGN_BYTES,
+    BlockLayout,
+    TensorPiece,
+    TensorView,
+    expert_block,
+)
+from klotski_tier.core.units import align_up
 from klotski_tier.tiers.base import MemoryTierDriver
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
@@ -167,7 +174,7 @@ def _pack(pieces: list[TensorPiece]) -> tuple[list[TensorPiece], int]:
     placed, offset = [], 0
     for piece in pieces:
         placed.append(TensorPiece(piece.tensor_name, piece.path, piece.file_offset, piece.nbytes, offset))
-        offset = align_up(offset + piece.nbytes)
+        offset = align_up(offset + piece.nbytes, BUFFER_ALIGN_BYTES)
     return placed, offset
 
 

@@ -18,10 +18,10 @@ from klotski_tier.core.bench.contention import DriveStreamer, measure_contention
 from klotski_tier.core.bench.drive import write_test_file
 from klotski_tier.core.bench.profile import MachineProfile
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.shapes import model_shape
 from klotski_tier.core.plan.costmodel import CostModel, machine_from_profile
 from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
 from klotski_tier.core.plan.pipeline_model import Io, LayerWork, StepPrediction, StepShape, predict_step
+from klotski_tier.core.plan.shapes import model_shape
 from klotski_tier.core.units import MIB
 from tests.core.plan.test_hardware import tiny_profile
 from tests.core.plan.test_simulate import _config, _machine, _planned, _run

@@ -19,15 +19,18 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from klotski_tier.core import paths
 from klotski_tier.core.demo import build as demo
-from klotski_tier.core.demo.build import (
-    DEMO_DIR_NAME,
+from klotski_tier.core.demo import tokenizer as demo_tokenizer
+from klotski_tier.core.demo.build import DEMO_DIR_NAME, build_demo, demo_model_dir
+from klotski_tier.core.demo.shape import (
+    BOS_TOKEN_ID,
     DEMO_ROUTING,
     DEMO_SHAPE,
+    SPECIAL_TOKENS,
+    UNK_TOKEN_ID,
     DemoRouting,
     DemoShape,
-    build_demo,
-    demo_model_dir,
 )
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.observe.routing_stats import RoutingStats, routing_stats
@@ -171,10 +174,10 @@ def tiny_tokenizer(tiny_dir: Path) -> Tokenizer:
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=60).filter(lambda t: not any(s in t for s in demo.SPECIAL_TOKENS)))
+@given(text=st.text(max_size=60).filter(lambda t: not any(s in t for s in SPECIAL_TOKENS)))
 def test_any_text_round_trips(tiny_tokenizer: Tokenizer, text: str) -> None:
     ids = tiny_tokenizer.encode(text).ids
-    assert ids[0] == demo.BOS_TOKEN_ID
+    assert ids[0] == BOS_TOKEN_ID
     assert all(0 <= i < TINY.vocab_size for i in ids)
     assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == text
 
@@ -227,7 +230,7 @@ def test_temp_of_a_dead_process_is_removed_and_of_a_live_one_kept(tmp_path: Path
 def test_demo_model_dir_builds_once_under_the_cache_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setenv(paths.CACHE_ENV_VAR, str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "DEMO_SHAPE", TINY)
     seen: list[tuple[int, int]] = []
     path = demo_model_dir(progress=lambda done, total: seen.append((done, total)))
@@ -240,13 +243,13 @@ def test_demo_model_dir_builds_once_under_the_cache_env(
 
 def test_default_cache_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(demo.CACHE_ENV_VAR, raising=False)
+    monkeypatch.delenv(paths.CACHE_ENV_VAR, raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert demo.default_cache_dir() == tmp_path / "home" / ".cache" / "klotski-tier"
+    assert paths.default_cache_dir() == tmp_path / "home" / ".cache" / "klotski-tier"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo.default_cache_dir() == tmp_path / "xdg" / "klotski-tier"
-    monkeypatch.setenv(demo.CACHE_ENV_VAR, str(tmp_path / "own"))
-    assert demo.default_cache_dir() == tmp_path / "own"
+    assert paths.default_cache_dir() == tmp_path / "xdg" / "klotski-tier"
+    monkeypatch.setenv(paths.CACHE_ENV_VAR, str(tmp_path / "own"))
+    assert paths.default_cache_dir() == tmp_path / "own"
 
 
 def test_an_incomplete_cache_directory_is_reported(tmp_path: Path) -> None:
@@ -261,11 +264,11 @@ def test_bad_shapes_are_config_errors() -> None:
             320, 64, 2, 4, 2, 96, num_heads=5, num_kv_heads=1, max_position_embeddings=8, rope_theta=1.0
         )
     with pytest.raises(ConfigError, match="token ids"):
-        demo.train_demo_tokenizer(50_000)
+        demo_tokenizer.train_demo_tokenizer(50_000)
 
 
 def test_prompts_and_runtime_imports() -> None:
-    prompts = demo.demo_prompts()
+    prompts = demo_tokenizer.demo_prompts()
     assert len(prompts) >= 4 and all(p.strip() for p in prompts)
     tree = ast.parse(Path(demo.__file__).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -312,8 +315,8 @@ def measure_routing(directory: Path, *, new_tokens: int, dtype: torch.dtype = to
     transformers = pytest.importorskip("transformers")
     model = transformers.MixtralForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(directory, padding_side="left")
-    tokenizer.pad_token = demo.SPECIAL_TOKENS[demo.UNK_TOKEN_ID]  # id 0: never generated, masked out
-    batch = tokenizer(demo.demo_prompts(), return_tensors="pt", padding=True)
+    tokenizer.pad_token = SPECIAL_TOKENS[UNK_TOKEN_ID]  # id 0: never generated, masked out
+    batch = tokenizer(demo_tokenizer.demo_prompts(), return_tensors="pt", padding=True)
     prompt_length = batch["input_ids"].shape[1]
     with torch.no_grad():
         ids = batch["input_ids"]  # [B, T]
@@ -343,7 +346,7 @@ def _assert_routes_like_mixtral(stats: RoutingStats) -> None:
 
 def _assert_sane_generation(measured: Measured, new_tokens: int) -> None:
     for tokens in measured.generated:
-        assert len(tokens) == new_tokens and min(tokens) >= len(demo.SPECIAL_TOKENS)  # no <unk>, <s>, </s>
+        assert len(tokens) == new_tokens and min(tokens) >= len(SPECIAL_TOKENS)  # no <unk>, <s>, </s>
         assert len(set(tokens)) >= new_tokens // 3, tokens  # not one token repeated
     assert len({tuple(tokens) for tokens in measured.generated}) == len(measured.generated)
     assert 1.0 < measured.max_abs_logit < 20.0  # decisive, not saturated

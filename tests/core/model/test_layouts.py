@@ -15,7 +15,8 @@ import torch
 from klotski_tier.core.errors import CheckpointError
 from klotski_tier.core.model.blocks import BlockKind, BlockLayout, attn_block, head_block
 from klotski_tier.core.model.families import ExpertLayout
-from klotski_tier.core.model.layouts import ModelFiles, largest_block_bytes, load_model_files
+from klotski_tier.core.model.layouts import largest_block_bytes
+from klotski_tier.core.store.files import ModelFiles, load_model_files
 from tests.checkpoints import FAMILIES, load_reference, read_all_tensors, write_tensors
 from tests.conftest import CheckpointFactory
 

@@ -23,7 +23,7 @@ from klotski_tier.core.plan.autoplan import (
 from klotski_tier.core.plan.hardware import local_machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions
-from klotski_tier.core.runtime.engine import open_model
+from klotski_tier.core.store.files import open_model
 from tests.conftest import BENCH_PROFILE, CheckpointFactory
 
 PROFILE = BENCH_PROFILE

@@ -21,7 +21,7 @@ from klotski_tier.core.bench.profile import (
 from klotski_tier.core.bench.suite import demo_spec
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.blocks import BlockKind
-from klotski_tier.core.model.layouts import largest_block_bytes, load_model_files, total_block_bytes
+from klotski_tier.core.model.layouts import largest_block_bytes, total_block_bytes
 from klotski_tier.core.plan.costmodel import (
     CPU_COPY_GBPS,
     PIPELINE_JOB_GAP_S,
@@ -32,6 +32,7 @@ from klotski_tier.core.plan.costmodel import (
 )
 from klotski_tier.core.plan.machine import ComputeRates, Machine
 from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
+from klotski_tier.core.store.files import load_model_files
 from tests.checkpoints import FAMILIES, make_checkpoint
 
 RATES = ComputeRates(

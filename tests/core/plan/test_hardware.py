@@ -21,10 +21,8 @@ from klotski_tier.core.bench.profile import (
     ReadResult,
     ZstdProfile,
 )
-from klotski_tier.core.demo.build import CACHE_ENV_VAR
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.layouts import load_model_files
-from klotski_tier.core.model.shapes import model_shape
+from klotski_tier.core.paths import CACHE_ENV_VAR
 from klotski_tier.core.plan.hardware import (
     HARDWARE,
     JOB_OVERHEAD_S,
@@ -32,8 +30,10 @@ from klotski_tier.core.plan.hardware import (
     load_hardware_file,
     machine_named,
 )
-from klotski_tier.core.plan.machine import GB, ComputeRates, Machine
-from klotski_tier.core.units import GIB, MIB
+from klotski_tier.core.plan.machine import ComputeRates, Machine
+from klotski_tier.core.plan.shapes import model_shape
+from klotski_tier.core.store.files import load_model_files
+from klotski_tier.core.units import GB, GIB, MIB
 from tests.conftest import CheckpointFactory
 
 COSTMODEL = "klotski_tier.core.plan.costmodel"

@@ -14,10 +14,10 @@ from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.layouts import total_block_bytes
 from klotski_tier.core.observe.timeline import COMPUTE_TRACK, INTRA_LAYER_BUBBLE, Span, Timeline
-from klotski_tier.core.runtime.config import build_options, read_config_file, replace, to_toml
+from klotski_tier.core.runtime.config import read_config_file, replace, to_toml
 from klotski_tier.core.runtime.engine import GenerationResult
 from klotski_tier.core.runtime.pipeline import expert_waves
-from klotski_tier.core.runtime.presets import PRESETS
+from klotski_tier.core.runtime.presets import PRESETS, build_options
 from klotski_tier.policies.whole_layer import WholeLayerPrefetch
 from tests.conftest import CheckpointFactory
 

@@ -8,8 +8,8 @@ import pytest
 
 from klotski_tier import Engine
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.runtime.config import EngineOptions, build_options, read_config_file, to_toml
-from klotski_tier.core.runtime.presets import PRESETS
+from klotski_tier.core.runtime.config import EngineOptions, read_config_file, to_toml
+from klotski_tier.core.runtime.presets import PRESETS, build_options
 from tests.checkpoints import make_checkpoint
 
 FULL = """

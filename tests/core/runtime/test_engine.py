@@ -10,7 +10,8 @@ import torch
 import transformers
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.demo.build import DemoShape, build_demo
+from klotski_tier.core.demo.build import build_demo
+from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.errors import ConfigError, InputError
 from tests.checkpoints import make_checkpoint
 

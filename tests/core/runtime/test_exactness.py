@@ -18,7 +18,9 @@ import torch
 import transformers
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.demo.build import DemoShape, build_demo, demo_prompts
+from klotski_tier.core.demo.build import build_demo
+from klotski_tier.core.demo.shape import DemoShape
+from klotski_tier.core.demo.tokenizer import demo_prompts
 from tests.checkpoints import FAMILIES, make_checkpoint
 from tests.numerics import assert_logits_close, compare_tokens, regroup, teacher_forced_prompts
 

@@ -13,7 +13,7 @@ import pytest
 from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.observe.routing_trace import RoutingTrace
-from klotski_tier.core.runtime.config import build_options
+from klotski_tier.core.runtime.presets import build_options
 from klotski_tier.policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 from tests.checkpoints import make_checkpoint
 

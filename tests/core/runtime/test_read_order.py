@@ -20,13 +20,15 @@ import pytest
 import torch
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.model.blocks import BlockId, TensorPiece, attn_block, expert_block, gate_block
+from klotski_tier.core.model.blocks import BlockId, attn_block, expert_block, gate_block
 from klotski_tier.core.registry import Registry
 from klotski_tier.core.runtime import run as runtime
 from klotski_tier.core.runtime.read_queue import DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
 from klotski_tier.core.store.pack import pack
+from klotski_tier.core.store.packed import open_store
 from klotski_tier.tiers.base import TierDriver
 from klotski_tier.tiers.disk import DiskDriver
+from klotski_tier.tiers.ranges import FileRange
 from tests.checkpoints import make_checkpoint
 
 PROMPTS = [[5, 7, 9, 11], [3, 4], [20, 21, 22], [40, 41, 42, 43]]
@@ -43,9 +45,10 @@ class RecordingDisk(DiskDriver):
 
     log: ClassVar[list[tuple[str, str]]] = []  # (READ or CHECK, block)
     reading: ClassVar[dict[asyncio.Task[object] | None, str]] = {}  # the block each coroutine read last
+    blocks: ClassVar[dict[int, str]] = {}  # the store's block at each file offset
 
-    async def read_into(self, pieces: Sequence[TensorPiece], dst: torch.Tensor) -> None:
-        block = pieces[0].tensor_name  # a packed store reads one piece named after its block
+    async def read_into(self, pieces: Sequence[FileRange], dst: torch.Tensor) -> None:
+        block = RecordingDisk.blocks[pieces[0].file_offset]  # a packed store reads a block as one range
         RecordingDisk.reading[asyncio.current_task()] = block
         RecordingDisk.log.append((READ, block))
         await super().read_into(pieces, dst)
@@ -91,6 +94,8 @@ def test_next_attention_and_gate_are_checked_before_any_expert_prefetch_is_read(
     monkeypatch.setattr(runtime, "TIER_DRIVERS", drivers)
     monkeypatch.setattr(RecordingDisk, "log", [])
     monkeypatch.setattr(RecordingDisk, "reading", {})
+    opened = open_store(store)
+    monkeypatch.setattr(RecordingDisk, "blocks", {opened.entry(b).offset: str(b) for b in opened.layouts})
     result = Engine.load(store, whole_layer_prefetch("recording-disk")).generate(
         PROMPTS, max_new_tokens=NEW_TOKENS
     )

@@ -12,10 +12,10 @@ import pytest
 
 from klotski_tier.core.errors import BudgetError, TierError
 from klotski_tier.core.model.blocks import attn_block, expert_block
-from klotski_tier.core.model.layouts import ModelFiles, load_model_files
 from klotski_tier.core.observe.metrics import TierStats
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, State, TierLedger
 from klotski_tier.core.store.block_source import BlockSource
+from klotski_tier.core.store.files import ModelFiles, load_model_files
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from klotski_tier.core.demo.build import DemoShape, build_demo
+from klotski_tier.core.demo.build import build_demo
+from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.errors import CheckpointError, InputError, TierError
 from klotski_tier.core.model.blocks import BlockKind, BlockLayout, expert_block
-from klotski_tier.core.model.layouts import load_model_files
 from klotski_tier.core.store import codec as codecs
 from klotski_tier.core.store import pack as store_pack
 from klotski_tier.core.store import packed as store
+from klotski_tier.core.store.files import load_model_files
 from tests.checkpoints import read_all_tensors
 from tests.conftest import CheckpointFactory
 

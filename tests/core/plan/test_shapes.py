@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from klotski_tier.core.bench.compute import demo_spec
-from klotski_tier.core.demo.build import DEMO_SHAPE
+from klotski_tier.core.demo.shape import DEMO_SHAPE
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.families import parse_spec
-from klotski_tier.core.model.shapes import (
+from klotski_tier.core.plan.shapes import (
     MODEL_SHAPES,
     active_parameter_count,
     load_shapes_file,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from klotski_tier.core.demo import build as demo
+from klotski_tier.core.demo import shape as demo
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.model.families import FAMILIES, parse_spec
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
@@ -203,8 +203,8 @@ MODEL_SHAPES: Mapping[str, ShapeEntry] = {
         _entry("Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B", _QWEN3_30B_A3B),
         _entry("OLMoE-1B-7B", "allenai/OLMoE-1B-7B-0924", _OLMOE_1B_7B, "bf16; its config says fp32"),
         _entry("DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V2-Lite", _DEEPSEEK_V2_LITE, "as qwen2_moe: see "
-               "klotski_tier.core.model.shapes.deepseek_v2_equivalent"),
-        _entry("demo", "klotski_tier.core.demo.build.DEMO_SHAPE (the built-in demo model)", _DEMO),
+               "klotski_tier.core.plan.shapes.deepseek_v2_equivalent"),
+        _entry("demo", "klotski_tier.core.demo.shape.DEMO_SHAPE (the built-in demo model)", _DEMO),
     )
 }  # fmt: skip
 """Built-in shapes by display name; look them up with :func:`model_shape` (any case)."""
