@@ -27,12 +27,20 @@ State columns: ``pair_layer``, ``pair_previous``, ``pair_expert``, ``pair_count`
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from klotski_tier.policies.prefetch import PolicyState, PrefetchPolicy, Routes
-from klotski_tier.policies.tables import CountTable, check_range, check_state_keys, top_k
+from klotski_tier.policies.tables import (
+    CountTable,
+    IntArray,
+    check_range,
+    check_state_keys,
+    expert_counts,
+    pair_counts,
+    route_array,
+    top_k,
+)
 
 OWNER = "prefetch policy 'correlation'"
 MAX_SMOOTHING = float("inf")  # pseudo-observations per row: any non-negative number
@@ -52,7 +60,7 @@ class CorrelationPrefetch(PrefetchPolicy):
         # Decay is lazy: a new observation weighs 1/decay more than one a step older, which ranks
         # the same as multiplying every stored weight by decay at each step.
         self._weight = 1.0
-        self._last: tuple[int, list[list[int]]] | None = None  # last observed layer, its routes
+        self._last: tuple[int, IntArray] | None = None  # last observed layer, its routes [N, k]
 
     def begin_step(self, step: int) -> None:
         self._last = None  # routes of the previous step's last layer pair with nothing
@@ -62,20 +70,20 @@ class CorrelationPrefetch(PrefetchPolicy):
                 self._rescale()
 
     def observe(self, layer: int, routes: Routes) -> None:
-        current = [list(experts) for experts in routes]
-        for experts in current:
-            self._frequency.add((layer,), experts, self._weight)
+        current = route_array(routes)
+        self._frequency.add_counts((layer,), expert_counts(current), self._weight)
         last = self._last
         if last is not None and last[0] == layer - 1 and len(last[1]) == len(current):
-            for before, after in zip(last[1], current, strict=True):
-                for e_prev in before:
-                    self._pairs.add((layer, e_prev), after, self._weight)
+            for e_prev, row in pair_counts(last[1], current).items():
+                self._pairs.add_counts((layer, e_prev), row, self._weight)
         self._last = (layer, current)
 
     def predict(self, layer: int, k: int, previous_routes: Routes | None = None) -> list[int]:
         assert k >= 0, f"cannot predict a negative number of experts ({k})"
         prior = _normalized(self._frequency.row((layer,)))
-        scores = self._tendencies(layer, previous_routes, prior) if previous_routes else {}
+        previous = route_array(previous_routes) if previous_routes is not None else None
+        known = previous is not None and previous.size > 0
+        scores = self._tendencies(layer, previous, prior) if known and previous is not None else {}
         chosen = top_k(scores, k)
         return chosen + top_k(prior, k - len(chosen), exclude=chosen)
 
@@ -94,12 +102,11 @@ class CorrelationPrefetch(PrefetchPolicy):
         self._weight = 1.0
 
     def _tendencies(
-        self, layer: int, previous_routes: Routes, prior: Mapping[int, float]
+        self, layer: int, previous_routes: IntArray, prior: Mapping[int, float]
     ) -> dict[int, float]:
         """The tendencies of every token of ``previous_routes``, summed per expert of ``layer``."""
-        uses = Counter(e_prev for experts in previous_routes for e_prev in experts)
         scores: dict[int, float] = {}
-        for e_prev, tokens in sorted(uses.items()):
+        for e_prev, tokens in expert_counts(previous_routes).items():
             for expert, share in self._tendency(layer, e_prev, prior).items():
                 scores[expert] = scores.get(expert, 0.0) + tokens * share
         return scores

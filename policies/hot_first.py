@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from klotski_tier.policies.prefetch import PolicyState, PrefetchPolicy, Routes
-from klotski_tier.policies.tables import CountTable, check_state_keys, top_k
+from klotski_tier.policies.tables import CountTable, check_state_keys, expert_counts, route_array, top_k
 
 
 class HotFirstPrefetch(PrefetchPolicy):
@@ -27,8 +27,7 @@ class HotFirstPrefetch(PrefetchPolicy):
         self._frequency = CountTable("frequency", ["layer"])  # (layer,) -> expert id -> selections
 
     def observe(self, layer: int, routes: Routes) -> None:
-        for token_experts in routes:
-            self._frequency.add((layer,), token_experts)
+        self._frequency.add_counts((layer,), expert_counts(route_array(routes)))
 
     def predict(self, layer: int, k: int, previous_routes: Routes | None = None) -> list[int]:
         assert k >= 0, f"cannot predict a negative number of experts ({k})"

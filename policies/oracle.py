@@ -13,10 +13,8 @@ learned state, so ``state()`` is empty.
 
 from __future__ import annotations
 
-from collections import Counter
-
 from klotski_tier.policies.prefetch import PrefetchPolicy, Routes, StepRoutes
-from klotski_tier.policies.tables import top_k
+from klotski_tier.policies.tables import expert_counts, route_array, top_k
 
 
 class OraclePrefetch(PrefetchPolicy):
@@ -55,5 +53,5 @@ class OraclePrefetch(PrefetchPolicy):
 
 def _rank(routes: Routes) -> list[int]:
     """The experts of ``routes``, most selected first, ties to the lower expert id."""
-    uses = Counter(expert for experts in routes for expert in experts)
-    return top_k({e: float(n) for e, n in uses.items()}, len(uses))
+    uses = expert_counts(route_array(routes))
+    return top_k(uses, len(uses))

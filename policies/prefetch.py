@@ -15,7 +15,9 @@ Lifecycle, as the engine drives it::
             observe(l, routes)               after l's gate phase: what every token selected
     state()                          after a run, when the user asks to save what was learned
 
-``routes`` hold, per token of all n batches of the group, the experts that token selected.
+``routes`` hold, per token of all n batches of the group, the experts that token selected (an int
+array [N, k] from the engine, lists in tests); policies count them with numpy, so a prefill of a
+large group costs a few array operations, not a Python loop per token.
 ``previous_routes`` are the same tokens' routes in ``layer - 1`` (None for the first layer or
 when unknown), for policies that correlate consecutive layers. A policy whose ``needs_trace``
 is True (the oracle) is refused by the engine unless a routing trace is given to ``warm_up``.
@@ -27,10 +29,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+import numpy.typing as npt
+
 from klotski_tier.core.errors import ConfigError
 
-Routes = Sequence[Sequence[int]]
-"""Per token, the expert ids it selected in one layer: ``routes[token] == [e0, e1, ...]``."""
+Routes = Sequence[Sequence[int]] | npt.NDArray[np.int64]
+"""Per token, the expert ids it selected in one layer: ``routes[token] == [e0, e1, ...]``; the engine
+passes an int array [N, k] (a policy may not assume more than a sequence of rows)."""
 
 StepRoutes = Sequence[Sequence[Routes]]
 """A routing trace: ``steps[step][layer]`` are the routes of that step in that layer."""

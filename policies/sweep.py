@@ -20,12 +20,17 @@ inserts blocks of layers ahead. Ranks, highest evicted first:
 Ties among blocks of layers go most recently used first: within a layer too, what was used last in
 the past sweep comes last in the next (attention, then gate, then experts). Layerless keys tie least
 recently used first. ``L`` is one more than the largest layer seen.
+
+Keys are kept per layer in recency order, so :meth:`victims` walks the layers in rank order and
+touches only the keys its caller takes: making room for one block costs a few steps, not a sort of
+every resident block.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from klotski_tier.policies.eviction import EvictionPolicy, K
 
@@ -46,24 +51,28 @@ class SweepEviction(EvictionPolicy[K]):
     name = "sweep"
 
     def __init__(self) -> None:
-        self._order: OrderedDict[K, int | None] = OrderedDict()  # key -> layer, least recently used first
+        # layer (None: layerless) -> key -> insertion number, least recently used first
+        self._by_layer: dict[int | None, OrderedDict[K, int]] = {}
+        self._layer_of: dict[K, int | None] = {}
         self._used_in_pass: dict[K, int] = {}  # key -> pass number of its last access
+        self._inserts = itertools.count()  # insertion numbers: victims() skips keys inserted after it began
         self._layers = 0  # one more than the largest layer seen
         self._current = -1  # layer of the last accessed layered key; -1 before any
         self._pass = 0  # sweeps begun: the clock going back to a lower layer starts one
 
     def on_insert(self, key: K, nbytes: int) -> None:
-        assert key not in self._order, f"{self.name}: {key} inserted twice without on_remove in between"
+        assert key not in self._layer_of, f"{self.name}: {key} inserted twice without on_remove in between"
         assert nbytes >= 0, f"{self.name}: {key} inserted with a negative size ({nbytes} bytes)"
         layer = layer_of(key)
-        self._order[key] = layer
+        self._layer_of[key] = layer
+        self._by_layer.setdefault(layer, OrderedDict())[key] = next(self._inserts)
         if layer is not None:
             self._layers = max(self._layers, layer + 1)
 
     def on_access(self, key: K) -> None:
-        assert key in self._order, f"{self.name}: access to {key}, which is not resident"
-        self._order.move_to_end(key)
-        layer = self._order[key]
+        assert key in self._layer_of, f"{self.name}: access to {key}, which is not resident"
+        layer = self._layer_of[key]
+        self._by_layer[layer].move_to_end(key)
         if layer is None:
             return
         if layer < self._current:
@@ -72,18 +81,35 @@ class SweepEviction(EvictionPolicy[K]):
         self._used_in_pass[key] = self._pass
 
     def on_remove(self, key: K) -> None:
-        assert key in self._order, f"{self.name}: removal of {key}, which is not resident"
-        del self._order[key]
+        assert key in self._layer_of, f"{self.name}: removal of {key}, which is not resident"
+        layer = self._layer_of.pop(key)
+        del self._by_layer[layer][key]
         self._used_in_pass.pop(key, None)
 
     def victims(self) -> Iterator[K]:
-        def order(item: tuple[int, tuple[K, int | None]]) -> tuple[float, int]:
-            age, (key, layer) = item  # age: 0 for the least recently used
-            return -self.rank(key, layer), age if layer is None else -age
+        last_insert = next(self._inserts)  # keys inserted from now on are not this call's candidates
+        for group in self._groups():
+            for key in group:
+                if key in self._layer_of and self._by_layer[self._layer_of[key]][key] < last_insert:
+                    yield key
 
-        for _, (key, _) in sorted(enumerate(self._order.items()), key=order):
-            if key in self._order:
-                yield key
+    def _groups(self) -> Iterator[list[K]]:
+        """Candidates in rank order, highest first; each group is a snapshot taken when it is reached."""
+        layers, current = self._layers, max(self._current, 0)
+        layerless: Mapping[K, int] = self._by_layer.get(None, {})
+        if not layers:
+            yield list(layerless)
+            return
+        current_keys = list(reversed(self._by_layer.get(current, {})))  # most recently used first
+        yield [key for key in current_keys if self._used_in_pass.get(key) == self._pass]  # rank L
+        if current == 0:
+            yield list(layerless)  # rank L - 0.5
+        for distance in range(layers - 1, 0, -1):  # rank L-1 (the layer before current) down to 1
+            layer = (current + distance) % layers
+            yield list(reversed(self._by_layer.get(layer, {})))
+            if layer == 0:
+                yield list(layerless)  # rank L - current - 0.5: just after layer 0
+        yield [key for key in current_keys if self._used_in_pass.get(key) != self._pass]  # rank 0
 
     def rank(self, key: K, layer: int | None) -> float:
         """How far ahead in the sweep ``key`` is needed next (higher: evicted sooner)."""
@@ -95,7 +121,7 @@ class SweepEviction(EvictionPolicy[K]):
         return float(layers) if self._used_in_pass.get(key) == self._pass else 0.0
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._layer_of)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._order
+        return key in self._layer_of

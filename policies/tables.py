@@ -15,12 +15,57 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from klotski_tier.core.errors import ConfigError
 
 Row = tuple[int, ...]
 """A table row key: ``(layer,)`` for frequencies, ``(layer, e_prev)`` for layer-to-layer pairs."""
 
 TIE_DIGITS = 12  # scores equal to 12 decimals are ties (sums of normalized floats differ in the last bits)
+
+
+IntArray = npt.NDArray[np.int64]
+
+
+NO_EXPERT = -1
+"""Padding of :func:`route_array` where tokens selected fewer experts than others; never counted."""
+
+
+def route_array(routes: Sequence[Sequence[int]] | npt.NDArray[Any]) -> IntArray:
+    """``routes`` (per token, its experts) as an int array [N, k], rows of fewer experts padded with
+    :data:`NO_EXPERT`; [N, 0] when no token selected anything."""
+    if isinstance(routes, np.ndarray) and routes.ndim == 2:
+        return routes.astype(np.int64, copy=False)
+    rows = [list(experts) for experts in routes]
+    width = max((len(row) for row in rows), default=0)
+    array = np.full((len(rows), width), NO_EXPERT, dtype=np.int64)
+    for index, row in enumerate(rows):
+        array[index, : len(row)] = row
+    return array
+
+
+def expert_counts(routes: IntArray) -> dict[int, float]:
+    """How many times each expert is selected in ``routes`` [N, k], ids in increasing order."""
+    counts = np.bincount(routes[routes != NO_EXPERT])  # [max id + 1]
+    experts = np.flatnonzero(counts)
+    return dict(zip(experts.tolist(), counts[experts].astype(float).tolist(), strict=True))
+
+
+def pair_counts(before: IntArray, after: IntArray) -> dict[int, dict[int, float]]:
+    """Token by token, how often an expert of ``before`` [N, k1] meets one of ``after`` [N, k2]:
+    ``{e_before: {e_after: count}}``."""
+    if before.size == 0 or after.size == 0:
+        return {}
+    span = int(max(before.max(), after.max())) + 1
+    both = (before[:, :, None] != NO_EXPERT) & (after[:, None, :] != NO_EXPERT)  # [N, k1, k2]
+    codes = (before[:, :, None] * span + after[:, None, :])[both]  # one per pair of real selections
+    counts = np.bincount(codes, minlength=span * span).reshape(span, span)  # [E_before, E_after]
+    pairs: dict[int, dict[int, float]] = {}
+    for e_before, e_after in zip(*np.nonzero(counts), strict=True):
+        pairs.setdefault(int(e_before), {})[int(e_after)] = float(counts[e_before, e_after])
+    return pairs
 
 
 def top_k(scores: Mapping[int, float], k: int, exclude: Iterable[int] = ()) -> list[int]:
@@ -46,6 +91,12 @@ class CountTable:
         counts = self._rows.setdefault(row, {})
         for expert in experts:
             counts[expert] = counts.get(expert, 0.0) + weight
+
+    def add_counts(self, row: Row, counts: Mapping[int, float], weight: float = 1.0) -> None:
+        """Add ``count * weight`` to each expert of ``counts`` in ``row``."""
+        weights = self._rows.setdefault(row, {})
+        for expert, count in counts.items():
+            weights[expert] = weights.get(expert, 0.0) + count * weight
 
     def row(self, row: Row) -> Mapping[int, float]:
         """The weights of ``row``; empty if never added to."""

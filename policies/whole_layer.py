@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from klotski_tier.policies.prefetch import PolicyState, PrefetchPolicy, Routes
-from klotski_tier.policies.tables import CountTable, check_state_keys
+from klotski_tier.policies.tables import CountTable, IntArray, check_state_keys, expert_counts, route_array
 
 
 class WholeLayerPrefetch(PrefetchPolicy):
@@ -35,15 +35,16 @@ class WholeLayerPrefetch(PrefetchPolicy):
         self._experts = 0  # E: one more than the largest expert id selected so far
 
     def observe(self, layer: int, routes: Routes) -> None:
-        for token_experts in routes:
-            self._seen.add((layer,), token_experts)
-        self._experts = max(self._experts, _span(routes))
+        array = route_array(routes)
+        self._seen.add_counts((layer,), expert_counts(array))
+        self._experts = max(self._experts, _span(array))
 
     def predict(self, layer: int, k: int, previous_routes: Routes | None = None) -> list[int]:
         assert k >= 0, f"cannot predict a negative number of experts ({k})"
         if previous_routes is None and not self._seen.row((layer,)):
             return []  # a layer this policy has no evidence of
-        experts = max(self._experts, _span(previous_routes or ()))
+        previous = route_array(previous_routes) if previous_routes is not None else None
+        experts = max(self._experts, _span(previous) if previous is not None else 0)
         return list(range(min(k, experts)))
 
     @property
@@ -62,6 +63,6 @@ class WholeLayerPrefetch(PrefetchPolicy):
         self._experts = max(experts, default=-1) + 1
 
 
-def _span(routes: Routes) -> int:
+def _span(routes: IntArray) -> int:
     """One more than the largest expert id in ``routes`` (0 for no routes)."""
-    return max((expert + 1 for token_experts in routes for expert in token_experts), default=0)
+    return int(routes.max()) + 1 if routes.size else 0

@@ -37,7 +37,7 @@ from klotski_tier.core.model.blocks import (
     expert_block,
 )
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
-from klotski_tier.core.runtime import pipeline
+from klotski_tier.core.runtime import model_jobs
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.store.files import load_model_files
 from klotski_tier.tiers.device import DeviceDriver
@@ -118,7 +118,7 @@ def _expert_call(
     dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)
     out = torch.zeros(tokens, spec.top_k, spec.hidden_size, dtype=dtype, device=device)  # [M, k, H]
     weights = itertools.cycle(experts)
-    return lambda: pipeline._expert(x, topk_idx, topk_w, 0, next(weights), out)
+    return lambda: model_jobs._expert(x, topk_idx, topk_w, 0, next(weights), out)
 
 
 def _attention_call(

@@ -53,6 +53,14 @@ class BlockId:
     layer: int = -1
     expert: int = -1
 
+    def __hash__(self) -> int:
+        # Blocks key every ledger, policy and queue: hash the plain fields once (an enum hashes slowly).
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.kind.value, self.layer, self.expert))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def __str__(self) -> str:
         if self.kind is BlockKind.EXPERT:
             return f"L{self.layer}.E{self.expert}"

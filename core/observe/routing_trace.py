@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError, InputError
@@ -91,7 +92,7 @@ class RoutingRecorder:
         self._close_step()
         self._layers = []
 
-    def record(self, layer: int, routes: Sequence[Sequence[int]]) -> None:
+    def record(self, layer: int, routes: Sequence[Sequence[int]] | npt.NDArray[np.int64]) -> None:
         """Per token of all n batches, the experts selected in ``layer`` of the open step."""
         assert self._layers is not None, "record() before begin_step()"
         assert layer == len(self._layers), f"layer {layer} recorded after {len(self._layers)} layers"

@@ -34,7 +34,7 @@
   job takes +50-70%, the 1-token one (mostly the hand-off) +0-20%. Only drive reads count (not
   host-to-device copies, not blocks at home in host RAM): the step model
   (:mod:`klotski_tier.core.plan.pipeline_model`) and the simulator
-  (:mod:`klotski_tier.core.plan.simulate_events`) charge it the same way. A profile of an older
+  (:mod:`klotski_tier.core.plan.sim_hardware`) charge it the same way. A profile of an older
   bench lacks the figure: 0, and the machine's
   ``source`` says "not measured: run klotski-tier bench again";
 

@@ -32,7 +32,7 @@ compute, compute takes D*c/(1+c) seconds more. The channel's busy spans are the 
 scaled by ``Io.drive_share`` (the share of a transfer's time that the drive reads: 0 for blocks from
 host RAM and host-to-device copies), so compute runs at 1 - drive_share*c/(1+c) of its rate while the
 channel is busy. With c = 0 or nothing read from the drive the recurrence is unchanged.
-:mod:`klotski_tier.core.plan.simulate_events` charges the same, read by read.
+:mod:`klotski_tier.core.plan.sim_hardware` charges the same, read by read.
 """
 
 from __future__ import annotations

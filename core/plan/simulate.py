@@ -1,32 +1,278 @@
-"""A discrete-event simulation of the pipeline on a machine we may not have, with the planner's cost model.
+"""The simulator: the engine's own pipeline and residency manager on simulated hardware, on a virtual
+clock, for a machine we may not have.
 
-The events (the pipeline's order, the residency manager's loads and leases, the disk pool and the
-copy channel) live in :mod:`klotski_tier.core.plan.simulate_events`; see its docstring.
+A :class:`Simulator` is the engine minus the bytes. Its :class:`~klotski_tier.core.runtime.residency.
+Residency` (the engine's, with its ledgers, eviction policy and read queue) moves blocks through
+simulated drivers (:mod:`~klotski_tier.core.plan.sim_hardware`: a drive shared by reads, I/O
+threads, a copy channel), and its :class:`~klotski_tier.core.runtime.pipeline.Pipeline` (the
+engine's, with its prefetch policy) issues jobs that take the cost model's time on a simulated
+compute unit (:mod:`~klotski_tier.core.plan.sim_jobs`), all on a
+:class:`~klotski_tier.core.plan.virtual_clock.VirtualClockLoop`. Every scheduling rule, the
+baselines' included (``schedule``, ``expert_order``, the prefetch and eviction policies), is the
+engine's code; ``tests/core/plan/test_sim_engine_agree.py`` checks that a step of both gives the
+same loads, evictions and jobs.
 
-:func:`simulate_workload` runs the engine's ``generate``: groups of n batches of bs sequences,
-each a prefill step and ``new_tokens - 1`` decode steps; :func:`sweep` does it for several n.
+:func:`simulate_workload` runs the engine's ``generate``: groups of n batches of bs sequences, each
+a prefill step and ``new_tokens - 1`` decode steps (decode steps past ``max_decode_steps`` counted
+at the mean of those simulated); :func:`sweep` does it for several n.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.model.blocks import (
+    BlockId,
+    BlockLayout,
+    attn_block,
+    embed_block,
+    expert_block,
+    gate_block,
+    head_block,
+)
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.observe.events import EventLog
+from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.plan.costmodel import CostModel
-from klotski_tier.core.plan.routing_model import ParametricRouting
-from klotski_tier.core.plan.simulate_events import DISK_TO_HOST as DISK_TO_HOST
-from klotski_tier.core.plan.simulate_events import HOST_TO_DEVICE as HOST_TO_DEVICE
-from klotski_tier.core.plan.simulate_events import READ_DONE_BYTES as READ_DONE_BYTES
-from klotski_tier.core.plan.simulate_events import EventSimulator
-from klotski_tier.core.plan.simulate_events import SimConfig as SimConfig
-from klotski_tier.core.plan.simulate_events import StepStats as StepStats
+from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.routing_model import ParametricRouting, RouteSampler
+from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost, SimSource
+from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
+from klotski_tier.core.plan.virtual_clock import run_virtual
+from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
+from klotski_tier.core.runtime.run import make_ledger, make_pipeline
+from klotski_tier.core.units import format_size
+from klotski_tier.policies.registry import make_prefetch
+from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
+
+DISK_TO_HOST = "disk->host"  # bytes read from the drive (into host RAM, or a CPU device's memory)
+HOST_TO_DEVICE = "host->device"  # bytes copied host to device
+_DEFAULTS = EngineOptions()
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to simulate: model, machine, group shape, budgets, routing, and the engine's options."""
+
+    spec: ModelSpec
+    machine: Machine
+    batches: int
+    batch_size: int
+    hot_experts: int | None = None  # K; None: the router's top-k, as the engine
+    device_memory_bytes: int | None = None  # None: the machine's device memory
+    host_memory_bytes: int | None = None  # None: the machine's host memory
+    host_preload: bool = False  # every block in host RAM before the first step
+    compression_ratio: float | None = None  # blocks read from a compressed store of this ratio
+    routing: RouteSampler | None = None  # None: the parametric model with the demo's figures
+    seed: int = 0
+    read_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # the disk tier reads a block in chunks of at most this
+    eviction: str = _DEFAULTS.eviction  # the device and host tiers' eviction policy
+    prefetch: str = _DEFAULTS.prefetch  # the prefetch policy (learning online from the simulated routes)
+    schedule: str = _DEFAULTS.schedule  # "klotski" or "sequential", as the engine's [pipeline] keys
+    expert_order: str = _DEFAULTS.expert_order
+
+    @property
+    def device_budget(self) -> int:
+        given = self.device_memory_bytes
+        return self.machine.device_memory_bytes if given is None else given
+
+    @property
+    def host_budget(self) -> int:
+        given = self.host_memory_bytes
+        return self.machine.host_memory_bytes if given is None else given
+
+    @property
+    def reads_into_device(self) -> bool:
+        """As the engine: a CPU device with no host budget reads blocks straight into its memory."""
+        return self.machine.device == "cpu" and self.host_budget == 0
+
+    def engine_options(self) -> EngineOptions:
+        """The engine options this run corresponds to (the ones the residency and pipeline read)."""
+        return EngineOptions(
+            batches=self.batches,
+            batch_size=self.batch_size,
+            hot_experts=self.hot_experts,
+            device_memory_bytes=self.device_budget,
+            host_memory_bytes=self.host_budget,
+            host_preload=self.host_preload,
+            disk_queue_depth=self.machine.io_threads,
+            prefetch=self.prefetch,
+            eviction=self.eviction,
+            schedule=self.schedule,
+            expert_order=self.expert_order,
+        )
+
+
+@dataclass
+class StepStats:
+    """One simulated step (or a sum of steps)."""
+
+    tokens: int = 0
+    step_s: float = 0.0
+    compute_s: float = 0.0
+    inter_layer_s: float = 0.0
+    intra_layer_s: float = 0.0
+    bytes_moved: dict[str, int] = field(default_factory=lambda: {DISK_TO_HOST: 0, HOST_TO_DEVICE: 0})
+    peak_device_bytes: int = 0
+    peak_host_bytes: int = 0
+
+    def add(self, other: StepStats, times: float = 1.0) -> None:
+        """Add ``times`` steps like ``other``."""
+        self.tokens += round(other.tokens * times)
+        for name in ("step_s", "compute_s", "inter_layer_s", "intra_layer_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name) * times)
+        for pair, nbytes in other.bytes_moved.items():
+            self.bytes_moved[pair] += round(nbytes * times)
+        self.peak_device_bytes = max(self.peak_device_bytes, other.peak_device_bytes)
+        self.peak_host_bytes = max(self.peak_host_bytes, other.peak_host_bytes)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_s if self.step_s > 0 else 0.0
+
+
+def block_sizes_of(cost: CostModel) -> dict[BlockId, int]:
+    """Every block of ``cost``'s model and its bytes, in model order."""
+    sizes, spec = cost.sizes, cost.spec
+    blocks = {embed_block(): sizes.embed}
+    for layer in range(spec.num_layers):
+        blocks |= {attn_block(layer): sizes.attn, gate_block(layer): sizes.gate}
+        blocks |= {expert_block(layer, e): sizes.expert for e in range(spec.num_experts)}
+    return blocks | {head_block(): sizes.head}
+
+
+class Simulator:
+    """The engine's residency manager and pipeline over simulated drivers and jobs; build it inside the
+    virtual loop (:func:`~klotski_tier.core.plan.virtual_clock.run_virtual`)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        sizes: Mapping[BlockId, int],
+        options: EngineOptions,
+        hardware: SimHardware,
+        costs: JobCosts,
+        *,
+        fixed_device_bytes: int,
+        reads_into_device: bool,
+        compression_ratio: float | None = None,
+        decode_gbps: float = 1.0,
+        events: bool = False,
+    ) -> None:
+        clock = asyncio.get_running_loop().time
+        self.spec, self.hardware, self.metrics = spec, hardware, RunMetrics()
+        self.events = EventLog(clock) if events else None
+        self.layouts = {block: BlockLayout(block, (), (), nbytes) for block, nbytes in sizes.items()}
+        self.source = SimSource(hardware, sizes, compression_ratio=compression_ratio, decode_gbps=decode_gbps)
+        self.device = SimDevice(hardware)
+        self.residency = Residency(
+            self.layouts,
+            source=self.source,
+            host=SimHost(),
+            device=self.device,
+            host_ledger=make_ledger(HOST, options.host_memory_bytes, options, self.metrics),
+            device_ledger=make_ledger(DEVICE, options.device_memory_bytes, options, self.metrics),
+            disk_to_device=reads_into_device,
+            disk_slots=options.disk_queue_depth,
+            events=self.events,
+            clock=clock,
+        )
+        self.residency.device.fixed_bytes = fixed_device_bytes
+        self.prefetch = make_prefetch(options.prefetch, **options.prefetch_options)
+        self.pipeline = make_pipeline(
+            spec,
+            self.layouts,
+            self.residency,
+            SimJobs(hardware, costs, spec.num_experts),
+            self.prefetch,
+            self.metrics,
+            options,
+            events=self.events,
+            clock=clock,
+        )
+        self._clock = clock
+
+    @classmethod
+    def for_config(cls, config: SimConfig, cost: CostModel, fixed_device_bytes: int) -> Simulator:
+        """The simulator of ``config``'s machine, budgets and options, with ``cost``'s job times."""
+        machine = config.machine
+        hardware = SimHardware.for_machine(machine, chunk_bytes=config.read_chunk_bytes)
+        return cls(
+            config.spec,
+            block_sizes_of(cost),
+            config.engine_options(),
+            hardware,
+            cost,
+            fixed_device_bytes=fixed_device_bytes,
+            reads_into_device=config.reads_into_device,
+            compression_ratio=config.compression_ratio,
+            decode_gbps=machine.zstd_decompress_gbps,
+        )
+
+    async def preload(self) -> None:
+        """Every block into host RAM (``host.preload``), as the engine does before its first step."""
+        total = sum(layout.nbytes for layout in self.layouts.values())
+        if total > self.residency.host.capacity_bytes:
+            raise BudgetError(
+                f"host.preload needs the whole model in host memory ({format_size(total)}) but the host "
+                f"budget is {format_size(self.residency.host.capacity_bytes)}; raise --host-memory"
+            )
+        for block in self.layouts:
+            await self.residency.stage_in_host(block)
+
+    async def step(self, batches: Sequence[SimBatch]) -> StepStats:
+        """One forward step of ``batches``; what it took."""
+        device, host = self.residency.device, self.residency.host
+        device.stats.peak_bytes, host.stats.peak_bytes = (
+            device.used_bytes + device.fixed_bytes,
+            host.used_bytes,
+        )
+        start, busy = self._clock(), self.hardware.compute_busy_s
+        read, copied = self.source.bytes_read, self.device.bytes_copied
+        bubbles = dict(self.metrics.bubbles_s)
+        await self.pipeline.forward(batches)
+        return StepStats(
+            tokens=sum(batch.tokens for batch in batches),
+            step_s=self._clock() - start,
+            compute_s=self.hardware.compute_busy_s - busy,
+            inter_layer_s=self.metrics.bubbles_s[INTER_LAYER] - bubbles[INTER_LAYER],
+            intra_layer_s=self.metrics.bubbles_s[INTRA_LAYER] - bubbles[INTRA_LAYER],
+            bytes_moved={
+                DISK_TO_HOST: self.source.bytes_read - read,
+                HOST_TO_DEVICE: self.device.bytes_copied - copied,
+            },
+            peak_device_bytes=device.stats.peak_bytes,
+            peak_host_bytes=host.stats.peak_bytes,
+        )
+
+    async def aclose(self) -> None:
+        await self.residency.aclose()
+
+
+def step_batches(
+    sampler: RouteSampler, rng: np.random.Generator, sizes: Sequence[int], query_tokens: int, context: int
+) -> list[SimBatch]:
+    """Batches of ``sizes`` sequences for one step, their routes drawn from ``sampler`` (a sample of at
+    most ``MAX_ROUTED_TOKENS`` per batch)."""
+    samples = [min(size * query_tokens, MAX_ROUTED_TOKENS) for size in sizes]
+    routes = sampler.sample(sum(samples), rng)  # [L, T, k]
+    batches, first = [], 0
+    for size, sample in zip(sizes, samples, strict=True):
+        mine = routes[:, first : first + sample]  # [L, sample, k]
+        batches.append(SimBatch(size, query_tokens, context, mine, size * query_tokens / sample))
+        first += sample
+    return batches
 
 
 @dataclass(frozen=True)
@@ -66,27 +312,49 @@ def simulate_workload(
     """Simulate ``generate`` of ``sequences`` prompts of ``prompt_tokens`` tokens, ``new_tokens`` each.
 
     Groups of ``batches * batch_size`` sequences run one after the other on one simulator (blocks
-    stay where the previous group left them); decode steps past ``max_decode_steps`` of a group are
-    counted at the mean of those simulated.
+    stay where the previous group left them). Simulated are the first group (from a cold start), the
+    second (as every later full group: it starts where a group ended) and a smaller last group;
+    the full groups in between are counted as the second. Decode steps past ``max_decode_steps`` of
+    a group are counted at the mean of those simulated.
     """
+    return run_virtual(_workload(config, sequences, prompt_tokens, new_tokens, max_decode_steps))
+
+
+async def _workload(
+    config: SimConfig, sequences: int, prompt_tokens: int, new_tokens: int, max_decode_steps: int | None
+) -> WorkloadResult:
     cost = CostModel(config.spec, config.machine)
-    group = config.batches * config.batch_size
     fixed = cost.fixed_device_bytes(config.batches, config.batch_size, prompt_tokens, new_tokens)
-    sim = EventSimulator(config, cost, fixed)
+    sim = Simulator.for_config(config, cost, fixed)
     sampler = config.routing or ParametricRouting.for_spec(config.spec, seed=config.seed)
     rng = np.random.default_rng(config.seed)
     prefill, decode = StepStats(), StepStats()
-    for first in range(0, sequences, group):
-        count = min(group, sequences - first)
-        sizes = [min(config.batch_size, count - i) for i in range(0, count, config.batch_size)]
-        prefill.add(sim.step(sampler.sample(count * prompt_tokens, rng), sizes, prompt_tokens, 0))
-        steps = new_tokens - 1
-        simulated = steps if max_decode_steps is None else min(steps, max_decode_steps)
-        for index in range(simulated):
-            stats = sim.step(sampler.sample(count, rng), sizes, 1, prompt_tokens + index)
-            decode.add(dataclasses.replace(stats, tokens=0), steps / simulated)
-        decode.tokens += steps * count  # every sequence runs to new_tokens: the simulation has no EOS
-    return WorkloadResult(config.batches, config.batch_size, sim.hot, prefill, decode)
+    try:
+        if config.host_preload:
+            await sim.preload()
+        for count, times in group_plan(sequences, config.batches * config.batch_size):
+            sizes = [min(config.batch_size, count - i) for i in range(0, count, config.batch_size)]
+            prefill.add(await sim.step(step_batches(sampler, rng, sizes, prompt_tokens, 0)), times)
+            steps = new_tokens - 1
+            simulated = steps if max_decode_steps is None else min(steps, max_decode_steps)
+            for index in range(simulated):
+                stats = await sim.step(step_batches(sampler, rng, sizes, 1, prompt_tokens + index))
+                decode.add(dataclasses.replace(stats, tokens=0), times * steps / simulated)
+            decode.tokens += round(times * steps * count)  # every sequence runs to new_tokens: no EOS
+    finally:
+        await sim.aclose()
+    hot = sim.pipeline.hot_experts
+    return WorkloadResult(config.batches, config.batch_size, hot, prefill, decode)
+
+
+def group_plan(sequences: int, group: int) -> list[tuple[int, int]]:
+    """The groups to simulate, as ``(sequences in it, groups it stands for)``: the first, the second for
+    itself and every later full group, a smaller last group."""
+    full, rest = divmod(sequences, group)
+    plan = [(group, 1)] if full else []
+    if full > 1:
+        plan.append((group, full - 1))
+    return plan + ([(rest, 1)] if rest else [])
 
 
 def sweep(

@@ -6,9 +6,10 @@ layer serves all ``n`` batches. For each layer ``l`` (ARCHITECTURE.md, section 2
     attention phase   acquire attn(l) (prefetched during layer l-1)
                       prefetch gate(l) and the K experts the prefetch policy predicts hot
                       attention(l, batch k) for k in 0..n-1
-    gate phase        prefetch attn(l+1) (or the head after the last layer)
-                      route(l, batch k) for each k; right after each gate, request every
+    gate phase        route(l, batch k) for each k; right after each gate, request every
                       selected expert that is neither resident nor in flight
+                      once every batch has routed: prefetch attn(l+1), gate(l+1) and the hot experts
+                      of l+1 (after the last layer: the head and the next step's first blocks)
     expert phase      experts over the tokens of all n batches: those already resident first,
                       most tokens first, then the others in the order their loads finish;
                       each expert's lease is released right after its only computation
@@ -21,9 +22,11 @@ each requested when its turn comes (resident or in flight if the prefetch policy
 compute; load the gate, route; then the selected experts in id order, in waves of as many as the
 device budget holds: load a whole wave, then compute it.
 
-Compute runs in the :class:`ComputeRunner`'s thread; this coroutine only orders work and
-awaits readiness futures, so reads and copies proceed while the compute thread is busy.
-Every await on a block is timed: it is time the compute waited for I/O.
+This is the one place these rules live. The pipeline only orders work and awaits readiness
+futures; the jobs themselves are a :class:`~klotski_tier.core.runtime.jobs.StepJobs`: the model's
+ops in the compute thread for the engine, cost-model time on a virtual clock for the simulator
+(:mod:`klotski_tier.core.plan.simulate`). Every await on a block is timed: it is time the compute
+waited for I/O, an inter-layer or an intra-layer bubble.
 """
 
 from __future__ import annotations
@@ -31,19 +34,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from klotski_tier.core.model import ops
 from klotski_tier.core.model.blocks import (
     BlockId,
     BlockLayout,
-    BlockWeights,
     attn_block,
     embed_block,
     expert_block,
@@ -51,9 +49,10 @@ from klotski_tier.core.model.blocks import (
     head_block,
 )
 from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.observe.events import JOB, WAIT, EventLog
 from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
-from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.config import EXPERT_ORDERS, KLOTSKI, READY_FIRST, SCHEDULES, SEQUENTIAL
+from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RouteArray, RoutingT, StepJobs, TokensT
 from klotski_tier.core.runtime.residency import Lease, Residency, State
 from klotski_tier.policies.prefetch import PrefetchPolicy
 
@@ -67,49 +66,14 @@ T = TypeVar("T")
 _Requests = dict[int, asyncio.Future[Lease]]  # expert id -> its lease, once the block is resident
 
 
-@dataclass
-class Batch:
-    """Up to bs sequences that run attention together, with their KV cache."""
-
-    k_cache: Tensor  # [L, B, Hkv, Tmax, D]
-    v_cache: Tensor  # [L, B, Hkv, Tmax, D]
-    # The current step (set by the engine before each forward):
-    ids: Tensor  # [B, T] token ids, right-padded
-    positions: Tensor  # [B, T] absolute position of each token
-    token_mask: Tensor  # [B, T] True for tokens that go through the MoE (real and unfinished)
-    key_lengths: Tensor  # [B] valid cache length after this step
-    last_index: Tensor  # [B] index along T of the token whose logits are wanted
-    hidden: Tensor | None = None  # [B, T, H] residual stream
-
-
-@dataclass
-class _Routing:
-    """One batch's gate output for the current layer."""
-
-    x: Tensor  # [N_b, H] post-attention-norm hidden states of the routed tokens
-    topk_idx: Tensor  # [N_b, k] selected experts
-    topk_w: Tensor  # [N_b, k] routing weights
-    shared: Tensor | None  # [N_b, H] shared-expert output (Qwen2-MoE) or None
-    routes: list[list[int]]  # topk_idx on the host, per token
-
-
-class _Tokens(NamedTuple):
-    """The routed tokens of all n batches together, and room for their expert outputs."""
-
-    x: Tensor  # [N, H]
-    topk_idx: Tensor  # [N, k]
-    topk_w: Tensor  # [N, k]
-    contributions: Tensor  # [N, k, H]
-
-
-class Pipeline:
+class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
     """Runs forward steps of a batch group through the layers in the Klotski order (or a baseline's)."""
 
     def __init__(
         self,
         spec: ModelSpec,
         residency: Residency,
-        compute: ComputeRunner,
+        jobs: StepJobs[BatchT, RoutingT, TokensT, LogitsT],
         prefetch: PrefetchPolicy,
         metrics: RunMetrics,
         *,
@@ -119,16 +83,20 @@ class Pipeline:
         layouts: Mapping[BlockId, BlockLayout] | None = None,
         recorder: RoutingRecorder | None = None,
         timeline: Timeline | None = None,
+        events: EventLog | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         assert schedule in SCHEDULES and expert_order in EXPERT_ORDERS, (schedule, expert_order)
         self.spec = spec
         self.res = residency
-        self.compute = compute
+        self.jobs = jobs
         self.prefetch = prefetch
         self.metrics = metrics
         self.hot_experts = hot_experts
         self.recorder = recorder
         self.timeline = timeline
+        self.events = events
+        self._clock = clock
         self._layouts = layouts
         self._ahead = schedule == KLOTSKI  # prefetch the next blocks while computing
         self._sequential = schedule == SEQUENTIAL
@@ -137,8 +105,8 @@ class Pipeline:
         self._wanted: list[BlockId] = []  # prefetches that found no room yet, most urgent first
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted hot for this step
 
-    async def forward(self, batches: Sequence[Batch]) -> list[Tensor]:
-        """One step (prefill or decode) of every batch; the logits [B, V] at each ``last_index``."""
+    async def forward(self, batches: Sequence[BatchT]) -> list[LogitsT]:
+        """One step (prefill or decode) of every batch; each batch's logits at its ``last_index``."""
         self.prefetch.begin_step(self._step)
         if self.recorder is not None:
             self.recorder.begin_step()
@@ -147,29 +115,31 @@ class Pipeline:
         if self._ahead:
             self._want([embed_block(), attn_block(0)])
         await self._embed(batches)
-        previous: list[list[int]] | None = None
+        previous: RouteArray | None = None
         for layer in range(self.spec.num_layers):
             previous = await self._layer(layer, batches, previous)
         return await self._head(batches)
 
-    async def _head(self, batches: Sequence[Batch]) -> list[Tensor]:
+    async def _head(self, batches: Sequence[BatchT]) -> list[LogitsT]:
         head = await self._acquire(head_block())
-        logits = [await self._run(_last_logits, batch, head, self.spec) for batch in batches]
+        logits = []
+        for index, batch in enumerate(batches):
+            self._job(f"head b{index}")
+            logits.append(await self.jobs.head(batch, head))
         await self._release(head)
         return logits
 
-    async def _embed(self, batches: Sequence[Batch]) -> None:
+    async def _embed(self, batches: Sequence[BatchT]) -> None:
         embed = await self._acquire(embed_block())
-        for batch in batches:
-            batch.hidden = await self._run(ops.embed, batch.ids, embed)  # [B, T, H]
+        for index, batch in enumerate(batches):
+            self._job(f"embed b{index}")
+            await self.jobs.embed(batch, embed)
         await self._release(embed)
 
-    async def _layer(
-        self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
-    ) -> list[list[int]]:
+    async def _layer(self, layer: int, batches: Sequence[BatchT], previous: RouteArray | None) -> RouteArray:
         await self._attention_phase(layer, batches, previous)
         routings, requests = await self._gate_phase(layer, batches)
-        routes = [route for routing in routings for route in routing.routes]
+        routes = _all_routes(routings, self.spec.top_k)  # [N, k] every routed token of the group
         if self._ahead:
             self._want_next(layer, routes)
         await self._expert_phase(layer, batches, routings, requests)
@@ -179,8 +149,8 @@ class Pipeline:
             self.recorder.record(layer, routes)
         return routes
 
-    def _count_layer(self, layer: int, routes: list[list[int]]) -> None:
-        used = {expert for route in routes for expert in route}
+    def _count_layer(self, layer: int, routes: RouteArray) -> None:
+        used = _used(routes)
         predicted = self._predicted.get(layer, set())
         stats = self.metrics.layer(layer)
         stats.activated += len(used)
@@ -188,29 +158,28 @@ class Pipeline:
         stats.predicted_used += len(used & predicted)
 
     async def _attention_phase(
-        self, layer: int, batches: Sequence[Batch], previous: list[list[int]] | None
+        self, layer: int, batches: Sequence[BatchT], previous: RouteArray | None
     ) -> None:
         self._wanted = [b for b in self._wanted if b.layer < 0 or b.layer >= layer]  # drop stale wishes
         attn = await self._acquire(attn_block(layer))
         if previous is None and self._ahead:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
-        for batch in batches:
-            batch.hidden = await self._run(
-                _attention, batch, attn, self.spec, layer, label=f"L{layer} attention"
-            )
+        for index, batch in enumerate(batches):
+            self._job(f"L{layer} attention b{index}")
+            await self.jobs.attention(layer, batch, attn)
         await self._release(attn)
 
-    def _moe_blocks(self, layer: int, previous: list[list[int]] | None) -> list[BlockId]:
+    def _moe_blocks(self, layer: int, previous: RouteArray | None) -> list[BlockId]:
         """The gate of ``layer`` and the K experts the prefetch policy predicts hot there."""
         hot = self.prefetch.predict(layer, self.hot_experts, previous)
         self._predicted[layer] = set(hot)
         return [gate_block(layer), *(expert_block(layer, e) for e in hot)]
 
-    def _want_next(self, layer: int, routes: list[list[int]]) -> None:
+    def _want_next(self, layer: int, routes: RouteArray) -> None:
         """Once layer ``layer`` has routed: the next attention, gate and predicted hot experts
         (or, after the last layer, the head and the next step's first blocks), queued behind the
         demand loads of this layer's experts; wishes for its experts no token selected are dropped."""
-        used = {expert for route in routes for expert in route}  # other wishes of this layer are moot now
+        used = _used(routes)  # other wishes of this layer are moot now
         self._wanted = [b for b in self._wanted if b.layer != layer or b.expert < 0 or b.expert in used]
         if layer + 1 < self.spec.num_layers:
             self._want([attn_block(layer + 1), *self._moe_blocks(layer + 1, routes)])
@@ -226,15 +195,16 @@ class Pipeline:
         while self._wanted and self.res.prefetch(self._wanted[0]):
             self._wanted.pop(0)
 
-    async def _gate_phase(self, layer: int, batches: Sequence[Batch]) -> tuple[list[_Routing], _Requests]:
+    async def _gate_phase(self, layer: int, batches: Sequence[BatchT]) -> tuple[list[RoutingT], _Requests]:
         gate = await self._acquire(gate_block(layer))
-        routings: list[_Routing] = []
+        routings: list[RoutingT] = []
         requests: _Requests = {}
-        for batch in batches:
-            routing = await self._run(_route, batch, gate, self.spec, label=f"L{layer} gate")
+        for index, batch in enumerate(batches):
+            self._job(f"L{layer} gate b{index}")
+            routing = await self.jobs.route(layer, batch, gate)
             routings.append(routing)
             if self._at_gate:
-                for expert in _selected([routing]):
+                for expert in sorted(_used(routing.routes)):
                     if expert not in requests:
                         requests[expert] = self._request_expert(layer, expert)
         await self._release(gate)
@@ -251,23 +221,23 @@ class Pipeline:
         return self.res.request(block)
 
     async def _expert_phase(
-        self, layer: int, batches: Sequence[Batch], routings: list[_Routing], requests: _Requests
+        self, layer: int, batches: Sequence[BatchT], routings: list[RoutingT], requests: _Requests
     ) -> None:
-        tokens = await self._run(_gather_tokens, routings)
+        self._job(f"L{layer} gather")
+        tokens = await self.jobs.gather(layer, routings)
         if self._at_gate:  # Klotski's order: resident first, most tokens first, then as loads finish
-            counts = Counter(e for routing in routings for route in routing.routes for e in route)
+            counts = _token_counts(routings, self.spec.num_experts)
             while requests:  # consumed here, so no released lease outlives its computation
                 expert = await self._next_expert(layer, requests, counts)
                 await self._compute_expert(layer, tokens, expert, requests.pop(expert).result())
         else:
-            await self._experts_in_waves(layer, tokens, self._waves(layer, _selected(routings)))
-        start = 0
-        for batch, routing in zip(batches, routings, strict=True):
-            end = start + routing.x.shape[0]
-            await self._run(
-                _combine, batch, routing, tokens.contributions[start:end], label=f"L{layer} combine"
-            )
-            start = end
+            selected = sorted(_used(_all_routes(routings, self.spec.top_k)))
+            await self._experts_in_waves(layer, tokens, self._waves(layer, selected))
+        first = 0
+        for index, (batch, routing) in enumerate(zip(batches, routings, strict=True)):
+            self._job(f"L{layer} combine b{index}")
+            await self.jobs.combine(layer, batch, routing, tokens, first)
+            first += len(routing.routes)
 
     def _waves(self, layer: int, experts: list[int]) -> list[list[int]]:
         """Experts loaded together, then computed: one by one, or (sequential) as many as fit."""
@@ -277,7 +247,7 @@ class Pipeline:
         sizes = [self._layouts[expert_block(layer, e)].nbytes for e in experts]
         return expert_waves(experts, sizes, self.res.device.capacity_bytes - self.res.device.fixed_bytes)
 
-    async def _experts_in_waves(self, layer: int, tokens: _Tokens, waves: list[list[int]]) -> None:
+    async def _experts_in_waves(self, layer: int, tokens: TokensT, waves: list[list[int]]) -> None:
         """Each wave: request its experts, wait for all of them, compute them in order. The wait
         before the layer's first expert is an inter-layer bubble, later ones intra-layer."""
         bubble = INTER_LAYER
@@ -288,10 +258,10 @@ class Pipeline:
                 await self._compute_expert(layer, tokens, expert, leases.pop(expert).result())
             bubble = INTRA_LAYER
 
-    async def _compute_expert(self, layer: int, tokens: _Tokens, expert: int, lease: Lease) -> None:
+    async def _compute_expert(self, layer: int, tokens: TokensT, expert: int, lease: Lease) -> None:
         """Run ``expert`` over its tokens of all n batches, then release its lease at once."""
-        x, topk_idx, topk_w, out = tokens
-        await self._run(_expert, x, topk_idx, topk_w, expert, lease, out, label=f"L{layer} expert {expert}")
+        self._job(f"L{layer} expert {expert}")
+        await self.jobs.expert(layer, tokens, expert, lease)
         await self._release(lease)
 
     async def _next_expert(self, layer: int, pending: _Requests, counts: Mapping[int, int]) -> int:
@@ -316,21 +286,20 @@ class Pipeline:
 
     async def _timed_wait(self, waiter: Awaitable[T], kind: str, bubble: str, what: str) -> T:
         """Await ``waiter``: the compute has nothing to do meanwhile, a bubble of that kind."""
-        started = time.perf_counter()
+        if self.events is not None:
+            self.events.record(WAIT, what, detail=bubble)
+        started = self._clock()
         result = await waiter
-        ended = time.perf_counter()
+        ended = self._clock()
         self.metrics.add_wait(kind, bubble, ended - started)
         if self.timeline is not None:
             label = "inter-layer bubble" if bubble == INTER_LAYER else "intra-layer bubble"
             self.timeline.span("bubbles", label, started, ended, waiting_for=what)
         return result
 
-    async def _run(self, fn: Callable[..., T], *args: object, label: str = "") -> T:
-        """``fn`` in the compute thread, with each Lease argument replaced by its block's tensors."""
-        leases = [a for a in args if isinstance(a, Lease)]
-        unpacked = [a.weights if isinstance(a, Lease) else a for a in args]
-        ready = [lease.copy_done for lease in leases]
-        return await self.compute.run(fn, *unpacked, ready=ready, label=label)
+    def _job(self, label: str) -> None:
+        if self.events is not None:
+            self.events.record(JOB, label)
 
 
 def expert_waves(experts: Sequence[int], sizes: Sequence[int], room_bytes: int) -> list[list[int]]:
@@ -347,54 +316,21 @@ def expert_waves(experts: Sequence[int], sizes: Sequence[int], room_bytes: int) 
     return waves
 
 
-def _selected(routings: Sequence[_Routing]) -> list[int]:
-    """The experts any token of ``routings`` selected, in id order."""
-    return sorted({expert for routing in routings for route in routing.routes for expert in route})
+def _used(routes: RouteArray) -> set[int]:
+    """The experts ``routes`` select."""
+    return set(np.flatnonzero(np.bincount(np.asarray(routes).ravel())).tolist())
 
 
-# ---- the jobs the compute thread runs ------------------------------------------------------
+def _all_routes(routings: Sequence[RoutingT], top_k: int) -> RouteArray:
+    """The routes of every batch's routed tokens, batch after batch: [N, k]."""
+    if not routings:
+        return np.empty((0, top_k), dtype=np.int64)
+    return np.concatenate([np.asarray(r.routes, dtype=np.int64).reshape(-1, top_k) for r in routings])
 
 
-def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
-    assert batch.hidden is not None
-    return ops.attention(
-        batch.hidden, w, spec, batch.k_cache[layer], batch.v_cache[layer], batch.positions, batch.key_lengths
-    )
-
-
-def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> _Routing:
-    assert batch.hidden is not None
-    h = batch.hidden[batch.token_mask]  # [N_b, H]
-    x, topk_idx, topk_w = ops.route(h, w, spec)
-    shared = ops.shared_expert(x, w, spec)
-    return _Routing(x, topk_idx, topk_w, shared, topk_idx.cpu().tolist())
-
-
-def _gather_tokens(routings: list[_Routing]) -> _Tokens:
-    """The routed tokens of all n batches together, and zeroed room for their expert outputs."""
-    x = torch.cat([r.x for r in routings])  # [N, H]
-    topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
-    topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
-    dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)
-    contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=dtype, device=x.device)  # [N, k, H]
-    return _Tokens(x, topk_idx, topk_w, contributions)
-
-
-def _expert(
-    x: Tensor, topk_idx: Tensor, topk_w: Tensor, expert: int, w: BlockWeights, contributions: Tensor
-) -> None:
-    tokens, slots = torch.nonzero(topk_idx == expert, as_tuple=True)  # [M], [M]
-    contributions[tokens, slots] = ops.expert(x[tokens], w, topk_w[tokens, slots])  # [M, H]
-
-
-def _combine(batch: Batch, routing: _Routing, contributions: Tensor) -> None:
-    assert batch.hidden is not None
-    h = batch.hidden[batch.token_mask]  # [N_b, H]
-    batch.hidden[batch.token_mask] = ops.combine(h, contributions, routing.shared)
-
-
-def _last_logits(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Tensor:
-    assert batch.hidden is not None
-    rows = torch.arange(batch.hidden.shape[0], device=batch.hidden.device)
-    last = batch.hidden[rows, batch.last_index]  # [B, H]
-    return ops.head(last, w, spec).float()  # [B, V]
+def _token_counts(routings: Sequence[RoutingT], num_experts: int) -> dict[int, int]:
+    """Tokens of all batches that selected each expert."""
+    counts = np.zeros(num_experts, dtype=np.int64)  # [E]
+    for routing in routings:
+        counts += np.bincount(np.asarray(routing.routes).ravel(), minlength=num_experts)
+    return {e: int(c) for e, c in enumerate(counts)}

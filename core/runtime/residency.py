@@ -14,40 +14,46 @@ One readiness future per (block, tier) is shared by every waiter; a waiter that 
 cancelled does not cancel the load, and a load's buffer is not freed while a tier driver's
 thread may still write it (drivers return only when their threads are done).
 
-Demand loads (:meth:`Residency.request`, :meth:`Residency.acquire`) wait for room: the
-pipeline's releases make room. A prefetch (:meth:`Residency.prefetch`) never waits and
-never evicts a leased block: "no room" is a ``False`` return that changes nothing.
+Demand loads (:meth:`Residency.request`) wait for room: the pipeline's releases make room. A
+prefetch (:meth:`Residency.prefetch`) never waits and never evicts a leased block: "no room" is a
+``False`` return that changes nothing.
 A block is leased from the moment it is requested, in flight or not, so nothing a
 computation is waiting for can be evicted under it.
 
 Disk reads wait in a :class:`~klotski_tier.core.runtime.read_queue.ReadQueue` and reach the disk driver
 by urgency, a few blocks at a time: demand first, then prefetched attention, gate, embedding and
 head blocks, then prefetched experts.
+
+What the manager asks of the tiers is three small protocols (:class:`BlockReader`,
+:class:`HostBuffers`, :class:`DeviceBuffers`): the engine passes its tier drivers, the simulator
+drivers that take simulated time on a virtual clock and allocate nothing (``meta`` tensors). Time
+is read from ``clock`` (``time.perf_counter`` in the engine, the loop's virtual time in the
+simulator); an :class:`~klotski_tier.core.observe.events.EventLog`, when given, records each request,
+prefetch, load, eviction and release.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, BlockWeights
+from klotski_tier.core.observe.events import EVICT, LOAD, LOADED, PREFETCH, RELEASE, REQUEST, EventLog
 from klotski_tier.core.observe.metrics import TierStats
 from klotski_tier.core.runtime.read_queue import DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
-from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.eviction import EvictionPolicy
-from klotski_tier.tiers.device import CopyDone, DeviceDriver
+from klotski_tier.tiers.base import CopyDone
 from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
-from klotski_tier.tiers.host import HostDriver
 
 if TYPE_CHECKING:
     from klotski_tier.core.observe.timeline import Timeline
@@ -56,6 +62,33 @@ logger = logging.getLogger(__name__)
 
 HOST = "host"
 DEVICE = "device"
+
+
+class BlockReader(Protocol):
+    """Reads a block's bytes from its home on disk (the engine's :class:`~klotski_tier.core.store.
+    block_source.BlockSource`)."""
+
+    def buffer_bytes(self, block: BlockId) -> int:
+        """Bytes the host buffer of ``block`` needs (its layout's, or more)."""
+        ...
+
+    async def read(self, block: BlockId, dst: torch.Tensor) -> None:
+        """Fill ``dst`` with the block's bytes."""
+        ...
+
+
+class HostBuffers(Protocol):
+    """Hands out page-aligned host buffers (the engine's :class:`~klotski_tier.tiers.host.HostDriver`)."""
+
+    async def aallocate(self, nbytes: int) -> torch.Tensor: ...
+
+
+class DeviceBuffers(Protocol):
+    """Device buffers and copies into them (the engine's :class:`~klotski_tier.tiers.device.DeviceDriver`)."""
+
+    def allocate(self, nbytes: int) -> torch.Tensor: ...
+
+    async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone: ...
 
 
 class State(enum.Enum):
@@ -93,6 +126,7 @@ class TierLedger:
     entries: dict[BlockId, _Entry] = field(default_factory=dict)
     used_bytes: int = 0
     demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
+    events: EventLog | None = None  # records each eviction, when given
 
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.fixed_bytes - self.used_bytes
@@ -119,6 +153,8 @@ class TierLedger:
         for entry in victims:
             self.drop(entry)
             self.stats.evictions += 1
+            if self.events is not None:
+                self.events.record(EVICT, str(entry.block), self.name)
         return True
 
     def drop(self, entry: _Entry) -> None:
@@ -147,14 +183,16 @@ class Residency:
         self,
         layouts: Mapping[BlockId, BlockLayout],
         *,
-        source: BlockSource,
-        host: HostDriver,
-        device: DeviceDriver,
+        source: BlockReader,
+        host: HostBuffers,
+        device: DeviceBuffers,
         host_ledger: TierLedger,
         device_ledger: TierLedger,
         timeline: Timeline | None = None,
         disk_to_device: bool = False,
         disk_slots: int = DEFAULT_QUEUE_DEPTH,
+        events: EventLog | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._layouts = layouts
         self._disk_to_device = disk_to_device  # a CPU device without a host tier: read straight into it
@@ -163,9 +201,13 @@ class Residency:
         self._device = device
         self.host = host_ledger
         self.device = device_ledger
-        self._room = asyncio.Condition()
+        self._room_waiters: list[asyncio.Future[None]] = []  # demand loads waiting for room, in order
         self._timeline = timeline
         self._reads = ReadQueue(disk_slots, self._urgency)  # blocks in the disk driver: its queue depth
+        self._events = events
+        self._clock = clock
+        for ledger in (host_ledger, device_ledger):
+            ledger.events = events
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -182,16 +224,19 @@ class Residency:
     def request(self, block: BlockId) -> asyncio.Future[Lease]:
         """Lease ``block`` on the device now; the future resolves once it is resident there."""
         entry = self.device.entries.get(block)
+        if self._events is not None:
+            self._events.record(REQUEST, str(block), DEVICE, self.state(block).value)
         if entry is None:
             entry = self._start(self.device, block, self._load_device, wait_for_room=True)
         entry.leases += 1
-        lease = asyncio.ensure_future(self._lease_when_ready(entry))
-        lease.add_done_callback(_mark_retrieved)  # a run that fails early never awaits every request
+        lease: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        lease.add_done_callback(functools.partial(self._lease_ended, entry))
+        if entry.ready.done():
+            self._grant(entry, lease)
+        else:
+            entry.ready.add_done_callback(lambda _: self._grant(entry, lease))
         self._reads.dispatch()  # a prefetch waiting for the disk may have become demand
         return lease
-
-    async def acquire(self, block: BlockId) -> Lease:
-        return await self.request(block)
 
     def prefetch(self, block: BlockId) -> bool:
         """Start loading ``block`` to the device if absent and there is room now; never waits."""
@@ -201,6 +246,8 @@ class Residency:
         if self.device.demand_waiting or not self.device.make_room(nbytes):
             return False
         self.device.take(nbytes)
+        if self._events is not None:
+            self._events.record(PREFETCH, str(block), DEVICE)
         entry = self._start(self.device, block, self._load_device, wait_for_room=False)
         entry.reserved = True
         return True
@@ -209,13 +256,15 @@ class Residency:
         """Make ``block`` resident in host RAM (waiting for room), without leasing it."""
         entry = await self._lease_host(block)
         entry.leases -= 1
-        await self._notify_room()
+        self._notify_room()
 
     async def release(self, lease: Lease) -> None:
         entry = self.device.entries.get(lease.block)
         assert entry is not None and entry.leases > 0, f"{lease.block} released without a lease"
         entry.leases -= 1
-        await self._notify_room()
+        if self._events is not None:
+            self._events.record(RELEASE, str(lease.block), DEVICE)
+        self._notify_room()
 
     async def aclose(self) -> None:
         """Cancel loads still running and wait until no driver thread touches a buffer."""
@@ -246,10 +295,12 @@ class Residency:
         try:
             if wait_for_room:
                 await self._reserve(ledger, entry)
+            if self._events is not None:
+                self._events.record(LOAD, str(entry.block), ledger.name)
             await load(entry)
         except BaseException as exc:
             ledger.drop(entry)
-            await self._notify_room()
+            self._notify_room()
             if not entry.ready.done():
                 entry.ready.set_exception(exc)
                 entry.ready.exception()  # mark retrieved: waiters re-raise it themselves
@@ -259,7 +310,9 @@ class Residency:
         ledger.eviction.on_insert(entry.block, entry.nbytes)
         entry.task = None
         entry.ready.set_result(None)
-        await self._notify_room()  # a resident block nobody leases is a victim a waiting load can evict
+        if self._events is not None:
+            self._events.record(LOADED, str(entry.block), ledger.name)
+        self._notify_room()  # a resident block nobody leases is a victim a waiting load can evict
 
     async def _reserve(self, ledger: TierLedger, entry: _Entry) -> None:
         nbytes = entry.nbytes
@@ -269,18 +322,24 @@ class Residency:
                 f"{ledger.name} budget leaves {format_size(room_at_best)} for weights but one block needs "
                 f"{format_size(nbytes)}; raise --{ledger.name}-memory"
             )
-        async with self._room:
-            ledger.demand_waiting += 1
-            try:
-                await self._room.wait_for(lambda: ledger.make_room(nbytes))
-            finally:
-                ledger.demand_waiting -= 1
-            ledger.take(nbytes)
-            entry.reserved = True
+        ledger.demand_waiting += 1
+        try:
+            while not ledger.make_room(nbytes):
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._room_waiters.append(waiter)
+                await waiter
+        finally:
+            ledger.demand_waiting -= 1
+        ledger.take(nbytes)
+        entry.reserved = True
 
-    async def _notify_room(self) -> None:
-        async with self._room:
-            self._room.notify_all()
+    def _notify_room(self) -> None:
+        """Room may have been made (a release, a load that ended): every load waiting for room looks
+        again, in the order they began to wait; those that still find none wait again, in that order."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _load_device(self, entry: _Entry) -> None:
         host_entry = self.host.entries.get(entry.block)
@@ -302,7 +361,7 @@ class Residency:
             entry.buffer = buffer
         finally:
             host_entry.leases -= 1
-            await self._notify_room()
+            self._notify_room()
 
     async def _read_into_device(self, entry: _Entry) -> None:
         """A CPU device's memory is host memory: read the block from disk straight into its buffer.
@@ -333,27 +392,35 @@ class Residency:
         """Read ``entry``'s block from disk into a fresh page-aligned host buffer counted in ``ledger``."""
         buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
         async with self._reads.slot(entry.block):
-            started = time.perf_counter()
+            started = self._clock()
             await self._source.read(entry.block, buffer)
-            ended = time.perf_counter()
+            ended = self._clock()
         ledger.stats.add_transfer(entry.nbytes, ended - started)
         if self._timeline is not None:
             self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
         entry.buffer = buffer
 
-    async def _lease_when_ready(self, entry: _Entry) -> Lease:
-        try:
-            await asyncio.shield(entry.ready)
-        except BaseException:
-            entry.leases -= 1
-            with contextlib.suppress(RuntimeError):
-                await self._notify_room()
-            raise
+    def _grant(self, entry: _Entry, lease: asyncio.Future[Lease]) -> None:
+        """``entry``'s load has ended: give ``lease`` the resident block, or the load's error."""
+        if lease.done():  # its holder cancelled it while the block was loading
+            return
+        error = entry.ready.exception()
+        if error is not None:
+            lease.set_exception(error)
+            return
         assert entry.buffer is not None, f"{entry.block} resident without a buffer"
         if entry.block in self.device.eviction:  # each lease is a use, a block loaded on demand's too
             self.device.eviction.on_access(entry.block)
         weights = self._layouts[entry.block].tensors(entry.buffer)
-        return Lease(entry.block, weights, entry.copy_done)
+        lease.set_result(Lease(entry.block, weights, entry.copy_done))
+
+    def _lease_ended(self, entry: _Entry, lease: asyncio.Future[Lease]) -> None:
+        """A lease that ended without the block (cancelled, or its load failed) gives its hold back. Its
+        error is marked seen: whoever awaits it still gets it, and asyncio logs nothing for the requests
+        a failed run abandons (the run reports the first error)."""
+        if lease.cancelled() or lease.exception() is not None:
+            entry.leases -= 1
+            self._notify_room()
 
     def _urgency(self, block: BlockId) -> int:
         """How soon a read of ``block`` is needed: demand, next weights or speculative (see ReadQueue)."""
@@ -364,13 +431,6 @@ class Residency:
 
     def _ledger(self, tier: str) -> TierLedger:
         return {HOST: self.host, DEVICE: self.device}[tier]
-
-
-def _mark_retrieved(future: asyncio.Future[Lease]) -> None:
-    """Mark a failed request's error as seen: whoever awaits it still gets it, and asyncio does not log
-    "exception was never retrieved" for requests a failed run abandoned (the run reports the first)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _args(entry: _Entry) -> dict[str, object]:

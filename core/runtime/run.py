@@ -1,26 +1,35 @@
 """One run's machinery, wired together: tier drivers, ledgers, residency, compute, pipeline.
 
-:class:`Runtime` is an async context manager: entering it opens the drivers inside the
-running event loop, leaving it cancels outstanding loads, waits until no driver thread
-touches a buffer, and shuts every executor down. :func:`check_budgets` refuses, before any
-byte moves, budgets that cannot hold the minimum working set, and says what that minimum is.
+:class:`Runtime` is an async context manager. Building it starts nothing (drivers start their
+threads on first use); leaving it cancels outstanding loads, waits until no driver thread touches
+a buffer, and shuts every executor down. :func:`check_budgets` refuses, before any byte moves,
+budgets that cannot hold the minimum working set, and says what that minimum is.
+:func:`make_ledger` and :func:`make_pipeline` build a tier's ledger and the pipeline from the
+options, for the engine and the simulator alike.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 import torch
 
 from klotski_tier.core.errors import BudgetError, ConfigError
+from klotski_tier.core.model.blocks import BlockId, BlockLayout
 from klotski_tier.core.model.layouts import largest_block_bytes, total_block_bytes
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import RunMetrics, TierStats
 from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
+from klotski_tier.core.runtime.model_jobs import ModelJobs
 from klotski_tier.core.runtime.pipeline import Pipeline
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, TierLedger
 from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
@@ -91,19 +100,55 @@ def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Se
         )
 
 
-def hot_experts(files: ModelFiles, options: EngineOptions) -> int:
+def hot_experts(spec: ModelSpec, options: EngineOptions) -> int:
     """K, the experts prefetched per layer: the option ("all": every expert), else the router's top-k."""
     if options.hot_experts is None:
-        return files.spec.top_k
+        return spec.top_k
     if isinstance(options.hot_experts, str):  # ALL_EXPERTS
-        return files.spec.num_experts
+        return spec.num_experts
     return options.hot_experts
+
+
+def make_ledger(name: str, budget: int | None, options: EngineOptions, metrics: RunMetrics) -> TierLedger:
+    """The ledger of tier ``name`` with byte budget ``budget`` (None: unlimited), evicting by the options'
+    policy, its traffic counted in ``metrics.tiers[name]``."""
+    capacity = UNLIMITED_BYTES if budget is None else budget
+    stats = TierStats(name, capacity)
+    metrics.tiers[name] = stats
+    eviction = make_eviction(options.eviction, **options.eviction_options)
+    return TierLedger(name, capacity, eviction, stats)
+
+
+def make_pipeline(
+    spec: ModelSpec,
+    layouts: Mapping[BlockId, BlockLayout],
+    residency: Residency,
+    jobs: StepJobs[BatchT, RoutingT, TokensT, LogitsT],
+    prefetch: PrefetchPolicy,
+    metrics: RunMetrics,
+    options: EngineOptions,
+    **observers: Any,
+) -> Pipeline[BatchT, RoutingT, TokensT, LogitsT]:
+    """The pipeline the options ask for (schedule, expert order, K); ``observers`` are the pipeline's
+    recorder, timeline, events and clock."""
+    return Pipeline(
+        spec,
+        residency,
+        jobs,
+        prefetch,
+        metrics,
+        hot_experts=hot_experts(spec, options),
+        schedule=options.schedule,
+        expert_order=options.expert_order,
+        layouts=layouts,
+        **observers,
+    )
 
 
 def check_options(files: ModelFiles, options: EngineOptions) -> None:
     """Check what depends on the model, and resolve every plugin name now, so that a typo fails
     at load, not mid-run."""
-    if hot_experts(files, options) > files.spec.num_experts:
+    if hot_experts(files.spec, options) > files.spec.num_experts:
         raise ConfigError(
             f"hot_experts K={options.hot_experts} exceeds the model's {files.spec.num_experts} experts per "
             f"layer; choose K between 0 and {files.spec.num_experts}"
@@ -141,11 +186,13 @@ class Runtime:
         *,
         record_routing: bool = False,
         timeline: bool = False,
+        events: bool = False,
     ) -> None:
         self.files = files
         self.options = options
         self.metrics = RunMetrics()
         self.timeline = Timeline() if timeline else None
+        self.events = EventLog(time.perf_counter) if events else None
         self.recorder = RoutingRecorder(TraceMeta.of(files.spec)) if record_routing else None
         direct = files.store is not None  # a packed store is aligned for O_DIRECT reads
         self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth, direct=direct)
@@ -158,32 +205,25 @@ class Runtime:
             source=BlockSource(files.layouts, self.disk, files.store),
             host=self.host_driver,
             device=self.device_driver,
-            host_ledger=self._ledger(HOST, options.host_memory_bytes),
-            device_ledger=self._ledger(DEVICE, options.device_memory_bytes),
+            host_ledger=make_ledger(HOST, options.host_memory_bytes, options, self.metrics),
+            device_ledger=make_ledger(DEVICE, options.device_memory_bytes, options, self.metrics),
             timeline=self.timeline,
             disk_to_device=reads_into_device(options),
             disk_slots=options.disk_queue_depth,  # one block per read the driver keeps in flight
+            events=self.events,
         )
-        self.pipeline = Pipeline(
+        self.pipeline = make_pipeline(
             files.spec,
+            files.layouts,
             self.residency,
-            self.compute,
+            ModelJobs(files.spec, self.compute),
             prefetch,
             self.metrics,
-            hot_experts=hot_experts(files, options),
-            schedule=options.schedule,
-            expert_order=options.expert_order,
-            layouts=files.layouts,
+            options,
             recorder=self.recorder,
             timeline=self.timeline,
+            events=self.events,
         )
-
-    def _ledger(self, name: str, budget: int | None) -> TierLedger:
-        capacity = UNLIMITED_BYTES if budget is None else budget
-        stats = TierStats(name, capacity)
-        self.metrics.tiers[name] = stats
-        eviction = make_eviction(self.options.eviction, **self.options.eviction_options)
-        return TierLedger(name, capacity, eviction, stats)
 
     async def preload_host(self, progress: Callable[[str, int, int], None] | None = None) -> None:
         """Read every block into host RAM (``host.preload``), so that steps only copy host to device."""

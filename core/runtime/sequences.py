@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.runtime.pipeline import Batch
+from klotski_tier.core.runtime.model_jobs import Batch
 
 
 @dataclass

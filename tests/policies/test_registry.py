@@ -88,12 +88,14 @@ def test_only_the_oracle_needs_a_trace() -> None:
 
 
 def test_policies_import_neither_torch_nor_asyncio() -> None:
+    """Policies are pure: no tensors, no event loop. numpy they may use (routes arrive as int arrays,
+    and a prefill of a large group is hundreds of thousands of tokens to count)."""
     code = (
         "import sys; from klotski_tier.policies.registry import "
         "EVICTION_POLICIES, PREFETCH_POLICIES, make_eviction, make_prefetch; "
         "[make_eviction(n) for n in EVICTION_POLICIES.names()]; "
         "[make_prefetch(n) for n in PREFETCH_POLICIES.names()]; "
-        "print(sorted(m for m in ('torch', 'asyncio', 'numpy') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'asyncio') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

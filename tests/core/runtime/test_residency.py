@@ -89,9 +89,9 @@ def test_leased_block_is_never_evicted(files: ModelFiles) -> None:
 
     async def scenario() -> None:
         async with residency(files, device_bytes=2 * expert_bytes) as res:
-            held = await res.acquire(expert_block(0, 0))
+            held = await res.request(expert_block(0, 0))
             for expert in (1, 2, 3):
-                lease = await res.acquire(expert_block(0, expert))
+                lease = await res.request(expert_block(0, expert))
                 await res.release(lease)
                 assert res.state(expert_block(0, 0)) is State.LEASED
             assert res.device.stats.peak_bytes <= 2 * expert_bytes
@@ -106,7 +106,7 @@ def test_prefetch_without_room_changes_nothing(files: ModelFiles) -> None:
 
     async def scenario() -> None:
         async with residency(files, device_bytes=expert_bytes) as res:
-            held = await res.acquire(expert_block(0, 0))
+            held = await res.request(expert_block(0, 0))
             assert res.prefetch(expert_block(0, 1)) is False
             assert res.state(expert_block(0, 1)) is State.ABSENT
             assert res.device.used_bytes == expert_bytes
@@ -121,7 +121,7 @@ def test_block_larger_than_budget_is_a_budget_error(files: ModelFiles) -> None:
     async def scenario() -> None:
         async with residency(files, device_bytes=16) as res:
             with pytest.raises(BudgetError, match="raise --device-memory"):
-                await res.acquire(attn_block(0))
+                await res.request(attn_block(0))
             assert res.device.used_bytes == 0 and res.state(attn_block(0)) is State.ABSENT
 
     run(scenario)
@@ -139,7 +139,7 @@ def test_cancelled_wait_leaves_the_load_running(files: ModelFiles) -> None:
             assert res.state(block) is State.IN_FLIGHT, "cancelling a waiter must not stop the load"
             assert res.device.used_bytes == files.layouts[block].nbytes
             disk.gate.set()
-            lease = await res.acquire(block)
+            lease = await res.request(block)
             assert lease.weights["down"].shape[0] == files.spec.hidden_size
             await res.release(lease)
 
@@ -173,7 +173,7 @@ def test_failed_read_reaches_waiters_and_frees_the_room(tmp_path: Path) -> None:
         async with residency(files) as res:
             block = expert_block(1, 3)
             with pytest.raises(TierError, match=r"truncated|short read"):
-                await res.acquire(block)
+                await res.request(block)
             assert res.state(block) is State.ABSENT
             assert res.device.used_bytes == 0 and res.host.used_bytes == 0
 

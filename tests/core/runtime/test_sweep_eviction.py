@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.plan.simulate import simulate_workload
-from klotski_tier.core.plan.simulate_events import DISK_TO_HOST
+from klotski_tier.core.plan.simulate import DISK_TO_HOST, simulate_workload
 from klotski_tier.core.units import MIB
 from tests.checkpoints import make_checkpoint
 from tests.core.plan.test_simulate import NEW, PROMPT, _config, _machine, _planned

@@ -1,0 +1,115 @@
+"""The simulator's compute jobs: the cost model's time on the simulated compute unit, routes from a
+routing model or a trace instead of a gate's matmul.
+
+:class:`SimJobs` is the :class:`~klotski_tier.core.runtime.jobs.StepJobs` of a simulated run: the
+engine's pipeline issues the same jobs in the same order, and each takes the time its
+:class:`JobCosts` (the planner's :class:`~klotski_tier.core.plan.costmodel.CostModel`) gives it.
+A :class:`SimBatch` carries what those times depend on (sequences, new tokens, cached tokens) and
+the routes its tokens take this step. No tensor is made.
+
+A batch of very many routed tokens (a prefill of 64 sequences of 512 tokens is 32768) is represented
+by a sample of at most ``MAX_ROUTED_TOKENS`` of them, each standing for ``tokens_per_route`` real
+ones: experts are selected, counted for the pipeline's order and learned by the prefetch policy
+from the sample, and each expert's job takes the time of its real share of the tokens. A sample
+of a thousand tokens misses only experts that would get a handful of a batch's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from klotski_tier.core.plan.sim_hardware import SimHardware
+from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
+from klotski_tier.core.runtime.residency import Lease
+
+MAX_ROUTED_TOKENS = 1024
+"""A batch's routed tokens simulated one by one up to this many; beyond, a sample of this many."""
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class JobCosts(Protocol):
+    """Seconds of each compute job (the cost model's methods)."""
+
+    def embed_s(self, tokens: int) -> float: ...
+    def attention_s(self, sequences: int, query_tokens: int, context_tokens: int) -> float: ...
+    def gate_s(self, tokens: int) -> float: ...
+    def gather_s(self, tokens: int) -> float: ...
+    def expert_s(self, tokens: float) -> float: ...
+    def combine_s(self, tokens: int) -> float: ...
+    def head_s(self, sequences: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class SimBatch:
+    """One batch of a simulated step."""
+
+    sequences: int
+    query_tokens: int  # new tokens per sequence: the prompt in prefill, 1 in decode
+    context_tokens: int  # tokens already cached per sequence
+    routes: RouteArray  # [L, N, k] the routes of its routed tokens (a sample of them) in every layer
+    tokens_per_route: float = 1.0  # real routed tokens each row of ``routes`` stands for
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.query_tokens
+
+
+@dataclass(frozen=True)
+class SimRouting:
+    """A batch's routes in one layer, as the pipeline reads them."""
+
+    routes: RouteArray  # [N, k]
+    tokens_per_route: float
+
+
+@dataclass(frozen=True)
+class SimTokens:
+    """A layer's gathered tokens: how many selected each expert."""
+
+    per_expert: FloatArray  # [E]
+
+
+class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
+    """Each job takes its cost on the simulated compute unit."""
+
+    def __init__(self, hardware: SimHardware, costs: JobCosts, num_experts: int) -> None:
+        self._hardware = hardware
+        self._costs = costs
+        self._num_experts = num_experts
+
+    async def embed(self, batch: SimBatch, embedding: Lease) -> None:
+        await self._hardware.compute(self._costs.embed_s(batch.tokens))
+
+    async def attention(self, layer: int, batch: SimBatch, weights: Lease) -> None:
+        seconds = self._costs.attention_s(batch.sequences, batch.query_tokens, batch.context_tokens)
+        await self._hardware.compute(seconds)
+
+    async def route(self, layer: int, batch: SimBatch, gate: Lease) -> SimRouting:
+        await self._hardware.compute(self._costs.gate_s(batch.tokens))
+        return SimRouting(batch.routes[layer], batch.tokens_per_route)
+
+    async def gather(self, layer: int, routings: Sequence[SimRouting]) -> SimTokens:
+        per_expert = np.zeros(self._num_experts)  # [E]
+        for routing in routings:
+            counts = np.bincount(routing.routes.ravel(), minlength=self._num_experts)  # [E]
+            per_expert += counts * routing.tokens_per_route
+        tokens = round(sum(len(r.routes) * r.tokens_per_route for r in routings))
+        await self._hardware.compute(self._costs.gather_s(tokens))
+        return SimTokens(per_expert)
+
+    async def expert(self, layer: int, tokens: SimTokens, expert: int, weights: Lease) -> None:
+        await self._hardware.compute(self._costs.expert_s(float(tokens.per_expert[expert])))
+
+    async def combine(
+        self, layer: int, batch: SimBatch, routing: SimRouting, tokens: SimTokens, first: int
+    ) -> None:
+        await self._hardware.compute(self._costs.combine_s(batch.tokens))
+
+    async def head(self, batch: SimBatch, head: Lease) -> None:
+        await self._hardware.compute(self._costs.head_s(batch.sequences))

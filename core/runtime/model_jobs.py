@@ -1,0 +1,148 @@
+"""The engine's compute jobs: the model's ops on real tensors, run in the compute thread.
+
+:class:`ModelJobs` is the :class:`~klotski_tier.core.runtime.jobs.StepJobs` of a real run. Each job
+hands one function to the :class:`~klotski_tier.core.runtime.compute.ComputeRunner` with the tensors
+of the blocks it reads and their copies' readiness (a CUDA event the compute stream waits on); the
+event loop never runs a kernel. A :class:`Batch` holds up to bs sequences' step inputs, residual
+stream and KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
+
+import torch
+from torch import Tensor
+
+from klotski_tier.core.model import ops
+from klotski_tier.core.model.blocks import BlockWeights
+from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.runtime.compute import ComputeRunner
+from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
+from klotski_tier.core.runtime.residency import Lease
+
+T = TypeVar("T")
+
+
+@dataclass
+class Batch:
+    """Up to bs sequences that run attention together, with their KV cache."""
+
+    k_cache: Tensor  # [L, B, Hkv, Tmax, D]
+    v_cache: Tensor  # [L, B, Hkv, Tmax, D]
+    # The current step (set by the engine before each forward):
+    ids: Tensor  # [B, T] token ids, right-padded
+    positions: Tensor  # [B, T] absolute position of each token
+    token_mask: Tensor  # [B, T] True for tokens that go through the MoE (real and unfinished)
+    key_lengths: Tensor  # [B] valid cache length after this step
+    last_index: Tensor  # [B] index along T of the token whose logits are wanted
+    hidden: Tensor | None = None  # [B, T, H] residual stream
+
+
+@dataclass
+class Routing:
+    """One batch's gate output for the current layer."""
+
+    x: Tensor  # [N_b, H] post-attention-norm hidden states of the routed tokens
+    topk_idx: Tensor  # [N_b, k] selected experts
+    topk_w: Tensor  # [N_b, k] routing weights
+    shared: Tensor | None  # [N_b, H] shared-expert output (Qwen2-MoE) or None
+    routes: RouteArray  # [N_b, k] topk_idx on the host
+
+
+class Tokens(NamedTuple):
+    """The routed tokens of all n batches together, and room for their expert outputs."""
+
+    x: Tensor  # [N, H]
+    topk_idx: Tensor  # [N, k]
+    topk_w: Tensor  # [N, k]
+    contributions: Tensor  # [N, k, H]
+
+
+class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
+    """Runs each job of a step in the compute thread, after the copies of the blocks it reads."""
+
+    def __init__(self, spec: ModelSpec, runner: ComputeRunner) -> None:
+        self.spec = spec
+        self.runner = runner
+
+    async def embed(self, batch: Batch, embedding: Lease) -> None:
+        batch.hidden = await self._run(ops.embed, embedding, batch.ids, embedding.weights, label="embed")
+
+    async def attention(self, layer: int, batch: Batch, weights: Lease) -> None:
+        batch.hidden = await self._run(
+            _attention, weights, batch, weights.weights, self.spec, layer, label=f"L{layer} attention"
+        )
+
+    async def route(self, layer: int, batch: Batch, gate: Lease) -> Routing:
+        return await self._run(_route, gate, batch, gate.weights, self.spec, label=f"L{layer} gate")
+
+    async def gather(self, layer: int, routings: Sequence[Routing]) -> Tokens:
+        return await self._run(_gather_tokens, None, routings, label=f"L{layer} gather")
+
+    async def expert(self, layer: int, tokens: Tokens, expert: int, weights: Lease) -> None:
+        x, topk_idx, topk_w, out = tokens
+        label = f"L{layer} expert {expert}"
+        await self._run(_expert, weights, x, topk_idx, topk_w, expert, weights.weights, out, label=label)
+
+    async def combine(self, layer: int, batch: Batch, routing: Routing, tokens: Tokens, first: int) -> None:
+        mine = tokens.contributions[first : first + routing.x.shape[0]]  # [N_b, k, H]
+        await self._run(_combine, None, batch, routing, mine, label=f"L{layer} combine")
+
+    async def head(self, batch: Batch, head: Lease) -> Tensor:
+        return await self._run(_last_logits, head, batch, head.weights, self.spec, label="head")
+
+    async def _run(self, fn: Callable[..., T], lease: Lease | None, *args: object, label: str) -> T:
+        """``fn(*args)`` in the compute thread, once ``lease``'s block (if any) is readable there."""
+        ready = [] if lease is None else [lease.copy_done]
+        return await self.runner.run(fn, *args, ready=ready, label=label)
+
+
+# ---- the functions the compute thread runs ---------------------------------------------------
+
+
+def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
+    assert batch.hidden is not None
+    return ops.attention(
+        batch.hidden, w, spec, batch.k_cache[layer], batch.v_cache[layer], batch.positions, batch.key_lengths
+    )
+
+
+def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Routing:
+    assert batch.hidden is not None
+    h = batch.hidden[batch.token_mask]  # [N_b, H]
+    x, topk_idx, topk_w = ops.route(h, w, spec)
+    shared = ops.shared_expert(x, w, spec)
+    return Routing(x, topk_idx, topk_w, shared, topk_idx.cpu().numpy().astype("int64", copy=False))
+
+
+def _gather_tokens(routings: Sequence[Routing]) -> Tokens:
+    """The routed tokens of all n batches together, and zeroed room for their expert outputs."""
+    x = torch.cat([r.x for r in routings])  # [N, H]
+    topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
+    topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
+    dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)
+    contributions = torch.zeros((*topk_idx.shape, x.shape[-1]), dtype=dtype, device=x.device)  # [N, k, H]
+    return Tokens(x, topk_idx, topk_w, contributions)
+
+
+def _expert(
+    x: Tensor, topk_idx: Tensor, topk_w: Tensor, expert: int, w: BlockWeights, contributions: Tensor
+) -> None:
+    tokens, slots = torch.nonzero(topk_idx == expert, as_tuple=True)  # [M], [M]
+    contributions[tokens, slots] = ops.expert(x[tokens], w, topk_w[tokens, slots])  # [M, H]
+
+
+def _combine(batch: Batch, routing: Routing, contributions: Tensor) -> None:
+    assert batch.hidden is not None
+    h = batch.hidden[batch.token_mask]  # [N_b, H]
+    batch.hidden[batch.token_mask] = ops.combine(h, contributions, routing.shared)
+
+
+def _last_logits(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Tensor:
+    assert batch.hidden is not None
+    rows = torch.arange(batch.hidden.shape[0], device=batch.hidden.device)
+    last = batch.hidden[rows, batch.last_index]  # [B, H]
+    return ops.head(last, w, spec).float()  # [B, V]
