@@ -8,10 +8,11 @@ Klotski order can be checked on either (``tests/core/runtime/test_klotski_order.
 
 Events, by kind (``subject`` is a block such as ``L3.E5``, or a job such as ``L3 expert 5``)::
 
-    request   a computation asked for a block on the device (``state``: resident, in flight, absent)
+    request   a computation asked for a block on the device (``detail``: resident, in flight, absent)
+    want      the pipeline wants a block ahead of need (it prefetches it as soon as there is room)
     prefetch  a load ahead of need started (room was there)
     load      a block's load into ``tier`` began: its room is reserved
-    loaded    the block is resident in ``tier``
+    loaded    the block is resident in ``tier`` (the leases waiting for it are granted)
     evict     the block left ``tier`` to make room
     release   a computation let its lease of the block go
     job       the pipeline issued a compute job
@@ -25,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-REQUEST, PREFETCH, LOAD, LOADED, EVICT, RELEASE, JOB, WAIT = (
-    "request", "prefetch", "load", "loaded", "evict", "release", "job", "wait",
+REQUEST, WANT, PREFETCH, LOAD, LOADED, EVICT, RELEASE, JOB, WAIT = (
+    "request", "want", "prefetch", "load", "loaded", "evict", "release", "job", "wait",
 )  # fmt: skip
 
 

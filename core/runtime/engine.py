@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from klotski_tier.core.errors import ConfigError, InputError
 from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
+from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import RunMetrics
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.observe.timeline import Timeline
@@ -62,6 +63,7 @@ class GenerationResult:
     metrics: RunMetrics
     routing: RoutingTrace | None = None  # every step's routing, when asked (record_routing=True)
     timeline: Timeline | None = None  # compute, I/O and bubble spans, when asked (timeline=True)
+    events: EventLog | None = None  # every request, load, eviction and job in order, when asked (events=True)
 
 
 class Engine:
@@ -123,12 +125,14 @@ class Engine:
         progress: ProgressFn | None = None,
         record_routing: bool = False,
         timeline: bool = False,
+        events: bool = False,
     ) -> GenerationResult:
         """Generate for every prompt (text, or token ids); greedy when ``temperature`` is 0.
 
         ``record_routing`` keeps every step's expert selections (``result.routing``, a trace
         ``klotski-tier replay`` reads); ``timeline`` keeps the spans of compute, I/O and waits
-        (``result.timeline``, saved as a Chrome trace).
+        (``result.timeline``, saved as a Chrome trace); ``events`` keeps the scheduling decisions in
+        order (``result.events``: requests, loads, evictions, releases, jobs).
         """
         coroutine = self.agenerate(
             prompts,
@@ -139,6 +143,7 @@ class Engine:
             progress=progress,
             record_routing=record_routing,
             timeline=timeline,
+            events=events,
         )
         return asyncio.run(coroutine)
 
@@ -153,6 +158,7 @@ class Engine:
         progress: ProgressFn | None = None,
         record_routing: bool = False,
         timeline: bool = False,
+        events: bool = False,
     ) -> GenerationResult:
         if temperature < 0:
             raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
@@ -162,7 +168,12 @@ class Engine:
         sampler = _Sampler(temperature, seed, return_logits, self.spec.eos_token_ids)
         started = time.perf_counter()
         runtime = Runtime(
-            self.files, self.options, self.prefetch, record_routing=record_routing, timeline=timeline
+            self.files,
+            self.options,
+            self.prefetch,
+            record_routing=record_routing,
+            timeline=timeline,
+            events=events,
         )
         async with runtime:
             runtime.reserve_fixed(groups)
@@ -175,7 +186,8 @@ class Engine:
         if self.options.prefetch_save_state is not None:
             save_prefetch_state(self.prefetch, self.options.prefetch_save_state)
         routing = runtime.recorder.trace() if runtime.recorder is not None else None
-        return GenerationResult([self._output(s) for s in seqs], metrics, routing, runtime.timeline)
+        outputs = [self._output(s) for s in seqs]
+        return GenerationResult(outputs, metrics, routing, runtime.timeline, runtime.events)
 
     def _groups(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[list[GenSequence]]:
         seqs = self._sequences(prompts, max_new_tokens)

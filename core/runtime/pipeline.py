@@ -49,7 +49,7 @@ from klotski_tier.core.model.blocks import (
     head_block,
 )
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.observe.events import JOB, WAIT, EventLog
+from klotski_tier.core.observe.events import JOB, WAIT, WANT, EventLog
 from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.runtime.config import EXPERT_ORDERS, KLOTSKI, READY_FIRST, SCHEDULES, SEQUENTIAL
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RouteArray, RoutingT, StepJobs, TokensT
@@ -187,7 +187,11 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
             self._want([head_block(), embed_block(), attn_block(0)])
 
     def _want(self, blocks: Sequence[BlockId]) -> None:
-        self._wanted.extend(b for b in blocks if b not in self._wanted)
+        for block in blocks:
+            if block not in self._wanted:
+                self._wanted.append(block)
+                if self.events is not None:
+                    self.events.record(WANT, str(block))
         self._pump()
 
     def _pump(self) -> None:

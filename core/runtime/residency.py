@@ -108,6 +108,7 @@ class _Entry:
     leases: int = 0
     reserved: bool = False  # its bytes are counted in the ledger
     task: asyncio.Task[None] | None = None
+    granting: list[asyncio.Future[Lease]] = field(default_factory=list)  # leases to give once it lands
 
     @property
     def resident(self) -> bool:
@@ -234,7 +235,7 @@ class Residency:
         if entry.ready.done():
             self._grant(entry, lease)
         else:
-            entry.ready.add_done_callback(lambda _: self._grant(entry, lease))
+            entry.granting.append(lease)
         self._reads.dispatch()  # a prefetch waiting for the disk may have become demand
         return lease
 
@@ -304,12 +305,14 @@ class Residency:
             if not entry.ready.done():
                 entry.ready.set_exception(exc)
                 entry.ready.exception()  # mark retrieved: waiters re-raise it themselves
+            self._grant_waiting(entry)
             if not isinstance(exc, Exception):
                 raise
             return
         ledger.eviction.on_insert(entry.block, entry.nbytes)
         entry.task = None
         entry.ready.set_result(None)
+        self._grant_waiting(entry)  # at once: a computation deciding next sees the block and its lease alike
         if self._events is not None:
             self._events.record(LOADED, str(entry.block), ledger.name)
         self._notify_room()  # a resident block nobody leases is a victim a waiting load can evict
@@ -399,6 +402,11 @@ class Residency:
         if self._timeline is not None:
             self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
         entry.buffer = buffer
+
+    def _grant_waiting(self, entry: _Entry) -> None:
+        waiting, entry.granting = entry.granting, []
+        for lease in waiting:
+            self._grant(entry, lease)
 
     def _grant(self, entry: _Entry, lease: asyncio.Future[Lease]) -> None:
         """``entry``'s load has ended: give ``lease`` the resident block, or the load's error."""
