@@ -5,7 +5,10 @@ simulation of ``generate`` (:mod:`klotski_tier.core.plan.simulate`) for each n, 
 beside the planner's prediction for the same n, bs and K. Without ``--batches`` or ``--sweep`` it
 simulates the plan (the planner's n, bs, K and preload). Each row runs ``--prompts`` sequences, or
 else one full group (n x bs). A group whose KV cache and activations leave no room for a block is
-not simulated (it could not run); the others are. ``--list`` prints the shapes and machines known.
+not simulated (it could not run); the others are. ``--preset`` simulates a built-in configuration:
+the baselines (``sequential``, ``flexgen``, ``ondemand-lru``) run their own schedule through the
+engine's pipeline, as ``run --preset`` does; the planner models the Klotski schedule only, so its
+column is empty for them. ``--list`` prints the shapes and machines known.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
 from klotski_tier.core.plan.planner import Plan, make_plan
 from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, sweep
-from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.config import ALL_EXPERTS, KLOTSKI, READY_FIRST, EngineOptions
+from klotski_tier.core.runtime.presets import PRESETS, preset_fields
 from klotski_tier.core.units import format_size
 
 DEFAULT_DECODE_STEPS = 8  # decode steps simulated per group; the rest are counted at their mean
+SCHEDULE_FIELDS = ("schedule", "expert_order")
+MODELLED_FIELDS = (*SCHEDULE_FIELDS, "prefetch")  # the planner predicts the engine's defaults of these
+PRESET_FIELDS = ("schedule", "expert_order", "prefetch", "eviction", "hot_experts", "host_preload")
 
 
 @dataclass(frozen=True)
@@ -47,14 +54,24 @@ class SweepSetup:
     host_preload: bool
     plan: Plan  # at this bs and K: its sweep predicts each n
     from_plan: bool  # n, bs, K and preload are the plan's
+    preset: dict[str, Any] = dataclasses.field(default_factory=dict)  # the --preset's engine options
 
     @property
     def eviction(self) -> str:
-        """The device's eviction policy: the plan's (sweep where the weights stream)."""
-        return self.plan.placement.eviction
+        """The device's eviction policy: the preset's, else the plan's (sweep where the weights stream)."""
+        return str(self.preset.get("eviction", self.plan.placement.eviction))
+
+    @property
+    def klotski(self) -> bool:
+        """Whether the engine's own schedule and prefetch run (what the planner models)."""
+        options = EngineOptions(**{k: v for k, v in self.preset.items() if k in MODELLED_FIELDS})
+        defaults = EngineOptions()
+        return all(getattr(options, k) == getattr(defaults, k) for k in MODELLED_FIELDS)
 
     @property
     def predicted(self) -> dict[int, float]:
+        if not self.klotski:
+            return {}
         return {n: tokens_per_s for n, tokens_per_s, _ in self.plan.sweep}
 
 
@@ -71,6 +88,11 @@ class SweepSetup:
 )
 @click.option("--sweep", "sweep_text", metavar="LIST", help="Several n at once, e.g. 1,2,4,8,16.")
 @click.option("--host-preload", is_flag=True, help="Read every block into host RAM first (host.preload).")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    help="Simulate a built-in configuration: its schedule, policies and K (baselines included).",
+)
 @click.option(
     "--decode-steps",
     type=click.IntRange(min=1),
@@ -92,6 +114,7 @@ def simulate(
     batch_counts: tuple[int, ...],
     sweep_text: str | None,
     host_preload: bool,
+    preset: str | None,
     decode_steps: int,
     seed: int,
     png_path: Path | None,
@@ -111,8 +134,13 @@ def simulate(
         return
     if png_path is not None:
         check_writable(png_path, "--png")
+    fields = preset_fields(preset) if preset is not None else {}
+    counts = sorted({*batch_counts, *parse_counts(sweep_text)})
+    if not counts and "batches" in fields:
+        counts = [fields["batches"]]  # a preset of one batch (sequential, ondemand-lru)
     study = study_from_flags(flags)
-    setup = sweep_setup(study, sorted({*batch_counts, *parse_counts(sweep_text)}), host_preload)
+    setup = sweep_setup(study, counts, host_preload or bool(fields.get("host_preload")))
+    setup = dataclasses.replace(setup, preset={k: v for k, v in fields.items() if k in PRESET_FIELDS})
     if not setup.batches:
         least = min(setup.skipped)
         raise BudgetError(
@@ -186,13 +214,15 @@ def _host_budget(study: Study) -> int:
 def _simulate(
     study: Study, setup: SweepSetup, steps: int, seed: int
 ) -> tuple[list[WorkloadResult], list[int]]:
-    request = study.request
+    request, preset = study.request, setup.preset
+    hot = preset.get("hot_experts", setup.hot_experts)
+    policies = {k: preset[k] for k in ("prefetch", *SCHEDULE_FIELDS) if k in preset}
     config = SimConfig(
         study.spec, study.machine, batches=setup.batches[0], batch_size=setup.batch_size,
-        hot_experts=setup.hot_experts, device_memory_bytes=request.device_memory_bytes,
-        host_memory_bytes=request.host_memory_bytes, host_preload=setup.host_preload,
-        compression_ratio=request.compression_ratio, routing=study.sampler, seed=seed,
-        eviction=setup.eviction,
+        hot_experts=study.spec.num_experts if hot == ALL_EXPERTS else hot,
+        device_memory_bytes=request.device_memory_bytes, host_memory_bytes=request.host_memory_bytes,
+        host_preload=setup.host_preload, compression_ratio=request.compression_ratio, routing=study.sampler,
+        seed=seed, eviction=setup.eviction, **policies,
     )  # fmt: skip
 
     def sequences(n: int) -> int:
@@ -212,11 +242,19 @@ def _heading(study: Study, setup: SweepSetup) -> list[str]:
     lines = [
         f"simulated {study.model} on {machine.name} ({machine.device}): {request.prompt_tokens} prompt + "
         f"{request.new_tokens} new tokens per sequence; budgets: device {device}, host {host}; "
-        f"{setup.eviction} eviction; routing: {routing}",
+        f"{_schedule(setup)}; {setup.eviction} eviction; routing: {routing}",
     ]
     if setup.from_plan:
         lines.append(f"n, bs, K and preload from the plan ({setup.plan.why})")
     return [*lines, ""]
+
+
+def _schedule(setup: SweepSetup) -> str:
+    """The schedule simulated, in words."""
+    options = EngineOptions(**setup.preset)
+    if (options.schedule, options.expert_order) == (KLOTSKI, READY_FIRST):
+        return f"klotski schedule, {options.prefetch} prefetch"
+    return f"{options.schedule} schedule, {options.expert_order} expert order, {options.prefetch} prefetch"
 
 
 def _notes(setup: SweepSetup) -> list[str]:

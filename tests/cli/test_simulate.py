@@ -140,3 +140,20 @@ def test_errors_are_one_line(machine_args: tuple[str, ...], args: list[str], wor
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     for word in words:
         assert word in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["sequential", "flexgen", "ondemand-lru"])
+def test_a_baseline_preset_simulates_its_own_schedule_without_a_planner_prediction(
+    machine_args: tuple[str, ...], sweep_record: dict[str, Any], preset: str
+) -> None:
+    args = (*machine_args, *SMALL, "--device-memory", "64MiB", "--prompts", "4")
+    record = simulate_json(*args, "--preset", preset, "-n", "1")
+    (row,) = record["rows"]
+    assert row["batches"] == 1 and row["planner_decode_tokens_per_s"] is None
+    assert row["decode_tokens_per_s"] > 0
+    klotski = simulate_json(*args, "-n", "1")["rows"][0]
+    assert klotski["planner_decode_tokens_per_s"] is not None
+    assert row["decode_tokens_per_s"] != klotski["decode_tokens_per_s"]  # another schedule, another run
+    text = simulate_ok(*args, "--preset", preset, "-n", "1")
+    schedule = "sequential schedule" if preset == "sequential" else "prefetch"
+    assert schedule in text.splitlines()[0]

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 
 from klotski_tier.core.bench.suite import demo_spec
+from klotski_tier.core.observe.events import JOB, PREFETCH, WANT, EventLog
 from klotski_tier.core.observe.routing_trace import RoutingTrace, TraceMeta
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.machine import ComputeRates, Machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import ParametricRouting, RoutingModel, TraceRouting
-from klotski_tier.core.plan.simulate import DISK_TO_HOST, HOST_TO_DEVICE, SimConfig, simulate_workload, sweep
+from klotski_tier.core.plan.sim_hardware import SimHardware
+from klotski_tier.core.plan.simulate import (
+    DISK_TO_HOST,
+    HOST_TO_DEVICE,
+    SimConfig,
+    Simulator,
+    block_sizes_of,
+    simulate_workload,
+    step_batches,
+    sweep,
+)
+from klotski_tier.core.plan.virtual_clock import run_virtual
 
 MIB, GIB = 2**20, 2**30
 SPEC = dataclasses.replace(demo_spec(), num_layers=4)  # the demo's widths, 4 layers: 175 MiB
@@ -141,3 +154,37 @@ def test_a_cpu_device_without_host_budget_reads_into_device_memory() -> None:
     moved = result.decode.bytes_moved
     assert moved[HOST_TO_DEVICE] == 0 and moved[DISK_TO_HOST] > 0
     assert result.decode.peak_host_bytes == 0 and result.decode_tokens_per_s > 0
+
+
+def _baseline_log(**changes: object) -> EventLog:
+    """Two steps of ``_config(**changes)`` in the simulator, with its event log."""
+    config = _config(device_memory_bytes=64 * MIB, host_memory_bytes=48 * MIB, **changes)
+    cost = CostModel(SPEC, config.machine)
+
+    async def run() -> EventLog:
+        hardware = SimHardware.for_machine(config.machine)
+        sim = Simulator(SPEC, block_sizes_of(cost), config.engine_options(), hardware, cost,
+                        fixed_device_bytes=0, reads_into_device=False, events=True)  # fmt: skip
+        sampler, rng = ParametricRouting.for_spec(SPEC, seed=1), np.random.default_rng(1)
+        for query, context in ((PROMPT, 0), (1, PROMPT)):
+            await sim.step(step_batches(sampler, rng, [4] * config.batches, query, context))
+        await sim.aclose()
+        assert sim.events is not None
+        return sim.events
+
+    return run_virtual(run())
+
+
+def test_the_baselines_simulate_by_their_own_rules() -> None:
+    sequential = _baseline_log(batches=1, schedule="sequential", prefetch="none", eviction="sweep")
+    assert not sequential.of(PREFETCH) and not sequential.of(WANT)  # nothing is loaded ahead
+    flexgen = _baseline_log(hot_experts=SPEC.num_experts, expert_order="index", prefetch="whole-layer")
+    experts = [job.split() for job in flexgen.subjects(JOB) if " expert " in job]  # ["L3", "expert", "5"]
+    phases = [list(run) for _, run in itertools.groupby(experts, key=lambda job: job[0])]
+    assert len(phases) == 2 * SPEC.num_layers  # two steps
+    for phase in phases:  # each layer's experts in id order
+        ids = [int(job[2]) for job in phase]
+        assert ids == sorted(set(ids)), phase
+    assert {s for s in flexgen.subjects(WANT) if s.startswith("L1.E")} == {f"L1.E{e}" for e in range(8)}
+    klotski = _baseline_log()
+    assert klotski.of(PREFETCH) and flexgen.subjects(JOB) != klotski.subjects(JOB)
