@@ -1,4 +1,4 @@
-"""Issue 5's check: the planner's and the simulator's predicted decode throughput against the real engine.
+"""The planner check: the planner's and the simulator's predicted decode throughput against the real engine.
 
 For each n of a sweep (bs fixed), the engine decodes ``--new-tokens`` tokens for n * bs prompts,
 ``--runs`` times (the median counts: the machine is shared, so single runs are noisy); the planner
@@ -40,7 +40,7 @@ from klotski_tier.core.plan.simulate import SimConfig, simulate_workload
 MIB = 2**20
 DEMO_DEVICE_BYTES = 128 * MIB  # the demo's default device budget (cli/run.py)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)  # compute figures measured now (decode sees a few tokens per expert)
-TOLERANCE = 0.20  # issue 5: predictions within 20 % of the measured throughput
+TOLERANCE = 0.20  # predictions should be within 20 % of the measured throughput
 BEST_SHARE = 0.90  # the chosen n gives at least 90 % of the best measured throughput
 IO_FIELDS = ("io_slowdown", "io_read_gbps", "io_alone_s", "io_streaming_s")  # contention, from the profile
 VOCAB_START = 10  # prompt token ids start here (past the special tokens)

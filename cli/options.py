@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 
 import click
 
+from klotski_tier.core.registry import Registry
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, read_config_file, replace
 from klotski_tier.core.runtime.presets import PRESETS, build_options, preset_fields
 from klotski_tier.core.units import parse_size
+from klotski_tier.policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +36,11 @@ _SIZES = {
     "device_memory": ("device_memory_bytes", "--device-memory"),
     "host_memory": ("host_memory_bytes", "--host-memory"),
 }
+
+
+def _names(registry: Registry[Any]) -> str:
+    """The names a registry knows (built-ins and installed plugins), for a flag's help."""
+    return ", ".join(registry.names())
 
 
 class HotExperts(click.ParamType):  # type: ignore[type-arg]
@@ -78,10 +85,8 @@ _FLAGS = [
     click.option("--device-memory", metavar="SIZE", help="Device budget, e.g. 2GiB (default: unlimited)."),
     click.option("--host-memory", metavar="SIZE", help="Host RAM budget, e.g. 8GiB (default: unlimited)."),
     click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
-    click.option(
-        "--prefetch", help="Prefetch policy: none, hot-first, correlation, oracle, or a plugin's name."
-    ),
-    click.option("--eviction", help="Eviction policy: lru, lfu, hot-first, fifo, sweep, or a plugin's name."),
+    click.option("--prefetch", metavar="NAME", help=f"Prefetch policy: {_names(PREFETCH_POLICIES)}."),
+    click.option("--eviction", metavar="NAME", help=f"Eviction policy: {_names(EVICTION_POLICIES)}."),
     click.option(
         "--prefetch-trace",
         type=click.Path(path_type=Path),

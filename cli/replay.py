@@ -16,7 +16,7 @@ from klotski_tier.cli.errors import report_errors
 from klotski_tier.core.observe.replay import ReplayResult, replay_by_name
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.units import format_size, parse_size
-from klotski_tier.policies.registry import PREFETCH_POLICIES
+from klotski_tier.policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 
 DEFAULT_EVICTION = "lru"
 COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes moved", "loads")
@@ -29,14 +29,15 @@ COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes mov
     "prefetch_names",
     multiple=True,
     metavar="NAME",
-    help="Prefetch policy to replay (repeatable; default: every registered one).",
+    help=f"Prefetch policy to replay: {', '.join(PREFETCH_POLICIES.names())} (repeatable; default: all).",
 )
 @click.option(
     "--eviction",
     "eviction_names",
     multiple=True,
     metavar="NAME",
-    help=f"Eviction policy to replay (repeatable; default: {DEFAULT_EVICTION}).",
+    help=f"Eviction policy to replay: {', '.join(EVICTION_POLICIES.names())} (repeatable; default: "
+    f"{DEFAULT_EVICTION}).",
 )
 @click.option(
     "--device-memory",

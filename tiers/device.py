@@ -5,6 +5,14 @@ event is recorded after it, and the driver's single worker thread waits on that 
 event loop never blocks; the compute stream then waits on the event (:meth:`wait_ready`)
 instead of synchronizing the device. Without CUDA the "device" is the CPU: the copy runs in
 the same single worker thread and :meth:`wait_ready` is a no-op.
+
+Buffers. :meth:`reserve` sets aside the weight budget once, as an :class:`~klotski_tier.tiers.arena.
+Arena` (the runtime does so on CUDA when the device budget is set): :meth:`aplace` then places a
+block in it, or answers ``None`` when no free region holds it, and :meth:`release` gives a block's
+region back once the kernels queued on :attr:`compute_stream` so far are done (an event, polled).
+Without an arena :meth:`aplace` allocates a fresh buffer (a CUDA one in the driver's thread) and
+:meth:`release` marks it used on the compute stream (``record_stream``), so the caching allocator
+reuses it only after those kernels. Either way no CUDA allocation runs on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 import torch
 
 from klotski_tier.core.errors import ConfigError
+from klotski_tier.tiers.arena import Arena
 from klotski_tier.tiers.base import CopyDone, MemoryTierDriver, check_copy_args
 
 __all__ = ["CopyDone", "DeviceDriver"]
@@ -53,12 +62,57 @@ class DeviceDriver(MemoryTierDriver):
         self.device = resolve_device(device)
         super().__init__(max_workers=DEVICE_COPY_THREADS)
         self._stream: Any | None = None  # torch.cuda.Stream, created on the first CUDA copy
+        self._compute_stream: Any | None = None  # the stream compute runs on (CUDA)
+        self.arena: Arena | None = None
+
+    @property
+    def compute_stream(self) -> Any | None:
+        """The CUDA stream the compute runner launches kernels on (created on first use); None off CUDA."""
+        if self.device.type == "cuda" and self._compute_stream is None:
+            self._compute_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        return self._compute_stream
+
+    async def reserve(self, nbytes: int) -> None:
+        """Set aside ``nbytes`` of device memory as the arena blocks are placed in (in the driver's
+        thread: a large allocation may block)."""
+        self._check_open()
+        assert self.arena is None, "the device arena is reserved once"
+        buffer = await self._run_job(lambda: torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+        self.arena = Arena(buffer)
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         """A flat ``uint8`` tensor of ``nbytes`` bytes on :attr:`device` (contents undefined)."""
         self._check_open()
         assert nbytes >= 0, f"cannot allocate a negative size ({nbytes} bytes)"
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # [nbytes]
+
+    async def aplace(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer of ``nbytes`` for a block: a region of the arena (None if no free region holds it,
+        after waiting in the driver's thread for regions whose readers are still running), else a fresh
+        allocation."""
+        arena = self.arena
+        if arena is None:  # a CPU allocation never blocks; a CUDA one may, so it runs in the driver's thread
+            return self.allocate(nbytes) if self.device.type == "cpu" else await self.aallocate(nbytes)
+        region = arena.allocate(nbytes)
+        while region is None and arena.pending:
+            await self._run_job(arena.wait_oldest)
+            region = arena.allocate(nbytes)
+        return region
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """A block left the device: its buffer may be reused once the kernels queued so far on the
+        compute stream are done (an arena region on an event; any other CUDA buffer through
+        ``record_stream``, freed with its last reference)."""
+        if self.arena is None or not self.arena.owns(buffer):
+            stream = self.compute_stream
+            if stream is not None and buffer.device.type == "cuda":
+                buffer.record_stream(stream)
+            return
+        after = None
+        if self.device.type == "cuda":
+            after = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            after.record(self.compute_stream)
+        self.arena.free(buffer, after)
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         """Copy the CPU tensor ``src`` into ``dst`` on the device; on CUDA the result carries the event."""
@@ -71,6 +125,9 @@ class DeviceDriver(MemoryTierDriver):
             done = await self._run_job(lambda: _timed(lambda: _cpu_copy(dst, src)))
         self.bytes_copied += src.numel() * src.element_size()
         return done
+
+    def _release(self) -> None:
+        self.arena = None  # the reservation goes with its last view
 
     def wait_ready(self, done: CopyDone, stream: Any | None = None) -> None:
         """CUDA: make ``stream`` (default: the current stream) wait on the copy's event; CPU: no-op."""

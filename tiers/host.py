@@ -1,4 +1,5 @@
-"""The host tier: RAM buffers, page-locked (pinned) when a CUDA device will read them.
+"""The host tier: RAM buffers, page-locked (pinned) when a CUDA device will read them (``pin``: the
+runtime asks for it when its compute device is CUDA, not merely when a GPU is present).
 
 Pinned buffers let the device driver copy asynchronously on its own stream and let the disk
 driver read straight into memory that the GPU can DMA from, so a block crosses host RAM once.
@@ -26,12 +27,11 @@ class HostDriver(MemoryTierDriver):
 
     name = "host"
 
-    def __init__(self, *, pin: bool | None = None) -> None:
-        cuda = torch.cuda.is_available()
-        if pin and not cuda:
+    def __init__(self, *, pin: bool = False) -> None:
+        if pin and not torch.cuda.is_available():
             raise ConfigError("pinned host memory needs CUDA, and no CUDA device is available; set pin false")
         super().__init__(max_workers=HOST_COPY_THREADS)
-        self._pin = cuda if pin is None else pin
+        self._pin = pin
 
     @property
     def pinned(self) -> bool:

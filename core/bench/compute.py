@@ -149,7 +149,7 @@ async def run_times(runner: ComputeRunner, call: Callable[[], object], warmup: i
     seconds = []
     for run in range(warmup + runs):
         start = time.perf_counter()
-        await runner.run(call)
+        await runner.run(call, finished=True)
         if run >= warmup:
             seconds.append(time.perf_counter() - start)
     return seconds
@@ -159,9 +159,9 @@ async def _handoff_s(runner: ComputeRunner, expert: Callable[[], object]) -> flo
     """Mean wall time (without the slowest) of an empty job awaited right after ``expert``."""
     seconds = []
     for run in range(COMPUTE_WARMUP_RUNS + COMPUTE_RUNS):
-        await runner.run(expert)
+        await runner.run(expert, finished=True)
         start = time.perf_counter()
-        await runner.run(_nothing)
+        await runner.run(_nothing, finished=True)
         if run >= COMPUTE_WARMUP_RUNS:
             seconds.append(time.perf_counter() - start)
     return statistics.mean(sorted(seconds)[:-1])

@@ -159,7 +159,7 @@ async def _engine_passes(
 ) -> list[float]:
     """Seconds of each pass over the first ``size`` bytes of ``path``, ``queue_depth`` reads in flight."""
     async with (
-        HostDriver() as host,
+        HostDriver(pin=torch.cuda.is_available()) as host,  # as the engine on this machine's GPU
         DiskDriver(queue_depth=queue_depth, direct=mode == "direct") as disk,  # drops what it read
     ):
         buffers = [host.allocate(block_bytes).zero_() for _ in range(queue_depth)]  # [block] each, touched

@@ -254,8 +254,11 @@ class SimDevice:
         self._hardware = hardware
         self.bytes_copied = 0
 
-    def allocate(self, nbytes: int) -> torch.Tensor:
+    async def aplace(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=META)  # [nbytes] shape only
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Nothing to give back: a meta tensor holds no memory."""
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         nbytes = src.numel()

@@ -176,7 +176,7 @@ class Engine:
             events=events,
         )
         async with runtime:
-            runtime.reserve_fixed(groups)
+            await runtime.reserve(groups)
             if self.options.host_preload:
                 await runtime.preload_host(progress)
             for group in groups:
@@ -229,7 +229,10 @@ class Engine:
     ) -> None:
         bs = self.options.batch_size
         parts = [group[i : i + bs] for i in range(0, len(group), bs)]
-        batches = [new_batch(part, self.spec, runtime.device) for part in parts]
+        compute = runtime.compute  # the device's tensors are made in its thread: the loop never allocates
+        batches = [
+            await compute.run(new_batch, part, self.spec, runtime.device, label="inputs") for part in parts
+        ]
         metrics = runtime.metrics
         started = time.perf_counter()
         logits = await runtime.pipeline.forward(batches)
@@ -242,7 +245,7 @@ class Engine:
             progress("prefill", 1, 1)
         while any(s.finish_reason is None for s in group):
             for batch, part in zip(batches, parts, strict=True):
-                set_decode_inputs(batch, part)
+                await compute.run(set_decode_inputs, batch, part, label="inputs")
             active = sum(s.finish_reason is None for s in group)
             started = time.perf_counter()
             logits = await runtime.pipeline.forward(batches)
@@ -273,7 +276,7 @@ class _Sampler:
 
     def sample(self, parts: Sequence[Sequence[GenSequence]], logits: Sequence[torch.Tensor]) -> None:
         for part, batch_logits in zip(parts, logits, strict=True):
-            host_logits = batch_logits.cpu()  # [B, V] float32
+            host_logits = batch_logits.cpu()  # [B, V] float32 (on the host already: the head job moved it)
             for seq, row in zip(part, host_logits, strict=True):
                 if seq.finish_reason is not None:
                     continue

@@ -145,4 +145,4 @@ def _last_logits(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Tensor:
     assert batch.hidden is not None
     rows = torch.arange(batch.hidden.shape[0], device=batch.hidden.device)
     last = batch.hidden[rows, batch.last_index]  # [B, H]
-    return ops.head(last, w, spec).float()  # [B, V]
+    return ops.head(last, w, spec).float().cpu()  # [B, V] on the host, for the sampler on the event loop

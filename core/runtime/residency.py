@@ -86,7 +86,13 @@ class HostBuffers(Protocol):
 class DeviceBuffers(Protocol):
     """Device buffers and copies into them (the engine's :class:`~klotski_tier.tiers.device.DeviceDriver`)."""
 
-    def allocate(self, nbytes: int) -> torch.Tensor: ...
+    async def aplace(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer for a block, or None when the reserved memory has no free region that holds it."""
+        ...
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """A block left the device: its buffer may be reused once computations queued so far are done."""
+        ...
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone: ...
 
@@ -128,6 +134,7 @@ class TierLedger:
     used_bytes: int = 0
     demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
     events: EventLog | None = None  # records each eviction, when given
+    release: Callable[[torch.Tensor], None] | None = None  # gives a dropped block's buffer back
 
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.fixed_bytes - self.used_bytes
@@ -165,7 +172,22 @@ class TierLedger:
         if entry.reserved:
             self.used_bytes -= entry.nbytes
             entry.reserved = False
+        if entry.buffer is not None and self.release is not None:
+            self.release(entry.buffer)
         entry.buffer = None
+
+    def evict_one(self) -> bool:
+        """Evict the first victim that no computation leases (beyond the room asked for: its buffer
+        space, not its bytes, is wanted); False if none is."""
+        for block in self.eviction.victims():
+            entry = self.entries[block]
+            if entry.leases == 0 and entry.resident:
+                self.drop(entry)
+                self.stats.evictions += 1
+                if self.events is not None:
+                    self.events.record(EVICT, str(entry.block), self.name)
+                return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -209,6 +231,7 @@ class Residency:
         self._clock = clock
         for ledger in (host_ledger, device_ledger):
             ledger.events = events
+        device_ledger.release = device.release
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -352,7 +375,7 @@ class Residency:
         host_entry = await self._lease_host(entry.block)
         try:
             assert host_entry.buffer is not None
-            buffer = self._device.allocate(entry.nbytes)
+            buffer = await self._place(entry)
             source = host_entry.buffer[: entry.nbytes]  # a store's host buffer may hold padding too
             done = await self._device.copy_from_host(buffer, source)
             entry.copy_done = done
@@ -365,6 +388,17 @@ class Residency:
         finally:
             host_entry.leases -= 1
             self._notify_room()
+
+    async def _place(self, entry: _Entry) -> torch.Tensor:
+        """A device buffer for ``entry``, whose bytes the ledger has counted already. Where reserved
+        memory has room by bytes but no free region that holds the block, blocks are evicted (in the
+        policy's order) until one does, or releases awaited."""
+        while (buffer := await self._device.aplace(entry.nbytes)) is None:
+            if not self.device.evict_one():
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._room_waiters.append(waiter)
+                await waiter
+        return buffer
 
     async def _read_into_device(self, entry: _Entry) -> None:
         """A CPU device's memory is host memory: read the block from disk straight into its buffer.

@@ -196,8 +196,8 @@ class Runtime:
         self.recorder = RoutingRecorder(TraceMeta.of(files.spec)) if record_routing else None
         direct = files.store is not None  # a packed store is aligned for O_DIRECT reads
         self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth, direct=direct)
-        self.host_driver = HostDriver()
         self.device_driver = DeviceDriver(options.device)
+        self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
         self.residency = Residency(
@@ -233,9 +233,14 @@ class Runtime:
             if progress:
                 progress("preload", done, len(blocks))
 
-    def reserve_fixed(self, groups: Sequence[Sequence[GenSequence]]) -> None:
-        """Count the KV cache and activations of the largest group against the device budget."""
-        self.residency.device.fixed_bytes = fixed_device_bytes(self.files, groups, self.options.batch_size)
+    async def reserve(self, groups: Sequence[Sequence[GenSequence]]) -> None:
+        """Count the KV cache and activations of the largest group against the device budget; on CUDA
+        with a device budget, reserve the rest of it for the weights (an arena, so that the budget is
+        memory actually held, not bytes a caching allocator may round up and fragment)."""
+        ledger = self.residency.device
+        ledger.fixed_bytes = fixed_device_bytes(self.files, groups, self.options.batch_size)
+        if self.device.type == "cuda" and self.options.device_memory_bytes is not None:
+            await self.device_driver.reserve(ledger.capacity_bytes - ledger.fixed_bytes)
 
     def finish(self) -> RunMetrics:
         self.metrics.compute_s = self.compute.busy_s

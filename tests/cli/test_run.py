@@ -17,6 +17,7 @@ from klotski_tier.core.demo.build import build_demo
 from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.runtime.engine import Engine, EngineOptions
 from klotski_tier.core.units import KIB, MIB
+from klotski_tier.policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 from tests.conftest import CheckpointFactory
 
 MAX_NEW = 3
@@ -89,7 +90,9 @@ def test_json_output_is_one_object_with_outputs_and_metrics(json_run: Result) ->
         assert out["text"] is None  # no tokenizer.json in this checkpoint
     metrics = record["metrics"]
     assert metrics["prefill_tokens"] == sum(map(len, PROMPTS))
-    assert metrics["prefill_tokens_per_s"] > 0 and metrics["decode_tokens_per_s"] >= 0
+    decoded = sum(len(out["token_ids"]) - 1 for out in record["outputs"])  # the first comes from the prefill
+    assert metrics["decode_tokens"] == decoded and metrics["prefill_tokens_per_s"] > 0
+    assert metrics["decode_tokens_per_s"] == pytest.approx(decoded / metrics["decode_s"] if decoded else 0.0)
     assert 0.0 <= metrics["expert_hit_rate"] <= 1.0
     assert set(metrics["tiers"]) == {"host", "device"}
     for tier in metrics["tiers"].values():
@@ -235,3 +238,11 @@ def test_the_default_run_builds_and_runs_the_demo(tmp_path: Path, monkeypatch: p
         assert any(path.name.startswith("demo-mixtral") for path in cache.iterdir())
     finally:
         shutil.rmtree(cache, ignore_errors=True)  # ~370 MB: not worth keeping in pytest's tmp dirs
+
+
+@pytest.mark.parametrize("command", [["run"], ["config", "show"], ["replay"]])
+def test_help_names_every_registered_policy(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    for name in [*PREFETCH_POLICIES.names(), *EVICTION_POLICIES.names()]:
+        assert name in result.stdout, f"{' '.join(command)} --help does not name {name}"

@@ -30,8 +30,8 @@ def make(request: pytest.FixtureRequest) -> Factory:
     return lambda: make_eviction(name)
 
 
-def test_the_registry_holds_the_issue_policies() -> None:
-    assert {"lru", "lfu", "hot-first", "fifo"} <= set(NAMES)
+def test_the_registry_holds_the_built_in_policies() -> None:
+    assert {"lru", "lfu", "hot-first", "fifo", "sweep"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

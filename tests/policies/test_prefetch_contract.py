@@ -62,8 +62,8 @@ def _assert_valid(predicted: list[int], k: int) -> None:
     assert all(type(e) is int and 0 <= e < NUM_EXPERTS for e in predicted), predicted
 
 
-def test_the_registry_holds_the_issue_policies() -> None:
-    assert {"none", "hot-first", "correlation", "oracle"} <= set(NAMES)
+def test_the_registry_holds_the_built_in_policies() -> None:
+    assert {"none", "hot-first", "correlation", "oracle", "whole-layer"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

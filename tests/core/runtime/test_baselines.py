@@ -1,4 +1,4 @@
-"""The baselines of issue 6 as configurations of the engine: ``sequential``, ``flexgen`` and
+"""The baselines as configurations of the engine: ``sequential``, ``flexgen`` and
 ``ondemand-lru`` generate the default engine's tokens while streaming; the sequential schedule
 never reads or copies while the compute runs; whole-layer prefetch moves every expert; bad
 schedule values are one-line config errors."""

@@ -40,3 +40,16 @@ def test_offloaded_cuda_generation_matches_cpu(tmp_path: Path, family: str) -> N
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert cuda.metrics.tiers["device"].evictions > 0
     assert cuda.metrics.tiers["device"].bytes_in > 0
+
+
+def test_a_cuda_budget_is_reserved_as_an_arena_and_blocks_are_placed_in_it(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path / "mixtral", "mixtral", num_layers=3)
+    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2))
+    budget = engine.minimum_budgets(PROMPTS, max_new_tokens=5)[0] + 2 * engine.spec.expert_bytes
+    options = EngineOptions(batches=2, batch_size=2, device="cuda", device_memory_bytes=budget)
+    cuda = Engine.load(directory, options)
+    before = torch.cuda.memory_reserved()
+    result = cuda.generate(PROMPTS, max_new_tokens=5, events=True)
+    assert result.metrics.tiers["device"].peak_bytes <= budget
+    assert result.metrics.compute_s > 0  # busy time from CUDA events
+    assert torch.cuda.memory_reserved() >= before  # the arena came from the caching allocator once

@@ -13,6 +13,8 @@ from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.demo.build import build_demo
 from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.errors import ConfigError, InputError
+from klotski_tier.core.runtime.run import Runtime
+from klotski_tier.policies.prefetch import NoPrefetch
 from tests.checkpoints import make_checkpoint
 
 PROMPTS = [[5, 7, 9, 11], [3, 4], [20, 21, 22, 23, 24, 25]]
@@ -126,3 +128,13 @@ def test_bad_options_are_config_errors(options: dict[str, int]) -> None:
 def test_unknown_policy_names_the_valid_ones(directory: Path) -> None:
     with pytest.raises(ConfigError, match="valid names: correlation, hot-first, none, oracle"):
         Engine.load(directory, EngineOptions(prefetch="psychic"))
+
+
+def test_host_buffers_are_pinned_for_a_cuda_device_only(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU machine, a run on the CPU device must not page-lock every host buffer."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present ...
+    files = Engine.load(directory, EngineOptions(device="cpu")).files
+    runtime = Runtime(files, EngineOptions(device="cpu"), NoPrefetch())  # ... but compute runs on the CPU
+    assert runtime.device.type == "cpu" and not runtime.host_driver.pinned

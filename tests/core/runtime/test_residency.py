@@ -16,7 +16,9 @@ from klotski_tier.core.observe.metrics import TierStats
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, State, TierLedger
 from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles, load_model_files
+from klotski_tier.core.units import align_up
 from klotski_tier.policies.lru import LRUEviction
+from klotski_tier.tiers.arena import ARENA_ALIGN_BYTES
 from klotski_tier.tiers.device import DeviceDriver
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
@@ -176,5 +178,32 @@ def test_failed_read_reaches_waiters_and_frees_the_room(tmp_path: Path) -> None:
                 await res.request(block)
             assert res.state(block) is State.ABSENT
             assert res.device.used_bytes == 0 and res.host.used_bytes == 0
+
+    run(scenario)
+
+
+def test_a_block_that_fits_by_bytes_but_not_in_one_region_evicts_until_it_does(files: ModelFiles) -> None:
+    """The arena holds four experts; experts 0 and 2 leave, so two experts' bytes are free but not side
+    by side: a block of two experts' size evicts one more, in the policy's order, and lands."""
+    expert = files.layouts[expert_block(0, 0)].nbytes
+    attn = files.layouts[attn_block(0)].nbytes
+    room = 4 * align_up(expert, ARENA_ALIGN_BYTES)
+    assert expert < attn <= 2 * expert, "the test's block sizes"
+
+    async def scenario() -> None:
+        async with residency(files, device_bytes=room) as res:
+            device = res._device
+            assert isinstance(device, DeviceDriver)
+            await device.reserve(room)
+            leases = [await res.request(expert_block(0, e)) for e in range(4)]
+            for lease in leases:
+                await res.release(lease)
+            res.device.drop(res.device.entries[expert_block(0, 0)])
+            res.device.drop(res.device.entries[expert_block(0, 2)])
+            lease = await res.request(attn_block(0))
+            placed = res.device.entries[lease.block].buffer
+            assert device.arena is not None and placed is not None and device.arena.owns(placed)
+            assert res.device.stats.evictions == 1 and res.state(expert_block(0, 1)) is State.ABSENT
+            assert res.device.used_bytes <= room
 
     run(scenario)
