@@ -158,13 +158,13 @@ def format_advice(plan: Plan) -> list[str]:
 def format_plan_sweep(plan: Plan) -> list[str]:
     """The planner's prediction for the n it tried at the chosen bs and K (beyond
     :data:`SWEEP_ROWS` of them: powers of two, the chosen n and the largest)."""
-    tried = [n for n, _, _ in plan.sweep]
+    tried = [point.batches for point in plan.sweep]
     shown = set(tried)
     if len(tried) > SWEEP_ROWS:
         shown = {n for n in tried if n & (n - 1) == 0} | {plan.batches, max(tried)}
     rows = [
         [str(n), f"{tokens_per_s:.2f}", _ms(bubble_s), "<- chosen" if n == plan.batches else ""]
-        for n, tokens_per_s, bubble_s in plan.sweep
+        for n, tokens_per_s, bubble_s, _ in plan.sweep
         if n in shown
     ]
     heading = f"predicted by n (bs={plan.batch_size}, K={plan.hot_experts}):"

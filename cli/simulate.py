@@ -32,7 +32,7 @@ from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
 from klotski_tier.core.plan.planner import Plan, make_plan
 from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
-from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, sweep
+from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
 from klotski_tier.core.runtime.config import ALL_EXPERTS, KLOTSKI, READY_FIRST, EngineOptions
 from klotski_tier.core.runtime.presets import PRESETS, preset_fields
 from klotski_tier.core.units import format_size
@@ -72,7 +72,12 @@ class SweepSetup:
     def predicted(self) -> dict[int, float]:
         if not self.klotski:
             return {}
-        return {n: tokens_per_s for n, tokens_per_s, _ in self.plan.sweep}
+        return {point.batches: point.decode_tokens_per_s for point in self.plan.sweep}
+
+    def eviction_at(self, batches: int) -> str:
+        """The device's eviction policy at ``batches``: the preset's, else the planner's for that n."""
+        planned = {point.batches: point.eviction for point in self.plan.sweep}
+        return str(self.preset.get("eviction", planned.get(batches, self.eviction)))
 
 
 @click.command("simulate")
@@ -230,8 +235,16 @@ def _simulate(
             return request.sequences
         return study.sequences or n * setup.batch_size
 
-    results = sweep(config, setup.batches, sequences=sequences, prompt_tokens=request.prompt_tokens,
-                    new_tokens=request.new_tokens, max_decode_steps=steps)  # fmt: skip
+    results = [
+        simulate_workload(
+            dataclasses.replace(config, batches=n, eviction=setup.eviction_at(n)),
+            sequences=sequences(n),
+            prompt_tokens=request.prompt_tokens,
+            new_tokens=request.new_tokens,
+            max_decode_steps=steps,
+        )
+        for n in setup.batches
+    ]
     return results, [sequences(n) for n in setup.batches]
 
 
@@ -242,7 +255,7 @@ def _heading(study: Study, setup: SweepSetup) -> list[str]:
     lines = [
         f"simulated {study.model} on {machine.name} ({machine.device}): {request.prompt_tokens} prompt + "
         f"{request.new_tokens} new tokens per sequence; budgets: device {device}, host {host}; "
-        f"{_schedule(setup)}; {setup.eviction} eviction; routing: {routing}",
+        f"{_schedule(setup)}; {_evictions(setup)}; routing: {routing}",
     ]
     if setup.from_plan:
         lines.append(f"n, bs, K and preload from the plan ({setup.plan.why})")
@@ -255,6 +268,14 @@ def _schedule(setup: SweepSetup) -> str:
     if (options.schedule, options.expert_order) == (KLOTSKI, READY_FIRST):
         return f"klotski schedule, {options.prefetch} prefetch"
     return f"{options.schedule} schedule, {options.expert_order} expert order, {options.prefetch} prefetch"
+
+
+def _evictions(setup: SweepSetup) -> str:
+    """The eviction policy of each n simulated, in words."""
+    chosen = {n: setup.eviction_at(n) for n in setup.batches}
+    if len(set(chosen.values())) == 1:
+        return f"{next(iter(chosen.values()))} eviction"
+    return "eviction by n as the planner chose: " + ", ".join(f"{e} at n={n}" for n, e in chosen.items())
 
 
 def _notes(setup: SweepSetup) -> list[str]:
@@ -270,7 +291,12 @@ def _record(
     predicted: Sequence[float | None],
 ) -> dict[str, Any]:
     rows = [
-        {**result.to_dict(), "sequences": count, "planner_decode_tokens_per_s": guess}
+        {
+            **result.to_dict(),
+            "sequences": count,
+            "planner_decode_tokens_per_s": guess,
+            "eviction": setup.eviction_at(result.batches),
+        }
         for result, count, guess in zip(results, sequences, predicted, strict=True)
     ]
     return {

@@ -5,7 +5,7 @@ The search itself is :mod:`klotski_tier.core.plan.planner`, which re-exports the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.spec import ModelSpec
@@ -70,6 +70,15 @@ class TierUse:
         return self.needed_bytes <= self.budget_bytes
 
 
+class SweepPoint(NamedTuple):
+    """The prediction for one n of a plan's sweep."""
+
+    batches: int
+    decode_tokens_per_s: float
+    bubble_s: float  # per decode step
+    eviction: str  # the device's eviction policy the planner chose at this n
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One (n, bs, K) the planner tried: its worst deadline and its predicted decode step."""
@@ -116,7 +125,7 @@ class Plan:
     memory_cap_batches: int  # the largest n whose working set fits at this bs and K
     why: str
     advice: tuple[str, ...]
-    sweep: tuple[tuple[int, float, float], ...]  # (n, predicted decode tokens/s, bubble s per step)
+    sweep: tuple[SweepPoint, ...]  # every n tried at the chosen bs and K
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -52,6 +52,7 @@ from klotski_tier.core.plan.placement_model import weights_working_set as weight
 from klotski_tier.core.plan.plan_types import Candidate as Candidate
 from klotski_tier.core.plan.plan_types import Plan as Plan
 from klotski_tier.core.plan.plan_types import PlanRequest as PlanRequest
+from klotski_tier.core.plan.plan_types import SweepPoint as SweepPoint
 from klotski_tier.core.plan.plan_types import TierUse as TierUse
 from klotski_tier.core.plan.routing_model import LayerLoads, RoutingModel
 from klotski_tier.core.units import format_size
@@ -243,7 +244,9 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
     )
     same_k = [c for c in tried if c.hot_experts == best.hot_experts]
     cap = max((c.batches for c in same_k if c.fits), default=best.batches)
-    sweep = tuple((c.batches, c.decode.tokens_per_s, c.decode.bubble_s) for c in same_k)
+    sweep = tuple(
+        SweepPoint(c.batches, c.decode.tokens_per_s, c.decode.bubble_s, c.placement.eviction) for c in same_k
+    )
     feasible = best.fits and best.meets_deadlines
     return Plan(
         batches=best.batches,

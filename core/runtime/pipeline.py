@@ -53,7 +53,8 @@ from klotski_tier.core.observe.events import JOB, WAIT, WANT, EventLog
 from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.runtime.config import EXPERT_ORDERS, KLOTSKI, READY_FIRST, SCHEDULES, SEQUENTIAL
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RouteArray, RoutingT, StepJobs, TokensT
-from klotski_tier.core.runtime.residency import Lease, Residency, State
+from klotski_tier.core.runtime.ledger import State
+from klotski_tier.core.runtime.residency import Lease, Residency
 from klotski_tier.policies.prefetch import PrefetchPolicy
 
 if TYPE_CHECKING:

@@ -35,23 +35,21 @@ prefetch, load, eviction and release.
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, BlockWeights
-from klotski_tier.core.observe.events import EVICT, LOAD, LOADED, PREFETCH, RELEASE, REQUEST, EventLog
-from klotski_tier.core.observe.metrics import TierStats
+from klotski_tier.core.observe.events import LOAD, LOADED, PREFETCH, RELEASE, REQUEST, EventLog
+from klotski_tier.core.runtime.ledger import Entry, State, TierLedger
 from klotski_tier.core.runtime.read_queue import DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
 from klotski_tier.core.units import format_size
-from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.tiers.base import CopyDone
 from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
 
@@ -95,99 +93,6 @@ class DeviceBuffers(Protocol):
         ...
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone: ...
-
-
-class State(enum.Enum):
-    ABSENT = "absent"
-    IN_FLIGHT = "in flight"
-    RESIDENT = "resident"
-    LEASED = "leased"
-
-
-@dataclass(eq=False)
-class _Entry:
-    block: BlockId
-    nbytes: int
-    ready: asyncio.Future[None]
-    buffer: torch.Tensor | None = None
-    copy_done: CopyDone | None = None
-    leases: int = 0
-    reserved: bool = False  # its bytes are counted in the ledger
-    task: asyncio.Task[None] | None = None
-    granting: list[asyncio.Future[Lease]] = field(default_factory=list)  # leases to give once it lands
-
-    @property
-    def resident(self) -> bool:
-        return self.ready.done() and self.ready.exception() is None
-
-
-@dataclass(eq=False)
-class TierLedger:
-    """Blocks present in one memory tier, and the bytes they take against its budget."""
-
-    name: str
-    capacity_bytes: int
-    eviction: EvictionPolicy[BlockId]
-    stats: TierStats
-    fixed_bytes: int = 0  # reserved outside blocks (KV cache, activations)
-    entries: dict[BlockId, _Entry] = field(default_factory=dict)
-    used_bytes: int = 0
-    demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
-    events: EventLog | None = None  # records each eviction, when given
-    release: Callable[[torch.Tensor], None] | None = None  # gives a dropped block's buffer back
-
-    def free_bytes(self) -> int:
-        return self.capacity_bytes - self.fixed_bytes - self.used_bytes
-
-    def take(self, nbytes: int) -> None:
-        self.used_bytes += nbytes
-        self.stats.observe_peak(self.used_bytes + self.fixed_bytes)
-
-    def make_room(self, nbytes: int) -> bool:
-        """Evict unleased resident blocks until ``nbytes`` fit; False (nothing evicted) if they cannot."""
-        if self.free_bytes() >= nbytes:
-            return True
-        victims: list[_Entry] = []
-        room = self.free_bytes()
-        for block in self.eviction.victims():
-            entry = self.entries[block]
-            if entry.leases == 0 and entry.resident:
-                victims.append(entry)
-                room += entry.nbytes
-                if room >= nbytes:
-                    break
-        if room < nbytes:
-            return False
-        for entry in victims:
-            self.drop(entry)
-            self.stats.evictions += 1
-            if self.events is not None:
-                self.events.record(EVICT, str(entry.block), self.name)
-        return True
-
-    def drop(self, entry: _Entry) -> None:
-        del self.entries[entry.block]
-        if entry.block in self.eviction:
-            self.eviction.on_remove(entry.block)
-        if entry.reserved:
-            self.used_bytes -= entry.nbytes
-            entry.reserved = False
-        if entry.buffer is not None and self.release is not None:
-            self.release(entry.buffer)
-        entry.buffer = None
-
-    def evict_one(self) -> bool:
-        """Evict the first victim that no computation leases (beyond the room asked for: its buffer
-        space, not its bytes, is wanted); False if none is."""
-        for block in self.eviction.victims():
-            entry = self.entries[block]
-            if entry.leases == 0 and entry.resident:
-                self.drop(entry)
-                self.stats.evictions += 1
-                if self.events is not None:
-                    self.events.record(EVICT, str(entry.block), self.name)
-                return True
-        return False
 
 
 @dataclass(frozen=True)
@@ -303,18 +208,18 @@ class Residency:
         self,
         ledger: TierLedger,
         block: BlockId,
-        load: Callable[[_Entry], Any],
+        load: Callable[[Entry], Any],
         *,
         wait_for_room: bool,
-    ) -> _Entry:
+    ) -> Entry:
         loop = asyncio.get_running_loop()
-        entry = _Entry(block, self._layouts[block].nbytes, loop.create_future())
+        entry = Entry(block, self._layouts[block].nbytes, loop.create_future())
         ledger.entries[block] = entry
         entry.task = loop.create_task(self._run_load(ledger, entry, load, wait_for_room))
         return entry
 
     async def _run_load(
-        self, ledger: TierLedger, entry: _Entry, load: Callable[[_Entry], Any], wait_for_room: bool
+        self, ledger: TierLedger, entry: Entry, load: Callable[[Entry], Any], wait_for_room: bool
     ) -> None:
         try:
             if wait_for_room:
@@ -340,7 +245,7 @@ class Residency:
             self._events.record(LOADED, str(entry.block), ledger.name)
         self._notify_room()  # a resident block nobody leases is a victim a waiting load can evict
 
-    async def _reserve(self, ledger: TierLedger, entry: _Entry) -> None:
+    async def _reserve(self, ledger: TierLedger, entry: Entry) -> None:
         nbytes = entry.nbytes
         room_at_best = ledger.capacity_bytes - ledger.fixed_bytes
         if nbytes > room_at_best:
@@ -367,7 +272,7 @@ class Residency:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _load_device(self, entry: _Entry) -> None:
+    async def _load_device(self, entry: Entry) -> None:
         host_entry = self.host.entries.get(entry.block)
         if self._disk_to_device and (host_entry is None or not host_entry.resident):
             await self._read_into_device(entry)
@@ -389,7 +294,7 @@ class Residency:
             host_entry.leases -= 1
             self._notify_room()
 
-    async def _place(self, entry: _Entry) -> torch.Tensor:
+    async def _place(self, entry: Entry) -> torch.Tensor:
         """A device buffer for ``entry``, whose bytes the ledger has counted already. Where reserved
         memory has room by bytes but no free region that holds the block, blocks are evicted (in the
         policy's order) until one does, or releases awaited."""
@@ -400,7 +305,7 @@ class Residency:
                 await waiter
         return buffer
 
-    async def _read_into_device(self, entry: _Entry) -> None:
+    async def _read_into_device(self, entry: Entry) -> None:
         """A CPU device's memory is host memory: read the block from disk straight into its buffer.
 
         The buffer comes from the host driver (page-aligned, so O_DIRECT reads land in place) but is
@@ -408,7 +313,7 @@ class Residency:
         """
         await self._read_from_disk(entry, self.device)
 
-    async def _lease_host(self, block: BlockId) -> _Entry:
+    async def _lease_host(self, block: BlockId) -> Entry:
         entry = self.host.entries.get(block)
         if entry is None:
             entry = self._start(self.host, block, self._load_host, wait_for_room=True)
@@ -422,10 +327,10 @@ class Residency:
             raise
         return entry
 
-    async def _load_host(self, entry: _Entry) -> None:
+    async def _load_host(self, entry: Entry) -> None:
         await self._read_from_disk(entry, self.host)
 
-    async def _read_from_disk(self, entry: _Entry, ledger: TierLedger) -> None:
+    async def _read_from_disk(self, entry: Entry, ledger: TierLedger) -> None:
         """Read ``entry``'s block from disk into a fresh page-aligned host buffer counted in ``ledger``."""
         buffer = await self._host.aallocate(self._source.buffer_bytes(entry.block))
         async with self._reads.slot(entry.block):
@@ -437,12 +342,12 @@ class Residency:
             self._timeline.lane_span("disk", str(entry.block), started, ended, **_args(entry))
         entry.buffer = buffer
 
-    def _grant_waiting(self, entry: _Entry) -> None:
+    def _grant_waiting(self, entry: Entry) -> None:
         waiting, entry.granting = entry.granting, []
         for lease in waiting:
             self._grant(entry, lease)
 
-    def _grant(self, entry: _Entry, lease: asyncio.Future[Lease]) -> None:
+    def _grant(self, entry: Entry, lease: asyncio.Future[Lease]) -> None:
         """``entry``'s load has ended: give ``lease`` the resident block, or the load's error."""
         if lease.done():  # its holder cancelled it while the block was loading
             return
@@ -456,7 +361,7 @@ class Residency:
         weights = self._layouts[entry.block].tensors(entry.buffer)
         lease.set_result(Lease(entry.block, weights, entry.copy_done))
 
-    def _lease_ended(self, entry: _Entry, lease: asyncio.Future[Lease]) -> None:
+    def _lease_ended(self, entry: Entry, lease: asyncio.Future[Lease]) -> None:
         """A lease that ended without the block (cancelled, or its load failed) gives its hold back. Its
         error is marked seen: whoever awaits it still gets it, and asyncio logs nothing for the requests
         a failed run abandons (the run reports the first error)."""
@@ -475,6 +380,6 @@ class Residency:
         return {HOST: self.host, DEVICE: self.device}[tier]
 
 
-def _args(entry: _Entry) -> dict[str, object]:
+def _args(entry: Entry) -> dict[str, object]:
     """What a timeline span of a block's move carries: its kind (for colors) and size."""
     return {"kind": entry.block.kind.value, "bytes": entry.nbytes}

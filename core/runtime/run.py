@@ -29,9 +29,10 @@ from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
+from klotski_tier.core.runtime.ledger import TierLedger
 from klotski_tier.core.runtime.model_jobs import ModelJobs
 from klotski_tier.core.runtime.pipeline import Pipeline
-from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, TierLedger
+from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
 from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
 from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles

@@ -204,7 +204,7 @@ def test_flat_throughput_keeps_the_smallest_feasible_n() -> None:
 def test_device_resident_weights_with_per_job_costs_take_more_batches_and_say_why() -> None:
     plan = _plan(batch_size=4)  # RATES: each expert job costs the same for 4 tokens or 40
     assert plan.placement.device_resident and plan.feasible and plan.batches > 1
-    speeds = [speed for _, speed, _ in plan.sweep]
+    speeds = [point.decode_tokens_per_s for point in plan.sweep]
     assert plan.decode_tokens_per_s >= NEAR_BEST * max(speeds) > speeds[0]
     assert plan.why.startswith(f"n={plan.batches}: ") and "n=1 meets every deadline too" in plan.why
     assert plan.why.endswith("nothing moves after the first step")

@@ -13,7 +13,8 @@ import pytest
 from klotski_tier.core.errors import BudgetError, TierError
 from klotski_tier.core.model.blocks import attn_block, expert_block
 from klotski_tier.core.observe.metrics import TierStats
-from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency, State, TierLedger
+from klotski_tier.core.runtime.ledger import State, TierLedger
+from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
 from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles, load_model_files
 from klotski_tier.core.units import align_up

@@ -1,0 +1,120 @@
+"""One memory tier's record: the blocks present in it, the bytes they take against its budget, and
+the eviction policy that orders its victims.
+
+An :class:`Entry` is one block in one tier, from the moment its room is reserved (in flight) until
+it leaves; :class:`TierLedger` makes room by evicting unleased resident entries in the policy's
+order. The residency manager (:mod:`~klotski_tier.core.runtime.residency`) moves the blocks and keeps
+one ledger per memory tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from klotski_tier.core.model.blocks import BlockId
+from klotski_tier.core.observe.events import EVICT, EventLog
+from klotski_tier.core.observe.metrics import TierStats
+from klotski_tier.policies.eviction import EvictionPolicy
+from klotski_tier.tiers.base import CopyDone
+
+if TYPE_CHECKING:
+    from klotski_tier.core.runtime.residency import Lease
+
+
+class State(enum.Enum):
+    ABSENT = "absent"
+    IN_FLIGHT = "in flight"
+    RESIDENT = "resident"
+    LEASED = "leased"
+
+
+@dataclass(eq=False)
+class Entry:
+    block: BlockId
+    nbytes: int
+    ready: asyncio.Future[None]
+    buffer: torch.Tensor | None = None
+    copy_done: CopyDone | None = None
+    leases: int = 0
+    reserved: bool = False  # its bytes are counted in the ledger
+    task: asyncio.Task[None] | None = None
+    granting: list[asyncio.Future[Lease]] = field(default_factory=list)  # leases to give once it lands
+
+    @property
+    def resident(self) -> bool:
+        return self.ready.done() and self.ready.exception() is None
+
+
+@dataclass(eq=False)
+class TierLedger:
+    """Blocks present in one memory tier, and the bytes they take against its budget."""
+
+    name: str
+    capacity_bytes: int
+    eviction: EvictionPolicy[BlockId]
+    stats: TierStats
+    fixed_bytes: int = 0  # reserved outside blocks (KV cache, activations)
+    entries: dict[BlockId, Entry] = field(default_factory=dict)
+    used_bytes: int = 0
+    demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
+    events: EventLog | None = None  # records each eviction, when given
+    release: Callable[[torch.Tensor], None] | None = None  # gives a dropped block's buffer back
+
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.fixed_bytes - self.used_bytes
+
+    def take(self, nbytes: int) -> None:
+        self.used_bytes += nbytes
+        self.stats.observe_peak(self.used_bytes + self.fixed_bytes)
+
+    def make_room(self, nbytes: int) -> bool:
+        """Evict unleased resident blocks until ``nbytes`` fit; False (nothing evicted) if they cannot."""
+        if self.free_bytes() >= nbytes:
+            return True
+        victims: list[Entry] = []
+        room = self.free_bytes()
+        for block in self.eviction.victims():
+            entry = self.entries[block]
+            if entry.leases == 0 and entry.resident:
+                victims.append(entry)
+                room += entry.nbytes
+                if room >= nbytes:
+                    break
+        if room < nbytes:
+            return False
+        for entry in victims:
+            self.drop(entry)
+            self.stats.evictions += 1
+            if self.events is not None:
+                self.events.record(EVICT, str(entry.block), self.name)
+        return True
+
+    def drop(self, entry: Entry) -> None:
+        del self.entries[entry.block]
+        if entry.block in self.eviction:
+            self.eviction.on_remove(entry.block)
+        if entry.reserved:
+            self.used_bytes -= entry.nbytes
+            entry.reserved = False
+        if entry.buffer is not None and self.release is not None:
+            self.release(entry.buffer)
+        entry.buffer = None
+
+    def evict_one(self) -> bool:
+        """Evict the first victim that no computation leases (beyond the room asked for: its buffer
+        space, not its bytes, is wanted); False if none is."""
+        for block in self.eviction.victims():
+            entry = self.entries[block]
+            if entry.leases == 0 and entry.resident:
+                self.drop(entry)
+                self.stats.evictions += 1
+                if self.events is not None:
+                    self.events.record(EVICT, str(entry.block), self.name)
+                return True
+        return False
