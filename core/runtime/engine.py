@@ -34,6 +34,7 @@ from klotski_tier.core.observe.metrics import RunMetrics
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.model_jobs import Batch
 from klotski_tier.core.runtime.policy_setup import build_prefetch, save_prefetch_state
 from klotski_tier.core.runtime.run import Runtime, check_budgets, check_options, minimum_budgets
 from klotski_tier.core.runtime.sequences import GenSequence, new_batch, set_decode_inputs
@@ -229,10 +230,8 @@ class Engine:
     ) -> None:
         bs = self.options.batch_size
         parts = [group[i : i + bs] for i in range(0, len(group), bs)]
-        compute = runtime.compute  # the device's tensors are made in its thread: the loop never allocates
-        batches = [
-            await compute.run(new_batch, part, self.spec, runtime.device, label="inputs") for part in parts
-        ]
+        compute = runtime.compute
+        batches = [await self._new_batch(runtime, part) for part in parts]
         metrics = runtime.metrics
         started = time.perf_counter()
         logits = await runtime.pipeline.forward(batches)
@@ -255,6 +254,14 @@ class Engine:
             step += 1
             if progress:
                 progress("decode", step, total)
+
+    async def _new_batch(self, runtime: Runtime, part: list[GenSequence]) -> Batch:
+        """A batch's KV cache and prefill inputs. On CUDA in the compute thread: the event loop never
+        calls the CUDA allocator. A CPU device's tensors are host memory and are made here: made in the
+        compute thread, they ran e2e-2g's decode 20 % slower (benchmarks/README.md, the A/B section)."""
+        if runtime.device.type == "cuda":
+            return await runtime.compute.run(new_batch, part, self.spec, runtime.device, label="inputs")
+        return new_batch(part, self.spec, runtime.device)
 
     def _output(self, seq: GenSequence) -> SequenceOutput:
         assert seq.finish_reason is not None, f"sequence {seq.index} did not finish"

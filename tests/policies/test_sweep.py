@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.policies.registry import make_eviction
 from klotski_tier.policies.sweep import SweepEviction
@@ -101,3 +104,73 @@ def test_without_layers_it_is_lru() -> None:
     policy: SweepEviction[int] = filled(SweepEviction(), [1, 2, 3])
     policy.on_access(1)
     assert list(policy.victims()) == [2, 3, 1]
+
+
+class RankedSweep:
+    """The rule of the module docstring, the slow way: every key ranked, all of them sorted."""
+
+    def __init__(self) -> None:
+        self.order: list[Hashable] = []  # least recently used first
+        self.used_in_pass: dict[Hashable, int] = {}
+        self.layers, self.current, self.passes = 0, -1, 0
+
+    def insert(self, key: Hashable) -> None:
+        self.order.append(key)
+        layer = getattr(key, "layer", None)
+        if isinstance(layer, int) and layer >= 0:
+            self.layers = max(self.layers, layer + 1)
+
+    def access(self, key: Hashable) -> None:
+        self.order.remove(key)
+        self.order.append(key)
+        layer = getattr(key, "layer", None)
+        if not isinstance(layer, int) or layer < 0:
+            return
+        if layer < self.current:
+            self.passes += 1
+        self.current = layer
+        self.used_in_pass[key] = self.passes
+
+    def victims(self) -> list[Hashable]:
+        current = max(self.current, 0)
+
+        def rank(key: Hashable) -> float:
+            layer = getattr(key, "layer", None)
+            if not isinstance(layer, int) or layer < 0:
+                return self.layers - current - 0.5
+            if layer != current:
+                return float((layer - current) % self.layers)
+            return float(self.layers) if self.used_in_pass.get(key) == self.passes else 0.0
+
+        def order(item: tuple[int, Hashable]) -> tuple[float, int]:
+            age, key = item
+            layered = isinstance(getattr(key, "layer", None), int) and key.layer >= 0  # type: ignore[attr-defined]
+            return -rank(key), -age if layered else age
+
+        return [key for _, key in sorted(enumerate(self.order), key=order)]
+
+
+OPERATIONS = st.tuples(
+    st.sampled_from(["insert", "access", "remove"]), st.integers(-1, 5), st.integers(-1, 2)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(OPERATIONS, max_size=60))
+def test_victims_follow_the_rank_rule_whatever_the_history(ops: list[tuple[str, int, int]]) -> None:
+    """The per-layer victims walk gives exactly the order of ranking and sorting every key."""
+    policy: SweepEviction[Hashable] = SweepEviction()
+    reference = RankedSweep()
+    for op, layer, expert in ops:
+        key: Hashable = FakeKey(layer, expert) if layer >= 0 else f"layerless-{expert}"
+        if op == "insert" and key not in policy:
+            policy.on_insert(key, BLOCK_BYTES)
+            reference.insert(key)
+        elif op == "access" and key in policy:
+            policy.on_access(key)
+            reference.access(key)
+        elif op == "remove" and key in policy:
+            policy.on_remove(key)
+            reference.order.remove(key)
+            reference.used_in_pass.pop(key, None)
+        assert list(policy.victims()) == reference.victims()
