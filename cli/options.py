@@ -82,8 +82,18 @@ _FLAGS = [
         metavar="K|all",
         help='Experts prefetched per layer (K; default: top-k; "all": every expert of the layer).',
     ),
-    click.option("--device-memory", metavar="SIZE", help="Device budget, e.g. 2GiB (default: unlimited)."),
-    click.option("--host-memory", metavar="SIZE", help="Host RAM budget, e.g. 8GiB (default: unlimited)."),
+    click.option(
+        "--device-memory",
+        metavar="SIZE",
+        help="Device budget, e.g. 2GiB (default: on a CPU device derived from the memory limit, "
+        "on CUDA the GPU's).",
+    ),
+    click.option(
+        "--host-memory",
+        metavar="SIZE",
+        help="Host RAM budget, e.g. 8GiB (default: derived from the memory limit, the cgroup's or "
+        "the machine's).",
+    ),
     click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
     click.option("--prefetch", metavar="NAME", help=f"Prefetch policy: {_names(PREFETCH_POLICIES)}."),
     click.option("--eviction", metavar="NAME", help=f"Eviction policy: {_names(EVICTION_POLICIES)}."),

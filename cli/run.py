@@ -28,7 +28,9 @@ from klotski_tier.core.bench.profile import find_profile
 from klotski_tier.core.demo.build import demo_model_dir
 from klotski_tier.core.demo.tokenizer import demo_prompts
 from klotski_tier.core.errors import InputError
+from klotski_tier.core.memory import read_memory_limit
 from klotski_tier.core.plan.autoplan import PLAN_AUTO, PLAN_OFF, RunPlan, plan_files
+from klotski_tier.core.runtime.budgets import resolve_budgets
 from klotski_tier.core.runtime.engine import Engine, GenerationResult
 from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
@@ -116,10 +118,12 @@ def run(
         raise InputError("no prompt given; use --prompt, --prompts or --prompt-ids")
     options, explicit = options_and_explicit(flags, **demo_defaults)
     model_files = open_model(model)
+    budgets = resolve_budgets(model_files, options, read_memory_limit())  # measured before any weight loads
+    options = budgets.apply(options)
     chosen = RunPlan(PLAN_OFF, options)
     if plan_mode == PLAN_AUTO:
         chosen = plan_files(model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
-    engine = Engine.from_files(model_files, chosen.options)
+    engine = Engine.from_files(model_files, chosen.options, budgets)
     with StepProgress() as progress:
         result = engine.generate(
             prompts,
@@ -132,9 +136,11 @@ def run(
         )
     _save(result, output, record_routing, trace_file)
     if as_json:
-        click.echo(json.dumps({**result_record(result, profile), "plan": run_plan_record(chosen)}))
+        plan = {**run_plan_record(chosen), "budgets": budgets.to_dict()}
+        click.echo(json.dumps({**result_record(result, profile), "plan": plan}))
         return
-    lines = [*format_outputs(result), "", run_plan_line(chosen), *format_metrics(result.metrics, profile)]
+    lines = [*format_outputs(result), "", run_plan_line(chosen), f"budgets: {budgets.describe()}"]
+    lines += format_metrics(result.metrics, profile)
     for line in lines:
         click.echo(line)
 

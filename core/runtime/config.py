@@ -10,7 +10,7 @@ A configuration file has one table per concern; every key is optional::
     expert_order = "ready-first"  # "ready-first" (Klotski's reordering) or "index" (expert 0, 1, ...)
 
     [device]
-    memory = "20GiB"         # byte budget, or "unlimited"
+    memory = "20GiB"         # byte budget, or "auto" (the default): derived from the memory limit
     type = "cuda"            # cpu, cuda or cuda:N (default: cuda when present)
 
     [host]
@@ -51,6 +51,7 @@ from klotski_tier.core.units import GIB, KIB, MIB, parse_size
 from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
 
 UNLIMITED = "unlimited"
+AUTO = "auto"  # a budget derived from the memory the process may use (what "unlimited" means too)
 ALL_EXPERTS = "all"  # hot_experts: prefetch every expert of a layer (K = E)
 
 KLOTSKI = "klotski"  # schedule: prefetch ahead, fetch experts at the gate, overlap I/O with compute
@@ -69,9 +70,9 @@ class EngineOptions:
     batches: int = 2  # n: batches in a group sharing every loaded weight
     batch_size: int = 4  # bs: sequences per batch
     hot_experts: int | Literal["all"] | None = None  # K prefetched per layer; None: top-k; "all": E
-    device_memory_bytes: int | None = None  # None: no limit
+    device_memory_bytes: int | None = None  # None: derived (runtime/budgets.py); the GPU's on CUDA
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
-    host_memory_bytes: int | None = None  # None: no limit
+    host_memory_bytes: int | None = None  # None: derived from the memory limit (runtime/budgets.py)
     host_preload: bool = False  # read every block into host RAM before the first step
     disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
     disk_queue_depth: int = DEFAULT_QUEUE_DEPTH
@@ -125,10 +126,10 @@ def _integer(minimum: int) -> _Reader:
 
 
 def _size(key: str, value: Any) -> int | None:
-    if value == UNLIMITED:
+    if value in (AUTO, UNLIMITED):
         return None
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigError(f'{key} must be a size such as "512MiB" or "{UNLIMITED}", got {value!r}')
+        raise ConfigError(f'{key} must be a size such as "512MiB" or "{AUTO}", got {value!r}')
     if isinstance(value, int) and value < 0:
         raise ConfigError(f"{key} must not be negative, got {value}")
     return parse_size(value, what=key)
@@ -242,7 +243,7 @@ def to_toml(options: EngineOptions) -> str:
         for key, (name, _) in keys.items():
             value = getattr(options, name)
             if value is None and name.endswith("_memory_bytes"):
-                lines.append(f'{key} = "{UNLIMITED}"')
+                lines.append(f'{key} = "{AUTO}"')
                 continue
             if value is None:
                 lines.append(f"# {key} = (default)")

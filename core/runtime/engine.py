@@ -28,11 +28,13 @@ import torch
 from tokenizers import Tokenizer
 
 from klotski_tier.core.errors import ConfigError, InputError
+from klotski_tier.core.memory import read_memory_limit
 from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import RunMetrics
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.runtime.budgets import Budgets, resolve_budgets
 from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.runtime.model_jobs import Batch
 from klotski_tier.core.runtime.policy_setup import build_prefetch, save_prefetch_state
@@ -76,10 +78,12 @@ class Engine:
         options: EngineOptions,
         tokenizer: Tokenizer | None,
         prefetch: PrefetchPolicy,
+        budgets: Budgets,
     ) -> None:
         self.files = files
         self.spec = files.spec
         self.options = options
+        self.budgets = budgets  # the device and host budgets, and where they come from
         self.tokenizer = tokenizer
         self.prefetch = prefetch  # lives as long as the engine: it keeps learning across runs
 
@@ -89,13 +93,22 @@ class Engine:
         return cls.from_files(open_model(model), options)
 
     @classmethod
-    def from_files(cls, files: ModelFiles, options: EngineOptions | None = None) -> Engine:
-        """:meth:`load` for a model already opened (:func:`~klotski_tier.core.store.files.open_model`)."""
+    def from_files(
+        cls, files: ModelFiles, options: EngineOptions | None = None, budgets: Budgets | None = None
+    ) -> Engine:
+        """:meth:`load` for a model already opened (:func:`~klotski_tier.core.store.files.open_model`).
+
+        Budgets the options leave out (None) are derived from the memory this process may use
+        (:mod:`klotski_tier.core.runtime.budgets`), unless ``budgets`` resolved them already.
+        """
         options = options or EngineOptions()
+        if budgets is None:
+            budgets = resolve_budgets(files, options, read_memory_limit())
+        options = budgets.apply(options)
         tokenizer = load_tokenizer(files.directory / TOKENIZER_FILE)
         check_options(files, options)
-        check_budgets(files, options, [])
-        return cls(files, options, tokenizer, build_prefetch(options, files.spec))
+        check_budgets(files, options, [], budgets)
+        return cls(files, options, tokenizer, build_prefetch(options, files.spec), budgets)
 
     def minimum_budgets(
         self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 32
@@ -165,7 +178,7 @@ class Engine:
             raise ConfigError(f"temperature must be 0 (greedy) or positive, got {temperature}")
         groups = self._groups(prompts, max_new_tokens)
         seqs = [seq for group in groups for seq in group]
-        check_budgets(self.files, self.options, groups)
+        check_budgets(self.files, self.options, groups, self.budgets)
         sampler = _Sampler(temperature, seed, return_logits, self.spec.eos_token_ids)
         started = time.perf_counter()
         runtime = Runtime(

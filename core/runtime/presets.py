@@ -59,7 +59,7 @@ policy = "lru"
 """,
     "ram-rich": """
 [host]
-memory = "unlimited"
+memory = "auto"        # all the memory this process may use
 preload = true         # read every weight once; afterwards only host -> device copies
 
 [prefetch]

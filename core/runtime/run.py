@@ -26,6 +26,7 @@ from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import RunMetrics, TierStats
 from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.runtime.budgets import DERIVED, Budgets
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
@@ -82,16 +83,29 @@ def reads_into_device(options: EngineOptions) -> bool:
     return options.host_memory_bytes == 0 and resolve_device(options.device).type == "cpu"
 
 
-def check_budgets(files: ModelFiles, options: EngineOptions, groups: Sequence[Sequence[GenSequence]]) -> None:
-    """Raise :class:`BudgetError`, before any byte moves, when a budget is below its minimum."""
+def check_budgets(
+    files: ModelFiles,
+    options: EngineOptions,
+    groups: Sequence[Sequence[GenSequence]],
+    budgets: Budgets | None = None,
+) -> None:
+    """Raise :class:`BudgetError`, before any byte moves, when a budget is below its minimum;
+    ``budgets`` says which were derived from the memory limit (the error then names it)."""
     device_min, host_min, fixed = minimum_budgets(files, options, groups)
     if options.device_memory_bytes is not None and options.device_memory_bytes < device_min:
         detail = f"KV cache and activations {format_size(fixed)} + " if fixed else ""
+        if budgets is not None and budgets.device_source == DERIVED:
+            raise BudgetError(
+                f"{budgets.limit.describe()}: that leaves {format_size(options.device_memory_bytes)} for the "
+                f"device after {format_size(budgets.reserve_bytes)} kept for the runtime, below the minimum "
+                f"working set {_exact(device_min)}: {detail}largest block {format_size(device_min - fixed)}; "
+                "raise the memory limit or lower --batches/--batch-size"
+            )
         raise BudgetError(
             f"device memory budget {format_size(options.device_memory_bytes)} is below the minimum "
             "working set "
-            f"{_exact(device_min)}: {detail}largest block {format_size(host_min)}; raise --device-memory "
-            "or lower --batches/--batch-size"
+            f"{_exact(device_min)}: {detail}largest block {format_size(device_min - fixed)}; "
+            "raise --device-memory or lower --batches/--batch-size"
         )
     if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
         raise BudgetError(

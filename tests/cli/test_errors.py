@@ -117,8 +117,8 @@ def test_shard_truncated_after_loading_is_reported_when_read(
 ) -> None:
     real_load = Engine.from_files
 
-    def load_then_truncate(files: ModelFiles, options: EngineOptions | None = None) -> Engine:
-        engine = real_load(files, options)
+    def load_then_truncate(files: ModelFiles, options: EngineOptions | None = None, *rest: Any) -> Engine:
+        engine = real_load(files, options, *rest)
         os.truncate(model / "model.safetensors", TRUNCATED_SIZE_BYTES)
         return engine
 

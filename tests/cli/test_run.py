@@ -96,7 +96,15 @@ def test_json_output_is_one_object_with_outputs_and_metrics(json_run: Result) ->
     assert 0.0 <= metrics["expert_hit_rate"] <= 1.0
     assert set(metrics["tiers"]) == {"host", "device"}
     for tier in metrics["tiers"].values():
-        assert 0 < tier["peak_bytes"] <= tier["budget_bytes"]
+        assert 0 <= tier["peak_bytes"] <= tier["budget_bytes"]
+    assert metrics["tiers"]["device"]["peak_bytes"] > 0
+    budgets = record["plan"]["budgets"]  # none given: both derived from the memory the process may use
+    assert budgets["device_source"] == budgets["host_source"] == "derived"
+    assert budgets["limit_kind"] in ("machine", "cgroup v1", "cgroup v2") and budgets["limit_bytes"] > 0
+    assert budgets["device_bytes"] == metrics["tiers"]["device"]["budget_bytes"]
+    assert budgets["device_bytes"] + budgets["host_bytes"] + budgets["reserve_bytes"] <= (
+        budgets["limit_bytes"] - budgets["in_use_bytes"]
+    )
 
 
 def test_progress_goes_to_stderr_and_stdout_is_only_json(json_run: Result) -> None:

@@ -178,7 +178,7 @@ def test_expert_waves_fill_the_room_in_id_order() -> None:
 
 def test_whole_layer_moves_every_expert_and_recalls_all(model: Path, reference: list[list[int]]) -> None:
     """With room for the model, flexgen loads every block once: every expert, used or not."""
-    engine = Engine.load(model, preset("flexgen"))
+    engine = Engine.load(model, replace(preset("flexgen"), host_memory_bytes=64 * 2**20))  # staged in host
     assert isinstance(engine.prefetch, WholeLayerPrefetch)
     for layer in range(NUM_LAYERS):  # as a warm-up trace would: the policy learns the layer shape
         engine.prefetch.observe(layer, [[NUM_EXPERTS - 1]])

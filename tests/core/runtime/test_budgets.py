@@ -18,6 +18,7 @@ from klotski_tier.tiers.host import HostDriver
 from tests.checkpoints import make_checkpoint
 
 PROMPTS = [[5, 7, 9, 11], [3, 4], [20, 21, 22], [40, 41, 42, 43], [50]]
+STAGING = 64 * 2**20  # a host budget: blocks are staged in the host tier (not read straight into the device)
 
 
 class LiveBytes:
@@ -63,7 +64,7 @@ def directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_peak_bytes_stay_within_both_budgets(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "HostDriver", TrackedHost)
     monkeypatch.setattr(runtime, "DeviceDriver", TrackedDevice)
-    probe = Engine.load(directory, EngineOptions(batches=2, batch_size=2))
+    probe = Engine.load(directory, EngineOptions(batches=2, batch_size=2, host_memory_bytes=STAGING))
     device_min, host_min = probe.minimum_budgets(PROMPTS, max_new_tokens=4)
     expert = probe.spec.expert_bytes
     device_budget, host_budget = device_min + 2 * expert, host_min + 3 * expert
@@ -82,7 +83,7 @@ def test_peak_bytes_stay_within_both_budgets(directory: Path, monkeypatch: pytes
 
 @pytest.mark.parametrize("tier", ["device", "host"])
 def test_budget_below_minimum_is_refused_with_the_minimum(directory: Path, tier: str) -> None:
-    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2))
+    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2, host_memory_bytes=STAGING))
     device_min, host_min = engine.minimum_budgets(PROMPTS, max_new_tokens=4)
     minimum = device_min if tier == "device" else host_min
     options = EngineOptions(batches=2, batch_size=2, **{f"{tier}_memory_bytes": minimum - 1})

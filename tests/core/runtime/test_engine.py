@@ -95,7 +95,8 @@ def test_agenerate_runs_inside_a_callers_loop(directory: Path) -> None:
 
 
 def test_metrics_count_tokens_and_bytes(directory: Path) -> None:
-    metrics = Engine.load(directory).generate(PROMPTS, max_new_tokens=4).metrics
+    options = EngineOptions(host_memory_bytes=64 * 2**20)  # blocks staged in the host tier
+    metrics = Engine.load(directory, options).generate(PROMPTS, max_new_tokens=4).metrics
     assert metrics.prefill_tokens == sum(len(p) for p in PROMPTS)
     assert metrics.decode_tokens == 3 * len(PROMPTS)  # the first new token comes from the prefill
     assert metrics.tiers["host"].bytes_in > 0 and metrics.tiers["device"].bytes_in > 0
