@@ -193,7 +193,10 @@ def run_plan_line(chosen: RunPlan) -> str:
         return f"plan: {chosen.mode}, {shape}" + (f" ({chosen.note})" if chosen.note else "")
     kept = sorted(set(plan.engine_options()) - set(chosen.planned))
     yours = f"; yours: {', '.join(kept)}" if kept else ""
-    return f"plan: {shape} ({chosen.mode}: predicted {plan.decode_tokens_per_s:.2f} decode tok/s{yours})"
+    prediction = f"{chosen.mode}: predicted {plan.decode_tokens_per_s:.2f} decode tok/s{yours}"
+    basis = f"; for {chosen.basis}" if chosen.basis else ""
+    note = f"; {chosen.note}" if chosen.note else ""
+    return f"plan: {shape} ({prediction}{basis}{note})"
 
 
 def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
@@ -209,6 +212,7 @@ def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
         "eviction": options.eviction,
         "planned": sorted(chosen.planned),
         "note": chosen.note,
+        "basis": chosen.basis,
     }
     if plan is not None:
         record.update(

@@ -4,8 +4,10 @@ With ``--plan auto`` (the default) the planner chooses n, bs, K and host preload
 these prompts and budgets on this machine (its ``klotski-tier bench`` profile) before the engine
 loads (:func:`klotski_tier.core.plan.autoplan.plan_files`); whatever the user set (a flag, the
 ``--config`` file or the ``--preset``) stays as set and the plan is made around it. Without a
-profile, or when the planner cannot plan, the run keeps the defaults and says so. ``--plan off``:
-the defaults. Scheduling never changes tokens.
+profile the plan is made for conservative figures, and the plan line says so; when the planner
+cannot plan, the run keeps the defaults and says why. ``--plan off``: the defaults. Budgets left
+out are derived from the memory this process may use before anything is planned or loaded
+(:mod:`klotski_tier.core.runtime.budgets`). Scheduling never changes tokens.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ DEMO_DEVICE_MEMORY = "128MiB"
     type=click.Choice([PLAN_AUTO, PLAN_OFF]),
     default=PLAN_AUTO,
     show_default=True,
-    help="auto: the planner picks n, bs, K and preload where not set (needs `klotski-tier bench`); "
-    "off: the defaults.",
+    help="auto: the planner picks n, bs, K, preload and eviction where not set (from the `klotski-tier "
+    "bench` profile, else conservative figures); off: the defaults.",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(

@@ -12,8 +12,10 @@ What the plan needs comes from the checkpoint's config and headers (:func:`open_
 the prompts' lengths (text prompts through the checkpoint's tokenizer), the options' budgets and
 routing trace, and the ``klotski-tier bench`` profile. The fields named in ``explicit`` (the ones a
 user set) stay as set and the plan is made around them; the planner chooses the others. Planning
-is advice: without a profile, or when the planner cannot plan, the options stay as they are and
-:attr:`RunPlan.note` says why.
+is advice: when the planner cannot plan, the options stay as they are and :attr:`RunPlan.note` says
+why. Without a profile the plan is made for :func:`~klotski_tier.core.plan.hardware.unmeasured_machine`,
+conservative figures that choose ``sweep`` when the weights stream and a batch group as large as the
+prompts and memory allow; :attr:`RunPlan.basis` says which.
 """
 
 from __future__ import annotations
@@ -24,24 +26,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer
 
 from klotski_tier.core.bench.profile import MachineProfile, find_profile
 from klotski_tier.core.errors import InputError, KlotskiError
+from klotski_tier.core.memory import read_memory_limit
 from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from klotski_tier.core.observe.routing_trace import RoutingTrace
-from klotski_tier.core.plan.hardware import local_machine
+from klotski_tier.core.plan.hardware import local_machine, unmeasured_machine
 from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import Plan, PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, replace
 from klotski_tier.core.store.files import ModelFiles, open_model
 from klotski_tier.core.store.packed import PackedStore
+from klotski_tier.tiers.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
 PLAN_AUTO, PLAN_OFF = "auto", "off"
-NO_PROFILE_NOTE = "no machine profile: the defaults; `klotski-tier bench` enables planning"
+NO_PROFILE_NOTE = "no machine profile: `klotski-tier bench` measures this machine"
 PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction")  # what a plan sets
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids
@@ -55,7 +60,8 @@ class RunPlan:
     options: EngineOptions
     plan: Plan | None = None
     planned: tuple[str, ...] = ()  # EngineOptions fields the plan set (the others: the user's or defaults)
-    note: str = ""  # why no plan is used
+    note: str = ""  # why no plan is used, or what the plan is based on when it is not a profile
+    basis: str = ""  # the machine the plan was made for, and where its figures come from
 
 
 def plan_model(
@@ -74,8 +80,6 @@ def plan_model(
     be opened raises (as :meth:`Engine.load` would); a plan that cannot be made is a note.
     """
     profile = find_profile(profile_path)
-    if profile is None:
-        return RunPlan(PLAN_AUTO, options, note=NO_PROFILE_NOTE)
     return plan_files(open_model(model), options, prompts, max_new_tokens, explicit, profile_path, profile)
 
 
@@ -89,18 +93,36 @@ def plan_files(
     profile: MachineProfile | None,
 ) -> RunPlan:
     """:func:`plan_model` for a checkpoint already opened and a profile already read from
-    ``profile_path`` (None: none was found)."""
-    if profile is None:
-        return RunPlan(PLAN_AUTO, options, note=NO_PROFILE_NOTE)
+    ``profile_path`` (None: none was found: the plan is made from conservative defaults)."""
+    note = ""
     try:  # planning is advice: the run goes on with the options as they are
         lengths = prompt_lengths(files.directory, prompts)
-        machine = local_machine(profile_path, profile=profile)
+        if profile is None:
+            machine, note = _unmeasured(options), NO_PROFILE_NOTE
+        else:
+            machine = local_machine(profile_path, profile=profile)
         plan = make_plan(plan_request(files, options, lengths, max_new_tokens, explicit, machine))
     except KlotskiError as exc:
         logger.info("no plan: %s", exc)
         return RunPlan(PLAN_AUTO, options, note=f"the planner cannot plan this run ({exc}); the defaults")
     planned = {k: v for k, v in plan.engine_options().items() if k not in fixed_fields(explicit)}
-    return RunPlan(PLAN_AUTO, replace(options, **planned), plan, tuple(planned))
+    basis = f"{machine.name}: {machine.source}"
+    return RunPlan(PLAN_AUTO, replace(options, **planned), plan, tuple(planned), note, basis)
+
+
+def _unmeasured(options: EngineOptions) -> Machine:
+    """This machine without a profile; its memory: the options' budgets (as the run derived them), else
+    what the process may use, else (a CUDA device) the GPU's."""
+    device = resolve_device(options.device)
+    free = read_memory_limit().free_bytes
+    host = options.host_memory_bytes if options.host_memory_bytes is not None else free
+    if options.device_memory_bytes is not None:
+        device_bytes = options.device_memory_bytes
+    elif device.type == "cuda":
+        device_bytes = int(torch.cuda.get_device_properties(device).total_memory)
+    else:
+        device_bytes = free
+    return unmeasured_machine(device.type, device_bytes, host)
 
 
 def plan_request(

@@ -139,6 +139,44 @@ _T4 = Machine(
     io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
 )
 
+UNMEASURED_DISK_GBPS = 1.0  # a SATA-class SSD, or a busy NVMe drive: slower than most drives
+UNMEASURED_CPU = ComputeRates(  # a few cores running bf16 matmuls: figures of a 2-core x86 VM (bench)
+    flops_per_s=60e9,
+    weight_bytes_per_s=12e9,
+    job_overhead_s=100e-6,
+    attention_overhead_s=300e-6,
+    sequence_overhead_s=100e-6,
+)
+UNMEASURED_CPU_IO_SLOWDOWN = 0.5  # streaming into host memory slows a CPU device's compute
+
+
+def unmeasured_machine(device: str, device_memory_bytes: int, host_memory_bytes: int) -> Machine:
+    """This machine before ``klotski-tier bench`` measured it: conservative figures for a first run.
+
+    The drive is taken as slow (:data:`UNMEASURED_DISK_GBPS`) and compute as a modest CPU's or a T4's,
+    so a plan errs toward what is safe when the weights stream: a batch group as large as memory and
+    the prompts allow (each load then serves more tokens) and ``sweep`` eviction (what the device keeps
+    survives the layer cycle). The memory figures are the run's budgets.
+    """
+    from klotski_tier.core.plan.costmodel import CPU_COPY_GBPS  # the planner's; imported when needed
+
+    cpu = device == "cpu"
+    return Machine(
+        name="this (not measured)",
+        source=f"conservative defaults: a drive read at {UNMEASURED_DISK_GBPS:g} GB/s, "
+        + ("a 2-core CPU's compute" if cpu else "a T4's compute on PCIe 3.0"),
+        device="cpu" if cpu else "cuda",
+        device_memory_bytes=device_memory_bytes,
+        host_memory_bytes=host_memory_bytes,
+        disk_read_gbps=UNMEASURED_DISK_GBPS,
+        host_to_device_gbps=CPU_COPY_GBPS if cpu else PCIE3_X16_GBPS,
+        compute=UNMEASURED_CPU if cpu else _T4.compute,
+        zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
+        io_threads=4,
+        io_compute_slowdown=UNMEASURED_CPU_IO_SLOWDOWN if cpu else GPU_IO_COMPUTE_SLOWDOWN,
+    )
+
+
 HARDWARE: Mapping[str, Machine] = {machine.name: machine for machine in (_RTX3090, _H800, _A5000, _T4)}
 """Built-in machines by name; look them up with :func:`machine_named` (any case)."""
 

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from klotski_tier.core.errors import CheckpointError, InputError
+from klotski_tier.core.model.layouts import total_block_bytes
 from klotski_tier.core.plan.autoplan import (
     NO_PROFILE_NOTE,
     PLAN_AUTO,
@@ -20,7 +21,7 @@ from klotski_tier.core.plan.autoplan import (
     prompt_lengths,
     store_ratio,
 )
-from klotski_tier.core.plan.hardware import local_machine
+from klotski_tier.core.plan.hardware import UNMEASURED_DISK_GBPS, local_machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions
 from klotski_tier.core.store.files import open_model
@@ -70,11 +71,24 @@ def test_fields_the_user_set_stay_and_the_plan_is_made_around_them(model: Path) 
     assert set(chosen.planned) == {"batch_size", "host_preload", "eviction"}
 
 
-def test_without_a_profile_the_options_stay_and_the_model_is_not_opened(tmp_path: Path) -> None:
-    options = EngineOptions(batches=5)
-    chosen = plan_model(tmp_path / "no-such-model", options, PROMPTS, MAX_NEW)
-    assert chosen.options == options and chosen.plan is None and chosen.planned == ()
-    assert chosen.note == NO_PROFILE_NOTE
+@pytest.mark.parametrize(("fraction", "eviction"), [(0.5, "sweep"), (0.7, "sweep"), (2.0, "lru")])
+def test_without_a_profile_the_plan_is_made_from_conservative_defaults(
+    checkpoint_factory: CheckpointFactory, fraction: float, eviction: str
+) -> None:
+    """A first run: no profile. Where the weights stream (a device budget below the model, no host
+    tier) the plan evicts with sweep; where they fit, LRU; either way memory allows a group that covers
+    every prompt, and the plan says what it was based on."""
+    deep = checkpoint_factory("mixtral", num_layers=6)  # a layer is a sixth of the model: sweep keeps some
+    budget = int(total_block_bytes(open_model(deep).layouts) * fraction)
+    options = EngineOptions(device="cpu", device_memory_bytes=budget, host_memory_bytes=0)
+    chosen = plan_model(
+        deep, options, PROMPTS, MAX_NEW, explicit={"device_memory_bytes", "host_memory_bytes"}
+    )
+    assert chosen.plan is not None and chosen.note == NO_PROFILE_NOTE
+    assert chosen.basis.startswith("this (not measured): conservative defaults")
+    assert f"a drive read at {UNMEASURED_DISK_GBPS:g} GB/s" in chosen.basis
+    assert chosen.options.eviction == eviction
+    assert chosen.options.batches * chosen.options.batch_size >= len(PROMPTS)
 
 
 def test_a_plan_that_cannot_be_made_is_a_note(model: Path) -> None:
