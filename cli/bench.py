@@ -20,6 +20,7 @@ from klotski_tier.cli.files import check_writable
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
+    LayoutReads,
     MachineProfile,
     ReadResult,
     default_profile_path,
@@ -169,7 +170,19 @@ def _drive(profile: MachineProfile) -> str:
         "Engine reads (DiskDriver.read_into, one block per read)\n"
     )
     table = _table(["mode", "block", "queue", "cold GB/s", "cold", "warm GB/s", "warm"], rows)
-    return header + table + "\n\n" + best_line(profile)
+    return header + table + "\n\n" + best_line(profile) + _layouts_line(drive.layouts)
+
+
+def _layouts_line(layouts: LayoutReads | None) -> str:
+    """The checkpoint read path against the packed store's, where the bench measured them."""
+    if layouts is None:
+        return ""
+    block, depth = format_size(layouts.block_bytes), layouts.queue_depth
+    return (
+        f"\nexpert blocks of {block}, O_DIRECT, queue depth {depth}, cold: checkpoint (safetensors as it "
+        f"is) {layouts.checkpoint_gbps:.2f} GB/s = {layouts.ratio:.0%} of the packed store's "
+        f"{layouts.packed_gbps:.2f} GB/s"
+    )
 
 
 def best_line(profile: MachineProfile) -> str:

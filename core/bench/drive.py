@@ -7,7 +7,10 @@ The drive is measured with a test file written into the directory under test:
 - engine: the file (its first ``PASS_BLOCKS`` blocks) read as the engine reads blocks: one piece per
   block through :meth:`DiskDriver.read_into` into a host-tier buffer, ``queue_depth`` blocks in
   flight on a driver of ``queue_depth`` threads; O_DIRECT, and buffered (pages dropped after
-  each read, the driver's default); cold (evicted first), then warm (the same reads again).
+  each read, the driver's default); cold (evicted first), then warm (the same reads again);
+- layouts: expert-sized blocks as a packed store lays them out and as a safetensors checkpoint
+  does (unaligned tensors, read as aligned runs in place), O_DIRECT, cold
+  (:func:`measure_layout_reads`): the checkpoint path should read at the packed store's rate.
 
 A shared or virtual drive's bandwidth drifts by a factor of two within seconds, so every figure
 is the median of ``read_rounds`` samples taken round-robin over all configurations, and the raw
@@ -30,21 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klotski_tier.core.bench.profile import (
-    CacheState,
-    ReadMode,
-    ReadResult,
-)
+from klotski_tier.core.bench.profile import CacheState, LayoutReads, ReadMode, ReadResult
 from klotski_tier.core.errors import ConfigError, TierError
-from klotski_tier.core.model.blocks import (
-    TensorPiece,
-)
+from klotski_tier.core.model.blocks import TensorPiece
+from klotski_tier.core.model.layouts import SourceRange, place_runs
 from klotski_tier.core.store.pagecache import evict
-from klotski_tier.core.units import GB, GIB, MIB, format_size
-from klotski_tier.tiers.direct import O_DIRECT
+from klotski_tier.core.units import GB, GIB, MIB, align_down, align_up, format_size
+from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES, O_DIRECT
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
 from klotski_tier.tiers.hostmem import aligned_empty
+from klotski_tier.tiers.ranges import ByteRange
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -182,3 +181,63 @@ async def _engine_passes(
 def best_read(reads: tuple[ReadResult, ...]) -> ReadResult:
     """The fastest cold configuration: what the engine's read path achieves on data it has not seen."""
     return max((read for read in reads if read.cache == "cold"), key=lambda read: read.gbps)
+
+
+MIN_LAYOUT_BLOCKS = 8
+"""Blocks the layout reads need at least, for a rate over more than the first request's latency."""
+
+CHECKPOINT_HEADER_BYTES = 8 + 12_344
+"""Where a safetensors checkpoint's tensors start: after its 8-byte length and JSON header (a typical
+size, not a multiple of 4 KiB, so that no tensor is aligned)."""
+
+
+def measure_layout_reads(
+    path: Path, block_bytes: int, queue_depth: int, rounds: int, progress: Progress
+) -> LayoutReads | None:
+    """Expert-sized blocks of the test file read with O_DIRECT as a packed store lays them out and as a
+    checkpoint does, alternately, ``rounds`` cold passes each; the medians (see :class:`LayoutReads`).
+    None (and a progress note) when the test file holds fewer than :data:`MIN_LAYOUT_BLOCKS` blocks."""
+    size = path.stat().st_size
+    tensor = align_down(block_bytes // 3, 2)  # one of an expert's three matrices (bf16)
+    block = 3 * tensor
+    padded = align_up(block, DIRECT_ALIGN_BYTES)
+    count = min(PASS_BLOCKS, (size - CHECKPOINT_HEADER_BYTES - padded) // padded)
+    if count < MIN_LAYOUT_BLOCKS:
+        progress(f"layout reads skipped: {format_size(size)} holds fewer than {MIN_LAYOUT_BLOCKS} blocks of "
+                 f"{format_size(block)}; raise --file-size")  # fmt: skip
+        return None
+    packed = [[ByteRange(path, i * padded, padded, 0)] for i in range(count)]
+    checkpoint = []
+    for i in range(count):
+        start = CHECKPOINT_HEADER_BYTES + i * block
+        sources = [SourceRange(f"w{k}", path, start + k * tensor, tensor) for k in range(3)]
+        _, reads, _ = place_runs(sources, lambda _: size)
+        checkpoint.append(reads)
+    buffer_bytes = padded + 2 * DIRECT_ALIGN_BYTES  # a checkpoint run's widening is at most two units
+    samples: dict[str, list[float]] = {"packed": [], "checkpoint": []}
+    for round_index in range(rounds):
+        for name, blocks in (("packed", packed), ("checkpoint", checkpoint)):
+            progress(f"layout reads, round {round_index + 1}/{rounds}: {name}, {format_size(block)} blocks")
+            evict(path)
+            seconds = asyncio.run(_read_blocks(blocks, buffer_bytes, queue_depth))
+            samples[name].append(count * block / seconds / GB)
+    return LayoutReads(
+        block, queue_depth, statistics.median(samples["packed"]), statistics.median(samples["checkpoint"])
+    )
+
+
+async def _read_blocks(blocks: list[list[ByteRange]], buffer_bytes: int, queue_depth: int) -> float:
+    """Seconds to read every block (its ranges into one buffer), ``queue_depth`` blocks in flight."""
+    async with DiskDriver(queue_depth=queue_depth, direct=True) as disk:
+        buffers = [aligned_empty(buffer_bytes) for _ in range(queue_depth)]  # [buffer_bytes] each
+        for buffer in buffers:
+            buffer.zero_()  # touched before the clock starts
+        pending = blocks[::-1]  # popped from the end: file order
+
+        async def reader(buffer: torch.Tensor) -> None:
+            while pending:
+                await disk.read_into(pending.pop(), buffer)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(reader(buffer) for buffer in buffers))
+        return time.perf_counter() - start

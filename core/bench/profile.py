@@ -15,6 +15,9 @@ did not write and which load as 0 / empty: not measured; ``h2d`` is ``null`` wit
       rounds           samples of every figure below (taken round-robin); each figure is their median
       raw_gbps         one large O_DIRECT sequential read of the test file, cache evicted: 100%
       best             the fastest cold engine read below (a ``reads`` entry)
+      layouts          expert-sized blocks read as a packed store and as a checkpoint lays them out
+                       (O_DIRECT, cold): block_bytes, queue_depth, packed_gbps, checkpoint_gbps
+                       (older benches did not write it: null)
     reads[]            one entry per engine read configuration and cache state:
       mode             "buffered" (page cache, dropped after each read) or "direct" (O_DIRECT)
       cache            "cold" (page cache evicted first) or "warm" (the same reads again)
@@ -105,12 +108,29 @@ class ReadResult:
 
 
 @dataclass(frozen=True)
+class LayoutReads:
+    """Expert-sized blocks read with O_DIRECT as a packed store lays them out (one aligned block each)
+    and as a safetensors checkpoint does (three tensors at unaligned offsets, read as one aligned run
+    straight into the buffer: :func:`klotski_tier.core.model.layouts.place_runs`); cold, medians."""
+
+    block_bytes: int
+    queue_depth: int
+    packed_gbps: float
+    checkpoint_gbps: float
+
+    @property
+    def ratio(self) -> float:
+        return self.checkpoint_gbps / self.packed_gbps
+
+
+@dataclass(frozen=True)
 class DriveProfile:
     path: str
     file_bytes: int
     rounds: int
     raw_gbps: float
     best: ReadResult
+    layouts: LayoutReads | None = None  # older benches did not measure it
 
 
 @dataclass(frozen=True)

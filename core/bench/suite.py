@@ -25,7 +25,7 @@ from klotski_tier.core.bench.compute import demo_spec as demo_spec
 from klotski_tier.core.bench.contention import measure_contention
 from klotski_tier.core.bench.drive import TEST_FILE_NAME as TEST_FILE_NAME
 from klotski_tier.core.bench.drive import Progress as Progress
-from klotski_tier.core.bench.drive import best_read, measure_reads
+from klotski_tier.core.bench.drive import best_read, measure_layout_reads, measure_reads
 from klotski_tier.core.bench.drive import raw_direct_gbps as raw_direct_gbps
 from klotski_tier.core.bench.drive import write_test_file as write_test_file
 from klotski_tier.core.bench.profile import (
@@ -113,6 +113,9 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
             path, settings.block_sizes, settings.queue_depths, settings.read_rounds, progress
         )
         best = best_read(reads)
+        layouts = measure_layout_reads(
+            path, _expert_bytes(settings.model), best.queue_depth, settings.read_rounds, progress
+        )
         progress("zstd decompression")
         zstd = zstd_bench(settings.zstd_level, settings.zstd_sample_bytes, settings.model, best.gbps)
         progress("host-to-device copies")
@@ -124,9 +127,18 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
     finally:
         if not settings.keep_file:
             path.unlink(missing_ok=True)
-    drive = DriveProfile(str(settings.directory), settings.file_bytes, settings.read_rounds, raw_gbps, best)
+    drive = DriveProfile(
+        str(settings.directory), settings.file_bytes, settings.read_rounds, raw_gbps, best, layouts
+    )
     created = datetime.now(UTC).isoformat(timespec="seconds")
     return MachineProfile(PROFILE_VERSION, created, HostInfo.current(), drive, reads, zstd, h2d, compute)
+
+
+def _expert_bytes(model: Path | None) -> int:
+    """The size of one expert block of the model the bench times (the demo's without one)."""
+    if model is None:
+        return DEMO_SHAPE.expert_bytes
+    return load_model_files(model).spec.expert_bytes
 
 
 def contention_bench(

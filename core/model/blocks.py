@@ -10,16 +10,17 @@ ATTN        l      -1      ``input_norm`` [H], ``q`` [Hq*D, H], ``k``/``v`` [Hkv
                            optional ``q_bias``/``k_bias``/``v_bias``/``o_bias``, ``q_norm``/``k_norm``
 GATE        l      -1      ``post_norm`` [H], ``router`` [E, H]; with a shared expert also
                            ``shared_gate_up`` [2S, H], ``shared_down`` [H, S], ``shared_expert_gate`` [1, H]
-EXPERT      l      e       ``gate_up`` [2I, H] (gate rows first), ``down`` [H, I]
+EXPERT      l      e       ``gate_up`` [2I, H] (gate rows first) or ``gate``, ``up`` [I, H]; ``down`` [H, I]
 HEAD        -1     -1      ``final_norm`` [H], ``lm_head`` [V, H] (the embedding when tied)
 ==========  =====  ======  ===================================================================
 
 A block's bytes live in one flat ``uint8`` buffer of :attr:`BlockLayout.nbytes`. Each
 :class:`TensorPiece` says which file byte range lands where in that buffer; each
-:class:`TensorView` says how to look at a buffer range as a typed tensor. Pieces and views
-differ where a checkpoint stores one view as two tensors: a per-expert checkpoint keeps
-``gate_proj`` and ``up_proj`` apart, and the layout places them back to back so that the
-``gate_up`` view is one [2I, H] matrix, exactly as the fused layout stores it.
+:class:`TensorView` says how to look at a buffer range as a typed tensor. The buffer is an image
+of the block's file ranges (:mod:`klotski_tier.core.model.layouts`), so one view spans two pieces
+only where they lie back to back in the file (``gate_proj`` right before ``up_proj``); where they
+do not (Mixtral's ``w1`` and ``w3``, ``w2`` between them), ``gate_up`` is two views, ``gate`` and
+``up`` [I, H] (``shared_gate_up`` likewise), and the ops take either.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-BUFFER_ALIGN_BYTES = 64
-"""Alignment of each tensor inside a block buffer: a cache line, and a multiple of every dtype size."""
+from klotski_tier.tiers.ranges import ByteRange, FileRange
 
 
 class BlockKind(enum.Enum):
@@ -125,12 +125,23 @@ class TensorView:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a block's bytes come from and how its buffer is read as tensors."""
+    """Where a block's bytes come from and how its buffer is read as tensors.
+
+    ``reads``: the file ranges a disk read of the whole block asks for, where they differ from the
+    pieces (a checkpoint's: each run of nearby tensors widened to whole 4 KiB units, so that O_DIRECT
+    reads them straight into the buffer, several tensors in one request); empty: the pieces.
+    """
 
     block: BlockId
     pieces: tuple[TensorPiece, ...]
     views: tuple[TensorView, ...]
     nbytes: int
+    reads: tuple[ByteRange, ...] = ()
+
+    @property
+    def disk_reads(self) -> tuple[FileRange, ...]:
+        """What to read from disk to fill the buffer: :attr:`reads`, else the pieces."""
+        return self.reads or self.pieces
 
     def tensors(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views of ``buffer`` (flat uint8, ``nbytes`` long) by role; no copy."""

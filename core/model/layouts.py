@@ -6,18 +6,29 @@ the table in :mod:`klotski_tier.core.model.blocks`. Every tensor's shape and dty
 the spec on the way, so a checkpoint that does not match its config fails here, at start-up,
 naming the tensor. :func:`klotski_tier.core.store.files.open_model` opens a model with them.
 
-Each view starts at a buffer offset aligned to ``BUFFER_ALIGN_BYTES``. A view may be made of several
-pieces placed back to back: a per-expert checkpoint's ``gate_proj`` and ``up_proj`` become one
-``gate_up`` [2I, H] view, exactly as the fused layout stores them. In the fused layout expert
-e's rows of ``gate_up_proj`` [E, 2I, H] are one contiguous file range, so each expert is still
-one piece per view.
+A block's buffer is an image of its file ranges, so that a disk read needs no copy:
+
+- the block's tensors are grouped into *runs*, per file, of tensors that lie at most
+  :data:`RUN_GAP_BYTES` apart (an expert's three matrices are usually one run: safetensors stores
+  tensors in name order);
+- each run, widened to whole :data:`~klotski_tier.tiers.direct.DIRECT_ALIGN_BYTES` units, is one
+  range of the buffer, placed at an aligned offset: a tensor sits at the same offset modulo 4 KiB
+  in the buffer as in its file. :attr:`BlockLayout.reads` asks the disk tier for exactly these
+  aligned ranges, which O_DIRECT reads straight into the buffer, the run's tensors in one request;
+- a view spans several tensors where they lie back to back (a fused ``gate_up_proj``'s expert
+  rows, or ``gate_proj`` right before ``up_proj``); where they do not (Mixtral's ``w1``, ``w2``,
+  ``w3``: the down matrix between gate and up), the ``gate_up`` view is two, ``gate`` and ``up``
+  (:data:`SPLIT_ROLES`), and the ops take either.
+
+Widening costs at most 8 KiB per run of buffer and read; each run's part of the buffer is its size
+rounded up plus one unit, whatever its offset, so that blocks of one shape have one size.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -26,7 +37,6 @@ import torch
 
 from klotski_tier.core.errors import CheckpointError
 from klotski_tier.core.model.blocks import (
-    BUFFER_ALIGN_BYTES,
     BlockId,
     BlockLayout,
     TensorPiece,
@@ -40,11 +50,19 @@ from klotski_tier.core.model.blocks import (
 from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.model.families import ExpertLayout, Family, family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
-from klotski_tier.core.units import align_up
+from klotski_tier.core.units import align_down, align_up
+from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES
+from klotski_tier.tiers.ranges import ByteRange
 
 logger = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
+
+RUN_GAP_BYTES = 16 * 1024
+"""Tensors of a block this close in a file are read as one run (the gap's bytes are read too)."""
+
+SPLIT_ROLES = {"gate_up": ("gate", "up"), "shared_gate_up": ("shared_gate", "shared_up")}
+"""Views of two tensors that become two views where the tensors do not lie back to back."""
 
 
 def weight_dtype(checkpoint: Checkpoint) -> torch.dtype | None:
@@ -79,8 +97,8 @@ def build_layouts(checkpoint: Checkpoint, spec: ModelSpec) -> dict[BlockId, Bloc
     return layouts
 
 
-class _Source(NamedTuple):
-    """A file byte range: all of a tensor, or one expert's slice of a fused tensor."""
+class SourceRange(NamedTuple):
+    """A file byte range of a block: all of a tensor, or one expert's slice of a fused tensor."""
 
     name: str
     path: Path
@@ -94,8 +112,22 @@ class _Sources:
 
     checkpoint: Checkpoint
     spec: ModelSpec
+    sizes: dict[Path, int] = field(default_factory=dict)  # file sizes, read once per build
 
-    def tensor(self, name: str, shape: Shape) -> _Source:
+    def builder(self, block: BlockId) -> _BlockBuilder:
+        return _BlockBuilder(block, self.spec.dtype, self.file_bytes)
+
+    def file_bytes(self, path: Path) -> int:
+        if path not in self.sizes:
+            try:
+                self.sizes[path] = path.stat().st_size
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot read {path}: {exc.strerror or exc}; check the checkpoint"
+                ) from exc
+        return self.sizes[path]
+
+    def tensor(self, name: str, shape: Shape) -> SourceRange:
         entry = self.checkpoint.entry(name)
         if entry.shape != shape:
             raise CheckpointError(
@@ -107,46 +139,86 @@ class _Sources:
                 f"tensor {name} has dtype {entry.dtype} but the model's dtype is {self.spec.dtype}; "
                 "all weights must share the dtype config.json names"
             )
-        return _Source(name, entry.path, entry.file_offset, entry.nbytes)
+        return SourceRange(name, entry.path, entry.file_offset, entry.nbytes)
 
-    def expert_slice(self, name: str, expert: int, shape: Shape) -> _Source:
+    def expert_slice(self, name: str, expert: int, shape: Shape) -> SourceRange:
         """Expert ``expert``'s [rows, cols] of the fused tensor ``name`` of ``shape`` [E, rows, cols]."""
         whole = self.tensor(name, shape)
         nbytes = whole.nbytes // shape[0]
-        return _Source(name, whole.path, whole.file_offset + expert * nbytes, nbytes)
+        return SourceRange(name, whole.path, whole.file_offset + expert * nbytes, nbytes)
 
 
 @dataclass
 class _BlockBuilder:
-    """Places views one after another, each at an aligned offset, and records their pieces."""
+    """Collects a block's views and their sources; :meth:`build` lays the buffer out as an image of
+    the sources' file runs (see the module docstring)."""
 
     block: BlockId
     dtype: torch.dtype
-    pieces: list[TensorPiece] = field(default_factory=list)
-    views: list[TensorView] = field(default_factory=list)
-    end: int = 0
+    file_bytes: Callable[[Path], int]  # a file's size: the last run of a file stops at its end
+    roles: list[tuple[str, Shape, tuple[SourceRange, ...]]] = field(default_factory=list)
 
-    def add(self, role: str, shape: Shape, *sources: _Source) -> None:
-        """View ``role`` of ``shape`` over ``sources`` placed back to back."""
-        start = cursor = align_up(self.end, BUFFER_ALIGN_BYTES)
-        for source in sources:
-            self.pieces.append(
-                TensorPiece(source.name, source.path, source.file_offset, source.nbytes, cursor)
-            )
-            cursor += source.nbytes
-        view = TensorView(role, start, self.dtype, shape)
-        assert cursor - start == view.nbytes, f"{self.block} {role}: pieces hold {cursor - start} bytes"
-        self.views.append(view)
-        self.end = cursor
+    def add(self, role: str, shape: Shape, *sources: SourceRange) -> None:
+        """View ``role`` of ``shape`` over ``sources`` back to back (split per :data:`SPLIT_ROLES`)."""
+        assert len(sources) == 1 or role in SPLIT_ROLES, f"{self.block} {role}: one source per view"
+        self.roles.append((role, shape, sources))
 
     def build(self) -> BlockLayout:
-        nbytes = align_up(self.end, BUFFER_ALIGN_BYTES)
-        return BlockLayout(self.block, tuple(self.pieces), tuple(self.views), nbytes)
+        sources = [source for _, _, group in self.roles for source in group]
+        placed, reads, nbytes = place_runs(sources, self.file_bytes)
+        pieces = [TensorPiece(s.name, s.path, s.file_offset, s.nbytes, placed[s]) for s in sources]
+        views: list[TensorView] = []
+        for role, shape, group in self.roles:
+            offsets = [placed[s] for s in group]
+            contiguous = all(offsets[i] + group[i].nbytes == offsets[i + 1] for i in range(len(group) - 1))
+            if contiguous:
+                views.append(TensorView(role, offsets[0], self.dtype, shape))
+                continue
+            rows = shape[0] // len(group)
+            for part, offset in zip(SPLIT_ROLES[role], offsets, strict=True):
+                views.append(TensorView(part, offset, self.dtype, (rows, *shape[1:])))
+        for view in views:
+            assert view.buffer_offset % view.dtype.itemsize == 0, f"{self.block} {view.role}: misaligned"
+        return BlockLayout(self.block, tuple(pieces), tuple(views), nbytes, tuple(reads))
+
+
+def place_runs(
+    sources: list[SourceRange], file_bytes: Callable[[Path], int]
+) -> tuple[dict[SourceRange, int], list[ByteRange], int]:
+    """A block buffer laid out as an image of its sources' file runs (see the module docstring): each
+    source's buffer offset, the aligned reads that fill the buffer, and the buffer's size."""
+    unit = DIRECT_ALIGN_BYTES
+    runs: list[list[SourceRange]] = []
+    for source in sorted(set(sources), key=lambda s: (str(s.path), s.file_offset)):
+        last = runs[-1][-1] if runs else None
+        if (
+            last is not None
+            and last.path == source.path
+            and (source.file_offset <= max(s.file_offset + s.nbytes for s in runs[-1]) + RUN_GAP_BYTES)
+        ):
+            runs[-1].append(source)
+        else:
+            runs.append([source])
+    placed: dict[SourceRange, int] = {}
+    reads: list[ByteRange] = []
+    cursor = 0
+    for run in runs:
+        low = align_down(run[0].file_offset, unit)
+        high = align_up(max(s.file_offset + s.nbytes for s in run), unit)
+        for source in run:
+            placed[source] = cursor + source.file_offset - low
+        end = min(high, file_bytes(run[0].path))  # O_DIRECT reads stop short at the end of the file
+        reads.append(ByteRange(run[0].path, low, end - low, cursor))
+        # Room for the widest widening whatever the run's offset, so that blocks of one shape (every
+        # expert of a model) have one size: the ledger and the arena see them alike.
+        span = max(s.file_offset + s.nbytes for s in run) - run[0].file_offset
+        cursor += align_up(span, unit) + unit  # >= high - low
+    return placed, reads, cursor
 
 
 def _embed(source: _Sources, family: Family) -> BlockLayout:
     spec = source.spec
-    block = _BlockBuilder(embed_block(), spec.dtype)
+    block = source.builder(embed_block())
     shape = (spec.vocab_size, spec.hidden_size)
     block.add("embed", shape, source.tensor(family.names.embed, shape))
     return block.build()
@@ -154,7 +226,7 @@ def _embed(source: _Sources, family: Family) -> BlockLayout:
 
 def _head(source: _Sources, family: Family) -> BlockLayout:
     spec, names = source.spec, family.names
-    block = _BlockBuilder(head_block(), spec.dtype)
+    block = source.builder(head_block())
     block.add("final_norm", (spec.hidden_size,), source.tensor(names.final_norm, (spec.hidden_size,)))
     shape = (spec.vocab_size, spec.hidden_size)
     lm_head = names.embed if spec.tie_word_embeddings else names.lm_head
@@ -181,7 +253,7 @@ def _attention(source: _Sources, family: Family, layer: int) -> BlockLayout:
         per_head = spec.qk_norm is QKNorm.PER_HEAD
         roles.append(("q_norm", names.q_norm, (spec.head_dim,) if per_head else (q_size,)))
         roles.append(("k_norm", names.k_norm, (spec.head_dim,) if per_head else (kv_size,)))
-    block = _BlockBuilder(attn_block(layer), spec.dtype)
+    block = source.builder(attn_block(layer))
     for role, name, shape in roles:
         block.add(role, shape, source.tensor(name.format(l=layer), shape))
     return block.build()
@@ -191,7 +263,7 @@ def _gate(source: _Sources, family: Family, expert_layout: ExpertLayout, layer: 
     spec, names = source.spec, family.names
     hidden, shared = spec.hidden_size, spec.shared_expert_intermediate_size
     router = names.fused.router if expert_layout is ExpertLayout.FUSED else names.per_expert.router
-    block = _BlockBuilder(gate_block(layer), spec.dtype)
+    block = source.builder(gate_block(layer))
     block.add("post_norm", (hidden,), source.tensor(names.post_norm.format(l=layer), (hidden,)))
     block.add(
         "router",
@@ -220,7 +292,7 @@ def _expert(
 ) -> BlockLayout:
     spec = source.spec
     hidden, inter, experts = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts
-    block = _BlockBuilder(expert_block(layer, expert), spec.dtype)
+    block = source.builder(expert_block(layer, expert))
     if expert_layout is ExpertLayout.FUSED:
         fused = family.names.fused
         gate_up = source.expert_slice(fused.gate_up.format(l=layer), expert, (experts, 2 * inter, hidden))

@@ -213,8 +213,12 @@ def shared_expert(x: Tensor, w: BlockWeights, spec: ModelSpec) -> Tensor | None:
     size = spec.shared_expert_intermediate_size
     if size == 0:
         return None
-    gate_up = w["shared_gate_up"]  # [2S, H]
-    y = _gated_mlp(x, gate_up[:size], gate_up[size:], w["shared_down"])  # [N, H]
+    if "shared_gate_up" in w:
+        gate_up = w["shared_gate_up"]  # [2S, H]
+        gate, up = gate_up[:size], gate_up[size:]  # [S, H] x2
+    else:  # the checkpoint keeps them apart (see layouts.SPLIT_ROLES)
+        gate, up = w["shared_gate"], w["shared_up"]  # [S, H] x2
+    y = _gated_mlp(x, gate, up, w["shared_down"])  # [N, H]
     return torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * y
 
 
@@ -224,7 +228,10 @@ def expert(x: Tensor, w: BlockWeights, weights: Tensor) -> Tensor:
     The product keeps the routing weights' precision (float32 for Mixtral, whose router weights
     stay float32), as transformers' grouped-GEMM experts do before their per-token sum.
     """
-    gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # [M, I] x2
+    if "gate_up" in w:
+        gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # [M, I] x2
+    else:  # gate and up apart in the checkpoint (Mixtral's w1, w3 around w2): two matmuls
+        gate, up = F.linear(x, w["gate"]), F.linear(x, w["up"])  # [M, I] x2
     y = F.linear(F.silu(gate) * up, w["down"])  # [M, H]
     return y * weights[:, None]  # [M, H]
 

@@ -56,7 +56,6 @@ import numpy.typing as npt
 
 from klotski_tier.core.bench.profile import ComputeProfile, MachineProfile
 from klotski_tier.core.errors import ConfigError
-from klotski_tier.core.model.blocks import BUFFER_ALIGN_BYTES
 from klotski_tier.core.model.families import family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
 from klotski_tier.core.plan.machine import ComputeRates, Machine
@@ -66,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
+RUN_UNIT_BYTES = 4096  # the layouts' alignment of a block's file runs (O_DIRECT's unit)
 CPU_COPY_GBPS = 4.3
 """Host-to-"device" copy rate on a CPU device: ``copy_`` of 5.25 MiB into freshly allocated buffers in
 the device driver's thread, median, this machine (4.3 GB/s; 7.3 GB/s into reused buffers)."""
@@ -107,12 +107,12 @@ class BlockSizes:
         return max(self.embed, self.head, self.attn, self.gate, self.expert)
 
 
-def _aligned(view_bytes: list[int]) -> int:
-    """Bytes of a block buffer holding these views, each at an aligned offset (as ``_BlockBuilder``)."""
-    end = 0
-    for nbytes in view_bytes:
-        end = align_up(end, BUFFER_ALIGN_BYTES) + nbytes
-    return align_up(end, BUFFER_ALIGN_BYTES)
+def _image(view_bytes: list[int], runs: int = 1) -> int:
+    """Bytes of a block buffer holding these views as the engine lays a checkpoint's block out
+    (:func:`klotski_tier.core.model.layouts.place_runs`): its tensors in ``runs`` file runs, each
+    rounded up to whole 4 KiB units plus one. Exact where the runs hold whole units; where the file
+    puts other tensors between a block's, a unit or two more."""
+    return align_up(sum(view_bytes), RUN_UNIT_BYTES) + runs * RUN_UNIT_BYTES
 
 
 def block_sizes(spec: ModelSpec) -> BlockSizes:
@@ -131,11 +131,11 @@ def block_sizes(spec: ModelSpec) -> BlockSizes:
         gate += [2 * shared * hidden, hidden * shared, hidden]
     inter = spec.expert_intermediate_size
     return BlockSizes(
-        embed=_aligned([spec.vocab_size * hidden * item]),
-        head=_aligned([hidden * item, spec.vocab_size * hidden * item]),
-        attn=_aligned([n * item for n in attn]),
-        gate=_aligned([n * item for n in gate]),
-        expert=_aligned([2 * inter * hidden * item, hidden * inter * item]),
+        embed=_image([spec.vocab_size * hidden * item]),
+        head=_image([hidden * item, spec.vocab_size * hidden * item], runs=2),  # the final norm apart
+        attn=_image([n * item for n in attn], runs=2),  # the input norm apart from self_attn.*
+        gate=_image([n * item for n in gate], runs=2),  # the post-attention norm apart
+        expert=_image([2 * inter * hidden * item, hidden * inter * item]),  # w1, w2, w3 back to back
         num_layers=spec.num_layers,
         num_experts=spec.num_experts,
     )

@@ -65,7 +65,11 @@ class ComputeRunner:
         ``finished``: return only once its kernels are done (a job the bench times)."""
         loop = asyncio.get_running_loop()
         job = self._finished(fn) if finished and self._stream is not None else fn
-        result: T = await loop.run_in_executor(self._executor, self._timed_job, job, args, ready, label)
+        # The arguments go in a box the job empties: the executor's work item outlives the job by a
+        # moment, and must not keep a block's weights alive after the pipeline released its lease (the
+        # device tier may already have reused the room: real memory would exceed the budget).
+        box = [args]
+        result: T = await loop.run_in_executor(self._executor, self._timed_job, job, box, ready, label)
         return result
 
     def _finished(self, fn: Callable[..., T]) -> Callable[..., T]:
@@ -77,10 +81,10 @@ class ComputeRunner:
         return run_to_end
 
     def _timed_job(
-        self, fn: Callable[..., T], args: tuple[Any, ...], ready: Sequence[CopyDone | None], label: str
+        self, fn: Callable[..., T], box: list[tuple[Any, ...]], ready: Sequence[CopyDone | None], label: str
     ) -> T:
         started = time.perf_counter()
-        result = self._job(fn, args, ready)
+        result = self._job(fn, box.pop(), ready)
         if self._timeline is not None:  # on CUDA: when the job was issued, its kernels may run later
             self._timeline.span("compute", label or fn.__name__.strip("_"), started, time.perf_counter())
         return result

@@ -20,6 +20,7 @@ A configuration file has one table per concern; every key is optional::
     [disk]
     driver = "disk"          # a name in the tier-driver registry
     queue_depth = 4          # reads in flight
+    direct = true            # O_DIRECT reads (buffered where the file system refuses it, e.g. tmpfs)
 
     [prefetch]
     policy = "correlation"   # a name in the prefetch-policy registry
@@ -76,6 +77,7 @@ class EngineOptions:
     host_preload: bool = False  # read every block into host RAM before the first step
     disk_driver: str = "disk"  # a name in the tier-driver registry (built-in or entry point)
     disk_queue_depth: int = DEFAULT_QUEUE_DEPTH
+    disk_direct: bool = True  # O_DIRECT reads (checkpoints and packed stores alike); False: page cache
     prefetch: str = "correlation"  # the Klotski predictor (falls back to frequency until it has learned)
     prefetch_options: Mapping[str, Any] = field(default_factory=dict)
     prefetch_trace: Path | None = None  # routing trace: warm-up, or the truth for an oracle
@@ -183,7 +185,11 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
     },
     "device": {"memory": ("device_memory_bytes", _size), "type": ("device", _text)},
     "host": {"memory": ("host_memory_bytes", _size), "preload": ("host_preload", _flag)},
-    "disk": {"driver": ("disk_driver", _text), "queue_depth": ("disk_queue_depth", _integer(1))},
+    "disk": {
+        "driver": ("disk_driver", _text),
+        "queue_depth": ("disk_queue_depth", _integer(1)),
+        "direct": ("disk_direct", _flag),
+    },
     "prefetch": {
         "policy": ("prefetch", _text),
         "options": ("prefetch_options", _table),

@@ -209,8 +209,10 @@ class Runtime:
         self.timeline = Timeline() if timeline else None
         self.events = EventLog(time.perf_counter) if events else None
         self.recorder = RoutingRecorder(TraceMeta.of(files.spec)) if record_routing else None
-        direct = files.store is not None  # a packed store is aligned for O_DIRECT reads
-        self.disk = _disk_driver(options.disk_driver)(queue_depth=options.disk_queue_depth, direct=direct)
+        # A packed store's blocks and a checkpoint's block reads (layouts.py) are 4 KiB-aligned ranges.
+        self.disk = _disk_driver(options.disk_driver)(
+            queue_depth=options.disk_queue_depth, direct=options.disk_direct
+        )
         self.device_driver = DeviceDriver(options.device)
         self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device

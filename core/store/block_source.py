@@ -41,7 +41,7 @@ class BlockSource:
     async def read(self, block: BlockId, dst: torch.Tensor) -> None:
         """Fill ``dst`` (flat uint8, :meth:`buffer_bytes` long) with the block's buffer bytes."""
         if self._store is None:
-            await self._disk.read_into(self._layouts[block].pieces, dst)
+            await self._disk.read_into(self._layouts[block].disk_reads, dst)
             return
         entry = self._store.entry(block)
         piece = ByteRange(entry.path, entry.offset, entry.padded_bytes, 0)

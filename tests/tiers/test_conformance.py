@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from klotski_tier.core.errors import TierError
 from klotski_tier.core.model.blocks import (
-    BUFFER_ALIGN_BYTES,
     BlockLayout,
     TensorPiece,
     TensorView,
@@ -45,6 +44,8 @@ MEMORY_TIERS = [
 SIZES_BYTES = (0, 1, 63, 4096)
 SAFETENSORS_LENGTH_BYTES = 8  # little-endian u64 header length at the start of every file
 SMALL_CHUNK_BYTES = 7  # odd, so chunks straddle tensor and element boundaries
+
+BUFFER_ALIGN_BYTES = 64  # views of the test's blocks start on cache lines
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -147,6 +147,32 @@ def test_a_profile_without_the_contention_figures_still_loads(
     assert compute.expert_s == profile.compute.expert_s
 
 
+def test_checkpoint_and_packed_layouts_are_read_alike(tmp_path: Path) -> None:
+    """Expert-sized blocks read as a checkpoint lays them out (three unaligned tensors, one aligned run)
+    and as a packed store does: both measured, cold, and the profile keeps them."""
+    path = tmp_path / bench.TEST_FILE_NAME
+    bench_drive.write_test_file(path, FILE_BYTES)
+    notes: list[str] = []
+    layouts = bench_drive.measure_layout_reads(path, 300 * KIB, 2, 2, notes.append)
+    assert layouts is not None and layouts.block_bytes == 3 * (300 * KIB // 3)
+    assert positive(layouts.packed_gbps) and positive(layouts.checkpoint_gbps)
+    assert layouts.ratio == layouts.checkpoint_gbps / layouts.packed_gbps
+    assert sum("packed" in note for note in notes) == sum("checkpoint" in note for note in notes) == 2
+    assert bench_drive.measure_layout_reads(path, 2 * MIB, 2, 1, notes.append) is None  # 3 blocks only
+    assert "layout reads skipped" in notes[-1]
+
+
+def test_a_profile_keeps_its_layout_reads_and_older_ones_load_without(
+    profile: MachineProfile, tmp_path: Path
+) -> None:
+    measured = dataclasses.replace(profile.drive, layouts=bench_drive.LayoutReads(3 * MIB, 4, 2.0, 1.9))
+    path = tmp_path / "p.json"
+    dataclasses.replace(profile, drive=measured).save(path)
+    assert MachineProfile.load(path).drive.layouts == measured.layouts
+    older = bad_profile(profile, tmp_path, lambda d: d["drive"].pop("layouts"))
+    assert MachineProfile.load(older).drive.layouts is None
+
+
 def test_host_to_device_is_measured_only_with_cuda(profile: MachineProfile) -> None:
     if torch.cuda.is_available():
         assert profile.h2d is not None and positive(profile.h2d.pinned_gbps)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from klotski_tier.core.errors import CheckpointError
-from klotski_tier.core.model.blocks import BlockKind, BlockLayout, attn_block, head_block
+from klotski_tier.core.model.blocks import BlockKind, BlockLayout, attn_block, expert_block, head_block
 from klotski_tier.core.model.families import ExpertLayout
-from klotski_tier.core.model.layouts import largest_block_bytes
+from klotski_tier.core.model.layouts import SPLIT_ROLES, largest_block_bytes
 from klotski_tier.core.store.files import ModelFiles, load_model_files
 from tests.checkpoints import FAMILIES, load_reference, read_all_tensors, write_tensors
 from tests.conftest import CheckpointFactory
@@ -70,10 +70,18 @@ def expected_block(state: Mapping[str, torch.Tensor], layout: BlockLayout) -> di
     return out
 
 
+def joined(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Views a layout split (gate and up apart in the checkpoint) joined back, as transformers fuses them."""
+    for role, parts in SPLIT_ROLES.items():
+        if all(part in tensors for part in parts):
+            tensors[role] = torch.cat([tensors.pop(part) for part in parts])
+    return tensors
+
+
 def assert_blocks_match_reference(files: ModelFiles, dtype: torch.dtype) -> None:
     state = load_reference(files.checkpoint.directory, dtype).state_dict()
     for block, layout in files.layouts.items():
-        got, want = read_block(layout), expected_block(state, layout)
+        got, want = joined(read_block(layout)), expected_block(state, layout)
         assert got.keys() == want.keys(), block
         for role, tensor in want.items():
             assert got[role].dtype == dtype and torch.equal(got[role], tensor), f"{block} {role}"
@@ -128,18 +136,41 @@ def test_tied_embeddings_read_the_embedding(checkpoint_factory: CheckpointFactor
     assert_blocks_match_reference(files, torch.float32)
 
 
-def test_views_are_aligned_disjoint_and_covered_by_pieces(checkpoint_factory: CheckpointFactory) -> None:
-    files = load_model_files(checkpoint_factory("qwen2_moe"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_buffers_are_images_of_aligned_file_runs(checkpoint_factory: CheckpointFactory, family: str) -> None:
+    """Every read is a 4 KiB-aligned file range landing at a 4 KiB-aligned buffer offset (O_DIRECT reads it
+    in place), each tensor sits in its read at its file offset, and views are disjoint and covered."""
+    files = load_model_files(checkpoint_factory(family))
     for layout in files.layouts.values():
-        assert layout.nbytes % 64 == 0
+        reads = layout.reads
+        assert reads and layout.disk_reads == reads and layout.nbytes % 4096 == 0
+        for read in reads:
+            assert read.file_offset % 4096 == 0 and read.buffer_offset % 4096 == 0, layout.block
+            assert read.nbytes % 4096 == 0 or read.file_offset + read.nbytes == read.path.stat().st_size
+        for piece in layout.pieces:
+            (read,) = [
+                r for r in reads if r.path == piece.path and 0 <= piece.file_offset - r.file_offset < r.nbytes
+            ]
+            assert piece.buffer_offset - read.buffer_offset == piece.file_offset - read.file_offset
+            assert piece.file_offset + piece.nbytes <= read.file_offset + read.nbytes, layout.block
         end = 0
         for view in sorted(layout.views, key=lambda v: v.buffer_offset):
-            assert view.buffer_offset % 64 == 0 and view.buffer_offset >= end, f"{layout.block} {view.role}"
+            assert view.buffer_offset >= end and view.buffer_offset % view.dtype.itemsize == 0
             end = view.buffer_offset + view.nbytes
             inside = [p for p in layout.pieces if view.buffer_offset <= p.buffer_offset < end]
             assert sum(p.nbytes for p in inside) == view.nbytes, f"{layout.block} {view.role}"
         assert end <= layout.nbytes
     assert largest_block_bytes(files.layouts) == max(layout.nbytes for layout in files.layouts.values())
+
+
+def test_an_experts_matrices_are_one_read(checkpoint_factory: CheckpointFactory) -> None:
+    """Mixtral's w1, w2, w3 lie back to back: one request; gate and up are views apart (w2 between)."""
+    files = load_model_files(checkpoint_factory("mixtral"))
+    layout = files.layouts[expert_block(1, 2)]
+    assert len(layout.reads) == 1 and len(layout.pieces) == 3
+    assert {view.role for view in layout.views} == {"gate", "up", "down"}
+    fused = load_model_files(checkpoint_factory("mixtral", fused=True)).layouts[expert_block(1, 2)]
+    assert {view.role for view in fused.views} == {"gate_up", "down"}  # one slice of gate_up_proj
 
 
 def test_fused_checkpoint_loads_in_transformers_identically(checkpoint_factory: CheckpointFactory) -> None:

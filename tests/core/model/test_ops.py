@@ -9,6 +9,8 @@ sequence alone within 1e-5. bfloat16: each sequence run alone matches bit for bi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -345,3 +347,22 @@ def test_shared_expert_is_none_without_one() -> None:
     case = Case("mixtral")
     spec = _spec(case, _config(case), torch.float32)
     assert ops.shared_expert(torch.randn(2, HIDDEN), {}, spec) is None
+
+
+def test_gate_and_up_apart_compute_what_the_fused_view_does() -> None:
+    """A checkpoint that keeps gate and up apart (Mixtral's w1, w3) gives two views; the expert and the
+    shared expert take them as they take the fused one (float32: the same sums, to rounding)."""
+    torch.manual_seed(0)
+    hidden, inter = 32, 24
+    gate, up, down = torch.randn(inter, hidden), torch.randn(inter, hidden), torch.randn(hidden, inter)
+    x, weights = torch.randn(5, hidden), torch.rand(5)
+    fused = ops.expert(x, {"gate_up": torch.cat([gate, up]), "down": down}, weights)
+    apart = ops.expert(x, {"gate": gate, "up": up, "down": down}, weights)
+    torch.testing.assert_close(apart, fused, rtol=1e-6, atol=1e-5)
+    spec: Any = SimpleNamespace(shared_expert_intermediate_size=inter)  # all shared_expert reads of a spec
+    shared_gate = torch.randn(1, hidden)
+    one = {"shared_gate_up": torch.cat([gate, up]), "shared_down": down, "shared_expert_gate": shared_gate}
+    two = {"shared_gate": gate, "shared_up": up, "shared_down": down, "shared_expert_gate": shared_gate}
+    a, b = ops.shared_expert(x, one, spec), ops.shared_expert(x, two, spec)
+    assert a is not None and b is not None
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)

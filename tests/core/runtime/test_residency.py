@@ -78,7 +78,7 @@ def test_one_load_is_shared_by_every_waiter(files: ModelFiles) -> None:
             first, second = res.request(block), res.request(block)
             leases = await asyncio.gather(first, second)
             assert res.host.stats.transfers == 1 and res.device.stats.transfers == 1
-            assert leases[0].weights["gate_up"].data_ptr() == leases[1].weights["gate_up"].data_ptr()
+            assert leases[0].weights["down"].data_ptr() == leases[1].weights["down"].data_ptr()
             assert res.state(block) is State.LEASED
             for lease in leases:
                 await res.release(lease)

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from klotski_tier import Engine, EngineOptions
+from klotski_tier.core.model.blocks import expert_block
+from klotski_tier.core.model.layouts import total_block_bytes
 from klotski_tier.core.plan.simulate import DISK_TO_HOST, simulate_workload
+from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import MIB
 from tests.checkpoints import make_checkpoint
 from tests.core.plan.test_simulate import NEW, PROMPT, _config, _machine, _planned
@@ -28,7 +31,7 @@ def run(model: Path, eviction: str) -> tuple[list[list[int]], int, int]:
     """(tokens, bytes read from disk, the device budget) of a streamed CPU run with ``eviction``."""
     probe = Engine.load(model, EngineOptions(batches=1, batch_size=4, device="cpu"))
     floor, _ = probe.minimum_budgets(PROMPTS, max_new_tokens=NEW_TOKENS)
-    budget = floor + SPARE_EXPERTS * probe.spec.expert_bytes
+    budget = floor + SPARE_EXPERTS * probe.files.layouts[expert_block(0, 0)].nbytes
     options = EngineOptions(
         batches=1,
         batch_size=4,
@@ -46,8 +49,7 @@ def test_sweep_reads_less_than_lru_with_the_same_tokens(model: Path) -> None:
     sweep_tokens, sweep_read, _ = run(model, "sweep")
     assert sweep_tokens == lru_tokens
     assert sweep_read < 0.9 * lru_read
-    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    assert budget < model_bytes  # the weights do not fit: both stream
+    assert budget < total_block_bytes(open_model(model).layouts)  # the weights do not fit: both stream
 
 
 # ---- the simulator runs the same policy ------------------------------------------------------------

@@ -119,10 +119,10 @@ def test_views_read_the_checkpoint_tensors(packed: Path, mixtral_bf16: Path) -> 
     opened = store.open_store(packed)
     expert = opened.layouts[expert_block(1, 2)].tensors(_decoded(opened, opened.entry(expert_block(1, 2))))
     prefix = "model.layers.1.block_sparse_moe.experts.2"
-    gate_up = torch.cat([tensors[f"{prefix}.w1.weight"], tensors[f"{prefix}.w3.weight"]])  # [2I, H]
-    assert torch.equal(expert["gate_up"], gate_up) and torch.equal(
-        expert["down"], tensors[f"{prefix}.w2.weight"]
-    )
+    assert set(expert) == {"gate", "up", "down"}  # w2 lies between w1 and w3 in the checkpoint
+    assert torch.equal(expert["gate"], tensors[f"{prefix}.w1.weight"])
+    assert torch.equal(expert["up"], tensors[f"{prefix}.w3.weight"])
+    assert torch.equal(expert["down"], tensors[f"{prefix}.w2.weight"])
 
 
 def test_uncompressed_blocks_are_one_aligned_piece(mixtral_bf16: Path, tmp_path: Path) -> None:
