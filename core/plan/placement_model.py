@@ -101,23 +101,31 @@ def io_times(
     *,
     steady: bool,
     misses: tuple[float, float] = (1, 1),
+    disk_misses: tuple[float, float] | None = None,
 ) -> Io:
     """Expected transfer time per block: none once every weight is resident (``steady``), else its
     time from the placement's home times the chance that it must be loaded (``misses``: of the blocks
-    every step uses, and of the experts; see :func:`lru_misses`)."""
+    every step uses, and of the experts; see :func:`lru_misses`). With a disk home, ``disk_misses``
+    (default: ``misses``) are the chances that neither the device nor the host tier kept the block:
+    the other device misses are copies from host RAM."""
     if steady and placement.device_resident:
         return Io(0.0, 0.0, 0.0, 0.0, 0.0)
     sizes, home = cost.sizes, placement.home
     ratio = ratio if placement.compressed else None
     always, experts = misses
+    disk_always, disk_experts = disk_misses or misses
 
-    def seconds(nbytes: int, miss: float = always) -> float:
-        return cost.transfer(nbytes, home, ratio, into_device=placement.into_device).bottleneck_s * miss
+    def seconds(nbytes: int, miss: float = always, disk: float = disk_always) -> float:
+        read = cost.transfer(nbytes, home, ratio, into_device=placement.into_device).bottleneck_s
+        if home != "disk" or disk >= miss:
+            return read * miss
+        # the rest of the device's misses are copies from host RAM
+        return read * disk + cost.transfer(nbytes, "host").bottleneck_s * (miss - disk)
 
     return Io(
         attn=seconds(sizes.attn),
         gate=seconds(sizes.gate),
-        expert=seconds(sizes.expert, experts),
+        expert=seconds(sizes.expert, experts, disk_experts),
         embed=seconds(sizes.embed),
         head=seconds(sizes.head),
         parallel=_blocks_at_once(cost, ratio) if home == "disk" else 1,
@@ -154,10 +162,12 @@ def sweep_misses(
     cost: CostModel, loads: tuple[LayerLoads, ...], capacity: int, lru: tuple[float, float]
 ) -> tuple[float, float]:
     """As :func:`lru_misses` (``lru``: its answer), with the ``sweep`` eviction policy: it keeps a
-    prefix of the layer sweep resident, so of the bytes a step touches, those beyond ``capacity`` are
-    read again every step (the same share of every block kind; no worse than LRU)."""
+    prefix of the layer sweep resident, ``capacity`` bytes of the blocks the steps touch, so a block a
+    step needs is resident with the chance ``capacity`` / those bytes (the same share of every block
+    kind; no worse than LRU). The blocks the steps touch are every expert any step may use: a step of
+    few tokens uses few experts, but not the ones the step before kept."""
     usage = np.stack([load.usage for load in loads])  # [L, E]
-    touched = _always_bytes(cost) + cost.sizes.expert * float(usage.sum())
+    touched = _always_bytes(cost) + cost.sizes.expert * float((usage > 0).sum())
     missed = 1.0 - min(max(capacity, 0) / touched, 1.0)
     return min(lru[0], missed), min(lru[1], missed)
 

@@ -167,8 +167,31 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     )
     eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
     placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
-    io = io_times(cost, placement, req.compression_ratio, steady=True, misses=misses)
+    io = io_times(
+        cost,
+        placement,
+        req.compression_ratio,
+        steady=True,
+        misses=misses,
+        disk_misses=_disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use),
+    )
     return [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
+
+
+def _disk_misses(
+    ctx: _Context, placement: Placement, eviction: str, loads: tuple[LayerLoads, ...], device_room: int
+) -> tuple[float, float] | None:
+    """The chance that a block a step uses is in neither the device nor the host tier, where blocks come
+    from the drive through a host tier: the host evicts its copies of device blocks first
+    (:meth:`~klotski_tier.core.runtime.ledger.TierLedger.victims`), so the two keep distinct blocks,
+    less the host's room for the reads in flight. Modelled with ``sweep`` only, which keeps a prefix of
+    the layer cycle in each tier (under LRU a cycle longer than both tiers together still misses every
+    block, as the simulator finds). None elsewhere: the device's misses are the drive's."""
+    if placement.home != "disk" or placement.into_device or eviction != SWEEP:
+        return None
+    cost = ctx.cost
+    staging = cost.machine.io_threads * cost.sizes.expert
+    return _eviction(eviction, cost, loads, device_room + max(0, ctx.host_budget - staging))[1]
 
 
 def _eviction(

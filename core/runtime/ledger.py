@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,6 +65,9 @@ class TierLedger:
     demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
     events: EventLog | None = None  # records each eviction, when given
     release: Callable[[torch.Tensor], None] | None = None  # gives a dropped block's buffer back
+    # Whether a faster tier holds the block too: such blocks are evicted first, in the policy's order,
+    # so that the two tiers together hold as many distinct blocks as they can (see victims()).
+    held_above: Callable[[BlockId], bool] | None = None
 
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.fixed_bytes - self.used_bytes
@@ -79,7 +82,7 @@ class TierLedger:
             return True
         victims: list[Entry] = []
         room = self.free_bytes()
-        for block in self.eviction.victims():
+        for block in self.victims():
             entry = self.entries[block]
             if entry.leases == 0 and entry.resident:
                 victims.append(entry)
@@ -95,6 +98,25 @@ class TierLedger:
                 self.events.record(EVICT, str(entry.block), self.name)
         return True
 
+    def victims(self) -> Iterator[BlockId]:
+        """Blocks in eviction order: the policy's, except that blocks a faster tier holds too go first.
+
+        Under a layer cycle both tiers keep the same blocks by the same rule (``sweep`` keeps the first
+        layers in each): a host tier would then only repeat the device's, and the drive would read
+        what neither holds every step. Evicting its copies of device-resident blocks first lets the
+        host hold other blocks (an exclusive cache, as far as room allows).
+        """
+        if self.held_above is None:
+            yield from self.eviction.victims()
+            return
+        later: list[BlockId] = []
+        for block in self.eviction.victims():
+            if self.held_above(block):
+                yield block
+            else:
+                later.append(block)
+        yield from later
+
     def drop(self, entry: Entry) -> None:
         del self.entries[entry.block]
         if entry.block in self.eviction:
@@ -109,7 +131,7 @@ class TierLedger:
     def evict_one(self) -> bool:
         """Evict the first victim that no computation leases (beyond the room asked for: its buffer
         space, not its bytes, is wanted); False if none is."""
-        for block in self.eviction.victims():
+        for block in self.victims():
             entry = self.entries[block]
             if entry.leases == 0 and entry.resident:
                 self.drop(entry)

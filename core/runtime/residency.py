@@ -137,6 +137,11 @@ class Residency:
         for ledger in (host_ledger, device_ledger):
             ledger.events = events
         device_ledger.release = device.release
+        host_ledger.held_above = self._on_device  # the host evicts its copies of device blocks first
+
+    def _on_device(self, block: BlockId) -> bool:
+        entry = self.device.entries.get(block)
+        return entry is not None and entry.resident
 
     # ---- queries -------------------------------------------------------------------------
 

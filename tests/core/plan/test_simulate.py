@@ -65,6 +65,7 @@ def _planned(config: SimConfig, sequences: int = SEQUENCES) -> float:
         batches=config.batches,
         batch_size=config.batch_size,
         hot_experts=SPEC.top_k,
+        eviction=config.eviction,  # the policy simulated
     )
     return make_plan(request).decode_tokens_per_s
 

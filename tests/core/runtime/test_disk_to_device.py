@@ -41,10 +41,10 @@ def test_reads_skip_the_host_tier_with_the_same_tokens(models: dict[str, Path], 
     assert host.bytes_in == 0 and host.peak_bytes == 0
     assert device.bytes_in > 0 and device.peak_bytes <= device.budget_bytes
     # every device byte came from the drive, but a block's buffer past the end of its file (under one
-    # 4 KiB unit: buffers hold whole units) is never read
-    assert device.bytes_in - device.transfers * 4096 < direct.metrics.disk_bytes_read <= device.bytes_in
+    # 4 KiB unit: buffers hold whole units) is never read; a prefetch cancelled mid-read counts on disk only
+    assert device.bytes_in - device.transfers * 4096 < direct.metrics.disk_bytes_read < 2 * device.bytes_in
     staged_in, staged_moves = staged.metrics.tiers["host"].bytes_in, staged.metrics.tiers["host"].transfers
-    assert staged_in - staged_moves * 4096 < staged.metrics.disk_bytes_read <= staged_in  # read once
+    assert staged_in - staged_moves * 4096 < staged.metrics.disk_bytes_read < 2 * staged_in  # read once
 
 
 def test_a_zero_host_budget_needs_a_cpu_device(

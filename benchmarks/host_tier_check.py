@@ -1,0 +1,48 @@
+"""Drive bytes of a run whose host tier holds about half the model, LRU against sweep on both tiers,
+against what RAM and the device cannot hold.
+
+A CPU device with a host budget and a device budget both given stands in for a GPU machine's pair of
+tiers: blocks come from the drive into the host tier and are copied into the device tier.
+
+    PYTHONPATH=. python benchmarks/host_tier_check.py --model /path/to/model
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from klotski_tier import Engine, EngineOptions
+from klotski_tier.core.model.layouts import total_block_bytes
+from klotski_tier.core.store.files import open_model
+from klotski_tier.core.units import GIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--host-share", type=float, default=0.55, help="host budget, as a share")
+    parser.add_argument("--device-share", type=float, default=0.28, help="device budget, as a share")
+    parser.add_argument("--new-tokens", type=int, default=4, help="passes over the model: one per step")
+    args = parser.parse_args()
+    files = open_model(args.model)
+    total = total_block_bytes(files.layouts)
+    vocab = files.spec.vocab_size
+    prompts = [[1 + (i * 7 + j) % (vocab - 1) for j in range(8)] for i in range(8)]
+    host, device = int(total * args.host_share), int(total * args.device_share)
+    must = total + (args.new_tokens - 1) * max(0, total - host - device)
+    for eviction in ("lru", "sweep"):
+        options = EngineOptions(
+            device="cpu", batches=1, batch_size=8, device_memory_bytes=device, host_memory_bytes=host,
+            eviction=eviction,
+        )  # fmt: skip
+        result = Engine.from_files(files, options).generate(prompts, max_new_tokens=args.new_tokens)
+        read = result.metrics.disk_bytes_read
+        print(
+            f"{eviction}: model {total / GIB:.2f} GiB, drive {read / GIB:.2f} GiB in {args.new_tokens} "
+            f"passes; what RAM and the device cannot hold: {must / GIB:.2f} GiB; ratio {read / must:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
