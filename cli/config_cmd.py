@@ -9,9 +9,8 @@ import click
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.options import engine_flags, options_from_flags
 from klotski_tier.core.memory import read_memory_limit
-from klotski_tier.core.runtime.budgets import reserve_bytes
+from klotski_tier.core.runtime.budgets import auto_note
 from klotski_tier.core.runtime.config import AUTO, to_toml
-from klotski_tier.core.units import format_size
 
 
 @click.group()
@@ -28,9 +27,4 @@ def show(**flags: Any) -> None:
     options = options_from_flags(flags)
     click.echo(to_toml(options), nl=False)
     if options.device_memory_bytes is None or options.host_memory_bytes is None:
-        limit = read_memory_limit()
-        click.echo(
-            f'# "{AUTO}" budgets are derived when a run starts from {limit.describe()}, less '
-            f"{format_size(reserve_bytes(options, limit))} kept for the runtime: on a CPU device the device "
-            "and host tiers share what is left; on CUDA the host tier gets it"
-        )
+        click.echo(f'# "{AUTO}" {auto_note(options, read_memory_limit())}')

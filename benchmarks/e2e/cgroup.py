@@ -76,6 +76,15 @@ def check_available(mounts: Path = MOUNTS, own_cgroup: Path = OWN_CGROUP) -> Pat
     return parent
 
 
+def cgroups_usable() -> bool:
+    """Whether :func:`check_available` finds memory cgroups this process can create (for tests)."""
+    try:
+        check_available()
+    except ConfigError:
+        return False
+    return True
+
+
 def group_name(system: str) -> str:
     """``klotski-e2e-<parent pid>-<system>``, with characters a directory name should not hold replaced."""
     return f"{GROUP_PREFIX}-{os.getpid()}-{_SAFE_NAME.sub('_', system)}"

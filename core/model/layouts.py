@@ -188,31 +188,26 @@ def place_runs(
     """A block buffer laid out as an image of its sources' file runs (see the module docstring): each
     source's buffer offset, the aligned reads that fill the buffer, and the buffer's size."""
     unit = DIRECT_ALIGN_BYTES
-    runs: list[list[SourceRange]] = []
+    runs: list[tuple[list[SourceRange], int]] = []  # (sources in file order, end of the run in the file)
     for source in sorted(set(sources), key=lambda s: (str(s.path), s.file_offset)):
-        last = runs[-1][-1] if runs else None
-        if (
-            last is not None
-            and last.path == source.path
-            and (source.file_offset <= max(s.file_offset + s.nbytes for s in runs[-1]) + RUN_GAP_BYTES)
-        ):
-            runs[-1].append(source)
+        end = source.file_offset + source.nbytes
+        if runs and runs[-1][0][0].path == source.path and source.file_offset <= runs[-1][1] + RUN_GAP_BYTES:
+            runs[-1] = (runs[-1][0] + [source], max(runs[-1][1], end))
         else:
-            runs.append([source])
+            runs.append(([source], end))
     placed: dict[SourceRange, int] = {}
     reads: list[ByteRange] = []
     cursor = 0
-    for run in runs:
-        low = align_down(run[0].file_offset, unit)
-        high = align_up(max(s.file_offset + s.nbytes for s in run), unit)
+    for run, run_end in runs:
+        start = run[0].file_offset
+        low, high = align_down(start, unit), align_up(run_end, unit)
         for source in run:
             placed[source] = cursor + source.file_offset - low
-        end = min(high, file_bytes(run[0].path))  # O_DIRECT reads stop short at the end of the file
-        reads.append(ByteRange(run[0].path, low, end - low, cursor))
+        stop = min(high, file_bytes(run[0].path))  # O_DIRECT reads stop short at the end of the file
+        reads.append(ByteRange(run[0].path, low, stop - low, cursor))
         # Room for the widest widening whatever the run's offset, so that blocks of one shape (every
         # expert of a model) have one size: the ledger and the arena see them alike.
-        span = max(s.file_offset + s.nbytes for s in run) - run[0].file_offset
-        cursor += align_up(span, unit) + unit  # >= high - low
+        cursor += align_up(run_end - start, unit) + unit  # >= high - low
     return placed, reads, cursor
 
 

@@ -114,14 +114,13 @@ def _unmeasured(options: EngineOptions) -> Machine:
     """This machine without a profile; its memory: the options' budgets (as the run derived them), else
     what the process may use, else (a CUDA device) the GPU's."""
     device = resolve_device(options.device)
-    free = read_memory_limit().free_bytes
-    host = options.host_memory_bytes if options.host_memory_bytes is not None else free
-    if options.device_memory_bytes is not None:
-        device_bytes = options.device_memory_bytes
-    elif device.type == "cuda":
+    host, device_bytes = options.host_memory_bytes, options.device_memory_bytes
+    if device_bytes is None and device.type == "cuda":
         device_bytes = int(torch.cuda.get_device_properties(device).total_memory)
-    else:
-        device_bytes = free
+    if host is None or device_bytes is None:  # a budget left out (the CLI derived them already)
+        free = read_memory_limit().free_bytes
+        host = free if host is None else host
+        device_bytes = free if device_bytes is None else device_bytes
     return unmeasured_machine(device.type, device_bytes, host)
 
 

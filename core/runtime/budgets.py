@@ -58,7 +58,7 @@ class Budgets:
     @property
     def pool_bytes(self) -> int:
         """What the tiers may fill together: the limit less what is in use and the runtime's reserve."""
-        return max(0, self.limit.free_bytes - self.reserve_bytes)
+        return _pool(self.limit, self.reserve_bytes)
 
     def apply(self, options: EngineOptions) -> EngineOptions:
         """``options`` with these budgets."""
@@ -99,6 +99,20 @@ def reserve_bytes(options: EngineOptions, limit: MemoryLimit) -> int:
     return reads + POOL_MAX_FREE_BYTES + margin
 
 
+def auto_note(options: EngineOptions, limit: MemoryLimit) -> str:
+    """What budgets left out ("auto") are derived from, in words (``config show``)."""
+    kept = format_size(reserve_bytes(options, limit))
+    return (
+        f"budgets are derived when a run starts from {limit.describe()}, less {kept} kept for "
+        "the runtime: on a CPU device the device and host tiers share what is left; on CUDA the host "
+        "tier gets it"
+    )
+
+
+def _pool(limit: MemoryLimit, reserve: int) -> int:
+    return max(0, limit.free_bytes - reserve)
+
+
 def resolve_budgets(files: ModelFiles, options: EngineOptions, limit: MemoryLimit) -> Budgets:
     """The budgets of a run of ``files`` with ``options`` under ``limit`` (see the module docstring).
 
@@ -106,7 +120,7 @@ def resolve_budgets(files: ModelFiles, options: EngineOptions, limit: MemoryLimi
     held, or when the derived pool cannot hold the largest block.
     """
     reserve = reserve_bytes(options, limit)
-    pool = max(0, limit.free_bytes - reserve)
+    pool = _pool(limit, reserve)
     model = total_block_bytes(files.layouts)
     block = largest_block_bytes(files.layouts)
     device, host = options.device_memory_bytes, options.host_memory_bytes

@@ -22,7 +22,14 @@ from benchmarks.e2e.__main__ import config_from, parser
 from benchmarks.e2e.accelerate_peer import run_accelerate
 from benchmarks.e2e.benchmark import BenchConfig, BenchOutcome, run_benchmark
 from benchmarks.e2e.bound import must_move_bytes
-from benchmarks.e2e.cgroup import MemoryGroup, check_available, group_name, memory_root, own_memory_path
+from benchmarks.e2e.cgroup import (
+    MemoryGroup,
+    cgroups_usable,
+    check_available,
+    group_name,
+    memory_root,
+    own_memory_path,
+)
 from benchmarks.e2e.compare import Comparison, PointPlan
 from benchmarks.e2e.model import BENCH_SHAPES, model_bytes
 from benchmarks.e2e.planning import PLAN, SWEEP, KlotskiPlan, klotski_mode, plan_klotski, predict_config
@@ -45,15 +52,7 @@ PNG_MAGIC = b"\x89PNG"
 PROFILE = Path(__file__).parents[1] / "data" / "machine-profile.json"  # a CPU profile with compute rates
 
 
-def _cgroups() -> bool:
-    try:
-        check_available()
-    except ConfigError:
-        return False
-    return True
-
-
-CGROUPS = _cgroups()
+CGROUPS = cgroups_usable()
 needs_cgroups = pytest.mark.skipif(not CGROUPS, reason="needs root and a cgroup v1 memory controller")
 
 

@@ -14,24 +14,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.e2e.cgroup import MemoryGroup, check_available, group_name
+from benchmarks.e2e.cgroup import MemoryGroup, cgroups_usable, group_name
 from klotski_tier.cli import run as run_command
 from klotski_tier.cli.main import main
-from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.memory import MemoryLimit
 from klotski_tier.core.units import MIB
 from tests.checkpoints import make_checkpoint
 from tests.conftest import CheckpointFactory
 
 LIMIT_BYTES = 700 * MIB  # holds the runtime, its reserve and a few blocks; not the 816 MiB model
-
-
-def _cgroups() -> bool:
-    try:
-        check_available()
-    except ConfigError:
-        return False
-    return True
 
 
 def test_a_limit_below_the_minimum_is_one_line_before_loading(
@@ -64,7 +55,7 @@ def test_config_show_says_what_auto_budgets_come_from() -> None:
     assert '"auto" budgets are derived when a run starts from' in result.stdout
 
 
-@pytest.mark.skipif(not _cgroups(), reason="needs root and a writable cgroup v1 memory controller")
+@pytest.mark.skipif(not cgroups_usable(), reason="needs root and a writable cgroup v1 memory controller")
 def test_only_a_device_budget_in_a_cgroup_smaller_than_the_model_completes(tmp_path: Path) -> None:
     model = make_checkpoint(
         tmp_path / "model", "mixtral", dtype=torch.bfloat16, num_layers=8, num_experts=8,
