@@ -4,21 +4,39 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python -c "import klotski_tier" 2>/dev/null; then
-  python -m pip install -q -e ".[test]"
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import klotski_tier" 2>/dev/null; then
+  # Online: the usual editable install. Offline (an image that already holds torch and the test
+  # packages): build from the checkout with the setuptools that is there.
+  "$PY" -m pip install -q -e ".[test]" \
+    || "$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e .
 fi
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name())"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+"$PY" - <<'CPU'
+import re
+flags = open("/proc/cpuinfo").read()
+model = re.search(r"model name\s*:\s*(.*)", flags)
+isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if re.search(rf"\b{f}\b", flags)]
+print("CPU:", model.group(1) if model else "unknown", "|", " ".join(isa))
+CPU
 
 echo "== CUDA tests"
-python -m pytest -m cuda -q tests
+"$PY" -m pytest -m cuda -q -p no:cacheprovider tests
+
+# bf16 kernels round differently per CPU ISA (AVX2, AVX-512 BF16, AMX): the numerics rule must hold here too.
+echo "== bf16/fp32 exactness on this machine's CPU"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_numerics.py tests/core/runtime/test_exactness.py
 
 echo "== offloaded generation on the demo model (device budget 128MiB)"
 export KLOTSKI_TIER_CACHE="${KLOTSKI_TIER_CACHE:-$(mktemp -d)}"
 klotski-tier run --device cuda --device-memory 128MiB --batches 4 --batch-size 8 \
   --max-new-tokens 16 --json > /tmp/klotski_gpu_check.json
-python - <<'PY'
+"$PY" - <<'PY'
 import json
-m = json.load(open("/tmp/klotski_gpu_check.json"))["metrics"]
+out = json.load(open("/tmp/klotski_gpu_check.json"))
+m = out["metrics"]
+budgets = (out.get("plan") or {}).get("budgets") or {}
+print("budgets:", {k: v for k, v in budgets.items() if not isinstance(v, dict)})
 print(f"prefill {m['prefill_tokens_per_s']:.1f} tokens/s, decode {m['decode_tokens_per_s']:.2f} tokens/s")
 print(f"compute waited for I/O {m['io_wait_s']:.2f} s of {m['wall_s']:.2f} s wall "
       f"({m['io_wait_s'] / m['wall_s']:.0%}); expert hit rate {m['expert_hit_rate']:.0%}")
