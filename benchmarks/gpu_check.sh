@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the CUDA tests plus a small offloaded generation on the demo model.
 # Run on a machine with a CUDA GPU from the repository root; finishes in a few minutes.
-set -euo pipefail
+set -uo pipefail
+status=0  # every section runs; the script fails at the end if any did
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
@@ -21,16 +22,16 @@ print("CPU:", model.group(1) if model else "unknown", "|", " ".join(isa))
 CPU
 
 echo "== CUDA tests"
-"$PY" -m pytest -m cuda -q -p no:cacheprovider tests
+"$PY" -m pytest -m cuda -q -rf -p no:cacheprovider tests || status=1
 
 # bf16 kernels round differently per CPU ISA (AVX2, AVX-512 BF16, AMX): the numerics rule must hold here too.
 echo "== bf16/fp32 exactness on this machine's CPU"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_numerics.py tests/core/runtime/test_exactness.py
+"$PY" -m pytest -q -rf -p no:cacheprovider tests/test_numerics.py tests/core/runtime/test_exactness.py || status=1
 
 echo "== offloaded generation on the demo model (device budget 128MiB)"
 export KLOTSKI_TIER_CACHE="${KLOTSKI_TIER_CACHE:-$(mktemp -d)}"
 klotski-tier run --device cuda --device-memory 128MiB --batches 4 --batch-size 8 \
-  --max-new-tokens 16 --json > /tmp/klotski_gpu_check.json
+  --max-new-tokens 16 --json > /tmp/klotski_gpu_check.json || exit 1
 "$PY" - <<'PY'
 import json
 out = json.load(open("/tmp/klotski_gpu_check.json"))
@@ -41,3 +42,4 @@ print(f"prefill {m['prefill_tokens_per_s']:.1f} tokens/s, decode {m['decode_toke
 print(f"compute waited for I/O {m['io_wait_s']:.2f} s of {m['wall_s']:.2f} s wall "
       f"({m['io_wait_s'] / m['wall_s']:.0%}); expert hit rate {m['expert_hit_rate']:.0%}")
 PY
+exit $status

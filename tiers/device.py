@@ -116,6 +116,7 @@ class DeviceDriver(MemoryTierDriver):
 
     async def copy_from_host(self, dst: torch.Tensor, src: torch.Tensor) -> CopyDone:
         """Copy the CPU tensor ``src`` into ``dst`` on the device; on CUDA the result carries the event."""
+        self._check_open()  # a closed driver says so first, whatever it was given
         check_copy_args(dst, src)
         assert dst.device.type == self.device.type, f"{self.device} tier got a buffer on {dst.device}"
         if self.device.type == "cuda":

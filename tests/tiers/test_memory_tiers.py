@@ -168,3 +168,19 @@ def test_host_buffers_start_on_a_page_boundary(nbytes: int) -> None:
     """O_DIRECT reads land straight in host buffers only if these are page aligned."""
     buffer = HostDriver(pin=False).allocate(nbytes)
     assert buffer.data_ptr() % 4096 == 0 and buffer.numel() == nbytes and buffer.is_contiguous()
+
+
+def test_a_closed_device_tier_says_so_before_it_looks_at_the_buffers() -> None:
+    """The conformance test's CUDA run found the argument check firing first: a closed driver's
+    error must name the closing, whatever buffers it was handed (here: a buffer on another device)."""
+    from klotski_tier.core.errors import TierError
+
+    async def scenario() -> None:
+        tier = DeviceDriver("cpu")
+        await tier.aclose()
+        with pytest.raises(TierError, match="closed; create a new driver"):
+            await tier.copy_from_host(
+                torch.empty(4, dtype=torch.uint8, device="meta"), torch.ones(4, dtype=torch.uint8)
+            )
+
+    asyncio.run(scenario())
