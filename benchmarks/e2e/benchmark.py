@@ -3,7 +3,8 @@
 :func:`run_benchmark` is what ``python -m benchmarks.e2e`` calls (and the test suite, at tiny
 size). One run:
 
-1. the bench model is built once (cached) and the workload's prompts are made;
+1. the bench model is built once (cached) and the workload's prompts are made; with ``llamacpp``
+   among the systems, llama.cpp is built and the model converted to GGUF once (cached);
 2. the runtime allowance is measured (an idle worker's peak), unless given;
 3. the drive's raw O_DIRECT bandwidth is measured on a test file beside the model;
 4. klotski's configuration mode is settled: ``plan`` (the planner's n, bs, K at each budget) needs
@@ -26,12 +27,13 @@ from typing import Any
 
 from benchmarks.e2e.bound import drive_gbps
 from benchmarks.e2e.compare import Comparison, PointPlan
+from benchmarks.e2e.llamacpp_peer import prepare
 from benchmarks.e2e.model import BENCH_SHAPES, bench_store_dir, resolve_model
 from benchmarks.e2e.planning import KLOTSKI_CONFIGS, PLAN, klotski_mode
 from benchmarks.e2e.report import chart_point, chart_sweep, copy_machine_profile, write_json
 from benchmarks.e2e.results import Point
 from benchmarks.e2e.runner import DEFAULT_TIMEOUT_S, Runner, RunnerSettings
-from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, SYSTEMS, Inputs, budget_for
+from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, LLAMACPP, SYSTEMS, Inputs, budget_for
 from benchmarks.e2e.workload import Workload, make_prompts
 from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import ConfigError
@@ -73,6 +75,7 @@ class BenchConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     trace: bool = False  # save one extra klotski run's Chrome trace beside the results
     cache_dir: Path | None = None  # where bench models are built (default: the klotski-tier cache)
+    llamacpp_root: Path | None = None  # where llama.cpp is built (default: beside the bench models)
     command: str = ""  # the command line, recorded in the JSON
 
     def __post_init__(self) -> None:
@@ -116,12 +119,13 @@ def run_benchmark(config: BenchConfig) -> BenchOutcome:
     mode, note = klotski_mode(config.klotski_config, config.profile, config.sweep)
     if note:
         logger.warning("%s", note)
+    llamacpp = prepare(model_dir, config.llamacpp_root) if LLAMACPP in config.systems else None
     scratch = Path(tempfile.mkdtemp(prefix=".e2e-scratch-", dir=model_dir.parent))  # on the model's drive
     try:
         runner = Runner(RunnerSettings(model_dir, scratch, config.use_cgroup, config.timeout_s))
         allowance = config.allowance_bytes or runner.runtime_allowance()
         gbps = drive_gbps(model_dir.parent, config.drive_file_bytes)
-        inputs = Inputs(model_dir, prompts, config.workload.new_tokens, bench_store_dir(model_dir))
+        inputs = Inputs(model_dir, prompts, config.workload.new_tokens, bench_store_dir(model_dir), llamacpp)
         comparison = Comparison(runner, inputs, files, gbps)
         plan = _point_plan(config, mode)
         xs, points = _run_points(config, plan, comparison, total_block_bytes(files.layouts), allowance)

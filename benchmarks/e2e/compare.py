@@ -10,10 +10,17 @@ first and says how:
   the planner's prediction for each n tried;
 - ``accelerate``: all N prompts in one batch, halved after every run killed for memory, until a
   batch fits (the first run that fits counts as the first repeat);
+- ``llamacpp``: llama.cpp's driver, all N prompts at once (:mod:`benchmarks.e2e.llamacpp_peer`);
+  skipped, saying why, when it could not be built or the model not converted;
 - the bound: the engine with every weight resident at the grouping (n x bs) ``klotski`` chose, ``repeats``
   times, and the routing of its first run for the bytes the workload must move.
 
-The bound's first run is the token reference; every run of every system must match it.
+The bound's first run is the token reference; every run of every engine system (and accelerate's)
+must match it exactly. llama.cpp's runs are held to the near-tie rule (:mod:`benchmarks.e2e.near_tie`):
+where a sequence parts from the reference, the reference model's logits there (a ``reference-logits``
+worker: transformers on the prompt and the reference's tokens before the parting) must rate
+llama.cpp's token within bf16 rounding of the best; the system's notes count the sequences that
+matched exactly and those that parted at a near-tie (``token_check``).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.e2e.bound import Bound, must_move_bytes
+from benchmarks.e2e.near_tie import TokenCheck, judge, partings, prefix
 from benchmarks.e2e.planning import PLAN, SWEEP, SWEEP_EVICTION, plan_klotski, predict_config
 from benchmarks.e2e.results import BenchmarkError, Point, RunRecord, SystemResult, check_tokens
 from benchmarks.e2e.runner import Runner
 from benchmarks.e2e.systems import (
     KLOTSKI,
+    NEAR_TIE_SYSTEMS,
     PRESET_SYSTEMS,
     SINGLE_BATCH_SYSTEMS,
     Budget,
@@ -38,11 +47,13 @@ from benchmarks.e2e.systems import (
     bound_job,
     describe_accelerate,
     describe_engine,
+    describe_llamacpp,
     engine_job,
+    llamacpp_job,
     preset_batching,
     preset_problem,
 )
-from benchmarks.e2e.worker import ACCELERATE, Job
+from benchmarks.e2e.worker import ACCELERATE, LLAMACPP, REFERENCE_LOGITS, Job
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.runtime.config import ALL_EXPERTS
 from klotski_tier.core.store.files import ModelFiles
@@ -75,6 +86,7 @@ class Comparison:
         self.drive_gbps = drive_gbps
         self.reference: tuple[str, list[list[int]]] | None = None
         self._extra_runs: list[RunRecord] = []  # runs outside any system's figures, checked too
+        self._logits: dict[tuple[int, ...], list[float]] = {}  # the reference model's, after each prefix
 
     def point(self, plan: PointPlan, budget: Budget) -> Point:
         logger.info("budget %s", budget.describe())
@@ -83,8 +95,12 @@ class Comparison:
         n = int(chosen.notes["batches"]) if chosen is not None else plan.batches[0]
         bs = int(chosen.notes["batch_size"]) if chosen is not None else self.batch_size(plan, n)
         bound, bound_runs = self._bound(plan, budget, n, bs)
-        self._check([*bound_runs, *(run for s in systems for run in s.runs), *self._extra_runs])
+        exact = [run for s in systems if s.name not in NEAR_TIE_SYSTEMS for run in s.runs]
+        self._check([*bound_runs, *exact, *self._extra_runs])
         self._extra_runs.clear()
+        for system in systems:
+            if system.name in NEAR_TIE_SYSTEMS:
+                self._check_near_ties(system)
         return Point(budget, systems, bound, bound_runs)
 
     def batch_size(self, plan: PointPlan, n: int) -> int:
@@ -103,6 +119,8 @@ class Comparison:
                 logger.warning("skipping %s: %s", name, problem)
                 return SystemResult(name, "", skipped=problem)
             return self._engine(plan, name, budget, preset=name)
+        if name == LLAMACPP:
+            return self._llamacpp(plan, budget)
         if name == KLOTSKI and plan.klotski_config == PLAN and plan.profile is not None:
             return self._planned(plan, budget, plan.profile)
         if name == KLOTSKI:
@@ -187,6 +205,22 @@ class Comparison:
             result.notes["trace"] = str(trace)
         return result
 
+    def _llamacpp(self, plan: PointPlan, budget: Budget) -> SystemResult:
+        """llama.cpp within the budget's cgroup limit (it has no budget of its own), ``repeats`` times."""
+        setup = self.inputs.llamacpp
+        if setup is None or setup.problem is not None:
+            reason = setup.problem if setup is not None else "llama.cpp was not set up for this run"
+            logger.warning("skipping %s: %s", LLAMACPP, reason)
+            return SystemResult(LLAMACPP, "", skipped=f"llama.cpp cannot run: {reason}")
+        job = llamacpp_job(self.inputs, setup)
+        first = self.runner.run(job, budget.limit_bytes)
+        result = SystemResult(LLAMACPP, describe_llamacpp(job, setup), [first])
+        if result.ok:
+            result.runs += self._repeat(lambda: job, budget.limit_bytes, plan.repeats - 1)
+            result.config = describe_llamacpp(job, setup, result.runs[0].output.get("details"))
+        result.notes.update(version=setup.version, driver=str(setup.driver), gguf=str(setup.gguf))
+        return result
+
     def _accelerate(self, plan: PointPlan, budget: Budget) -> SystemResult:
         batch = plan.accelerate_batch or len(self.inputs.prompts)
         offload = self.runner.settings.scratch / "accelerate-offload"
@@ -251,6 +285,38 @@ class Comparison:
         moved = must_move_bytes(RoutingTrace.load(routing), self.files.layouts, resident)
         generated = int(runs[0].output["generated_tokens"])
         return Bound(compute_s, moved, self.drive_gbps, resident, generated, n, bs), runs
+
+    def _check_near_ties(self, system: SystemResult) -> None:
+        """Hold ``system``'s runs to the near-tie rule against the reference; its counts into its notes."""
+        if self.reference is None:
+            if any(run.ok for run in system.runs):
+                system.notes["token_check"] = {"checked": False, "why": "no reference run succeeded"}
+            return
+        name, expected = self.reference
+        found = {id(run): partings(run.system, name, expected, run.tokens) for run in system.runs if run.ok}
+        rows = self._reference_logits(
+            [prefix(self.inputs.prompts, expected, parting) for parts in found.values() for parting in parts]
+        )
+        check = TokenCheck()
+        for run in system.runs:
+            if run.ok:
+                parts = found[id(run)]
+                keys = [tuple(prefix(self.inputs.prompts, expected, p)) for p in parts]
+                judge(run.system, name, parts, [rows[key] for key in keys], len(run.tokens), check)
+        if check.sequences:
+            system.notes["token_check"] = check.to_dict()
+
+    def _reference_logits(self, prefixes: list[list[int]]) -> dict[tuple[int, ...], list[float]]:
+        """The reference model's logits after each prefix (one worker for those not computed yet)."""
+        missing = list({tuple(p): p for p in prefixes if tuple(p) not in self._logits}.values())
+        if missing:
+            job = Job(REFERENCE_LOGITS, REFERENCE_LOGITS, str(self.inputs.model), missing, 1)
+            record = self.runner.run(job, None)  # unlimited, as the bound: the reference, not a system
+            if not record.ok:
+                raise BenchmarkError(f"the reference logits for the token check failed: {record.reason}")
+            for ids, row in zip(missing, record.output["logits"], strict=True):
+                self._logits[tuple(ids)] = row
+        return {tuple(p): self._logits[tuple(p)] for p in prefixes}
 
     def _check(self, runs: list[RunRecord]) -> None:
         """Every successful run must match the reference (the first successful run ever seen)."""

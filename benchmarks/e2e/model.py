@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.e2e.llamacpp_convert import gguf_path
 from klotski_tier.core.demo.build import DEMO_VERSION, build_demo
 from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.errors import ConfigError
@@ -122,10 +123,11 @@ def bench_store_dir(model_dir: Path) -> Path:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The weight files of the checkpoint and of its packed store, if any: what is evicted from the
-    page cache before each run."""
+    """The weight files of the checkpoint, of its packed store and of its GGUF (llama.cpp's), where
+    they exist: what is evicted from the page cache before each run."""
     store = directory.parent / f"{directory.name}-store" / BLOCKS_FILE
-    return sorted(directory.glob("*.safetensors")) + ([store] if store.is_file() else [])
+    derived = [path for path in (store, gguf_path(directory)) if path.is_file()]
+    return sorted(directory.glob("*.safetensors")) + derived
 
 
 def _shape(name: str) -> DemoShape:

@@ -12,7 +12,8 @@ Table columns: tokens/s (generated tokens / prefill + decode time), the planner'
 ratio to accelerate, the fraction of the lower bound, the time compute waited for I/O, the bytes read
 from the drive, and the peak memory (the cgroup's, else the process's peak RSS): medians. Below the
 table, each system's configuration (klotski's n, bs, K and whether planned or swept) and, for
-klotski, the planner's predicted tokens/s and decode tokens/s next to the measured ones.
+klotski, the planner's predicted tokens/s and decode tokens/s next to the measured ones; for llama.cpp,
+how many sequences matched the reference exactly and how many parted at a near-tie.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def _configuration(system: SystemResult) -> list[str]:
     lines = [f"{system.name}: {system.config or ''}{how}" + (f" -- {system.reason}" if not system.ok else "")]
     if "plan_note" in system.notes:
         lines.append(f"{system.name}: not planned at this budget: {system.notes['plan_note']}")
+    check = system.notes.get("token_check")
+    if check is not None:
+        lines.append(f"{system.name} tokens: {_token_check(check)}")
     predicted = system.notes.get("predicted")
     if predicted is not None:
         tps, decode = (_number(system.median(name)) for name in ("tokens_per_s", "decode_tokens_per_s"))
@@ -93,6 +97,24 @@ def _configuration(system: SystemResult) -> list[str]:
         if mode == PLAN:
             lines.append(f"{system.name} plan: {predicted['why']}")
     return lines
+
+
+def _token_check(check: dict[str, Any]) -> str:
+    """A system's near-tie token check (``benchmarks.e2e.near_tie``) in words."""
+    if not check.get("checked", True):
+        return f"not checked: {check['why']}"
+    text = (
+        f"{check['exact']} of {check['sequences']} sequences exactly the reference's, "
+        f"{check['near_tie']} parted at a near-tie"
+    )
+    if check["near_ties"]:
+        first = check["near_ties"][0]
+        text += (
+            f" (first: prompt {first['prompt']}, position {first['position']}, token {first['token']} for "
+            f"{first['expected']}, {first['shortfall']:.3g} below the best logit, "
+            f"tolerance {first['tolerance']:.3g})"
+        )
+    return text
 
 
 def _row(system: SystemResult, accelerate: float | None, bound: float | None) -> str:

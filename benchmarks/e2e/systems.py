@@ -16,6 +16,11 @@ in the results):
 - ``accelerate``: ``max_memory={"cpu": weight_bytes - KV/activations of its batch}`` (the same
   estimate the engine reserves for its own grouping), the rest of the model on ``"disk"``, with
   the largest batch that fits: all N prompts at once, halved after each run killed for memory;
+- ``llamacpp``: llama.cpp (built from source, CPU only) on the checkpoint's bf16 GGUF, memory-mapped
+  as llama.cpp does by default, all N prompts as N parallel sequences of one batch, on every core this
+  process may use (see :mod:`benchmarks.e2e.llamacpp_peer`); it has no budget of its own: the cgroup
+  limit is what keeps its mapped weights from staying resident. Its bf16 kernels are not torch's, so
+  its tokens are checked by the near-tie rule (:mod:`benchmarks.e2e.near_tie`), not for identity;
 - ``sequential``, ``flexgen``, ``ondemand-lru``: the engine with those presets (when the preset is
   registered; else the system is skipped, saying so); batches and batch size from the preset when
   it sets them, else like ``klotski``;
@@ -39,7 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e.worker import ACCELERATE, ENGINE, Job
+from benchmarks.e2e.llamacpp_peer import LlamaCppSetup, eos_token_ids
+from benchmarks.e2e.worker import ACCELERATE, ENGINE, LLAMACPP, Job
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.layouts import largest_block_bytes
 from klotski_tier.core.runtime.presets import preset_fields
@@ -51,7 +57,8 @@ from klotski_tier.core.units import format_size
 KLOTSKI = "klotski"
 BOUND = "bound"
 PRESET_SYSTEMS = ("sequential", "flexgen", "ondemand-lru")
-SYSTEMS = (ACCELERATE, *PRESET_SYSTEMS, KLOTSKI)
+SYSTEMS = (ACCELERATE, LLAMACPP, *PRESET_SYSTEMS, KLOTSKI)
+NEAR_TIE_SYSTEMS = (LLAMACPP,)  # their own bf16 kernels: tokens checked by benchmarks.e2e.near_tie
 SINGLE_BATCH_SYSTEMS = ("sequential", "ondemand-lru")  # one batch per group by definition
 DEVICE = "cpu"  # this machine has no GPU: every system computes on the CPU
 DEVICE_NOTE = (
@@ -127,6 +134,7 @@ class Inputs:
     prompts: list[list[int]]
     new_tokens: int
     store: Path | None = None  # the model's packed store: what the engine's systems read
+    llamacpp: LlamaCppSetup | None = None  # llama.cpp's driver and the model's GGUF (when it runs)
 
 
 def engine_job(
@@ -193,6 +201,26 @@ def accelerate_job(
         ACCELERATE, ACCELERATE, str(work.model), work.prompts, work.new_tokens,
         weight_budget_bytes=weights, batch_size=batch_size, offload_dir=str(offload_dir),
     )  # fmt: skip
+
+
+def llamacpp_job(work: Inputs, setup: LlamaCppSetup) -> Job:
+    """llama.cpp's driver on the model's GGUF: every prompt at once, greedy, stopping at the model's EOS."""
+    if setup.driver is None or setup.gguf is None:
+        raise ConfigError(f"llama.cpp is not set up: {setup.problem or 'no driver or GGUF'}")
+    return Job(
+        LLAMACPP, LLAMACPP, str(setup.gguf), work.prompts, work.new_tokens, driver=str(setup.driver),
+        eos_token_ids=eos_token_ids(work.model),
+    )  # fmt: skip
+
+
+def describe_llamacpp(job: Job, setup: LlamaCppSetup, details: dict[str, Any] | None = None) -> str:
+    """The configuration of a llama.cpp job in words (``details``: the driver's figures, once run)."""
+    n, p = len(job.prompts), max((len(ids) for ids in job.prompts), default=0)
+    threads = f"{details['threads']} threads" if details and details.get("threads") else "a thread per core"
+    return (
+        f"llama.cpp {setup.version} (llama-cpp-python sdist), CPU build -march=native, bf16 GGUF mmapped, "
+        f"{n} prompts as {n} parallel sequences, n_batch = n_ubatch = {n * p}, {threads}, greedy"
+    )
 
 
 def accelerate_reserve_bytes(work: Inputs, files: ModelFiles, batch_size: int) -> int:

@@ -6,13 +6,19 @@ that starts with :data:`RESULT_MARK`: a JSON object with ``ok`` and either the m
 ``error`` (one line). A failure inside the system is reported that way, never raised; a process
 the kernel kills for its memory limit prints nothing, and the parent says so.
 
+Kinds: ``engine`` (klotski-tier), ``accelerate`` (:mod:`benchmarks.e2e.accelerate_peer`),
+``llamacpp`` (:mod:`benchmarks.e2e.llamacpp_peer`: llama.cpp's driver as this worker's child),
+``reference-logits`` (:mod:`benchmarks.e2e.near_tie`: the reference model's logits after each
+prompt, for the token check; result ``logits``, no measurements) and ``probe`` (the idle runtime).
+
 Measurements (seconds, bytes): ``tokens`` (generated ids per prompt), ``generated_tokens``,
 ``decode_tokens``, ``prefill_s``, ``decode_s``, ``load_s`` (before the first step, not in the
-throughput), ``compute_s`` (the engine's compute thread busy; null for accelerate),
+throughput), ``compute_s`` (the engine's compute thread busy; null for accelerate and llama.cpp),
 ``io_wait_s`` (compute waited for weights: the engine's bubbles; null for accelerate, whose
-wait the parent estimates, see ``accelerate_peer``), ``bytes_read`` (``read_bytes`` of
-``/proc/self/io`` over the generation: what came from the drive), ``rss_peak_bytes`` and
-``details`` (the system's own figures: the engine's metrics, accelerate's device map).
+wait the parent estimates, see ``accelerate_peer``, and for llama.cpp), ``bytes_read``
+(``read_bytes`` of ``/proc/self/io`` over the generation: what came from the drive; llama.cpp's
+driver reads its own), ``rss_peak_bytes`` and ``details`` (the system's own figures: the engine's
+metrics, accelerate's device map, llama.cpp's threads and batch).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ RESULT_MARK = "E2E-RESULT "
 """Prefix of the result line on stdout (libraries may print lines of their own)."""
 ENGINE = "engine"
 ACCELERATE = "accelerate"
+LLAMACPP = "llamacpp"
+REFERENCE_LOGITS = "reference-logits"  # transformers' logits after each prompt (the token check's near-ties)
 PROBE = "probe"  # an idle worker: imports every system's libraries, runs one small matmul, generates nothing
 PROC_IO = Path("/proc/self/io")
 KIB_BYTES = 1024  # ru_maxrss is in KiB on Linux
@@ -43,8 +51,8 @@ class Job:
     """What one worker runs: a system, the model, the workload and the system's configuration."""
 
     system: str
-    kind: str  # ENGINE or ACCELERATE
-    model: str
+    kind: str  # ENGINE, ACCELERATE, LLAMACPP, REFERENCE_LOGITS or PROBE
+    model: str  # the checkpoint directory (the engine: its packed store; llama.cpp: its GGUF)
     prompts: list[list[int]]
     new_tokens: int
     preset: str | None = None  # engine: a preset name applied before engine_options
@@ -54,6 +62,8 @@ class Job:
     offload_dir: str | None = None  # accelerate: offload_folder
     routing_path: str | None = None  # engine: save the run's routing trace here
     trace_path: str | None = None  # engine: save a Chrome trace of compute, I/O and bubbles here
+    driver: str | None = None  # llamacpp: the compiled driver (benchmarks/e2e/llamacpp/greedy_batched.cpp)
+    eos_token_ids: list[int] = field(default_factory=list)  # llamacpp: greedy stops after one of these
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)), encoding="utf-8")
@@ -73,7 +83,9 @@ def drive_read_bytes() -> int:
 
 
 def rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB_BYTES
+    """The peak RSS of this process or of its largest finished child (llama.cpp's driver), if larger."""
+    peaks = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return max(peaks) * KIB_BYTES
 
 
 def run_engine(job: Job) -> dict[str, Any]:
@@ -138,9 +150,18 @@ def run(job: Job) -> dict[str, Any]:
         from benchmarks.e2e.accelerate_peer import run_accelerate
 
         return run_accelerate(job)
+    if job.kind == LLAMACPP:
+        from benchmarks.e2e.llamacpp_peer import run_llamacpp
+
+        return run_llamacpp(job)
+    if job.kind == REFERENCE_LOGITS:
+        from benchmarks.e2e.near_tie import run_reference_logits
+
+        return run_reference_logits(job)
     if job.kind == ENGINE:
         return run_engine(job)
-    raise ValueError(f"unknown job kind {job.kind!r}; expected {ENGINE!r}, {ACCELERATE!r} or {PROBE!r}")
+    kinds = ", ".join(repr(k) for k in (ENGINE, ACCELERATE, LLAMACPP, REFERENCE_LOGITS, PROBE))
+    raise ValueError(f"unknown job kind {job.kind!r}; expected one of {kinds}")
 
 
 def main(argv: list[str] | None = None) -> int:
