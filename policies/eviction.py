@@ -13,11 +13,12 @@ Lifecycle of a key, as the residency manager drives it::
 
 Breaking this order is a bookkeeping bug in the caller and fails an ``assert``.
 
-To make room, the caller iterates :meth:`EvictionPolicy.victims`: candidates, most evictable
-first. The policy skips nothing by itself; the caller skips keys it cannot evict (leased by a
-computation, in flight), calls ``on_remove`` for each key it does evict, and stops as soon as
-it has room. ``victims`` walks a snapshot, so removing keys while iterating is allowed; keys
-removed meanwhile are not yielded, keys inserted meanwhile are not yielded either.
+To make room, the caller iterates :meth:`EvictionPolicy.victims`: candidates, most evictable first
+(a prefetch, which loads a block before it is needed, also asks :meth:`EvictionPolicy.evict_for`).
+The policy skips nothing by itself; the caller skips keys it cannot evict (leased by a computation,
+in flight), calls ``on_remove`` for each key it does evict, and stops as soon as it has room.
+``victims`` walks a snapshot, so removing keys while iterating is allowed; keys removed meanwhile
+are not yielded, keys inserted meanwhile are not yielded either.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class EvictionPolicy(ABC, Generic[K]):
     @abstractmethod
     def victims(self) -> Iterator[K]:
         """Every tracked key, most evictable first (a snapshot; see the module docstring)."""
+
+    def evict_for(self, victim: K, incoming: K) -> bool:
+        """Whether evicting ``victim`` to load ``incoming`` ahead of its use is worth it.
+
+        A prefetch asks this of each candidate :meth:`victims` offers and stops at the first refusal,
+        so a policy that knows when keys are needed next refuses a victim needed no later than
+        ``incoming`` (evicting it would only trade one read for another, sooner), and orders its
+        victims so that every later one would be refused too. Policies without that knowledge
+        (recency, frequency) allow any victim.
+        """
+        return True
 
     @abstractmethod
     def __len__(self) -> int:

@@ -111,9 +111,24 @@ class SweepEviction(EvictionPolicy[K]):
                 yield list(layerless)  # rank L - current - 0.5: just after layer 0
         yield [key for key in current_keys if self._used_in_pass.get(key) != self._pass]  # rank 0
 
+    def evict_for(self, victim: K, incoming: K) -> bool:
+        """A prefetch evicts only blocks needed later in the sweep than the one it loads: a block of
+        layer ``c + d`` ahead may take the room of what the sweep needs after ``c + d`` (layers already
+        passed, the current layer's used blocks, layers further ahead), never that of layers ``c + 1``
+        .. ``c + d``. :meth:`victims` yields by rank, highest first, so every later victim is refused too.
+        """
+        victim_layer, incoming_layer = self._layer_of.get(victim, layer_of(victim)), layer_of(incoming)
+        layers = max(
+            [self._layers, *(layer + 1 for layer in (victim_layer, incoming_layer) if layer is not None)]
+        )
+        return self._rank(victim, victim_layer, layers) > self._rank(incoming, incoming_layer, layers)
+
     def rank(self, key: K, layer: int | None) -> float:
         """How far ahead in the sweep ``key`` is needed next (higher: evicted sooner)."""
-        layers, current = self._layers, max(self._current, 0)
+        return self._rank(key, layer, self._layers)
+
+    def _rank(self, key: K, layer: int | None, layers: int) -> float:
+        current = max(self._current, 0)
         if layer is None:
             return layers - current - BOUNDARY
         if layer != current:

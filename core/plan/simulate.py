@@ -70,6 +70,7 @@ class SimConfig:
     batches: int
     batch_size: int
     hot_experts: int | None = None  # K; None: the router's top-k, as the engine
+    lookahead_layers: int = _DEFAULTS.lookahead_layers  # L: layers read ahead (staging beyond the next)
     device_memory_bytes: int | None = None  # None: the machine's device memory
     host_memory_bytes: int | None = None  # None: the machine's host memory
     host_preload: bool = False  # every block in host RAM before the first step
@@ -103,6 +104,7 @@ class SimConfig:
             batches=self.batches,
             batch_size=self.batch_size,
             hot_experts=self.hot_experts,
+            lookahead_layers=self.lookahead_layers,
             device_memory_bytes=self.device_budget,
             host_memory_bytes=self.host_budget,
             host_preload=self.host_preload,

@@ -6,6 +6,7 @@ A configuration file has one table per concern; every key is optional::
     batches = 4              # n: batches in a group sharing every loaded weight
     batch_size = 8           # bs: sequences per batch
     hot_experts = 2          # K: experts prefetched per layer (default: the router's top-k; "all": E)
+    lookahead_layers = 2     # L: layers read ahead; beyond the next, staged in host RAM (or a CPU device)
     schedule = "klotski"     # "klotski" (I/O overlaps compute) or "sequential" (load, then compute)
     expert_order = "ready-first"  # "ready-first" (Klotski's reordering) or "index" (expert 0, 1, ...)
 
@@ -71,6 +72,7 @@ class EngineOptions:
     batches: int = 2  # n: batches in a group sharing every loaded weight
     batch_size: int = 4  # bs: sequences per batch
     hot_experts: int | Literal["all"] | None = None  # K prefetched per layer; None: top-k; "all": E
+    lookahead_layers: int = 2  # L: layers read ahead; those beyond the next are staged (the DRAM window)
     device_memory_bytes: int | None = None  # None: derived (runtime/budgets.py); the GPU's on CUDA
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
     host_memory_bytes: int | None = None  # None: derived from the memory limit (runtime/budgets.py)
@@ -89,7 +91,7 @@ class EngineOptions:
     expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
 
     def __post_init__(self) -> None:
-        for name in ("batches", "batch_size", "disk_queue_depth"):
+        for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         _check_hot_experts("hot_experts", self.hot_experts)
@@ -180,6 +182,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
         "batches": ("batches", _integer(1)),
         "batch_size": ("batch_size", _integer(1)),
         "hot_experts": ("hot_experts", _hot_experts),
+        "lookahead_layers": ("lookahead_layers", _integer(1)),
         "schedule": ("schedule", _choice(*SCHEDULES)),
         "expert_order": ("expert_order", _choice(*EXPERT_ORDERS)),
     },

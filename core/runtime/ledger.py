@@ -43,6 +43,7 @@ class Entry:
     copy_done: CopyDone | None = None
     leases: int = 0
     reserved: bool = False  # its bytes are counted in the ledger
+    ahead: bool = False  # staged for a layer beyond the next, by a prefetch that never waits
     task: asyncio.Task[None] | None = None
     granting: list[asyncio.Future[Lease]] = field(default_factory=list)  # leases to give once it lands
 
@@ -76,13 +77,20 @@ class TierLedger:
         self.used_bytes += nbytes
         self.stats.observe_peak(self.used_bytes + self.fixed_bytes)
 
-    def make_room(self, nbytes: int) -> bool:
-        """Evict unleased resident blocks until ``nbytes`` fit; False (nothing evicted) if they cannot."""
+    def make_room(self, nbytes: int, ahead_of: BlockId | None = None) -> bool:
+        """Evict unleased resident blocks until ``nbytes`` fit; False (nothing evicted) if they cannot.
+
+        ``ahead_of``: the room is for a prefetch of that block, which takes only the room of victims
+        the policy finds worth it (:meth:`EvictionPolicy.evict_for`: needed later than that block);
+        the first refusal ends the search.
+        """
         if self.free_bytes() >= nbytes:
             return True
         victims: list[Entry] = []
         room = self.free_bytes()
         for block in self.victims():
+            if ahead_of is not None and not self.eviction.evict_for(block, ahead_of):
+                break
             entry = self.entries[block]
             if entry.leases == 0 and entry.resident:
                 victims.append(entry)

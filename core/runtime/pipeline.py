@@ -9,7 +9,10 @@ layer serves all ``n`` batches. For each layer ``l`` (ARCHITECTURE.md, section 2
     gate phase        route(l, batch k) for each k; right after each gate, request every
                       selected expert that is neither resident nor in flight
                       once every batch has routed: prefetch attn(l+1), gate(l+1) and the hot experts
-                      of l+1 (after the last layer: the head and the next step's first blocks)
+                      of l+1 (after the last layer: the head and the next step's first blocks);
+                      with a look-ahead of L layers, stage layers l+2 .. l+L too (their attention,
+                      gate and the experts the policy predicts there): into host RAM, or on a CPU
+                      device without a host tier into the device, behind every nearer read
     expert phase      experts over the tokens of all n batches: those already resident first,
                       most tokens first, then the others in the order their loads finish;
                       each expert's lease is released right after its only computation
@@ -79,6 +82,7 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         metrics: RunMetrics,
         *,
         hot_experts: int,
+        lookahead_layers: int = 1,
         schedule: str = KLOTSKI,
         expert_order: str = READY_FIRST,
         layouts: Mapping[BlockId, BlockLayout] | None = None,
@@ -88,12 +92,14 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         assert schedule in SCHEDULES and expert_order in EXPERT_ORDERS, (schedule, expert_order)
+        assert lookahead_layers >= 1, f"the look-ahead is at least the next layer, got {lookahead_layers}"
         self.spec = spec
         self.res = residency
         self.jobs = jobs
         self.prefetch = prefetch
         self.metrics = metrics
         self.hot_experts = hot_experts
+        self.lookahead_layers = lookahead_layers
         self.recorder = recorder
         self.timeline = timeline
         self.events = events
@@ -104,6 +110,7 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         self._at_gate = self._ahead and expert_order == READY_FIRST  # fetch experts right after each gate
         self._step = 0  # forward steps so far in this run
         self._wanted: list[BlockId] = []  # prefetches that found no room yet, most urgent first
+        self._staging: list[BlockId] = []  # blocks of layers beyond the next to stage, nearest first
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted hot for this step
 
     async def forward(self, batches: Sequence[BatchT]) -> list[LogitsT]:
@@ -162,6 +169,8 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         self, layer: int, batches: Sequence[BatchT], previous: RouteArray | None
     ) -> None:
         self._wanted = [b for b in self._wanted if b.layer < 0 or b.layer >= layer]  # drop stale wishes
+        self._staging = [b for b in self._staging if b.layer > layer]
+        self.res.horizon = layer
         attn = await self._acquire(attn_block(layer))
         if previous is None and self._ahead:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
@@ -186,6 +195,18 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
             self._want([attn_block(layer + 1), *self._moe_blocks(layer + 1, routes)])
         else:
             self._want([head_block(), embed_block(), attn_block(0)])
+        self._stage_ahead(layer)
+
+    def _stage_ahead(self, layer: int) -> None:
+        """Wish layers ``layer + 2`` .. ``layer + L`` staged (within this step): their attention, gate
+        and the experts the prefetch policy predicts there without routes yet."""
+        last = min(layer + self.lookahead_layers, self.spec.num_layers - 1)
+        for ahead in range(layer + 2, last + 1):
+            hot = self.prefetch.predict(ahead, self.hot_experts, None)
+            for block in (attn_block(ahead), gate_block(ahead), *(expert_block(ahead, e) for e in hot)):
+                if block not in self._staging:
+                    self._staging.append(block)
+        self._pump()
 
     def _want(self, blocks: Sequence[BlockId]) -> None:
         for block in blocks:
@@ -196,9 +217,12 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         self._pump()
 
     def _pump(self) -> None:
-        """Start wanted prefetches in order while the device has room for them."""
+        """Start wanted prefetches in order while the device has room for them, then the staging of
+        layers further ahead while the tier they go to has room."""
         while self._wanted and self.res.prefetch(self._wanted[0]):
             self._wanted.pop(0)
+        while self._staging and self.res.stage(self._staging[0]):
+            self._staging.pop(0)
 
     async def _gate_phase(self, layer: int, batches: Sequence[BatchT]) -> tuple[list[RoutingT], _Requests]:
         gate = await self._acquire(gate_block(layer))

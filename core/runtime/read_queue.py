@@ -20,7 +20,8 @@ from klotski_tier.core.model.blocks import BlockId
 # Urgency of a disk read, most urgent first:
 DEMAND = 0  # a block a computation has requested (or a read for the host tier alone)
 NEXT_WEIGHTS = 1  # a prefetched attention, gate, embedding or head block: what the next phase needs first
-SPECULATIVE = 2  # a prefetched expert: a prediction, needed after the blocks above
+SPECULATIVE = 2  # a prefetched expert, or a block of a layer beyond the next: needed after the blocks above
+AHEAD = 3  # a block staged in host RAM for a layer beyond the next: read while the drive would idle
 
 
 @dataclass(eq=False)

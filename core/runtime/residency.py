@@ -21,8 +21,13 @@ A block is leased from the moment it is requested, in flight or not, so nothing 
 computation is waiting for can be evicted under it.
 
 Disk reads wait in a :class:`~klotski_tier.core.runtime.read_queue.ReadQueue` and reach the disk driver
-by urgency, a few blocks at a time: demand first, then prefetched attention, gate, embedding and
-head blocks, then prefetched experts.
+by urgency, a few blocks at a time: demand first, then the next layer's prefetched attention and gate
+(and the embedding and head), then other prefetches, then blocks staged for layers further ahead
+(:meth:`Residency.stage`: the disk-to-DRAM window, read while the drive would otherwise idle).
+
+A prefetch or a staging read takes room only from blocks the eviction policy needs later than the
+one it loads (:meth:`~klotski_tier.policies.eviction.EvictionPolicy.evict_for`), so reading ahead
+never costs a read of something needed sooner.
 
 What the manager asks of the tiers is three small protocols (:class:`BlockReader`,
 :class:`HostBuffers`, :class:`DeviceBuffers`): the engine passes its tier drivers, the simulator
@@ -48,7 +53,7 @@ from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, BlockWeights
 from klotski_tier.core.observe.events import LOAD, LOADED, PREFETCH, RELEASE, REQUEST, EventLog
 from klotski_tier.core.runtime.ledger import Entry, State, TierLedger
-from klotski_tier.core.runtime.read_queue import DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
+from klotski_tier.core.runtime.read_queue import AHEAD, DEMAND, NEXT_WEIGHTS, SPECULATIVE, ReadQueue
 from klotski_tier.core.units import format_size
 from klotski_tier.tiers.base import CopyDone
 from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
@@ -134,6 +139,7 @@ class Residency:
         self._reads = ReadQueue(disk_slots, self._urgency)  # blocks in the disk driver: its queue depth
         self._events = events
         self._clock = clock
+        self.horizon = 0  # the layer the pipeline computes: reads for the one after it come first
         for ledger in (host_ledger, device_ledger):
             ledger.events = events
         device_ledger.release = device.release
@@ -177,13 +183,32 @@ class Residency:
         if block in self.device.entries:
             return True
         nbytes = self._layouts[block].nbytes
-        if self.device.demand_waiting or not self.device.make_room(nbytes):
+        if self.device.demand_waiting or not self.device.make_room(nbytes, ahead_of=block):
             return False
         self.device.take(nbytes)
         if self._events is not None:
             self._events.record(PREFETCH, str(block), DEVICE)
         entry = self._start(self.device, block, self._load_device, wait_for_room=False)
         entry.reserved = True
+        return True
+
+    def stage(self, block: BlockId) -> bool:
+        """Start reading ``block`` from disk for a layer beyond the next: into host RAM (the staging
+        window), taking only the room of blocks needed later; or, where a CPU device reads straight
+        from disk, into the device's free room only (evicting there would trade the blocks the device
+        keeps across steps for reads of the same size). Never waits; False when there is no room now."""
+        if block in self.device.entries or block in self.host.entries:
+            return True
+        nbytes = self._layouts[block].nbytes
+        if self._disk_to_device:  # the window shares the device's room with the blocks it keeps:
+            return self.device.free_bytes() >= nbytes and self.prefetch(block)  # free room only
+        if self.host.demand_waiting or not self.host.make_room(nbytes, ahead_of=block):
+            return False
+        self.host.take(nbytes)
+        if self._events is not None:
+            self._events.record(PREFETCH, str(block), HOST)
+        entry = self._start(self.host, block, self._load_host, wait_for_room=False)
+        entry.reserved = entry.ahead = True
         return True
 
     async def stage_in_host(self, block: BlockId) -> None:
@@ -375,11 +400,17 @@ class Residency:
             self._notify_room()
 
     def _urgency(self, block: BlockId) -> int:
-        """How soon a read of ``block`` is needed: demand, next weights or speculative (see ReadQueue)."""
+        """How soon a read of ``block`` is needed: demand, next weights, speculative or ahead (see
+        ReadQueue)."""
         entry = self.device.entries.get(block)
-        if entry is None or entry.leases:
+        if entry is None:  # a read for the host tier alone: staged ahead, or one a caller awaits
+            staged = self.host.entries.get(block)
+            return AHEAD if staged is not None and staged.ahead and not staged.leases else DEMAND
+        if entry.leases:
             return DEMAND
-        return SPECULATIVE if block.kind is BlockKind.EXPERT else NEXT_WEIGHTS
+        if block.kind is not BlockKind.EXPERT and block.layer <= self.horizon + 1:
+            return NEXT_WEIGHTS  # the next layer's attention and gate; the embedding and head (layer -1)
+        return SPECULATIVE
 
     def _ledger(self, tier: str) -> TierLedger:
         return {HOST: self.host, DEVICE: self.device}[tier]

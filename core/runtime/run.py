@@ -153,6 +153,7 @@ def make_pipeline(
         prefetch,
         metrics,
         hot_experts=hot_experts(spec, options),
+        lookahead_layers=options.lookahead_layers,
         schedule=options.schedule,
         expert_order=options.expert_order,
         layouts=layouts,

@@ -174,3 +174,50 @@ def test_victims_follow_the_rank_rule_whatever_the_history(ops: list[tuple[str, 
             reference.order.remove(key)
             reference.used_in_pass.pop(key, None)
         assert list(policy.victims()) == reference.victims()
+
+
+# ---------------------------------------------------------------- reading ahead (evict_for)
+
+
+def test_a_prefetch_takes_only_the_room_of_blocks_needed_later_than_the_one_it_loads() -> None:
+    policy = SweepEviction[FakeKey]()
+    for layer in range(LAYERS):
+        policy.on_insert(FakeKey(layer), BLOCK_BYTES)
+    policy.on_insert(FakeKey(0, 1), BLOCK_BYTES)
+    policy.on_access(FakeKey(0))  # the sweep is at layer 0: its attention used, its expert 1 not yet
+    policy.on_access(FakeKey(1))  # now at layer 1
+    two_ahead = FakeKey(3, 0)  # layer 3 is two layers ahead of layer 1
+    assert policy.evict_for(FakeKey(1), two_ahead)  # used in this pass: needed a whole sweep later
+    assert policy.evict_for(FakeKey(0), two_ahead)  # layer 0 comes back only in the next sweep
+    assert policy.evict_for(FakeKey(0, 1), two_ahead)
+    assert not policy.evict_for(FakeKey(2), two_ahead)  # the next layer is needed sooner
+    assert not policy.evict_for(FakeKey(3), two_ahead)  # as soon as the block itself: no gain
+    # victims() yields by rank, so the first refusal ends the search with nothing useful skipped
+    ranked = list(policy.victims())
+    refusals = [not policy.evict_for(key, two_ahead) for key in ranked]
+    assert refusals == sorted(refusals)  # every refusal comes after every allowed victim
+
+
+@given(st.lists(st.tuples(st.integers(0, LAYERS - 1), st.integers(-1, EXPERTS - 1)), min_size=1, max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_sweep_refusals_come_after_every_allowed_victim(accesses: list[tuple[int, int]]) -> None:
+    """Whatever the history, ``victims()`` never offers a refused key before an allowed one, for any
+    incoming key (the ledger stops at the first refusal)."""
+    policy = SweepEviction[FakeKey]()
+    for layer, expert in accesses:
+        key = FakeKey(layer, expert) if expert >= 0 else FakeKey(layer)
+        if key not in policy:
+            policy.on_insert(key, BLOCK_BYTES)
+        policy.on_access(key)
+    ranked = list(policy.victims())
+    for layer in range(LAYERS):
+        incoming = FakeKey(layer, EXPERTS)  # an expert no access inserted
+        refusals = [not policy.evict_for(key, incoming) for key in ranked]
+        assert refusals == sorted(refusals), (layer, ranked)
+
+
+def test_policies_that_do_not_know_the_future_allow_any_victim() -> None:
+    for name in ("lru", "fifo", "lfu"):
+        policy = make_eviction(name)
+        policy.on_insert(FakeKey(0), BLOCK_BYTES)
+        assert policy.evict_for(FakeKey(0), FakeKey(1)), name

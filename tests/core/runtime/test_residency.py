@@ -208,3 +208,117 @@ def test_a_block_that_fits_by_bytes_but_not_in_one_region_evicts_until_it_does(f
             assert res.device.used_bytes <= room
 
     run(scenario)
+
+
+# ---------------------------------------------------------------- the staging window
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    """Four layers: enough to stage two layers ahead of the next."""
+    return load_model_files(
+        make_checkpoint(tmp_path_factory.mktemp("deep"), "mixtral", num_layers=4, num_experts=4)
+    )
+
+
+@asynccontextmanager
+async def sweep_residency(
+    files: ModelFiles, *, device_bytes: int, host_bytes: int, disk_to_device: bool = False
+) -> AsyncIterator[Residency]:
+    from klotski_tier.policies.sweep import SweepEviction
+
+    async with DiskDriver() as disk, HostDriver() as host, DeviceDriver("cpu") as device:
+        res = Residency(
+            files.layouts,
+            source=BlockSource(files.layouts, disk),
+            host=host,
+            device=device,
+            host_ledger=TierLedger(HOST, host_bytes, SweepEviction(), TierStats(HOST, host_bytes)),
+            device_ledger=TierLedger(DEVICE, device_bytes, SweepEviction(), TierStats(DEVICE, device_bytes)),
+            disk_to_device=disk_to_device,
+        )
+        try:
+            yield res
+        finally:
+            await res.aclose()
+
+
+def test_a_staged_block_waits_in_host_ram_and_then_costs_no_disk_read(deep: ModelFiles) -> None:
+    block = expert_block(1, 2)
+
+    async def scenario() -> None:
+        async with sweep_residency(deep, device_bytes=UNLIMITED, host_bytes=UNLIMITED) as res:
+            assert res.stage(block) is True
+            assert res.state(block, HOST) is State.IN_FLIGHT and res.state(block) is State.ABSENT
+            await res.host.entries[block].ready
+            assert res.host.stats.transfers == 1 and res.device.stats.transfers == 0
+            lease = await res.request(block)  # the device takes it from RAM: a copy, no second read
+            assert res.host.stats.transfers == 1 and res.device.stats.transfers == 1
+            await res.release(lease)
+            assert res.stage(block) is True  # already there: nothing more to do
+            assert res.host.stats.transfers == 1
+
+    run(scenario)
+
+
+def test_staging_takes_no_room_from_a_block_needed_sooner(deep: ModelFiles) -> None:
+    """Host RAM holds one block: an unused block of layer 1 is needed before one of layer 2, so
+    staging the latter is refused and changes nothing; once the sweep has used the layer-1 block it
+    is needed only in the next sweep, and staging takes its room."""
+    one = deep.layouts[expert_block(1, 0)].nbytes
+
+    async def scenario() -> None:
+        async with sweep_residency(deep, device_bytes=UNLIMITED, host_bytes=one) as res:
+            await res.stage_in_host(expert_block(1, 0))
+            assert res.stage(expert_block(2, 0)) is False
+            assert res.state(expert_block(2, 0), HOST) is State.ABSENT
+            assert res.state(expert_block(1, 0), HOST) is State.RESIDENT
+            res.host.eviction.on_access(expert_block(1, 0))  # the sweep is at layer 1 and used it
+            assert res.stage(expert_block(2, 0)) is True
+            assert res.state(expert_block(1, 0), HOST) is State.ABSENT
+            await res.host.entries[expert_block(2, 0)].ready
+            assert res.host.used_bytes <= one
+
+    run(scenario)
+
+
+def test_a_cpu_device_stages_only_into_free_room(deep: ModelFiles) -> None:
+    """Reading straight into a CPU device, staging never evicts: the blocks the device keeps across
+    steps would be traded for reads of the same size."""
+    one = deep.layouts[expert_block(1, 0)].nbytes
+
+    async def scenario() -> None:
+        async with sweep_residency(deep, device_bytes=one, host_bytes=0, disk_to_device=True) as res:
+            lease = await res.request(expert_block(0, 0))
+            await res.release(lease)  # used: a prefetch of layer 2 could take its room, staging may not
+            assert res.stage(expert_block(2, 0)) is False
+            assert res.state(expert_block(0, 0)) is State.RESIDENT
+            assert res.prefetch(expert_block(2, 0)) is True  # a prefetch (the next layer's) still may
+            assert res.state(expert_block(0, 0)) is State.ABSENT
+
+    run(scenario)
+
+
+def test_reads_ahead_queue_behind_every_nearer_read(deep: ModelFiles) -> None:
+    """The read queue's order: demand, the next layer's attention and gate, other prefetches, then
+    blocks staged for layers beyond the next."""
+    from klotski_tier.core.model.blocks import gate_block
+    from klotski_tier.core.runtime.read_queue import AHEAD, DEMAND, NEXT_WEIGHTS, SPECULATIVE
+
+    async def scenario() -> None:
+        async with sweep_residency(deep, device_bytes=UNLIMITED, host_bytes=UNLIMITED) as res:
+            res.horizon = 0
+            demanded = res.request(expert_block(0, 0))
+            assert res.prefetch(attn_block(1)) and res.prefetch(expert_block(1, 1))
+            assert res.prefetch(gate_block(2))  # beyond the next layer: speculative
+            assert res.stage(attn_block(3))
+            urgency = res._urgency
+            assert urgency(expert_block(0, 0)) == DEMAND
+            assert urgency(attn_block(1)) == NEXT_WEIGHTS
+            assert urgency(expert_block(1, 1)) == SPECULATIVE == urgency(gate_block(2))
+            assert urgency(attn_block(3)) == AHEAD
+            res.request(attn_block(3))  # a computation wants it now: demand, wherever it waits
+            assert urgency(attn_block(3)) == DEMAND
+            await res.release(await demanded)
+
+    run(scenario)
