@@ -50,7 +50,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_every_key_of_a_file_lands_in_the_options(tmp_path: Path) -> None:
     options = build_options(config_file=write(tmp_path, FULL))
-    assert (options.batches, options.batch_size, options.hot_experts, options.lookahead_layers) == (3, 5, 1, 3)
+    assert (options.batches, options.batch_size, options.hot_experts) == (3, 5, 1)
+    assert options.lookahead_layers == 3
     assert options.device_memory_bytes == 64 * 2**20 and options.device == "cpu"
     assert options.host_memory_bytes is None and options.host_preload is True
     assert options.disk_queue_depth == 6 and options.disk_driver == "disk"
