@@ -8,6 +8,7 @@ Examples::
     python -m benchmarks.e2e --sweep batches --systems klotski,flexgen
     python -m benchmarks.e2e --sweep budget --systems klotski,accelerate
     python -m benchmarks.e2e --model e2e-large --systems klotski
+    python -m benchmarks.e2e --systems llamacpp,klotski        # llama.cpp: built and converted once
 
 Progress goes to stderr; the table to stdout; JSON, PNG and the machine profile to ``--out``.
 Exit code 1 with a one-line message when the benchmark cannot run (cgroups unavailable without

@@ -33,7 +33,8 @@ from benchmarks.e2e.planning import KLOTSKI_CONFIGS, PLAN, klotski_mode
 from benchmarks.e2e.report import chart_point, chart_sweep, copy_machine_profile, write_json
 from benchmarks.e2e.results import Point
 from benchmarks.e2e.runner import DEFAULT_TIMEOUT_S, Runner, RunnerSettings
-from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, LLAMACPP, SYSTEMS, Inputs, budget_for
+from benchmarks.e2e.systems import DEVICE_NOTE, KLOTSKI, SYSTEMS, Inputs, budget_for
+from benchmarks.e2e.worker import LLAMACPP
 from benchmarks.e2e.workload import Workload, make_prompts
 from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import ConfigError

@@ -133,7 +133,8 @@ def run_reference_logits(job: Job) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(job.model, dtype=torch.bfloat16, attn_implementation="eager")
+    auto: Any = AutoModelForCausalLM  # from_pretrained's model is untyped
+    model = auto.from_pretrained(job.model, dtype=torch.bfloat16, attn_implementation="eager")
     model.eval()
     rows = []
     with torch.inference_mode():
