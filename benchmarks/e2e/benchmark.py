@@ -120,7 +120,8 @@ def run_benchmark(config: BenchConfig) -> BenchOutcome:
     mode, note = klotski_mode(config.klotski_config, config.profile, config.sweep)
     if note:
         logger.warning("%s", note)
-    llamacpp = prepare(model_dir, config.llamacpp_root) if LLAMACPP in config.systems else None
+    runs_llamacpp = LLAMACPP in config.systems and config.sweep != "batches"  # that sweep: the engine only
+    llamacpp = prepare(model_dir, config.llamacpp_root) if runs_llamacpp else None
     scratch = Path(tempfile.mkdtemp(prefix=".e2e-scratch-", dir=model_dir.parent))  # on the model's drive
     try:
         runner = Runner(RunnerSettings(model_dir, scratch, config.use_cgroup, config.timeout_s))

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.e2e import llamacpp_build
+from benchmarks.e2e import llamacpp_build, worker
 from benchmarks.e2e.__main__ import config_from, parser
 from benchmarks.e2e.accelerate_peer import _strip
 from benchmarks.e2e.cgroup import cgroups_usable
@@ -442,6 +442,17 @@ def test_a_real_divergence_or_a_missing_token_voids_the_comparison() -> None:
         judge("llamacpp", "bound", partings("llamacpp", "bound", [[1, 2, 3]], [[1, 2]]), [[0.0]], sequences=1)
     with pytest.raises(TokenMismatch, match="returned 1 outputs for 2 prompts"):
         partings("llamacpp", "bound", [[1], [2]], [[1]])
+
+
+def test_the_reference_logits_worker_gives_transformers_bf16_logits(bf16_checkpoint: Path) -> None:
+    prompts = [[BOS_ID, 5, 6, 7], [BOS_ID, 9]]
+    result = worker.run(Job(REFERENCE_LOGITS, REFERENCE_LOGITS, str(bf16_checkpoint), prompts, 1))
+    model: Any = load_reference(bf16_checkpoint, torch.bfloat16)
+    assert len(result["logits"]) == 2
+    with torch.inference_mode():
+        for ids, row in zip(prompts, result["logits"], strict=True):
+            expected = model(torch.tensor([ids])).logits[0, -1].float()
+            assert len(row) == VOCAB_SIZE and torch.equal(torch.tensor(row), expected)
 
 
 class _LogitsRunner:
