@@ -210,6 +210,7 @@ def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
         "hot_experts": options.hot_experts,
         "host_preload": options.host_preload,
         "eviction": options.eviction,
+        "lookahead_layers": options.lookahead_layers,
         "planned": sorted(chosen.planned),
         "note": chosen.note,
         "basis": chosen.basis,

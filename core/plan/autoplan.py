@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 PLAN_AUTO, PLAN_OFF = "auto", "off"
 NO_PROFILE_NOTE = "no machine profile: `klotski-tier bench` measures this machine"
-PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction")  # what a plan sets
+# what a plan sets
+PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction", "lookahead_layers")
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids
 

@@ -28,6 +28,9 @@ from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
 LRU, SWEEP = LRUEviction.name, SweepEviction.name  # the policies modelled (any other as LRU)
 
 
+STAGED_LOOKAHEAD = 2  # staging the layer after next fills the drive's gaps; deeper gained nothing simulated
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where the weights live while the plan runs."""
@@ -35,11 +38,14 @@ class Placement:
     device_resident: bool  # every weight stays in device memory after the first step
     home: str  # where blocks come from when they are loaded: "host" (RAM) or "disk"
     host_preload: bool  # read every block into host RAM before the first step
-    host_window_layers: int  # home "disk": whole layers the host budget stages ahead of the device
+    host_window_layers: int  # home "disk": whole layers the host budget could hold
     compressed: bool  # read from a compressed store (it pays off against the plain bytes)
     expert_reuse: float = 0.0  # expected share of used experts still in device memory from earlier steps
     into_device: bool = False  # a CPU device with no host budget: the drive reads into device buffers
     eviction: str = LRU  # the device tier's eviction policy: "sweep" keeps a prefix of the layer sweep
+    # L of [pipeline] lookahead_layers: 2 where blocks come from the drive through a host tier with room
+    # for a layer (the layer after next is staged in RAM while the next moves to the device), else 1
+    lookahead_layers: int = 1
 
     def describe(self) -> str:
         device = (
@@ -57,8 +63,17 @@ class Placement:
         store = "a compressed store" if self.compressed else "the checkpoint"
         if self.into_device:
             return f"{device}; blocks are read from {store} on the drive straight into device memory"
-        window = self.host_window_layers
-        return f"{device}; blocks come from {store} on the drive, {window} layer(s) staged in RAM"
+        if self.lookahead_layers > 1:
+            ahead = (
+                "the layer after next"
+                if self.lookahead_layers == 2
+                else f"{self.lookahead_layers - 1} layers"
+            )
+            return (
+                f"{device}; blocks come from {store} on the drive through host RAM, which keeps what the "
+                f"device does not and stages {ahead} while the next moves to the device"
+            )
+        return f"{device}; blocks come from {store} on the drive through host RAM (no room to stage ahead)"
 
 
 def placement_for(
@@ -85,7 +100,18 @@ def placement_for(
         compressed = packed.bottleneck_s < plain.bottleneck_s
     window = host_budget // sizes.layer if home == "disk" else sizes.num_layers
     layers = min(window, sizes.num_layers)
-    return Placement(resident, home, home == "host", layers, compressed, into_device=into_device)
+    in_flight = (cost.machine.io_threads + 1) * sizes.largest  # reads and a copy the host holds at once
+    room = home == "disk" and not into_device and host_budget >= in_flight + sizes.layer
+    lookahead = STAGED_LOOKAHEAD if room else 1
+    return Placement(
+        resident,
+        home,
+        home == "host",
+        layers,
+        compressed,
+        into_device=into_device,
+        lookahead_layers=lookahead,
+    )
 
 
 def reads_into_device(cost: CostModel, host_budget: int) -> bool:

@@ -40,6 +40,7 @@ class PlanRequest:
     host_preload: bool | None = None  # True: every block in host RAM; False: stream from the drive
     compression_ratio: float | None = None  # the ratio of a compressed store the run may read
     eviction: str | None = None  # fixed device eviction policy (modelled as LRU unless "sweep")
+    lookahead_layers: int | None = None  # fixed L (layers read ahead); None: the planner's
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -143,6 +144,7 @@ class Plan:
             "hot_experts": self.hot_experts,
             "host_preload": self.placement.host_preload,
             "eviction": self.placement.eviction,
+            "lookahead_layers": self.placement.lookahead_layers,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -167,6 +167,8 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     )
     eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
     placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
+    if req.lookahead_layers is not None:
+        placement = dataclasses.replace(placement, lookahead_layers=req.lookahead_layers)
     io = io_times(
         cost,
         placement,
@@ -223,14 +225,32 @@ def _candidate(
     device = TierUse(
         "device", fixed + weights, min(fixed + total, ctx.device_budget), ctx.device_budget, parts
     )
-    # from the drive, the host holds each block from its read until its copy: io_threads reads and a copy
-    staging = total if placement.home == "host" else (cost.machine.io_threads + 1) * cost.sizes.largest
-    staging = 0 if placement.into_device else staging
-    host = TierUse("host", staging, min(total, ctx.host_budget), ctx.host_budget, {"weights": staging})
+    host = _host_use(ctx, placement, hot, min(total, ctx.device_budget - fixed))
     found = deadlines(shape, hot, work, io)
     return Candidate(
         shape.batches, shape.batch_size, hot, placement, found, decode, device, host, shape, work, io
     )
+
+
+def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -> TierUse:
+    """Host RAM under the plan. From the drive it needs the reads in flight and a copy (each block is
+    held from its read until its copy) plus, with a look-ahead, the layer after next's staged blocks;
+    beyond those it keeps, up to its budget, blocks the device (``device_kept`` bytes of weights) does
+    not hold (it evicts its copies of device-resident blocks first), so a step reads from the drive only
+    what neither tier keeps."""
+    cost, total, budget = ctx.cost, ctx.cost.sizes.total, ctx.host_budget
+    if placement.into_device:
+        return TierUse("host", 0, 0, budget, {})
+    if placement.home == "host":
+        return TierUse("host", total, min(total, budget), budget, {"weights": total})
+    in_flight = (cost.machine.io_threads + 1) * cost.sizes.largest
+    staged = 0
+    if placement.lookahead_layers > 1:
+        layer = cost.sizes.attn + cost.sizes.gate + hot * cost.sizes.expert  # what a layer ahead stages
+        staged = (placement.lookahead_layers - 1) * layer
+    kept = max(0, min(budget - in_flight - staged, total - device_kept))
+    parts = {"reads in flight": in_flight, "staged ahead": staged, "kept": kept}
+    return TierUse("host", in_flight + staged, min(budget, in_flight + staged + kept), budget, parts)
 
 
 def _choose(tried: list[Candidate]) -> Candidate:

@@ -268,7 +268,8 @@ def test_overrides_are_kept_and_the_plan_is_json() -> None:
     plan = _streaming(0.5, batches=3, batch_size=2, hot_experts=1)
     assert (plan.batches, plan.batch_size, plan.hot_experts) == (3, 2, 1)
     assert plan.engine_options() == {
-        "batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False, "eviction": "sweep"
+        "batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False, "eviction": "sweep",
+        "lookahead_layers": plan.placement.lookahead_layers,
     }  # fmt: skip
     data = json.loads(json.dumps(plan.to_dict()))
     assert [d["number"] for d in data["deadlines"]] == [4, 5, 6, 7]
