@@ -89,11 +89,17 @@ class _Batch:
         self._failed = threading.Event()
 
     def guard(self, job: Callable[[], T]) -> Callable[[], T]:
+        # The pool's work item outlives the job by a moment (its thread lets go of it after setting the
+        # result, which may already have woken the event loop): the job, and the buffers its closure
+        # holds, go in a box the run empties, so they are freed when the job returns, not after.
+        box = [job]
+
         def run() -> T:
+            task = box.pop()
             if self._failed.is_set():
                 raise _Skipped
             try:
-                return job()
+                return task()
             except BaseException:
                 self._failed.set()
                 raise
