@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 
 from benchmarks.e2e.benchmark import (
+    CHECKPOINT,
     DEFAULT_DRIVE_FILE_BYTES,
+    ENGINE_READS,
     RESULTS_DIR,
     SWEEPS,
     BenchConfig,
@@ -116,6 +118,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate-batch", type=int, help="accelerate's batch (default: the largest that fits)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per worker run")
     p.add_argument("--trace", action="store_true", help="save one extra klotski run's Chrome trace in --out")
+    p.add_argument(
+        "--engine-reads",
+        choices=ENGINE_READS,
+        default=CHECKPOINT,
+        help="what the engine's systems read: the checkpoint's safetensors (O_DIRECT, the engine's default) "
+        "or its packed store (checksummed; packed once)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -141,6 +150,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         accelerate_batch=args.accelerate_batch,
         timeout_s=args.timeout,
         trace=args.trace,
+        engine_reads=args.engine_reads,
         command=shlex.join(["python", "-m", "benchmarks.e2e", *sys.argv[1:]]),
     )
 

@@ -52,6 +52,10 @@ DEFAULT_SWEEP_BUDGETS = (0.125, 0.25, 0.5, 0.75, 1.0)  # an eighth of the model 
 DEFAULT_DRIVE_FILE_BYTES = 1024 * MIB
 
 
+CHECKPOINT, STORE = "checkpoint", "store"
+ENGINE_READS = (CHECKPOINT, STORE)  # the engine reads a checkpoint (O_DIRECT) by default, a store on ask
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything one benchmark run is asked to do (the command line, as data)."""
@@ -75,6 +79,7 @@ class BenchConfig:
     accelerate_batch: int | None = None  # None: the largest that fits
     timeout_s: float = DEFAULT_TIMEOUT_S
     trace: bool = False  # save one extra klotski run's Chrome trace beside the results
+    engine_reads: str = CHECKPOINT  # what the engine's systems read: the checkpoint (default) or the store
     cache_dir: Path | None = None  # where bench models are built (default: the klotski-tier cache)
     llamacpp_root: Path | None = None  # where llama.cpp is built (default: beside the bench models)
     command: str = ""  # the command line, recorded in the JSON
@@ -89,6 +94,9 @@ class BenchConfig:
             raise ConfigError(
                 f"unknown klotski config {self.klotski_config!r}; valid: {', '.join(KLOTSKI_CONFIGS)}"
             )
+        if self.engine_reads not in ENGINE_READS:
+            valid = ", ".join(ENGINE_READS)
+            raise ConfigError(f"unknown --engine-reads {self.engine_reads!r}; valid: {valid}")
         if self.repeats < 1 or (self.batch_size or 1) < 1 or not self.batches or min(self.batches) < 1:
             raise ConfigError("repeats, batch size and every n of --batches must be at least 1")
 
@@ -127,7 +135,8 @@ def run_benchmark(config: BenchConfig) -> BenchOutcome:
         runner = Runner(RunnerSettings(model_dir, scratch, config.use_cgroup, config.timeout_s))
         allowance = config.allowance_bytes or runner.runtime_allowance()
         gbps = drive_gbps(model_dir.parent, config.drive_file_bytes)
-        inputs = Inputs(model_dir, prompts, config.workload.new_tokens, bench_store_dir(model_dir), llamacpp)
+        store = bench_store_dir(model_dir) if config.engine_reads == STORE else None
+        inputs = Inputs(model_dir, prompts, config.workload.new_tokens, store, llamacpp)
         comparison = Comparison(runner, inputs, files, gbps)
         plan = _point_plan(config, mode)
         xs, points = _run_points(config, plan, comparison, total_block_bytes(files.layouts), allowance)
@@ -135,6 +144,7 @@ def run_benchmark(config: BenchConfig) -> BenchOutcome:
         shutil.rmtree(scratch, ignore_errors=True)
     payload = _payload(config, files, model_dir, allowance, gbps, xs, points)
     payload["klotski_config"] = {"requested": config.klotski_config, "used": mode, "note": note or None}
+    payload["engine_reads"] = config.engine_reads
     return BenchOutcome(payload, points, xs, _write(config, payload, xs, points, gbps), note)
 
 

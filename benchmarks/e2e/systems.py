@@ -32,7 +32,8 @@ in the results):
   still runs resident experts first), ``sweep`` eviction, and n the best of a sweep over ``--batches``;
 - every engine system but a planned ``klotski`` runs all N prompts as one batch group: bs = ceil(N / n)
   unless ``--batch-size`` is given (``sequential`` and ``ondemand-lru``: one batch of N);
-- the engine's systems read the model's packed store (O_DIRECT, no page cache); with no GPU the
+- the engine's systems read the checkpoint's safetensors with O_DIRECT, as the engine does by default
+  (``--engine-reads store``: the model's packed store, checksummed), no page cache; with no GPU the
   device is the CPU, so the whole weight budget is the device tier and blocks are read from disk
   straight into it (host budget 0); with a GPU, the host tier would stage ``STAGING_BLOCKS``
   largest blocks.
@@ -133,7 +134,7 @@ class Inputs:
     model: Path
     prompts: list[list[int]]
     new_tokens: int
-    store: Path | None = None  # the model's packed store: what the engine's systems read
+    store: Path | None = None  # the model's packed store, when the engine's systems read it (else the model)
     llamacpp: LlamaCppSetup | None = None  # llama.cpp's driver and the model's GGUF (when it runs)
 
 

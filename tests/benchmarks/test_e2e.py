@@ -97,6 +97,7 @@ def test_results_json_is_well_formed(outcome: BenchOutcome) -> None:
     klotski = next(s for s in point["systems"] if s["name"] == "klotski")
     assert klotski["median"]["tokens_per_s"] > 0 and klotski["median"]["bytes_read"] is not None
     assert data["klotski_config"] == {"requested": PLAN, "used": PLAN, "note": None}
+    assert data["engine_reads"] == "checkpoint"  # the engine's default: the safetensors, O_DIRECT
     notes = klotski["notes"]
     assert notes["config"] == PLAN and notes["predicted"]["tokens_per_s"] > 0
     assert notes["predicted"]["decode_tokens_per_s"] > 0
@@ -225,6 +226,8 @@ def test_command_line_plans_klotski_by_default() -> None:
     assert config.klotski_config == SWEEP and config.klotski_hot_experts == 3
     with pytest.raises(ConfigError, match="unknown klotski config 'auto'"):
         BenchConfig(klotski_config="auto")
+    with pytest.raises(ConfigError, match="unknown --engine-reads 'gguf'; valid: checkpoint, store"):
+        BenchConfig(engine_reads="gguf")
 
 
 def test_unregistered_presets_are_skipped_with_a_reason() -> None:
