@@ -36,7 +36,10 @@ def trace(trace_file: Path, png_path: Path, width_in: float) -> None:
     render_png(trace_file, png_path, width_in=width_in)
     totals = summarize(data.spans)
     click.echo(f"wrote {png_path}")
+    drive = "".join(
+        f", drive busy {share:.0%} of {phase}" for phase, share in totals.get("drive_busy_share", {}).items()
+    )
     click.echo(
         f"{len(data.spans)} tracks, {data.event_count} events, "
-        f"{totals['wall_s'] * MS_PER_S:.1f} ms wall, compute busy {totals['compute_busy_share']:.0%}"
+        f"{totals['wall_s'] * MS_PER_S:.1f} ms wall, compute busy {totals['compute_busy_share']:.0%}{drive}"
     )

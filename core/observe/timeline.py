@@ -46,7 +46,10 @@ INTER_LAYER_BUBBLE = "inter-layer bubble"  # attention done, gate or hot experts
 INTRA_LAYER_BUBBLE = "intra-layer bubble"  # an expert done, the next cold expert still in flight
 US_PER_S = 1_000_000  # Chrome trace timestamps are microseconds
 PID = 1  # the whole engine is one Chrome "process"
-RANK_COMPUTE, RANK_IO, RANK_WAIT = 0, 1, 2  # thread_sort_index groups
+RANK_STEPS, RANK_COMPUTE, RANK_IO, RANK_WAIT = -1, 0, 1, 2  # thread_sort_index groups
+STEPS_TRACK = "steps"  # one span per forward step, named "prefill ..." or "decode ..."
+DRIVE_QUEUE = "disk"  # the residency's disk reads: lane tracks "disk queue N"
+PHASES = ("prefill", "decode")
 WAIT_WORDS = ("bubble", "wait", "stall")  # a track named with one of these sorts last
 
 Span = tuple[float, float, str, dict[str, Any]]  # (start_s, end_s, name, args)
@@ -68,6 +71,8 @@ def lane_track(queue: str, lane: int) -> str:
 def track_rank(track: str) -> int:
     """Sort group of a track: compute first, then I/O queues, then waits and bubbles."""
     lowered = track.lower()
+    if lowered == STEPS_TRACK:
+        return RANK_STEPS
     if lowered.startswith(COMPUTE_TRACK):
         return RANK_COMPUTE
     if any(word in lowered for word in WAIT_WORDS):
@@ -199,7 +204,38 @@ def summarize(tracks: dict[str, list[Span]]) -> dict[str, Any]:
     for start_s, end_s, name, _ in tracks.get(BUBBLE_TRACK, []):
         bubbles[name] = bubbles.get(name, 0.0) + end_s - start_s
     share = busy_s / wall_s if wall_s > 0 else 0.0
-    return {"wall_s": wall_s, "compute_busy_s": busy_s, "compute_busy_share": share, "bubble_s": bubbles}
+    summary = {"wall_s": wall_s, "compute_busy_s": busy_s, "compute_busy_share": share, "bubble_s": bubbles}
+    drive = drive_busy_share(tracks)
+    if drive:
+        summary["drive_busy_share"] = drive
+    return summary
+
+
+def drive_busy_share(tracks: dict[str, list[Span]]) -> dict[str, float]:
+    """Per phase with steps on the ``steps`` track: the share of its steps' time during which at least
+    one disk read was in flight (the union of the ``disk queue`` lanes, clipped to the steps)."""
+    disk = _union([(s[0], s[1]) for t, spans in tracks.items() if t.startswith(DRIVE_QUEUE) for s in spans])
+    shares: dict[str, float] = {}
+    for phase in PHASES:
+        steps = [(s[0], s[1]) for s in tracks.get(STEPS_TRACK, []) if s[2].startswith(phase)]
+        total = sum(end - start for start, end in steps)
+        if total > 0:
+            busy = sum(
+                min(end, e) - max(start, b) for start, end in steps for b, e in disk if b < end and e > start
+            )
+            shares[phase] = busy / total
+    return shares
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping spans merged: disjoint, in order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _metadata_events(tids: dict[str, int]) -> list[dict[str, Any]]:

@@ -197,6 +197,9 @@ def summary_text(summary: object) -> str:
     share = summary.get("compute_busy_share")
     if isinstance(share, int | float):
         parts.append(f"compute busy {share:.1%}")
+    drive = summary.get("drive_busy_share")
+    if isinstance(drive, dict):
+        parts += [f"drive busy {v:.1%} of {k}" for k, v in drive.items() if isinstance(v, int | float)]
     bubbles = summary.get("bubble_s")
     if isinstance(bubbles, dict):
         for kind, seconds in sorted(bubbles.items()):

@@ -33,7 +33,7 @@ from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import RunMetrics
 from klotski_tier.core.observe.routing_trace import RoutingTrace
-from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.observe.timeline import STEPS_TRACK, Timeline
 from klotski_tier.core.runtime.budgets import Budgets, resolve_budgets
 from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.runtime.model_jobs import Batch
@@ -248,7 +248,10 @@ class Engine:
         metrics = runtime.metrics
         started = time.perf_counter()
         logits = await runtime.pipeline.forward(batches)
-        metrics.prefill_s += time.perf_counter() - started
+        ended = time.perf_counter()
+        metrics.prefill_s += ended - started
+        if runtime.timeline is not None:
+            runtime.timeline.span(STEPS_TRACK, "prefill", started, ended, sequences=len(group))
         metrics.prefill_tokens += sum(len(s.prompt) for s in group)
         sampler.sample(parts, logits)
         total = max(s.max_new_tokens for s in group)
@@ -261,7 +264,10 @@ class Engine:
             active = sum(s.finish_reason is None for s in group)
             started = time.perf_counter()
             logits = await runtime.pipeline.forward(batches)
-            metrics.decode_s += time.perf_counter() - started
+            ended = time.perf_counter()
+            metrics.decode_s += ended - started
+            if runtime.timeline is not None:
+                runtime.timeline.span(STEPS_TRACK, f"decode {step + 1}", started, ended, sequences=active)
             metrics.decode_tokens += active
             sampler.sample(parts, logits)
             step += 1

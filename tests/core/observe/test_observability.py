@@ -45,6 +45,11 @@ def test_the_chrome_trace_of_a_run_has_its_tracks_and_no_overlap(model: Path, tm
             assert start >= end, f"events overlap on track {names[tid]!r}"
     compute = [e for e in document["traceEvents"] if e["ph"] == "X" and names[e["tid"]] == "compute"]
     assert any("expert" in e["name"] for e in compute) and any("attention" in e["name"] for e in compute)
+    steps = [e["name"] for e in document["traceEvents"] if e["ph"] == "X" and names[e["tid"]] == "steps"]
+    assert steps == ["prefill", "decode 2", "decode 3", "decode 4"]  # one span per forward step
+    drive = document["otherData"]["summary"]["drive_busy_share"]
+    assert set(drive) == {"prefill", "decode"} and all(0 <= share <= 1 for share in drive.values())
+    assert drive["prefill"] > 0  # the first step reads every block it uses from the drive
 
 
 def test_json_carries_layers_waits_and_bubbles(model: Path) -> None:

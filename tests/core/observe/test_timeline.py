@@ -25,6 +25,7 @@ from klotski_tier.core.observe.timeline import (
     INTRA_LAYER_BUBBLE,
     Span,
     Timeline,
+    drive_busy_share,
     lane_track,
     load_chrome_trace,
     read_trace,
@@ -134,14 +135,14 @@ def test_to_chrome_is_valid_trace_json() -> None:
     assert min(e["ts"] for events in by_tid.values() for e in events) == 0
 
 
-def test_tracks_sort_compute_first_then_io_then_bubbles() -> None:
+def test_tracks_sort_steps_first_then_compute_then_io_then_bubbles() -> None:
     trace = pipeline_timeline().to_chrome()
     names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
     order = {
         e["tid"]: e["args"]["sort_index"] for e in trace["traceEvents"] if e["name"] == "thread_sort_index"
     }
     ranked = [names[tid] for tid in sorted(order, key=order.__getitem__)]
-    assert ranked[0] == COMPUTE_TRACK and ranked[-1] == BUBBLE_TRACK
+    assert ranked[:2] == ["steps", COMPUTE_TRACK] and ranked[-1] == BUBBLE_TRACK
     assert set(ranked) == {
         COMPUTE_TRACK,
         BUBBLE_TRACK,
@@ -276,3 +277,18 @@ def test_render_png_without_matplotlib_names_the_extra(
     with pytest.raises(ConfigError, match=r"pip install 'klotski-tier\[plot\]'"):
         render_png(trace, png)
     assert not png.exists()
+
+
+def test_the_drive_busy_share_of_each_phase_is_the_union_of_its_reads_within_its_steps() -> None:
+    timeline = Timeline()
+    timeline.span("steps", "prefill", 0.0, 4.0)
+    timeline.span("steps", "decode 2", 4.0, 6.0)
+    timeline.span("steps", "decode 3", 7.0, 9.0)  # 6 to 7: between steps, not counted
+    for start, end in [(1.0, 3.0), (2.0, 5.0), (6.0, 8.0), (8.5, 8.75)]:  # two overlap: a union, not a sum
+        timeline.lane_span("disk", "read", start, end)
+    shares = drive_busy_share(timeline.layout())
+    assert shares["prefill"] == pytest.approx(3.0 / 4.0)  # 1 to 4
+    assert shares["decode"] == pytest.approx((1.0 + 1.0 + 0.25) / 4.0)  # 4 to 5, 7 to 8, 8.5 to 8.75
+    assert timeline.summary()["drive_busy_share"] == shares
+    assert "drive_busy_share" not in Timeline().summary()  # no steps, no share
+    assert summary_text(timeline.summary()).count("drive busy") == 2
