@@ -62,7 +62,7 @@ from benchmarks.e2e.systems import (
     describe_llamacpp,
     llamacpp_job,
 )
-from benchmarks.e2e.worker import LLAMACPP, REFERENCE_LOGITS, Job
+from benchmarks.e2e.worker import ACCELERATE, LLAMACPP, REFERENCE_LOGITS, Job
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.units import GIB
 from tests import numerics
@@ -375,7 +375,7 @@ def test_driver_output_and_eos_parsing(tmp_path: Path) -> None:
 
 
 def test_llamacpp_is_a_system_of_the_command_line() -> None:
-    assert LLAMACPP in SYSTEMS and NEAR_TIE_SYSTEMS == (LLAMACPP,)
+    assert LLAMACPP in SYSTEMS and NEAR_TIE_SYSTEMS == (LLAMACPP, ACCELERATE)
     config = config_from(parser().parse_args(["--systems", "llamacpp,klotski"]))
     assert list(config.systems) == ["llamacpp", "klotski"]
 
@@ -438,6 +438,10 @@ def test_a_real_divergence_or_a_missing_token_voids_the_comparison() -> None:
         TokenMismatch, match=r"llamacpp generated token 3 at prompt 0, position 1.*real divergence"
     ):
         judge("llamacpp", "bound", [Parting(0, 1, 3, 4)], [_rows(4, 3, far)], sequences=1)
+    with pytest.raises(TokenMismatch, match=r"scores bound's token .* below its.*real divergence"):
+        judge(
+            "llamacpp", "bound", [Parting(0, 1, 4, 3)], [_rows(4, 3, far)], sequences=1
+        )  # the reference's far
     with pytest.raises(TokenMismatch, match="generated nothing at prompt 0, position 2"):
         judge("llamacpp", "bound", partings("llamacpp", "bound", [[1, 2, 3]], [[1, 2]]), [[0.0]], sequences=1)
     with pytest.raises(TokenMismatch, match="returned 1 outputs for 2 prompts"):
