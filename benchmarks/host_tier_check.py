@@ -1,5 +1,5 @@
 """Drive bytes of a run whose host tier holds about half the model, LRU against sweep on both tiers,
-against what RAM and the device cannot hold.
+without and with the staging window (look-ahead 1 and 2), against what RAM and the device cannot hold.
 
 A CPU device with a host budget and a device budget both given stands in for a GPU machine's pair of
 tiers: blocks come from the drive into the host tier and are copied into the device tier.
@@ -31,16 +31,17 @@ def main() -> None:
     prompts = [[1 + (i * 7 + j) % (vocab - 1) for j in range(8)] for i in range(8)]
     host, device = int(total * args.host_share), int(total * args.device_share)
     must = total + (args.new_tokens - 1) * max(0, total - host - device)
-    for eviction in ("lru", "sweep"):
+    for eviction, lookahead in (("lru", 1), ("sweep", 1), ("lru", 2), ("sweep", 2)):
         options = EngineOptions(
             device="cpu", batches=1, batch_size=8, device_memory_bytes=device, host_memory_bytes=host,
-            eviction=eviction,
+            eviction=eviction, lookahead_layers=lookahead,
         )  # fmt: skip
         result = Engine.from_files(files, options).generate(prompts, max_new_tokens=args.new_tokens)
         read = result.metrics.disk_bytes_read
         print(
-            f"{eviction}: model {total / GIB:.2f} GiB, drive {read / GIB:.2f} GiB in {args.new_tokens} "
-            f"passes; what RAM and the device cannot hold: {must / GIB:.2f} GiB; ratio {read / must:.2f}"
+            f"{eviction}, look-ahead {lookahead}: model {total / GIB:.2f} GiB, drive {read / GIB:.2f} GiB in "
+            f"{args.new_tokens} passes; what RAM and the device cannot hold: {must / GIB:.2f} GiB; "
+            f"ratio {read / must:.2f}"
         )
 
 
