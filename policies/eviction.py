@@ -34,6 +34,9 @@ class EvictionPolicy(ABC, Generic[K]):
     """Orders the resident keys of one tier for eviction; see the module docstring for the lifecycle."""
 
     name: ClassVar[str]
+    # Whether the policy knows when a key is needed next (evict_for can refuse): only then may a read
+    # ahead of need evict for its room; otherwise reading ahead takes free room only.
+    knows_next_use: ClassVar[bool] = False
 
     @abstractmethod
     def on_insert(self, key: K, nbytes: int) -> None:

@@ -49,6 +49,7 @@ class SweepEviction(EvictionPolicy[K]):
     """Evicts the block needed furthest ahead in the layer sweep first (see the module docstring)."""
 
     name = "sweep"
+    knows_next_use = True
 
     def __init__(self) -> None:
         # layer (None: layerless) -> key -> insertion number, least recently used first

@@ -194,7 +194,8 @@ class Residency:
 
     def stage(self, block: BlockId) -> bool:
         """Start reading ``block`` from disk for a layer beyond the next: into host RAM (the staging
-        window), taking only the room of blocks needed later; or, where a CPU device reads straight
+        window), taking only the room of blocks needed later (free room only, under a policy that does
+        not know when blocks are needed: LRU and the like); or, where a CPU device reads straight
         from disk, into the device's free room only (evicting there would trade the blocks the device
         keeps across steps for reads of the same size). Never waits; False when there is no room now."""
         if block in self.device.entries or block in self.host.entries:
@@ -202,6 +203,8 @@ class Residency:
         nbytes = self._layouts[block].nbytes
         if self._disk_to_device:  # the window shares the device's room with the blocks it keeps:
             return self.device.free_bytes() >= nbytes and self.prefetch(block)  # free room only
+        if not self.host.eviction.knows_next_use and self.host.free_bytes() < nbytes:
+            return False  # LRU and the like cannot tell what a staged block may take the room of
         if self.host.demand_waiting or not self.host.make_room(nbytes, ahead_of=block):
             return False
         self.host.take(nbytes)

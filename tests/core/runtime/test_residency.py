@@ -322,3 +322,21 @@ def test_reads_ahead_queue_behind_every_nearer_read(deep: ModelFiles) -> None:
             await res.release(await demanded)
 
     run(scenario)
+
+
+def test_under_a_policy_that_does_not_know_the_future_staging_takes_free_room_only(deep: ModelFiles) -> None:
+    """LRU cannot tell whether a staged block is needed before the one it would evict: staging waits
+    for free room there (it would otherwise trade kept blocks for reads, as host_tier_check showed)."""
+    one = deep.layouts[expert_block(1, 0)].nbytes
+
+    async def scenario() -> None:
+        async with residency(deep, device_bytes=UNLIMITED) as res:  # an LRU host ledger
+            res.host.capacity_bytes = one
+            await res.stage_in_host(expert_block(0, 0))
+            assert not res.host.eviction.knows_next_use
+            assert res.stage(expert_block(2, 0)) is False
+            assert res.state(expert_block(0, 0), HOST) is State.RESIDENT
+            res.host.capacity_bytes = 2 * one  # free room: staging goes ahead
+            assert res.stage(expert_block(2, 0)) is True
+
+    run(scenario)
