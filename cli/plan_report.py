@@ -69,6 +69,7 @@ def format_plan(plan: Plan, request: PlanRequest, model: str, machine: Machine) 
         f"decode {plan.decode_tokens_per_s:.2f} tokens/s",
         "",
         *format_memory(plan.memory),
+        *format_drive(plan),
         *format_memory_cap(plan),
         "",
         f"why: {plan.why}",
@@ -119,6 +120,15 @@ def step_line(phase: str, step: StepPrediction) -> str:
         f"{_ms(step.compute_s)} ms + inter-layer bubble {_ms(step.inter_layer_s)} ms + intra-layer bubble "
         f"{_ms(step.intra_layer_s)} ms"
     )
+
+
+def format_drive(plan: Plan) -> list[str]:
+    """What a decode step reads from the drive, against what the device and host RAM cannot hold."""
+    if not plan.drive_bytes:
+        return []
+    held = f"what the device and host RAM cannot hold of a step: {format_size(plan.unheld_bytes)}"
+    ratio = f" ({plan.drive_bytes / plan.unheld_bytes:.2f}x)" if plan.unheld_bytes else ""
+    return [f"drive per decode step: {format_size(plan.drive_bytes)} predicted; {held}{ratio}"]
 
 
 def format_memory(memory: Sequence[TierUse]) -> list[str]:

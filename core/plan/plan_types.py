@@ -95,6 +95,8 @@ class Candidate:
     shape: StepShape
     work: tuple[LayerWork, ...]
     io: Io
+    drive_bytes: int = 0  # predicted bytes read from the drive per decode step (steady state)
+    unheld_bytes: int = 0  # of a decode step's blocks, what the device and host RAM cannot hold at once
 
     @property
     def fits(self) -> bool:
@@ -127,6 +129,8 @@ class Plan:
     why: str
     advice: tuple[str, ...]
     sweep: tuple[SweepPoint, ...]  # every n tried at the chosen bs and K
+    drive_bytes: int = 0  # predicted bytes read from the drive per decode step (steady state)
+    unheld_bytes: int = 0  # of a decode step's blocks, what the device and host RAM cannot hold at once
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -177,7 +177,35 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
         misses=misses,
         disk_misses=_disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use),
     )
-    return [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
+    disk = _disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use) or misses
+    step_bytes, drive = _step_bytes(ctx, loads, placement, disk)
+    tried = [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
+    return [
+        dataclasses.replace(c, drive_bytes=drive, unheld_bytes=max(0, step_bytes - _held(ctx, c)))
+        for c in tried
+    ]
+
+
+def _step_bytes(
+    ctx: _Context, loads: tuple[LayerLoads, ...], placement: Placement, disk: tuple[float, float]
+) -> tuple[int, int]:
+    """(bytes of the blocks a decode step uses, of them the bytes expected from the drive): every
+    non-expert block and each layer's expected distinct experts; from the drive, each with the chance
+    that neither tier kept it (``disk``: of the blocks every step uses, of the experts)."""
+    sizes = ctx.cost.sizes
+    always = sizes.embed + sizes.head + sizes.num_layers * (sizes.attn + sizes.gate)
+    experts = sum(float(load.usage.sum()) for load in loads) * sizes.expert
+    if placement.home != "disk":
+        return int(always + experts), 0
+    return int(always + experts), int(always * disk[0] + experts * disk[1])
+
+
+def _held(ctx: _Context, candidate: Candidate) -> int:
+    """Weight bytes the device and host RAM keep across steps under ``candidate``."""
+    device = candidate.device.budget_bytes - candidate.device.parts["KV cache"]
+    device -= candidate.device.parts["activations"]
+    host = candidate.host.parts.get("kept", candidate.host.parts.get("weights", 0))
+    return max(0, min(device, ctx.cost.sizes.total)) + host
 
 
 def _disk_misses(
@@ -306,6 +334,8 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
         why=_why(ctx, best, cap, _feasible(tried)),
         advice=tuple(_advice(ctx, best, cap, feasible)),
         sweep=sweep,
+        drive_bytes=best.drive_bytes,
+        unheld_bytes=best.unheld_bytes,
     )
 
 

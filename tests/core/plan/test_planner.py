@@ -341,3 +341,12 @@ def test_a_cpu_device_without_host_budget_reads_straight_into_device_memory() ->
     staged = _streaming(1.0, machine=cpu, host_memory_bytes=48 * MIB, batches=plan.batches)
     assert not staged.placement.into_device
     assert plan.decode_tokens_per_s > staged.decode_tokens_per_s  # the slow copy is gone
+
+
+def test_the_plan_says_what_a_decode_step_reads_from_the_drive_and_what_ram_and_device_cannot_hold() -> None:
+    streaming = _streaming(0.5)
+    assert streaming.placement.home == "disk"
+    assert 0 < streaming.unheld_bytes <= streaming.drive_bytes  # the drive brings at least what nobody kept
+    assert streaming.drive_bytes <= _streaming(0.5, host_memory_bytes=12 * MIB).drive_bytes  # less RAM, more
+    in_ram = _plan(device_memory_bytes=96 * MIB, host_memory_bytes=1 << 40)  # the whole model in RAM
+    assert in_ram.placement.home == "host" and in_ram.drive_bytes == 0 and in_ram.unheld_bytes == 0
