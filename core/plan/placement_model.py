@@ -100,8 +100,7 @@ def placement_for(
         compressed = packed.bottleneck_s < plain.bottleneck_s
     window = host_budget // sizes.layer if home == "disk" else sizes.num_layers
     layers = min(window, sizes.num_layers)
-    in_flight = (cost.machine.io_threads + 1) * sizes.largest  # reads and a copy the host holds at once
-    room = home == "disk" and not into_device and host_budget >= in_flight + sizes.layer
+    room = home == "disk" and not into_device and host_budget >= host_in_flight_bytes(cost) + sizes.layer
     lookahead = STAGED_LOOKAHEAD if room else 1
     return Placement(
         resident,
@@ -112,6 +111,12 @@ def placement_for(
         into_device=into_device,
         lookahead_layers=lookahead,
     )
+
+
+def host_in_flight_bytes(cost: CostModel) -> int:
+    """Host RAM blocks from the drive hold at once: each from its read until its copy, so the disk
+    threads' reads and one copy, of the largest block."""
+    return (cost.machine.io_threads + 1) * cost.sizes.largest
 
 
 def reads_into_device(cost: CostModel, host_budget: int) -> bool:

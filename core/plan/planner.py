@@ -41,7 +41,7 @@ from klotski_tier.core.plan.pipeline_model import layer_work as layer_work
 from klotski_tier.core.plan.pipeline_model import least_factor as least_factor
 from klotski_tier.core.plan.pipeline_model import predict_step as predict_step
 from klotski_tier.core.plan.pipeline_model import speedup_to_meet as speedup_to_meet
-from klotski_tier.core.plan.placement_model import LRU, SWEEP
+from klotski_tier.core.plan.placement_model import LRU, SWEEP, host_in_flight_bytes
 from klotski_tier.core.plan.placement_model import Placement as Placement
 from klotski_tier.core.plan.placement_model import io_times as io_times
 from klotski_tier.core.plan.placement_model import lru_misses as lru_misses
@@ -169,19 +169,15 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
     if req.lookahead_layers is not None:
         placement = dataclasses.replace(placement, lookahead_layers=req.lookahead_layers)
-    io = io_times(
-        cost,
-        placement,
-        req.compression_ratio,
-        steady=True,
-        misses=misses,
-        disk_misses=_disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use),
-    )
-    disk = _disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use) or misses
-    step_bytes, drive = _step_bytes(ctx, loads, placement, disk)
+    disk = _disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use)
+    io = io_times(cost, placement, req.compression_ratio, steady=True, misses=misses, disk_misses=disk)
+    step_bytes, drive = _step_bytes(ctx, loads, placement, disk or misses)
+    device_kept = max(0, min(cost.sizes.total, ctx.device_budget - fixed))  # weights the device keeps
     tried = [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
     return [
-        dataclasses.replace(c, drive_bytes=drive, unheld_bytes=max(0, step_bytes - _held(ctx, c)))
+        dataclasses.replace(
+            c, drive_bytes=drive, unheld_bytes=max(0, step_bytes - device_kept - _host_kept(c))
+        )
         for c in tried
     ]
 
@@ -200,12 +196,9 @@ def _step_bytes(
     return int(always + experts), int(always * disk[0] + experts * disk[1])
 
 
-def _held(ctx: _Context, candidate: Candidate) -> int:
-    """Weight bytes the device and host RAM keep across steps under ``candidate``."""
-    device = candidate.device.budget_bytes - candidate.device.parts["KV cache"]
-    device -= candidate.device.parts["activations"]
-    host = candidate.host.parts.get("kept", candidate.host.parts.get("weights", 0))
-    return max(0, min(device, ctx.cost.sizes.total)) + host
+def _host_kept(candidate: Candidate) -> int:
+    """Weight bytes host RAM keeps across steps under ``candidate`` (see :func:`_host_use`)."""
+    return candidate.host.parts.get("kept", candidate.host.parts.get("weights", 0))
 
 
 def _disk_misses(
@@ -271,7 +264,7 @@ def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -
         return TierUse("host", 0, 0, budget, {})
     if placement.home == "host":
         return TierUse("host", total, min(total, budget), budget, {"weights": total})
-    in_flight = (cost.machine.io_threads + 1) * cost.sizes.largest
+    in_flight = host_in_flight_bytes(cost)
     staged = 0
     if placement.lookahead_layers > 1:
         layer = cost.sizes.attn + cost.sizes.gate + hot * cost.sizes.expert  # what a layer ahead stages

@@ -182,15 +182,7 @@ class Residency:
         """Start loading ``block`` to the device if absent and there is room now; never waits."""
         if block in self.device.entries:
             return True
-        nbytes = self._layouts[block].nbytes
-        if self.device.demand_waiting or not self.device.make_room(nbytes, ahead_of=block):
-            return False
-        self.device.take(nbytes)
-        if self._events is not None:
-            self._events.record(PREFETCH, str(block), DEVICE)
-        entry = self._start(self.device, block, self._load_device, wait_for_room=False)
-        entry.reserved = True
-        return True
+        return self._start_ahead(self.device, block, self._load_device, free_only=False)
 
     def stage(self, block: BlockId) -> bool:
         """Start reading ``block`` from disk for a layer beyond the next: into host RAM (the staging
@@ -200,18 +192,30 @@ class Residency:
         keeps across steps for reads of the same size). Never waits; False when there is no room now."""
         if block in self.device.entries or block in self.host.entries:
             return True
+        if self._disk_to_device:  # the window shares the device's room with the blocks it keeps
+            return self._start_ahead(self.device, block, self._load_device, free_only=True)
+        free_only = not self.host.eviction.knows_next_use  # LRU and the like cannot tell what it may evict
+        started = self._start_ahead(self.host, block, self._load_host, free_only=free_only)
+        if started:
+            self.host.entries[block].ahead = True
+        return started
+
+    def _start_ahead(
+        self, ledger: TierLedger, block: BlockId, load: Callable[[Entry], Any], *, free_only: bool
+    ) -> bool:
+        """Start loading ``block`` into ``ledger``'s tier ahead of its use if there is room now: free
+        room, or (unless ``free_only``) the room of blocks the policy needs later; never waits, and
+        yields to demand loads waiting for room. False (nothing changed) when there is none."""
         nbytes = self._layouts[block].nbytes
-        if self._disk_to_device:  # the window shares the device's room with the blocks it keeps:
-            return self.device.free_bytes() >= nbytes and self.prefetch(block)  # free room only
-        if not self.host.eviction.knows_next_use and self.host.free_bytes() < nbytes:
-            return False  # LRU and the like cannot tell what a staged block may take the room of
-        if self.host.demand_waiting or not self.host.make_room(nbytes, ahead_of=block):
+        if ledger.demand_waiting or (free_only and ledger.free_bytes() < nbytes):
             return False
-        self.host.take(nbytes)
+        if not ledger.make_room(nbytes, ahead_of=block):
+            return False
+        ledger.take(nbytes)
         if self._events is not None:
-            self._events.record(PREFETCH, str(block), HOST)
-        entry = self._start(self.host, block, self._load_host, wait_for_room=False)
-        entry.reserved = entry.ahead = True
+            self._events.record(PREFETCH, str(block), ledger.name)
+        entry = self._start(ledger, block, load, wait_for_room=False)
+        entry.reserved = True
         return True
 
     async def stage_in_host(self, block: BlockId) -> None:

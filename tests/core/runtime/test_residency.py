@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from klotski_tier.core.errors import BudgetError, TierError
-from klotski_tier.core.model.blocks import attn_block, expert_block
+from klotski_tier.core.model.blocks import BlockId, attn_block, expert_block
 from klotski_tier.core.observe.metrics import TierStats
 from klotski_tier.core.runtime.ledger import State, TierLedger
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
 from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles, load_model_files
 from klotski_tier.core.units import align_up
+from klotski_tier.policies.eviction import EvictionPolicy
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.tiers.arena import ARENA_ALIGN_BYTES
 from klotski_tier.tiers.device import DeviceDriver
@@ -49,7 +50,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
 
 @asynccontextmanager
 async def residency(
-    files: ModelFiles, *, device_bytes: int = UNLIMITED, disk: DiskDriver | None = None
+    files: ModelFiles,
+    *,
+    device_bytes: int = UNLIMITED,
+    host_bytes: int = UNLIMITED,
+    disk: DiskDriver | None = None,
+    eviction: Callable[[], EvictionPolicy[BlockId]] = LRUEviction,
+    disk_to_device: bool = False,
 ) -> AsyncIterator[Residency]:
     disk = disk or DiskDriver()
     async with disk, HostDriver() as host, DeviceDriver("cpu") as device:
@@ -58,8 +65,9 @@ async def residency(
             source=BlockSource(files.layouts, disk),
             host=host,
             device=device,
-            host_ledger=TierLedger(HOST, UNLIMITED, LRUEviction(), TierStats(HOST, UNLIMITED)),
-            device_ledger=TierLedger(DEVICE, device_bytes, LRUEviction(), TierStats(DEVICE, device_bytes)),
+            host_ledger=TierLedger(HOST, host_bytes, eviction(), TierStats(HOST, host_bytes)),
+            device_ledger=TierLedger(DEVICE, device_bytes, eviction(), TierStats(DEVICE, device_bytes)),
+            disk_to_device=disk_to_device,
         )
         try:
             yield res
@@ -221,26 +229,15 @@ def deep(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
     )
 
 
-@asynccontextmanager
-async def sweep_residency(
+def sweep_residency(
     files: ModelFiles, *, device_bytes: int, host_bytes: int, disk_to_device: bool = False
-) -> AsyncIterator[Residency]:
+) -> AbstractAsyncContextManager[Residency]:
     from klotski_tier.policies.sweep import SweepEviction
 
-    async with DiskDriver() as disk, HostDriver() as host, DeviceDriver("cpu") as device:
-        res = Residency(
-            files.layouts,
-            source=BlockSource(files.layouts, disk),
-            host=host,
-            device=device,
-            host_ledger=TierLedger(HOST, host_bytes, SweepEviction(), TierStats(HOST, host_bytes)),
-            device_ledger=TierLedger(DEVICE, device_bytes, SweepEviction(), TierStats(DEVICE, device_bytes)),
-            disk_to_device=disk_to_device,
-        )
-        try:
-            yield res
-        finally:
-            await res.aclose()
+    return residency(
+        files, device_bytes=device_bytes, host_bytes=host_bytes, eviction=SweepEviction,
+        disk_to_device=disk_to_device,
+    )  # fmt: skip
 
 
 def test_a_staged_block_waits_in_host_ram_and_then_costs_no_disk_read(deep: ModelFiles) -> None:
