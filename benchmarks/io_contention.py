@@ -2,8 +2,8 @@
 
 ``klotski-tier bench`` measures the slowdown with the packed store's work (an xxh3 of every block)
 in the reading threads. This isolates the drive: reader threads that only ``preadv`` a model's
-safetensors with O_DIRECT into one buffer each (no checksum, no copy, no Python work per byte), while
-the main thread times one expert (the e2e models' shape: hidden 1024, intermediate 2048, bf16,
+safetensors with O_DIRECT into one buffer each (``DriveStreamer`` without its checksum: no copy, no
+Python work per byte), while the main thread times one expert (the e2e models' shape: hidden 1024, intermediate 2048, bf16,
 through ``ops.linear`` as the engine computes it) over a set of experts larger than the caches. It
 also reports the CPU the readers took (``/proc/stat``: user, system, iowait, steal), so that a
 slowdown the reads' own CPU time cannot explain is visible as such.
@@ -14,11 +14,7 @@ slowdown the reads' own CPU time cannot explain is visible as such.
 from __future__ import annotations
 
 import argparse
-import glob
-import mmap
-import os
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from klotski_tier.core.bench.contention import DriveStreamer
 from klotski_tier.core.model.ops import linear
 
 HIDDEN, INTERMEDIATE = 1024, 2048  # the e2e models' expert shape
@@ -55,47 +52,6 @@ def expert_ms(experts: Sequence[tuple[torch.Tensor, ...]], rows: int) -> float:
     return (time.perf_counter() - started) / CALLS * 1e3
 
 
-class Readers:
-    """``count`` threads reading ``files`` with O_DIRECT in ``chunk``-byte requests until stopped."""
-
-    def __init__(self, files: Sequence[str], count: int, chunk: int) -> None:
-        self._jobs = [(f, o * chunk) for f in files for o in range(os.path.getsize(f) // chunk)]
-        if not self._jobs:
-            raise SystemExit(f"no file holds a {chunk}-byte chunk; pass a smaller --chunk-mib")
-        self._chunk, self._stop = chunk, threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(k, count)) for k in range(count)]
-        self.bytes = 0
-        self._lock = threading.Lock()
-
-    def _run(self, first: int, step: int) -> None:
-        buffer = mmap.mmap(-1, self._chunk)  # page-aligned, as O_DIRECT needs
-        fds: dict[str, int] = {}
-        index, done = first, 0
-        try:
-            while not self._stop.is_set():
-                path, offset = self._jobs[index % len(self._jobs)]
-                fd = fds.get(path)
-                if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                done += os.preadv(fd, [buffer], offset)
-                index += step
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-            with self._lock:
-                self.bytes += done
-
-    def __enter__(self) -> Readers:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint directory (its safetensors)")
@@ -104,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-mib", type=int, default=16, help="bytes per read request, MiB")
     parser.add_argument("--rounds", type=int, default=3, help="alone / with readers pairs; medians")
     args = parser.parse_args(argv)
-    files = sorted(glob.glob(str(args.model / "*.safetensors")))
+    files = sorted(args.model.glob("*.safetensors"))
     if not files:
         raise SystemExit(f"no .safetensors files in {args.model}")
     torch.manual_seed(0)
@@ -123,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             alone.append(expert_ms(experts, rows))
             before, started = cpu_times(), time.perf_counter()
-            with Readers(files, args.readers, args.chunk_mib << 20) as readers:
+            with DriveStreamer(files, args.chunk_mib << 20, args.readers, checksum=False) as readers:
                 busy.append(expert_ms(experts, rows))
             elapsed, after = time.perf_counter() - started, cpu_times()
-            rates.append(readers.bytes / elapsed / 1e9)
+            rates.append(readers.bytes_read / elapsed / 1e9)
             spent = [b - a for a, b in zip(before, after, strict=True)]
             shares.append([v / max(1, sum(spent)) for v in spent])
         a, b = statistics.median(alone), statistics.median(busy)

@@ -32,7 +32,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -68,20 +68,24 @@ class ContentionResult:
 
 
 class DriveStreamer:
-    """``threads`` threads that read ``path`` over and over, as fast as the drive goes, until closed.
+    """``threads`` threads that read ``path`` (or several files, one after the other) over and over,
+    as fast as the drive goes, until closed.
 
     Each reads ``block_bytes`` at a time (O_DIRECT where the file system allows) into its own host
-    buffer and hashes the block with xxh3. Usable as a context manager: entering starts the threads
-    and returns once the first block has arrived (a blocking wait of milliseconds); leaving stops
-    and joins them.
+    buffer and, with ``checksum``, hashes the block with xxh3 (as the packed store checks it; without,
+    the drive alone). Usable as a context manager: entering starts the threads and returns once the
+    first block has arrived (a blocking wait of milliseconds); leaving stops and joins them.
     """
 
-    def __init__(self, path: Path, block_bytes: int, threads: int) -> None:
+    def __init__(
+        self, path: Path | Sequence[Path], block_bytes: int, threads: int, *, checksum: bool = True
+    ) -> None:
         assert block_bytes > 0 and threads > 0, f"bad stream: {block_bytes} bytes x {threads} threads"
-        self.path, self.block_bytes = path, block_bytes
-        self._size = path.stat().st_size
-        self._fd, _ = open_for_reading(path, direct=True)
-        self._cursor = 0
+        paths = [path] if isinstance(path, Path) else list(path)
+        assert paths, "nothing to stream"
+        self.path, self.block_bytes, self._checksum = paths[0], block_bytes, checksum
+        self._files = [(open_for_reading(p, direct=True)[0], p.stat().st_size) for p in paths]  # (fd, size)
+        self._cursor = (0, 0)  # (file index, offset)
         self._lock = threading.Lock()
         self._stop, self._started = threading.Event(), threading.Event()
         self._counts = [0] * threads  # bytes read by each thread
@@ -116,22 +120,30 @@ class DriveStreamer:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join()
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        for fd, _ in self._files:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
-    def _next_offset(self) -> int:
+    def _next_read(self) -> tuple[int, int]:
+        """(fd, offset) of the next block: the files in order, each from its start, then again."""
         with self._lock:
-            offset = self._cursor
-            self._cursor = 0 if offset + self.block_bytes >= self._size else offset + self.block_bytes
-            return offset
+            index, offset = self._cursor
+            fd, size = self._files[index]
+            if offset + self.block_bytes < size:
+                self._cursor = (index, offset + self.block_bytes)
+            else:
+                self._cursor = ((index + 1) % len(self._files), 0)
+            return fd, offset
 
     def _read_loop(self, index: int) -> None:
         buffer = aligned_empty(self.block_bytes).zero_()  # [block] touched: no page faults timed
         view = buffer.numpy().data
         try:
             while not self._stop.is_set():
-                count = os.preadv(self._fd, [view], self._next_offset())
-                xxhash.xxh3_64_intdigest(view[:count])  # as the packed store checks every block
+                fd, offset = self._next_read()
+                count = os.preadv(fd, [view], offset)
+                if self._checksum:
+                    xxhash.xxh3_64_intdigest(view[:count])  # as the packed store checks every block
                 self._counts[index] += count
                 self._started.set()
         except OSError as exc:
