@@ -3,10 +3,10 @@
 ``klotski-tier bench`` measures the slowdown with the packed store's work (an xxh3 of every block)
 in the reading threads. This isolates the drive: reader threads that only ``preadv`` a model's
 safetensors with O_DIRECT into one buffer each (``DriveStreamer`` without its checksum: no copy, no
-Python work per byte), while the main thread times one expert (the e2e models' shape: hidden 1024, intermediate 2048, bf16,
-through ``ops.linear`` as the engine computes it) over a set of experts larger than the caches. It
-also reports the CPU the readers took (``/proc/stat``: user, system, iowait, steal), so that a
-slowdown the reads' own CPU time cannot explain is visible as such.
+Python work per byte), while the main thread times one expert (the e2e models' shape: hidden 1024,
+intermediate 2048, bf16, through ``ops.linear`` as the engine computes it) over a set of experts
+larger than the caches. It also reports the CPU the readers took (``/proc/stat``: user, system,
+iowait, steal), so that a slowdown the reads' own CPU time cannot explain is visible as such.
 
     PYTHONPATH=. python benchmarks/io_contention.py --model ~/.cache/klotski-tier/bench/e2e-2g-v2
 """
