@@ -2,8 +2,9 @@
 the bytes that must move.
 
 The run streams: a device budget below the model and no host tier (``--host-memory 0``). The bytes that
-must move are a lower bound: every block of the first step, and in each later step every block it needs
-beyond what the device could have kept from before (its budget less the KV cache and activations).
+must move are a lower bound (:func:`~klotski_tier.core.observe.must_move.bytes_to_move`): every block of
+the first step, and in each later step every block it needs beyond what the device could have kept from
+before (its budget less the KV cache and activations).
 
     PYTHONPATH=. python benchmarks/first_run_check.py --model /path/to/model --device-mib 200 --prompts 16
 """
@@ -11,10 +12,11 @@ beyond what the device could have kept from before (its budget less the KV cache
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.model.blocks import BlockKind, expert_block
+from klotski_tier.core.observe.must_move import bytes_to_move
 from klotski_tier.core.plan.autoplan import plan_files
 from klotski_tier.core.runtime.run import fixed_device_bytes
 from klotski_tier.core.store.files import open_model
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--defaults", action="store_true", help="no plan: the options' defaults (before)")
+    parser.add_argument("--stream-window", type=int, default=None, help="[pipeline] stream_window")
     args = parser.parse_args()
     files = open_model(args.model)
     vocab = files.spec.vocab_size
@@ -36,6 +39,8 @@ def main() -> None:
         [1 + (i * 7 + j) % (vocab - 1) for j in range(args.prompt_tokens)] for i in range(args.prompts)
     ]
     options = EngineOptions(device="cpu", device_memory_bytes=args.device_mib * MIB, host_memory_bytes=0)
+    if args.stream_window is not None:
+        options = dataclasses.replace(options, stream_window=args.stream_window)
     explicit = {"device_memory_bytes", "host_memory_bytes"}
     if args.defaults:
         planned = options
@@ -47,20 +52,9 @@ def main() -> None:
     engine = Engine.from_files(files, planned)
     result = engine.generate(prompts, max_new_tokens=args.new_tokens, record_routing=True)
     assert result.routing is not None
-    layouts = files.layouts
-    dense = sum(layout.nbytes for block, layout in layouts.items() if block.kind is not BlockKind.EXPERT)
     groups = engine._groups(prompts, args.new_tokens)  # the run's batch groups
     fixed = fixed_device_bytes(files, groups, planned.batch_size)  # their KV cache and activations
-    hold = args.device_mib * MIB - fixed
-    must = 0
-    for index, step in enumerate(result.routing.steps):  # [L, T, k] routes of one forward step
-        experts = sum(
-            layouts[expert_block(layer, int(e))].nbytes
-            for layer in range(step.shape[0])
-            for e in set(step[layer].reshape(-1).tolist())
-        )
-        needed = dense + experts
-        must += needed if index == 0 else max(0, needed - hold)
+    must = bytes_to_move(files.layouts, result.routing.steps, args.device_mib * MIB - fixed)
     read = result.metrics.disk_bytes_read
     print(
         f"drive read {read / MIB:.1f} MiB; must move at least {must / MIB:.1f} MiB: {read / must:.2f}x; "

@@ -1,5 +1,6 @@
 """Drive bytes of a run whose host tier holds about half the model, LRU against sweep on both tiers,
-without and with the staging window (look-ahead 1 and 2), against what RAM and the device cannot hold.
+without and with the staging window (look-ahead 1 and 2), against what RAM and the device cannot hold
+of the blocks each step used (:func:`~klotski_tier.core.observe.must_move.bytes_to_move`).
 
 A CPU device with a host budget and a device budget both given stands in for a GPU machine's pair of
 tiers: blocks come from the drive into the host tier and are copied into the device tier.
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.model.layouts import total_block_bytes
+from klotski_tier.core.observe.must_move import bytes_to_move
+from klotski_tier.core.runtime.run import fixed_device_bytes
 from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import GIB
 
@@ -30,13 +33,16 @@ def main() -> None:
     vocab = files.spec.vocab_size
     prompts = [[1 + (i * 7 + j) % (vocab - 1) for j in range(8)] for i in range(8)]
     host, device = int(total * args.host_share), int(total * args.device_share)
-    must = total + (args.new_tokens - 1) * max(0, total - host - device)
     for eviction, lookahead in (("lru", 1), ("sweep", 1), ("lru", 2), ("sweep", 2)):
         options = EngineOptions(
             device="cpu", batches=1, batch_size=8, device_memory_bytes=device, host_memory_bytes=host,
             eviction=eviction, lookahead_layers=lookahead,
         )  # fmt: skip
-        result = Engine.from_files(files, options).generate(prompts, max_new_tokens=args.new_tokens)
+        engine = Engine.from_files(files, options)
+        result = engine.generate(prompts, max_new_tokens=args.new_tokens, record_routing=True)
+        assert result.routing is not None
+        fixed = fixed_device_bytes(files, engine._groups(prompts, args.new_tokens), options.batch_size)
+        must = bytes_to_move(files.layouts, result.routing.steps, host + device - fixed)
         read = result.metrics.disk_bytes_read
         print(
             f"{eviction}, look-ahead {lookahead}: model {total / GIB:.2f} GiB, drive {read / GIB:.2f} GiB in "

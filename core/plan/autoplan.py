@@ -151,6 +151,7 @@ def plan_request(
         prompt_tokens=max(1, *lengths),
         new_tokens=max_new_tokens,
         compression_ratio=store_ratio(files.store),
+        stream_window=options.stream_window,
         **fixed,
     )
 

@@ -215,11 +215,23 @@ def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:
     return max(1, math.ceil(cost.machine.io_threads / chunks))
 
 
-def weights_working_set(cost: CostModel, placement: Placement, hot: int, work: tuple[LayerWork, ...]) -> int:
+def device_window_bytes(cost: CostModel, stream_window: int, natural: int) -> int:
+    """Device bytes of blocks in use or moving at once while the device streams: the pipeline's own
+    working set (``natural``), capped at ``stream_window`` largest experts as the engine caps it
+    (:func:`klotski_tier.core.runtime.run.stream_window_bytes`; 0: no cap), never below one block."""
+    if stream_window == 0:
+        return natural
+    return max(cost.sizes.largest, min(natural, stream_window * cost.sizes.expert))
+
+
+def weights_working_set(
+    cost: CostModel, placement: Placement, hot: int, work: tuple[LayerWork, ...], stream_window: int
+) -> int:
     """Device bytes of weights the plan needs at once: all of them when resident, else one layer's used
-    experts (leased until computed) plus the next layer's attention, gate and K hot experts."""
+    experts (leased until computed) plus the next layer's attention, gate and K hot experts, as far as
+    the streaming window lets them take room at once (:func:`device_window_bytes`)."""
     sizes = cost.sizes
     if placement.device_resident:
         return sizes.total
     used = max((w.distinct_max for w in work), default=0)
-    return sizes.attn + sizes.gate + (hot + used) * sizes.expert
+    return device_window_bytes(cost, stream_window, sizes.attn + sizes.gate + (hot + used) * sizes.expert)

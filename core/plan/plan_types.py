@@ -20,6 +20,7 @@ from klotski_tier.core.plan.pipeline_model import (
 )
 from klotski_tier.core.plan.placement_model import Placement
 from klotski_tier.core.plan.routing_model import RoutingModel
+from klotski_tier.core.runtime.config import EngineOptions
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class PlanRequest:
     compression_ratio: float | None = None  # the ratio of a compressed store the run may read
     eviction: str | None = None  # fixed device eviction policy (modelled as LRU unless "sweep")
     lookahead_layers: int | None = None  # fixed L (layers read ahead); None: the planner's
+    stream_window: int = EngineOptions.stream_window  # the device's streaming window (0: no cap)
     max_batches: int = 64
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ from klotski_tier.core.plan.pipeline_model import layer_work as layer_work
 from klotski_tier.core.plan.pipeline_model import least_factor as least_factor
 from klotski_tier.core.plan.pipeline_model import predict_step as predict_step
 from klotski_tier.core.plan.pipeline_model import speedup_to_meet as speedup_to_meet
-from klotski_tier.core.plan.placement_model import LRU, SWEEP, host_in_flight_bytes
+from klotski_tier.core.plan.placement_model import LRU, SWEEP, device_window_bytes, host_in_flight_bytes
 from klotski_tier.core.plan.placement_model import Placement as Placement
 from klotski_tier.core.plan.placement_model import io_times as io_times
 from klotski_tier.core.plan.placement_model import lru_misses as lru_misses
@@ -160,10 +160,12 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     )
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
     loads = ctx.routing.loads(shape.tokens)
-    in_use = (
+    in_use = device_window_bytes(
+        cost,
+        req.stream_window,
         cost.sizes.attn
         + cost.sizes.gate
-        + (req.spec.top_k + max(load.distinct_max() for load in loads)) * cost.sizes.expert
+        + (req.spec.top_k + max(load.distinct_max() for load in loads)) * cost.sizes.expert,
     )
     eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
     placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
@@ -237,8 +239,8 @@ def _candidate(
 ) -> Candidate:
     cost, req = ctx.cost, ctx.request
     work = ctx.work_table(shape.tokens).work(hot)
-    weights = weights_working_set(cost, placement, hot, work)
-    window = (ctx.device_budget - fixed) // cost.sizes.expert
+    weights = weights_working_set(cost, placement, hot, work, req.stream_window)
+    window = _expert_window(ctx, placement, fixed)
     decode = predict_step(shape, hot, work, io, window)
     kv = shape.batches * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
     total = cost.sizes.total
@@ -251,6 +253,15 @@ def _candidate(
     return Candidate(
         shape.batches, shape.batch_size, hot, placement, found, decode, device, host, shape, work, io
     )
+
+
+def _expert_window(ctx: _Context, placement: Placement, fixed: int) -> int:
+    """Experts the device holds at once for a layer: its room, or (streaming) its window's."""
+    cost, window = ctx.cost, ctx.request.stream_window
+    room = (ctx.device_budget - fixed) // cost.sizes.expert
+    if placement.device_resident or window == 0:
+        return room
+    return max(1, min(room, window))
 
 
 def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -> TierUse:
@@ -303,9 +314,7 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
     work = ctx.work_table(shape.tokens).work(best.hot_experts)
     fixed = best.device.parts["KV cache"] + best.device.parts["activations"]
     io = io_times(cost, best.placement, req.compression_ratio, steady=False)
-    prefill = predict_step(
-        shape, best.hot_experts, work, io, (ctx.device_budget - fixed) // cost.sizes.expert
-    )
+    prefill = predict_step(shape, best.hot_experts, work, io, _expert_window(ctx, best.placement, fixed))
     same_k = [c for c in tried if c.hot_experts == best.hot_experts]
     cap = max((c.batches for c in same_k if c.fits), default=best.batches)
     sweep = tuple(

@@ -49,7 +49,7 @@ from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatc
 from klotski_tier.core.plan.virtual_clock import run_virtual
 from klotski_tier.core.runtime.config import EngineOptions
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
-from klotski_tier.core.runtime.run import make_ledger, make_pipeline
+from klotski_tier.core.runtime.run import make_ledger, make_pipeline, stream_window_bytes
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.registry import make_prefetch
 from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
@@ -71,6 +71,7 @@ class SimConfig:
     batch_size: int
     hot_experts: int | None = None  # K; None: the router's top-k, as the engine
     lookahead_layers: int = _DEFAULTS.lookahead_layers  # L: layers read ahead (staging beyond the next)
+    stream_window: int = _DEFAULTS.stream_window  # the device's streaming window, in largest experts
     device_memory_bytes: int | None = None  # None: the machine's device memory
     host_memory_bytes: int | None = None  # None: the machine's host memory
     host_preload: bool = False  # every block in host RAM before the first step
@@ -105,6 +106,7 @@ class SimConfig:
             batch_size=self.batch_size,
             hot_experts=self.hot_experts,
             lookahead_layers=self.lookahead_layers,
+            stream_window=self.stream_window,
             device_memory_bytes=self.device_budget,
             host_memory_bytes=self.host_budget,
             host_preload=self.host_preload,
@@ -184,7 +186,13 @@ class Simulator:
             host=SimHost(),
             device=self.device,
             host_ledger=make_ledger(HOST, options.host_memory_bytes, options, self.metrics),
-            device_ledger=make_ledger(DEVICE, options.device_memory_bytes, options, self.metrics),
+            device_ledger=make_ledger(
+                DEVICE,
+                options.device_memory_bytes,
+                options,
+                self.metrics,
+                stream_window_bytes(options, self.layouts),
+            ),
             disk_to_device=reads_into_device,
             disk_slots=options.disk_queue_depth,
             events=self.events,

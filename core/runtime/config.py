@@ -7,6 +7,7 @@ A configuration file has one table per concern; every key is optional::
     batch_size = 8           # bs: sequences per batch
     hot_experts = 2          # K: experts prefetched per layer (default: the router's top-k; "all": E)
     lookahead_layers = 2     # L: layers read ahead; beyond the next, staged in host RAM (or a CPU device)
+    stream_window = 3        # on a full device: blocks in use or moving at once, in largest experts (0: all)
     schedule = "klotski"     # "klotski" (I/O overlaps compute) or "sequential" (load, then compute)
     expert_order = "ready-first"  # "ready-first" (Klotski's reordering) or "index" (expert 0, 1, ...)
 
@@ -73,6 +74,9 @@ class EngineOptions:
     batch_size: int = 4  # bs: sequences per batch
     hot_experts: int | Literal["all"] | None = None  # K prefetched per layer; None: top-k; "all": E
     lookahead_layers: int = 2  # L: layers read ahead; those beyond the next are staged (the DRAM window)
+    # Once the device is full, the blocks in use or moving (leased, in flight, loaded ahead) take at most
+    # this many largest experts' bytes; the rest of the device keeps blocks across steps. 0: no cap.
+    stream_window: int = 3
     device_memory_bytes: int | None = None  # None: derived (runtime/budgets.py); the GPU's on CUDA
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None: CUDA when present
     host_memory_bytes: int | None = None  # None: derived from the memory limit (runtime/budgets.py)
@@ -94,6 +98,8 @@ class EngineOptions:
         for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stream_window < 0:
+            raise ConfigError(f"stream_window must be at least 0 (0: no cap), got {self.stream_window}")
         _check_hot_experts("hot_experts", self.hot_experts)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
@@ -183,6 +189,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
         "batch_size": ("batch_size", _integer(1)),
         "hot_experts": ("hot_experts", _hot_experts),
         "lookahead_layers": ("lookahead_layers", _integer(1)),
+        "stream_window": ("stream_window", _integer(0)),
         "schedule": ("schedule", _choice(*SCHEDULES)),
         "expert_order": ("expert_order", _choice(*EXPERT_ORDERS)),
     },

@@ -44,6 +44,7 @@ class Entry:
     leases: int = 0
     reserved: bool = False  # its bytes are counted in the ledger
     ahead: bool = False  # staged for a layer beyond the next, by a prefetch that never waits
+    fresh: bool = False  # loaded ahead of its use and not leased yet: part of the tier's window
     task: asyncio.Task[None] | None = None
     granting: list[asyncio.Future[Lease]] = field(default_factory=list)  # leases to give once it lands
 
@@ -66,9 +67,14 @@ class TierLedger:
     demand_waiting: int = 0  # demand loads waiting for room; prefetches yield to them
     events: EventLog | None = None  # records each eviction, when given
     release: Callable[[torch.Tensor], None] | None = None  # gives a dropped block's buffer back
-    # Whether a faster tier holds the block too: such blocks are evicted first, in the policy's order,
-    # so that the two tiers together hold as many distinct blocks as they can (see victims()).
-    held_above: Callable[[BlockId], bool] | None = None
+    # The blocks a faster tier holds too, those it keeps longest first: they are evicted first, in that
+    # order, so that the two tiers together hold as many distinct blocks as they can (see victims()).
+    held_above: Callable[[], list[BlockId]] | None = None
+    # The streaming window: once making room means evicting, at most this many bytes of blocks in use or
+    # on their way (leased, in flight, loaded ahead and not used yet) at once; None: no cap. What a full
+    # tier holds beyond its window it keeps across steps, so the window is what a step rereads on top
+    # of what the tier cannot hold (see make_room).
+    window_bytes: int | None = None
 
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.fixed_bytes - self.used_bytes
@@ -83,9 +89,17 @@ class TierLedger:
         ``ahead_of``: the room is for a prefetch of that block, which takes only the room of victims
         the policy finds worth it (:meth:`EvictionPolicy.evict_for`: needed later than that block);
         the first refusal ends the search.
+
+        With a window (``window_bytes``), a load that needs evictions waits (False) while the blocks in
+        use or on their way already fill it: a layer's experts then stream through a few blocks of room,
+        one computing while the next ones load, instead of all taking room at once from blocks the tier
+        would keep for the next step. A demand load goes past the window only when no leased block is
+        there to be released, so that it never waits for nothing.
         """
         if self.free_bytes() >= nbytes:
             return True
+        if self._window_full(nbytes, ahead=ahead_of is not None):
+            return False
         victims: list[Entry] = []
         room = self.free_bytes()
         for block in self.victims():
@@ -106,24 +120,36 @@ class TierLedger:
                 self.events.record(EVICT, str(entry.block), self.name)
         return True
 
+    def window_used(self) -> int:
+        """Bytes of blocks in use or on their way: leased, in flight, or loaded ahead and not used yet."""
+        return sum(
+            e.nbytes for e in self.entries.values() if e.reserved and (e.leases or e.fresh or not e.resident)
+        )
+
+    def _window_full(self, nbytes: int, *, ahead: bool) -> bool:
+        """Whether a load of ``nbytes`` that needs evictions must wait for the window: it is full, and the
+        load reads ahead, or a leased block will be released (a demand load never waits for nothing)."""
+        if self.window_bytes is None or self.window_used() + nbytes <= self.window_bytes:
+            return False
+        return ahead or any(e.leases and e.reserved for e in self.entries.values())
+
     def victims(self) -> Iterator[BlockId]:
         """Blocks in eviction order: the policy's, except that blocks a faster tier holds too go first.
 
         Under a layer cycle both tiers keep the same blocks by the same rule (``sweep`` keeps the first
         layers in each): a host tier would then only repeat the device's, and the drive would read
         what neither holds every step. Evicting its copies of device-resident blocks first lets the
-        host hold other blocks (an exclusive cache, as far as room allows).
+        host hold other blocks (an exclusive cache, as far as room allows). Those copies go in the
+        order the device keeps the blocks longest first: a block the device streams through its window
+        leaves it soon, and a host copy of it is worth more than one of a block the device keeps.
         """
         if self.held_above is None:
             yield from self.eviction.victims()
             return
-        later: list[BlockId] = []
-        for block in self.eviction.victims():
-            if self.held_above(block):
-                yield block
-            else:
-                later.append(block)
-        yield from later
+        above = [block for block in self.held_above() if block in self.entries]
+        yield from above
+        first = set(above)
+        yield from (block for block in self.eviction.victims() if block not in first)
 
     def drop(self, entry: Entry) -> None:
         del self.entries[entry.block]

@@ -151,6 +151,7 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         if self._ahead:
             self._want_next(layer, routes)
         await self._expert_phase(layer, batches, routings, requests)
+        self.res.passed(layer)
         self._count_layer(layer, routes)
         self.prefetch.observe(layer, routes)
         if self.recorder is not None:

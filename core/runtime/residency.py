@@ -143,11 +143,12 @@ class Residency:
         for ledger in (host_ledger, device_ledger):
             ledger.events = events
         device_ledger.release = device.release
-        host_ledger.held_above = self._on_device  # the host evicts its copies of device blocks first
+        host_ledger.held_above = self._kept_on_device  # the host evicts its copies of device blocks first
 
-    def _on_device(self, block: BlockId) -> bool:
-        entry = self.device.entries.get(block)
-        return entry is not None and entry.resident
+    def _kept_on_device(self) -> list[BlockId]:
+        """The device's resident blocks, those its policy keeps longest first."""
+        kept = [block for block in self.device.eviction.victims() if self.device.entries[block].resident]
+        return kept[::-1]
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -169,6 +170,7 @@ class Residency:
         if entry is None:
             entry = self._start(self.device, block, self._load_device, wait_for_room=True)
         entry.leases += 1
+        entry.fresh = False  # in use now: counted in the window as leased until released
         lease: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         lease.add_done_callback(functools.partial(self._lease_ended, entry))
         if entry.ready.done():
@@ -216,7 +218,16 @@ class Residency:
             self._events.record(PREFETCH, str(block), ledger.name)
         entry = self._start(ledger, block, load, wait_for_room=False)
         entry.reserved = True
+        entry.fresh = True
         return True
+
+    def passed(self, layer: int) -> None:
+        """The pipeline is done with ``layer`` for this step: its blocks loaded ahead and never used (the
+        experts a prediction got wrong) leave the window; they stay resident until evicted."""
+        for ledger in (self.device, self.host):
+            for entry in ledger.entries.values():
+                if entry.block.layer == layer:
+                    entry.fresh = False
 
     async def stage_in_host(self, block: BlockId) -> None:
         """Make ``block`` resident in host RAM (waiting for room), without leasing it."""
@@ -355,6 +366,7 @@ class Residency:
         if entry is None:
             entry = self._start(self.host, block, self._load_host, wait_for_room=True)
         entry.leases += 1
+        entry.fresh = False
         if block in self.host.eviction:
             self.host.eviction.on_access(block)
         try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.model.blocks import BlockId, BlockLayout
+from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout
 from klotski_tier.core.model.layouts import largest_block_bytes, total_block_bytes
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.events import EventLog
@@ -28,7 +28,7 @@ from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.runtime.budgets import DERIVED, Budgets
 from klotski_tier.core.runtime.compute import ComputeRunner
-from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.config import KLOTSKI, EngineOptions
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
 from klotski_tier.core.runtime.ledger import TierLedger
 from klotski_tier.core.runtime.model_jobs import ModelJobs
@@ -124,14 +124,25 @@ def hot_experts(spec: ModelSpec, options: EngineOptions) -> int:
     return options.hot_experts
 
 
-def make_ledger(name: str, budget: int | None, options: EngineOptions, metrics: RunMetrics) -> TierLedger:
+def make_ledger(
+    name: str, budget: int | None, options: EngineOptions, metrics: RunMetrics, window: int | None = None
+) -> TierLedger:
     """The ledger of tier ``name`` with byte budget ``budget`` (None: unlimited), evicting by the options'
-    policy, its traffic counted in ``metrics.tiers[name]``."""
+    policy, its traffic counted in ``metrics.tiers[name]``; ``window``: its streaming window in bytes."""
     capacity = UNLIMITED_BYTES if budget is None else budget
     stats = TierStats(name, capacity)
     metrics.tiers[name] = stats
     eviction = make_eviction(options.eviction, **options.eviction_options)
-    return TierLedger(name, capacity, eviction, stats)
+    return TierLedger(name, capacity, eviction, stats, window_bytes=window)
+
+
+def stream_window_bytes(options: EngineOptions, layouts: Mapping[BlockId, BlockLayout]) -> int | None:
+    """The device's streaming window (``[pipeline] stream_window`` largest experts), or None: no cap (0,
+    or the sequential baseline, whose waves wait for every block of a wave at once)."""
+    if options.stream_window == 0 or options.schedule != KLOTSKI:
+        return None
+    experts = [layout.nbytes for block, layout in layouts.items() if block.kind is BlockKind.EXPERT]
+    return options.stream_window * max(experts or [layout.nbytes for layout in layouts.values()])
 
 
 def make_pipeline(
@@ -224,7 +235,13 @@ class Runtime:
             host=self.host_driver,
             device=self.device_driver,
             host_ledger=make_ledger(HOST, options.host_memory_bytes, options, self.metrics),
-            device_ledger=make_ledger(DEVICE, options.device_memory_bytes, options, self.metrics),
+            device_ledger=make_ledger(
+                DEVICE,
+                options.device_memory_bytes,
+                options,
+                self.metrics,
+                stream_window_bytes(options, files.layouts),
+            ),
             timeline=self.timeline,
             disk_to_device=reads_into_device(options),
             disk_slots=options.disk_queue_depth,  # one block per read the driver keeps in flight

@@ -18,6 +18,7 @@ batches = 3
 batch_size = 5
 hot_experts = 1
 lookahead_layers = 3
+stream_window = 5
 
 [device]
 memory = "64MiB"
@@ -51,7 +52,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_every_key_of_a_file_lands_in_the_options(tmp_path: Path) -> None:
     options = build_options(config_file=write(tmp_path, FULL))
     assert (options.batches, options.batch_size, options.hot_experts) == (3, 5, 1)
-    assert options.lookahead_layers == 3
+    assert options.lookahead_layers == 3 and options.stream_window == 5
     assert options.device_memory_bytes == 64 * 2**20 and options.device == "cpu"
     assert options.host_memory_bytes is None and options.host_preload is True
     assert options.disk_queue_depth == 6 and options.disk_driver == "disk"
@@ -92,6 +93,7 @@ def test_presets_are_valid_configurations(name: str) -> None:
         ('[pipeline]\nbatches = "four"\n', "pipeline.batches must be an integer >= 1, got 'four'"),
         ("[pipeline]\nbatches = 0\n", "pipeline.batches must be an integer >= 1, got 0"),
         ("[pipeline]\nlookahead_layers = 0\n", "pipeline.lookahead_layers must be an integer >= 1, got 0"),
+        ("[pipeline]\nstream_window = -1\n", "pipeline.stream_window must be an integer >= 0, got -1"),
         ('[host]\npreload = "yes"\n', "host.preload must be true or false"),
         ('[prefetch]\noptions = "fast"\n', "prefetch.options must be a table"),
         ("[pipeline\n", "is not valid TOML"),

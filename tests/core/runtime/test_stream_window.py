@@ -1,0 +1,162 @@
+"""The streaming window and the exclusive host tier: what a step reads from the drive beyond what the
+device and host RAM cannot hold.
+
+Once the device is full, the blocks in use or on their way (leased, in flight, loaded ahead and not
+used yet) take at most ``[pipeline] stream_window`` largest experts; a layer's experts stream through
+that room while the rest of the device keeps blocks across steps. The host tier evicts its copies of
+device blocks first, those the device keeps longest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from klotski_tier import Engine, EngineOptions
+from klotski_tier.core.model.blocks import BlockKind, expert_block
+from klotski_tier.core.model.layouts import total_block_bytes
+from klotski_tier.core.observe.metrics import TierStats
+from klotski_tier.core.observe.must_move import bytes_to_move
+from klotski_tier.core.runtime.ledger import Entry, TierLedger
+from klotski_tier.core.runtime.run import fixed_device_bytes, stream_window_bytes
+from klotski_tier.core.store.files import ModelFiles, open_model
+from klotski_tier.policies.lru import LRUEviction
+from klotski_tier.policies.sweep import SweepEviction
+from tests.checkpoints import make_checkpoint
+from tests.core.runtime.test_residency import files, residency, run
+
+__all__ = ["files"]  # the residency tests' module fixture: a 4-expert checkpoint
+
+PROMPTS = [[1 + (i * 7 + j) % 50 for j in range(6)] for i in range(8)]
+NEW_TOKENS = 5
+
+
+# ---- the ledger and the residency manager ------------------------------------------------------------
+
+
+def test_a_full_device_streams_a_layer_through_its_window(files: ModelFiles) -> None:
+    """Three experts requested at once through a window of two: two load (evicting two kept blocks),
+    the third waits for a release and then takes the room of the expert just computed."""
+    expert = files.layouts[expert_block(0, 0)].nbytes
+
+    async def scenario() -> None:
+        async with residency(files, device_bytes=4 * expert, eviction=SweepEviction) as res:
+            for e in range(4):  # the device keeps layer 1's experts
+                await res.release(await res.request(expert_block(1, e)))
+            res.device.window_bytes = 2 * expert
+            wanted = [res.request(expert_block(0, e)) for e in range(3)]
+            first, second = await asyncio.gather(wanted[0], wanted[1])
+            assert not wanted[2].done() and not res.device.entries[expert_block(0, 2)].reserved
+            assert res.device.stats.evictions == 2 and res.device.window_used() == 2 * expert
+            await res.release(first)
+            third = await wanted[2]
+            assert res.device.stats.evictions == 3 and expert_block(0, 0) not in res.device.entries
+            kept = [block for block in res.device.entries if block.layer == 1]
+            assert len(kept) == 2  # the window cost two kept blocks, not three
+            await res.release(second)
+            await res.release(third)
+
+    run(scenario)
+
+
+def test_a_demand_load_goes_past_a_window_that_no_release_will_empty(files: ModelFiles) -> None:
+    """A window full of blocks loaded ahead (nobody leases them yet) refuses further reads ahead, but
+    a demand load still goes: nothing it could wait for would ever be released."""
+    expert = files.layouts[expert_block(0, 0)].nbytes
+
+    async def scenario() -> None:
+        async with residency(files, device_bytes=4 * expert) as res:
+            for e in range(4):
+                await res.release(await res.request(expert_block(1, e)))
+            res.device.window_bytes = expert
+            assert res.prefetch(expert_block(0, 0))
+            await res.device.entries[expert_block(0, 0)].ready
+            assert res.device.window_used() == expert  # loaded ahead, not used yet
+            assert not res.prefetch(expert_block(0, 1))  # the window is full
+            lease = await asyncio.wait_for(res.request(expert_block(0, 2)), timeout=60)
+            await res.release(lease)
+            res.passed(0)  # layer 0 is done: its unused block leaves the window
+            assert res.device.window_used() == 0
+            assert res.prefetch(expert_block(0, 1))
+
+    run(scenario)
+
+
+def test_the_host_evicts_copies_of_what_the_device_keeps_longest_first() -> None:
+    """Held-above copies go first, in the order the faster tier gives (keeps longest first); then the
+    policy's own order for the rest."""
+    loop = asyncio.new_event_loop()
+    try:
+        ledger = TierLedger("host", 1 << 30, LRUEviction(), TierStats("host", 1 << 30))
+        blocks = [expert_block(0, e) for e in range(4)]
+        for block in blocks:
+            ledger.entries[block] = Entry(block, 1, loop.create_future())
+            ledger.eviction.on_insert(block, 1)
+        ledger.held_above = lambda: [blocks[3], expert_block(5, 5), blocks[1]]  # one the host lacks
+        assert list(ledger.victims()) == [blocks[3], blocks[1], blocks[0], blocks[2]]
+    finally:
+        loop.close()
+
+
+# ---- through the engine ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    """Eight experts a layer: a layer's used experts are more than a window of three."""
+    return open_model(
+        make_checkpoint(tmp_path_factory.mktemp("wide"), "mixtral", num_layers=4, num_experts=8)
+    )
+
+
+def _streamed(
+    files: ModelFiles, device_room: int, host: int, **changes: object
+) -> tuple[list[list[int]], int, int]:
+    """(tokens, drive bytes, the bytes that must move) of a run whose device has ``device_room`` bytes
+    beside its KV cache and activations, and host RAM ``host`` bytes."""
+    probe = Engine.from_files(files, EngineOptions(device="cpu", batches=1, batch_size=8))
+    fixed = fixed_device_bytes(files, probe._groups(PROMPTS, NEW_TOKENS), 8)
+    options = EngineOptions(
+        device="cpu", batches=1, batch_size=8, device_memory_bytes=fixed + device_room,
+        host_memory_bytes=host, eviction="sweep", **changes,  # type: ignore[arg-type]
+    )  # fmt: skip
+    engine = Engine.from_files(files, options)
+    result = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, record_routing=True)
+    assert result.routing is not None
+    must = bytes_to_move(files.layouts, result.routing.steps, device_room + host)
+    return [o.token_ids for o in result.outputs], result.metrics.disk_bytes_read, must
+
+
+def _expert_bytes(files: ModelFiles) -> int:
+    return max(layout.nbytes for block, layout in files.layouts.items() if block.kind is BlockKind.EXPERT)
+
+
+def test_streaming_through_the_window_reads_what_the_device_cannot_keep(wide: ModelFiles) -> None:
+    """A CPU device reading from the drive with room for a third of the model: the same tokens as
+    without a window, fewer bytes, and at most 1.1x the bytes that must move."""
+    room = total_block_bytes(wide.layouts) // 3
+    windowed_tokens, windowed, must = _streamed(wide, room, 0)
+    open_tokens, unwindowed, _ = _streamed(wide, room, 0, stream_window=0)
+    assert windowed_tokens == open_tokens
+    assert windowed < unwindowed
+    assert windowed <= 1.1 * must, (windowed, must)
+
+
+def test_host_ram_and_the_device_keep_distinct_blocks(wide: ModelFiles) -> None:
+    """Host RAM holding half the model and the device a quarter: over the run, the drive reads at most
+    1.1x the model once plus, each later step, what neither holds (the model less both budgets)."""
+    total = total_block_bytes(wide.layouts)
+    host, room = total // 2, total // 4
+    _, read, _ = _streamed(wide, room, host)
+    _, unwindowed, _ = _streamed(wide, room, host, stream_window=0)
+    must = total + (NEW_TOKENS - 1) * (total - host - room)
+    assert read <= 1.1 * must < unwindowed, (read, must, unwindowed)
+
+
+def test_the_window_is_in_largest_experts_and_off_for_the_sequential_baseline(wide: ModelFiles) -> None:
+    options = EngineOptions(stream_window=4)
+    assert stream_window_bytes(options, wide.layouts) == 4 * _expert_bytes(wide)
+    assert stream_window_bytes(dataclasses.replace(options, stream_window=0), wide.layouts) is None
+    assert stream_window_bytes(dataclasses.replace(options, schedule="sequential"), wide.layouts) is None
