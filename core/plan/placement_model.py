@@ -215,13 +215,14 @@ def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:
     return max(1, math.ceil(cost.machine.io_threads / chunks))
 
 
-def device_window_bytes(cost: CostModel, stream_window: int, natural: int) -> int:
-    """Device bytes of blocks in use or moving at once while the device streams: the pipeline's own
-    working set (``natural``), capped at ``stream_window`` largest experts as the engine caps it
-    (:func:`klotski_tier.core.runtime.run.stream_window_bytes`; 0: no cap), never below one block."""
-    if stream_window == 0:
-        return natural
-    return max(cost.sizes.largest, min(natural, stream_window * cost.sizes.expert))
+def device_window_bytes(cost: CostModel, stream_window: int, experts: int) -> int:
+    """Device bytes of blocks in use or moving at once while the device streams: a layer's attention
+    and gate, and of the ``experts`` the pipeline would hold at once (a layer's used experts and the
+    next layer's hot ones) at most ``stream_window``, as the engine caps them
+    (:func:`klotski_tier.core.runtime.run.stream_window_bytes`; 0: no cap)."""
+    sizes = cost.sizes
+    held = experts if stream_window == 0 else min(experts, stream_window)
+    return max(sizes.largest, sizes.attn + sizes.gate + held * sizes.expert)
 
 
 def weights_working_set(
@@ -234,4 +235,4 @@ def weights_working_set(
     if placement.device_resident:
         return sizes.total
     used = max((w.distinct_max for w in work), default=0)
-    return device_window_bytes(cost, stream_window, sizes.attn + sizes.gate + (hot + used) * sizes.expert)
+    return device_window_bytes(cost, stream_window, hot + used)

@@ -161,11 +161,7 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
     loads = ctx.routing.loads(shape.tokens)
     in_use = device_window_bytes(
-        cost,
-        req.stream_window,
-        cost.sizes.attn
-        + cost.sizes.gate
-        + (req.spec.top_k + max(load.distinct_max() for load in loads)) * cost.sizes.expert,
+        cost, req.stream_window, req.spec.top_k + max(load.distinct_max() for load in loads)
     )
     eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
     placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)

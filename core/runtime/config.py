@@ -7,7 +7,7 @@ A configuration file has one table per concern; every key is optional::
     batch_size = 8           # bs: sequences per batch
     hot_experts = 2          # K: experts prefetched per layer (default: the router's top-k; "all": E)
     lookahead_layers = 2     # L: layers read ahead; beyond the next, staged in host RAM (or a CPU device)
-    stream_window = 3        # on a full device: blocks in use or moving at once, in largest experts (0: all)
+    stream_window = 3        # on a full device: experts in use or moving at once (0: no cap)
     schedule = "klotski"     # "klotski" (I/O overlaps compute) or "sequential" (load, then compute)
     expert_order = "ready-first"  # "ready-first" (Klotski's reordering) or "index" (expert 0, 1, ...)
 
@@ -74,7 +74,7 @@ class EngineOptions:
     batch_size: int = 4  # bs: sequences per batch
     hot_experts: int | Literal["all"] | None = None  # K prefetched per layer; None: top-k; "all": E
     lookahead_layers: int = 2  # L: layers read ahead; those beyond the next are staged (the DRAM window)
-    # Once the device is full, the blocks in use or moving (leased, in flight, loaded ahead) take at most
+    # Once the device is full, the experts in use or moving (leased, in flight, loaded ahead) take at most
     # this many largest experts' bytes; the rest of the device keeps blocks across steps. 0: no cap.
     stream_window: int = 3
     device_memory_bytes: int | None = None  # None: derived (runtime/budgets.py); the GPU's on CUDA

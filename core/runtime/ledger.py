@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from klotski_tier.core.model.blocks import BlockId
+from klotski_tier.core.model.blocks import BlockId, BlockKind
 from klotski_tier.core.observe.events import EVICT, EventLog
 from klotski_tier.core.observe.metrics import TierStats
 from klotski_tier.policies.eviction import EvictionPolicy
@@ -83,22 +83,28 @@ class TierLedger:
         self.used_bytes += nbytes
         self.stats.observe_peak(self.used_bytes + self.fixed_bytes)
 
-    def make_room(self, nbytes: int, ahead_of: BlockId | None = None) -> bool:
+    def make_room(
+        self, nbytes: int, ahead_of: BlockId | None = None, *, block: BlockId | None = None
+    ) -> bool:
         """Evict unleased resident blocks until ``nbytes`` fit; False (nothing evicted) if they cannot.
 
         ``ahead_of``: the room is for a prefetch of that block, which takes only the room of victims
         the policy finds worth it (:meth:`EvictionPolicy.evict_for`: needed later than that block);
         the first refusal ends the search.
 
-        With a window (``window_bytes``), a load that needs evictions waits (False) while the blocks in
-        use or on their way already fill it: a layer's experts then stream through a few blocks of room,
-        one computing while the next ones load, instead of all taking room at once from blocks the tier
-        would keep for the next step. A demand load goes past the window only when no leased block is
-        there to be released, so that it never waits for nothing.
+        With a window (``window_bytes``), a load of an expert (``block``, or ``ahead_of``) that needs
+        evictions waits (False) while the experts in use or on their way already fill it: a layer's
+        experts then stream through a few blocks of room, one computing while the next ones load,
+        instead of all taking room at once from blocks the tier would keep for the next step. A demand
+        load goes past the window only when no leased block is there to be released, so that it never
+        waits for nothing. Attention, gate, embedding and head blocks (small, and every step needs them
+        at once) never wait for the window.
         """
         if self.free_bytes() >= nbytes:
             return True
-        if self._window_full(nbytes, ahead=ahead_of is not None):
+        incoming = ahead_of if ahead_of is not None else block
+        streams = incoming is None or incoming.kind is BlockKind.EXPERT
+        if streams and self._window_full(nbytes, ahead=ahead_of is not None):
             return False
         victims: list[Entry] = []
         room = self.free_bytes()
@@ -121,9 +127,11 @@ class TierLedger:
         return True
 
     def window_used(self) -> int:
-        """Bytes of blocks in use or on their way: leased, in flight, or loaded ahead and not used yet."""
+        """Bytes of experts in use or on their way: leased, in flight, or loaded ahead and not used yet."""
         return sum(
-            e.nbytes for e in self.entries.values() if e.reserved and (e.leases or e.fresh or not e.resident)
+            e.nbytes
+            for e in self.entries.values()
+            if e.reserved and e.block.kind is BlockKind.EXPERT and (e.leases or e.fresh or not e.resident)
         )
 
     def _window_full(self, nbytes: int, *, ahead: bool) -> bool:

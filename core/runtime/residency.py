@@ -303,7 +303,7 @@ class Residency:
             )
         ledger.demand_waiting += 1
         try:
-            while not ledger.make_room(nbytes):
+            while not ledger.make_room(nbytes, block=entry.block):
                 waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._room_waiters.append(waiter)
                 await waiter

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.model.blocks import BlockKind, expert_block
+from klotski_tier.core.model.blocks import BlockKind, attn_block, expert_block, gate_block
 from klotski_tier.core.model.layouts import total_block_bytes
 from klotski_tier.core.observe.metrics import TierStats
 from klotski_tier.core.observe.must_move import bytes_to_move
@@ -24,7 +24,7 @@ from klotski_tier.core.runtime.run import fixed_device_bytes, stream_window_byte
 from klotski_tier.core.store.files import ModelFiles, open_model
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.policies.sweep import SweepEviction
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import HIDDEN_SIZE, make_checkpoint
 from tests.core.runtime.test_residency import files, residency, run
 
 __all__ = ["files"]  # the residency tests' module fixture: a 4-expert checkpoint
@@ -84,6 +84,26 @@ def test_a_demand_load_goes_past_a_window_that_no_release_will_empty(files: Mode
     run(scenario)
 
 
+def test_attention_and_gate_never_wait_for_the_window(files: ModelFiles) -> None:
+    """A window full of a leased expert holds further experts back, not attention and gate blocks:
+    every step needs those, at once."""
+    expert = files.layouts[expert_block(0, 0)].nbytes
+
+    async def scenario() -> None:
+        async with residency(files, device_bytes=4 * expert, eviction=SweepEviction) as res:
+            for e in range(4):
+                await res.release(await res.request(expert_block(1, e)))
+            res.device.window_bytes = expert
+            held = await res.request(expert_block(0, 0))
+            assert not res.prefetch(expert_block(0, 1))  # an expert waits for the window
+            assert res.prefetch(gate_block(0))  # a gate does not
+            attention = await asyncio.wait_for(res.request(attn_block(0)), timeout=60)  # nor attention
+            await res.release(attention)
+            await res.release(held)
+
+    run(scenario)
+
+
 def test_the_host_evicts_copies_of_what_the_device_keeps_longest_first() -> None:
     """Held-above copies go first, in the order the faster tier gives (keeps longest first); then the
     policy's own order for the rest."""
@@ -105,9 +125,12 @@ def test_the_host_evicts_copies_of_what_the_device_keeps_longest_first() -> None
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
-    """Eight experts a layer: a layer's used experts are more than a window of three."""
+    """Eight experts a layer (a layer's used experts are more than a window of three), enough layers
+    that the window is small beside the budgets, and experts larger than a layer's attention, as in
+    real MoE models (an expert of intermediate size 4 x hidden)."""
+    directory = tmp_path_factory.mktemp("wide")
     return open_model(
-        make_checkpoint(tmp_path_factory.mktemp("wide"), "mixtral", num_layers=4, num_experts=8)
+        make_checkpoint(directory, "mixtral", num_layers=12, num_experts=8, intermediate_size=4 * HIDDEN_SIZE)
     )
 
 
