@@ -48,8 +48,8 @@ from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost,
 from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
 from klotski_tier.core.plan.virtual_clock import run_virtual
 from klotski_tier.core.runtime.config import EngineOptions
-from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
-from klotski_tier.core.runtime.run import make_ledger, make_pipeline, stream_window_bytes
+from klotski_tier.core.runtime.residency import Residency
+from klotski_tier.core.runtime.run import make_ledgers, make_pipeline
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.registry import make_prefetch
 from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
@@ -180,19 +180,14 @@ class Simulator:
         self.layouts = {block: BlockLayout(block, (), (), nbytes) for block, nbytes in sizes.items()}
         self.source = SimSource(hardware, sizes, compression_ratio=compression_ratio, decode_gbps=decode_gbps)
         self.device = SimDevice(hardware)
+        host_ledger, device_ledger = make_ledgers(options, self.layouts, self.metrics)
         self.residency = Residency(
             self.layouts,
             source=self.source,
             host=SimHost(),
             device=self.device,
-            host_ledger=make_ledger(HOST, options.host_memory_bytes, options, self.metrics),
-            device_ledger=make_ledger(
-                DEVICE,
-                options.device_memory_bytes,
-                options,
-                self.metrics,
-                stream_window_bytes(options, self.layouts),
-            ),
+            host_ledger=host_ledger,
+            device_ledger=device_ledger,
             disk_to_device=reads_into_device,
             disk_slots=options.disk_queue_depth,
             events=self.events,

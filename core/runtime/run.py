@@ -4,8 +4,8 @@
 threads on first use); leaving it cancels outstanding loads, waits until no driver thread touches
 a buffer, and shuts every executor down. :func:`check_budgets` refuses, before any byte moves,
 budgets that cannot hold the minimum working set, and says what that minimum is.
-:func:`make_ledger` and :func:`make_pipeline` build a tier's ledger and the pipeline from the
-options, for the engine and the simulator alike.
+:func:`make_ledgers` and :func:`make_pipeline` build the tiers' ledgers (the device's with its
+streaming window) and the pipeline from the options, for the engine and the simulator alike.
 """
 
 from __future__ import annotations
@@ -136,6 +136,16 @@ def make_ledger(
     return TierLedger(name, capacity, eviction, stats, window_bytes=window)
 
 
+def make_ledgers(
+    options: EngineOptions, layouts: Mapping[BlockId, BlockLayout], metrics: RunMetrics
+) -> tuple[TierLedger, TierLedger]:
+    """(host, device) ledgers of a run, the engine's or the simulator's: the options' budgets, and the
+    device's streaming window."""
+    host = make_ledger(HOST, options.host_memory_bytes, options, metrics)
+    window = stream_window_bytes(options, layouts)
+    return host, make_ledger(DEVICE, options.device_memory_bytes, options, metrics, window)
+
+
 def stream_window_bytes(options: EngineOptions, layouts: Mapping[BlockId, BlockLayout]) -> int | None:
     """The device's streaming window (``[pipeline] stream_window`` largest experts), or None: no cap (0,
     or the sequential baseline, whose waves wait for every block of a wave at once)."""
@@ -229,19 +239,14 @@ class Runtime:
         self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
+        host_ledger, device_ledger = make_ledgers(options, files.layouts, self.metrics)
         self.residency = Residency(
             files.layouts,
             source=BlockSource(files.layouts, self.disk, files.store),
             host=self.host_driver,
             device=self.device_driver,
-            host_ledger=make_ledger(HOST, options.host_memory_bytes, options, self.metrics),
-            device_ledger=make_ledger(
-                DEVICE,
-                options.device_memory_bytes,
-                options,
-                self.metrics,
-                stream_window_bytes(options, files.layouts),
-            ),
+            host_ledger=host_ledger,
+            device_ledger=device_ledger,
             timeline=self.timeline,
             disk_to_device=reads_into_device(options),
             disk_slots=options.disk_queue_depth,  # one block per read the driver keeps in flight
