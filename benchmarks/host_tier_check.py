@@ -17,10 +17,12 @@ from pathlib import Path
 
 from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.model.layouts import total_block_bytes
+from klotski_tier.core.observe.events import JOB, LOAD, Event
 from klotski_tier.core.observe.must_move import bytes_to_move
+from klotski_tier.core.runtime.residency import HOST
 from klotski_tier.core.runtime.run import fixed_device_bytes
-from klotski_tier.core.store.files import open_model
-from klotski_tier.core.units import GIB
+from klotski_tier.core.store.files import ModelFiles, open_model
+from klotski_tier.core.units import GIB, MIB
 
 
 def main() -> None:
@@ -41,18 +43,34 @@ def main() -> None:
             eviction=eviction, lookahead_layers=lookahead,
         )  # fmt: skip
         engine = Engine.from_files(files, options)
-        result = engine.generate(prompts, max_new_tokens=args.new_tokens, record_routing=True)
-        assert result.routing is not None
+        result = engine.generate(prompts, max_new_tokens=args.new_tokens, record_routing=True, events=True)
+        assert result.routing is not None and result.events is not None
         fixed = fixed_device_bytes(files, engine._groups(prompts, args.new_tokens), options.batch_size)
         unheld = total + (args.new_tokens - 1) * max(0, total - host - device)  # the issue's yardstick
         used = bytes_to_move(files.layouts, result.routing.steps, host + device - fixed)
         read = result.metrics.disk_bytes_read
+        later = _reads_per_step(result.events.events, files)[1:]  # the decode steps
+        per_step = max(0, total - host - device)
         print(
             f"{eviction}, look-ahead {lookahead}: model {total / GIB:.2f} GiB, drive {read / GIB:.2f} GiB in "
             f"{args.new_tokens} passes; what RAM and the device cannot hold: {unheld / GIB:.2f} GiB "
             f"(ratio {read / unheld:.2f}); of the blocks the steps used: {used / GIB:.2f} GiB "
-            f"(ratio {read / used:.2f})"
+            f"(ratio {read / used:.2f}); per decode step {', '.join(f'{b / MIB:.0f}' for b in later)} MiB "
+            f"against {per_step / MIB:.0f} MiB (ratio {max(later) / per_step:.2f} at most)"
         )
+
+
+def _reads_per_step(events: list[Event], files: ModelFiles) -> list[int]:
+    """Bytes read from the drive in each forward step: the host tier's loads (every disk read lands
+    there), between the steps' first jobs."""
+    sizes = {str(block): layout.nbytes for block, layout in files.layouts.items()}
+    steps: list[int] = []
+    for event in events:
+        if event.kind == JOB and event.subject == "embed b0":
+            steps.append(0)
+        elif event.kind == LOAD and event.tier == HOST and steps:
+            steps[-1] += sizes[event.subject]
+    return steps
 
 
 if __name__ == "__main__":
