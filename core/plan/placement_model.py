@@ -215,6 +215,12 @@ def _blocks_at_once(cost: CostModel, ratio: float | None) -> int:
     return max(1, math.ceil(cost.machine.io_threads / chunks))
 
 
+def window_of(placement: Placement, stream_window: int) -> int:
+    """The streaming window the engine runs under ``placement`` (:func:`klotski_tier.core.runtime.run.
+    stream_window_bytes`): ``stream_window`` where blocks come from the drive, else none (0)."""
+    return stream_window if placement.home == "disk" else 0
+
+
 def device_window_bytes(cost: CostModel, stream_window: int, experts: int) -> int:
     """Device bytes of blocks in use or moving at once while the device streams: a layer's attention
     and gate, and of the ``experts`` the pipeline would hold at once (a layer's used experts and the
@@ -235,4 +241,4 @@ def weights_working_set(
     if placement.device_resident:
         return sizes.total
     used = max((w.distinct_max for w in work), default=0)
-    return device_window_bytes(cost, stream_window, hot + used)
+    return device_window_bytes(cost, window_of(placement, stream_window), hot + used)

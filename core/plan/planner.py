@@ -41,7 +41,13 @@ from klotski_tier.core.plan.pipeline_model import layer_work as layer_work
 from klotski_tier.core.plan.pipeline_model import least_factor as least_factor
 from klotski_tier.core.plan.pipeline_model import predict_step as predict_step
 from klotski_tier.core.plan.pipeline_model import speedup_to_meet as speedup_to_meet
-from klotski_tier.core.plan.placement_model import LRU, SWEEP, device_window_bytes, host_in_flight_bytes
+from klotski_tier.core.plan.placement_model import (
+    LRU,
+    SWEEP,
+    device_window_bytes,
+    host_in_flight_bytes,
+    window_of,
+)
 from klotski_tier.core.plan.placement_model import Placement as Placement
 from klotski_tier.core.plan.placement_model import io_times as io_times
 from klotski_tier.core.plan.placement_model import lru_misses as lru_misses
@@ -160,9 +166,8 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     )
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
     loads = ctx.routing.loads(shape.tokens)
-    in_use = device_window_bytes(
-        cost, req.stream_window, req.spec.top_k + max(load.distinct_max() for load in loads)
-    )
+    window = window_of(placement, req.stream_window)
+    in_use = device_window_bytes(cost, window, req.spec.top_k + max(load.distinct_max() for load in loads))
     eviction, misses = _eviction(req.eviction, cost, loads, ctx.device_budget - fixed - in_use)
     placement = dataclasses.replace(placement, expert_reuse=1.0 - misses[1], eviction=eviction)
     if req.lookahead_layers is not None:
@@ -253,7 +258,7 @@ def _candidate(
 
 def _expert_window(ctx: _Context, placement: Placement, fixed: int) -> int:
     """Experts the device holds at once for a layer: its room, or (streaming) its window's."""
-    cost, window = ctx.cost, ctx.request.stream_window
+    cost, window = ctx.cost, window_of(placement, ctx.request.stream_window)
     room = (ctx.device_budget - fixed) // cost.sizes.expert
     if placement.device_resident or window == 0:
         return room

@@ -147,9 +147,15 @@ def make_ledgers(
 
 
 def stream_window_bytes(options: EngineOptions, layouts: Mapping[BlockId, BlockLayout]) -> int | None:
-    """The device's streaming window (``[pipeline] stream_window`` largest experts), or None: no cap (0,
-    or the sequential baseline, whose waves wait for every block of a wave at once)."""
+    """The device's streaming window (``[pipeline] stream_window`` largest experts), where blocks come
+    from the drive; None: no cap. None too where host RAM holds the whole model (preloaded, or a host
+    budget that holds it): what the device keeps then saves copies from RAM, not reads, and is worth
+    less than the copies a full window would overlap with compute; and under the sequential baseline,
+    whose waves wait for every block of a wave at once."""
     if options.stream_window == 0 or options.schedule != KLOTSKI:
+        return None
+    host = options.host_memory_bytes
+    if options.host_preload or host is None or host >= total_block_bytes(layouts):
         return None
     experts = [layout.nbytes for block, layout in layouts.items() if block.kind is BlockKind.EXPERT]
     return options.stream_window * max(experts or [layout.nbytes for layout in layouts.values()])

@@ -352,3 +352,17 @@ def test_the_plan_says_what_a_decode_step_reads_from_the_drive_and_what_ram_and_
     assert streaming.drive_bytes <= _streaming(0.5, host_memory_bytes=12 * MIB).drive_bytes  # less RAM, more
     in_ram = _plan(device_memory_bytes=96 * MIB, host_memory_bytes=1 << 40)  # the whole model in RAM
     assert in_ram.placement.home == "host" and in_ram.drive_bytes == 0 and in_ram.unheld_bytes == 0
+
+
+def test_the_streaming_window_is_planned_only_where_blocks_come_from_the_drive() -> None:
+    """As the engine: with the whole model in host RAM there is no window, so its size changes nothing;
+    streaming from a slow drive, a narrow window keeps more across steps: fewer bytes, a faster step."""
+    in_ram = dict(device_memory_bytes=96 * MIB, host_memory_bytes=1 << 40, batch_size=4, batches=2)
+    narrow, wide = _plan(**in_ram, stream_window=1), _plan(**in_ram, stream_window=0)
+    assert narrow.placement.home == "host" and narrow.decode == wide.decode
+    streaming = {"batches": 2, "hot_experts": 2}
+    windowed, open_ = (
+        _streaming(0.5, stream_window=1, **streaming),
+        _streaming(0.5, stream_window=0, **streaming),
+    )
+    assert windowed.drive_bytes < open_.drive_bytes and windowed.decode.step_s < open_.decode.step_s

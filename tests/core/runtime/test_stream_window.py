@@ -178,8 +178,18 @@ def test_host_ram_and_the_device_keep_distinct_blocks(wide: ModelFiles) -> None:
     assert read <= 1.1 * must < unwindowed, (read, must, unwindowed)
 
 
-def test_the_window_is_in_largest_experts_and_off_for_the_sequential_baseline(wide: ModelFiles) -> None:
-    options = EngineOptions(stream_window=4)
+def test_the_window_is_in_largest_experts_where_blocks_come_from_the_drive(wide: ModelFiles) -> None:
+    """On where the drive feeds the device (no host tier, or host RAM smaller than the model); off
+    where host RAM holds the whole model, when turned off, and for the sequential baseline."""
+    total = total_block_bytes(wide.layouts)
+    options = EngineOptions(stream_window=4, host_memory_bytes=0)
     assert stream_window_bytes(options, wide.layouts) == 4 * _expert_bytes(wide)
-    assert stream_window_bytes(dataclasses.replace(options, stream_window=0), wide.layouts) is None
-    assert stream_window_bytes(dataclasses.replace(options, schedule="sequential"), wide.layouts) is None
+    assert stream_window_bytes(dataclasses.replace(options, host_memory_bytes=total // 2), wide.layouts)
+    for off in (
+        dataclasses.replace(options, host_memory_bytes=total),
+        dataclasses.replace(options, host_memory_bytes=None),  # unlimited
+        dataclasses.replace(options, host_memory_bytes=total // 2, host_preload=True),
+        dataclasses.replace(options, stream_window=0),
+        dataclasses.replace(options, schedule="sequential"),
+    ):
+        assert stream_window_bytes(off, wide.layouts) is None, off
