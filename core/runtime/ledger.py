@@ -44,7 +44,7 @@ class Entry:
     leases: int = 0
     reserved: bool = False  # its bytes are counted in the ledger
     ahead: bool = False  # staged for a layer beyond the next, by a prefetch that never waits
-    fresh: bool = False  # loaded ahead of its use and not leased yet: part of the tier's window
+    fresh: bool = False  # on the device, loaded ahead of its use and not leased yet: part of its window
     task: asyncio.Task[None] | None = None
     granting: list[asyncio.Future[Lease]] = field(default_factory=list)  # leases to give once it lands
 
@@ -70,10 +70,10 @@ class TierLedger:
     # The blocks a faster tier holds too, those it keeps longest first: they are evicted first, in that
     # order, so that the two tiers together hold as many distinct blocks as they can (see victims()).
     held_above: Callable[[], list[BlockId]] | None = None
-    # The streaming window: once making room means evicting, at most this many bytes of blocks in use or
-    # on their way (leased, in flight, loaded ahead and not used yet) at once; None: no cap. What a full
-    # tier holds beyond its window it keeps across steps, so the window is what a step rereads on top
-    # of what the tier cannot hold (see make_room).
+    # The streaming window: once making room means evicting, at most this many bytes of experts in use
+    # or on their way (leased, in flight, loaded ahead and not used yet) at once; None: no cap. What a
+    # full tier holds beyond its window it keeps across steps, so the window is what a step rereads on
+    # top of what the tier cannot hold (see make_room).
     window_bytes: int | None = None
 
     def free_bytes(self) -> int:

@@ -218,16 +218,15 @@ class Residency:
             self._events.record(PREFETCH, str(block), ledger.name)
         entry = self._start(ledger, block, load, wait_for_room=False)
         entry.reserved = True
-        entry.fresh = True
+        entry.fresh = ledger is self.device  # the device's window counts it until it is used
         return True
 
     def passed(self, layer: int) -> None:
         """The pipeline is done with ``layer`` for this step: its blocks loaded ahead and never used (the
         experts a prediction got wrong) leave the window; they stay resident until evicted."""
-        for ledger in (self.device, self.host):
-            for entry in ledger.entries.values():
-                if entry.block.layer == layer:
-                    entry.fresh = False
+        for entry in self.device.entries.values():
+            if entry.block.layer == layer:
+                entry.fresh = False
 
     async def stage_in_host(self, block: BlockId) -> None:
         """Make ``block`` resident in host RAM (waiting for room), without leasing it."""
@@ -366,7 +365,6 @@ class Residency:
         if entry is None:
             entry = self._start(self.host, block, self._load_host, wait_for_room=True)
         entry.leases += 1
-        entry.fresh = False
         if block in self.host.eviction:
             self.host.eviction.on_access(block)
         try:
