@@ -13,15 +13,19 @@ tiers: blocks come from the drive into the host tier and are copied into the dev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.model.layouts import total_block_bytes
-from klotski_tier.core.observe.events import JOB, LOAD, Event
-from klotski_tier.core.observe.must_move import bytes_to_move
+from klotski_tier.core.observe.must_move import bytes_to_move, reads_per_step
+from klotski_tier.core.plan.autoplan import PLANNED_FIELDS, plan_request
+from klotski_tier.core.plan.hardware import unmeasured_machine
+from klotski_tier.core.plan.planner import make_plan
+from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
 from klotski_tier.core.runtime.residency import HOST
 from klotski_tier.core.runtime.run import fixed_device_bytes
-from klotski_tier.core.store.files import ModelFiles, open_model
+from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import GIB, MIB
 
 
@@ -49,7 +53,7 @@ def main() -> None:
         unheld = total + (args.new_tokens - 1) * max(0, total - host - device)  # the issue's yardstick
         used = bytes_to_move(files.layouts, result.routing.steps, host + device - fixed)
         read = result.metrics.disk_bytes_read
-        later = _reads_per_step(result.events.events, files)[1:]  # the decode steps
+        later = reads_per_step(result.events.events, files.layouts, HOST)[1:]  # the decode steps
         per_step = max(0, total - host - device)
         print(
             f"{eviction}, look-ahead {lookahead}: model {total / GIB:.2f} GiB, drive {read / GIB:.2f} GiB in "
@@ -58,19 +62,16 @@ def main() -> None:
             f"(ratio {read / used:.2f}); per decode step {', '.join(f'{b / MIB:.0f}' for b in later)} MiB "
             f"against {per_step / MIB:.0f} MiB (ratio {max(later) / per_step:.2f} at most)"
         )
-
-
-def _reads_per_step(events: list[Event], files: ModelFiles) -> list[int]:
-    """Bytes read from the drive in each forward step: the host tier's loads (every disk read lands
-    there), between the steps' first jobs."""
-    sizes = {str(block): layout.nbytes for block, layout in files.layouts.items()}
-    steps: list[int] = []
-    for event in events:
-        if event.kind == JOB and event.subject == "embed b0":
-            steps.append(0)
-        elif event.kind == LOAD and event.tier == HOST and steps:
-            steps[-1] += sizes[event.subject]
-    return steps
+        machine = unmeasured_machine("cpu", device, host)  # bytes do not depend on the machine's rates
+        lengths = [len(p) for p in prompts]
+        request = plan_request(files, options, lengths, args.new_tokens, set(PLANNED_FIELDS), machine)
+        plan = make_plan(dataclasses.replace(request, routing=RoutingModel(TraceRouting(result.routing))))
+        print(
+            f"  the planner, given this run's routes: {plan.drive_bytes / MIB:.0f} MiB per decode step, "
+            f"{plan.unheld_bytes / MIB:.0f} MiB that the device and host RAM cannot hold "
+            f"(ratio {plan.drive_bytes / max(plan.unheld_bytes, 1):.2f}); the engine's mean step "
+            f"{sum(later) / len(later) / MIB:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, expert_block
+from klotski_tier.core.observe.events import JOB, LOAD, Event
+
+FIRST_JOB = "embed b0"
+"""The label of every forward step's first job (its first batch's embedding): where a step begins."""
 
 
 def bytes_to_move(layouts: Mapping[BlockId, BlockLayout], steps: Sequence[npt.ArrayLike], hold: int) -> int:
@@ -36,6 +40,19 @@ def bytes_to_move(layouts: Mapping[BlockId, BlockLayout], steps: Sequence[npt.Ar
         buffers, reads = sum(layout.nbytes for layout in used), sum(_read_bytes(layout) for layout in used)
         must += reads if index == 0 else reads * max(0.0, 1.0 - hold / buffers)
     return int(must)
+
+
+def reads_per_step(events: Sequence[Event], layouts: Mapping[BlockId, BlockLayout], tier: str) -> list[int]:
+    """Drive bytes of each forward step: the loads into ``tier`` (the tier every disk read lands in: the
+    host's where blocks pass through host RAM) between the steps' first jobs, from an event log."""
+    reads = {str(block): _read_bytes(layout) for block, layout in layouts.items()}
+    steps: list[int] = []
+    for event in events:
+        if event.kind == JOB and event.subject == FIRST_JOB:
+            steps.append(0)
+        elif event.kind == LOAD and event.tier == tier and steps:
+            steps[-1] += reads[event.subject]
+    return steps
 
 
 def _read_bytes(layout: BlockLayout) -> int:

@@ -152,6 +152,7 @@ def plan_request(
         new_tokens=max_new_tokens,
         compression_ratio=store_ratio(files.store),
         stream_window=options.stream_window,
+        disk_queue_depth=options.disk_queue_depth,
         **fixed,
     )
 

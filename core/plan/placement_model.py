@@ -83,6 +83,7 @@ def placement_for(
     host_budget: int,
     preload: bool | None,
     ratio: float | None,
+    disk_queue_depth: int,
 ) -> Placement:
     """The engine's placement for these budgets (see the module docstring)."""
     sizes = cost.sizes
@@ -100,7 +101,8 @@ def placement_for(
         compressed = packed.bottleneck_s < plain.bottleneck_s
     window = host_budget // sizes.layer if home == "disk" else sizes.num_layers
     layers = min(window, sizes.num_layers)
-    room = home == "disk" and not into_device and host_budget >= host_in_flight_bytes(cost) + sizes.layer
+    in_flight = host_in_flight_bytes(cost, disk_queue_depth)
+    room = home == "disk" and not into_device and host_budget >= in_flight + sizes.layer
     lookahead = STAGED_LOOKAHEAD if room else 1
     return Placement(
         resident,
@@ -113,10 +115,13 @@ def placement_for(
     )
 
 
-def host_in_flight_bytes(cost: CostModel) -> int:
-    """Host RAM blocks from the drive hold at once: each from its read until its copy, so the disk
-    threads' reads and one copy, of the largest block."""
-    return (cost.machine.io_threads + 1) * cost.sizes.largest
+def host_in_flight_bytes(cost: CostModel, disk_queue_depth: int, stream_window: int = 0) -> int:
+    """Host RAM blocks from the drive hold at once: each from its read until its copy, so the engine's
+    reads in flight (one block per read its disk driver keeps in flight) and one copy, of the largest
+    block; no more than the device's streaming window admits (``stream_window`` experts; 0: no window),
+    since the device's reads are what the host reads for."""
+    blocks = disk_queue_depth + 1
+    return (min(blocks, stream_window) if stream_window else blocks) * cost.sizes.largest
 
 
 def reads_into_device(cost: CostModel, host_budget: int) -> bool:
@@ -197,10 +202,15 @@ def sweep_misses(
     step needs is resident with the chance ``capacity`` / those bytes (the same share of every block
     kind; no worse than LRU). The blocks the steps touch are every expert any step may use: a step of
     few tokens uses few experts, but not the ones the step before kept."""
-    usage = np.stack([load.usage for load in loads])  # [L, E]
-    touched = _always_bytes(cost) + cost.sizes.expert * float((usage > 0).sum())
-    missed = 1.0 - min(max(capacity, 0) / touched, 1.0)
+    missed = 1.0 - min(max(capacity, 0) / touched_bytes(cost, loads), 1.0)
     return min(lru[0], missed), min(lru[1], missed)
+
+
+def touched_bytes(cost: CostModel, loads: tuple[LayerLoads, ...]) -> float:
+    """Bytes of the blocks the steps touch over a run: those every step uses, and every expert any step
+    may use (a step of few tokens uses few experts, but not the same ones as the step before)."""
+    usage = np.stack([load.usage for load in loads])  # [L, E]
+    return _always_bytes(cost) + cost.sizes.expert * float((usage > 0).sum())
 
 
 def _always_bytes(cost: CostModel) -> int:

@@ -43,6 +43,7 @@ class PlanRequest:
     eviction: str | None = None  # fixed device eviction policy (modelled as LRU unless "sweep")
     lookahead_layers: int | None = None  # fixed L (layers read ahead); None: the planner's
     stream_window: int = EngineOptions.stream_window  # the device's streaming window (0: no cap)
+    disk_queue_depth: int = EngineOptions.disk_queue_depth  # the engine's reads in flight from the drive
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class Candidate:
     work: tuple[LayerWork, ...]
     io: Io
     drive_bytes: int = 0  # predicted bytes read from the drive per decode step (steady state)
-    unheld_bytes: int = 0  # of a decode step's blocks, what the device and host RAM cannot hold at once
+    unheld_bytes: int = 0  # what the device and host RAM cannot hold of the blocks the steps touch
 
     @property
     def fits(self) -> bool:
@@ -132,7 +133,7 @@ class Plan:
     advice: tuple[str, ...]
     sweep: tuple[SweepPoint, ...]  # every n tried at the chosen bs and K
     drive_bytes: int = 0  # predicted bytes read from the drive per decode step (steady state)
-    unheld_bytes: int = 0  # of a decode step's blocks, what the device and host RAM cannot hold at once
+    unheld_bytes: int = 0  # what the device and host RAM cannot hold of the blocks the steps touch
 
     @property
     def decode_tokens_per_s(self) -> float:

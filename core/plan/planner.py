@@ -46,6 +46,7 @@ from klotski_tier.core.plan.placement_model import (
     SWEEP,
     device_window_bytes,
     host_in_flight_bytes,
+    touched_bytes,
     window_of,
 )
 from klotski_tier.core.plan.placement_model import Placement as Placement
@@ -162,8 +163,9 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     if fixed + cost.sizes.largest > ctx.device_budget:
         return []
     placement = placement_for(
-        cost, fixed, ctx.device_budget, ctx.host_budget, req.host_preload, req.compression_ratio
-    )
+        cost, fixed, ctx.device_budget, ctx.host_budget, req.host_preload, req.compression_ratio,
+        req.disk_queue_depth,
+    )  # fmt: skip
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
     loads = ctx.routing.loads(shape.tokens)
     window = window_of(placement, req.stream_window)
@@ -174,15 +176,21 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
         placement = dataclasses.replace(placement, lookahead_layers=req.lookahead_layers)
     disk = _disk_misses(ctx, placement, eviction, loads, ctx.device_budget - fixed - in_use)
     io = io_times(cost, placement, req.compression_ratio, steady=True, misses=misses, disk_misses=disk)
-    step_bytes, drive = _step_bytes(ctx, loads, placement, disk or misses)
+    _, drive = _step_bytes(ctx, loads, placement, disk or misses)
     device_kept = max(0, min(cost.sizes.total, ctx.device_budget - fixed))  # weights the device keeps
+    unheld = _unheld(placement, touched_bytes(cost, loads), device_kept + ctx.host_budget)
     tried = [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
-    return [
-        dataclasses.replace(
-            c, drive_bytes=drive, unheld_bytes=max(0, step_bytes - device_kept - _host_kept(c))
-        )
-        for c in tried
-    ]
+    return [dataclasses.replace(c, drive_bytes=drive, unheld_bytes=unheld) for c in tried]
+
+
+def _unheld(placement: Placement, touched: float, budgets: int) -> int:
+    """What the device and host RAM cannot hold of the blocks the steps touch, where blocks come from the
+    drive: those bytes beyond the two tiers' budgets for weights (the device's less its KV cache and
+    activations), as ``benchmarks/host_tier_check.py`` counts it in the engine. A step reads them, and
+    the blocks crossing the tiers' working room (reads in flight, the device's streaming window)."""
+    if placement.home != "disk":
+        return 0
+    return int(max(0.0, touched - budgets))
 
 
 def _step_bytes(
@@ -199,11 +207,6 @@ def _step_bytes(
     return int(always + experts), int(always * disk[0] + experts * disk[1])
 
 
-def _host_kept(candidate: Candidate) -> int:
-    """Weight bytes host RAM keeps across steps under ``candidate`` (see :func:`_host_use`)."""
-    return candidate.host.parts.get("kept", candidate.host.parts.get("weights", 0))
-
-
 def _disk_misses(
     ctx: _Context, placement: Placement, eviction: str, loads: tuple[LayerLoads, ...], device_room: int
 ) -> tuple[float, float] | None:
@@ -216,8 +219,8 @@ def _disk_misses(
     if placement.home != "disk" or placement.into_device or eviction != SWEEP:
         return None
     cost = ctx.cost
-    staging = cost.machine.io_threads * cost.sizes.expert
-    return _eviction(eviction, cost, loads, device_room + max(0, ctx.host_budget - staging))[1]
+    host_room = max(0, ctx.host_budget - _host_in_flight(ctx, placement))
+    return _eviction(eviction, cost, loads, device_room + host_room)[1]
 
 
 def _eviction(
@@ -265,6 +268,12 @@ def _expert_window(ctx: _Context, placement: Placement, fixed: int) -> int:
     return max(1, min(room, window))
 
 
+def _host_in_flight(ctx: _Context, placement: Placement) -> int:
+    """Bytes of host RAM that blocks on their way from the drive to the device hold at once."""
+    window = window_of(placement, ctx.request.stream_window)
+    return host_in_flight_bytes(ctx.cost, ctx.request.disk_queue_depth, window)
+
+
 def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -> TierUse:
     """Host RAM under the plan. From the drive it needs the reads in flight and a copy (each block is
     held from its read until its copy) plus, with a look-ahead, the layer after next's staged blocks;
@@ -276,7 +285,7 @@ def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -
         return TierUse("host", 0, 0, budget, {})
     if placement.home == "host":
         return TierUse("host", total, min(total, budget), budget, {"weights": total})
-    in_flight = host_in_flight_bytes(cost)
+    in_flight = _host_in_flight(ctx, placement)
     staged = 0
     if placement.lookahead_layers > 1:
         layer = cost.sizes.attn + cost.sizes.gate + hot * cost.sizes.expert  # what a layer ahead stages

@@ -39,3 +39,22 @@ def test_reads_smaller_than_their_buffers_count_as_read() -> None:
     buffers = 4 * DENSE + 4 * EXPERT
     half = bytes_to_move(_layouts(0.5), [step, step], hold=buffers // 2)
     assert half == pytest.approx(buffers / 2 + buffers / 4, abs=1)  # a half-read first step, then half of it
+
+
+def test_a_steps_reads_are_the_loads_into_the_reading_tier_between_first_jobs() -> None:
+    from klotski_tier.core.observe.events import JOB, LOAD, Event
+    from klotski_tier.core.observe.must_move import FIRST_JOB, reads_per_step
+
+    def load(block: BlockId, tier: str = "host") -> Event:
+        return Event(0.0, LOAD, str(block), tier)
+
+    events = [
+        load(attn_block(0)),  # before the first step: not counted
+        Event(0.0, JOB, FIRST_JOB),
+        load(attn_block(0)), load(expert_block(0, 1)), load(expert_block(0, 1), "device"),
+        Event(0.0, JOB, "L0 attention"),
+        Event(0.0, JOB, FIRST_JOB),
+        load(expert_block(1, 2)),
+    ]  # fmt: skip
+    assert reads_per_step(events, _layouts(0.5), "host") == [(DENSE + EXPERT) // 2, EXPERT // 2]
+    assert reads_per_step(events, _layouts(), "device") == [EXPERT, 0]

@@ -219,17 +219,19 @@ def test_the_staging_window_keeps_the_drive_busy_where_ram_has_room() -> None:
     assert read_two < read_one
 
 
-def test_ram_and_the_device_keep_mixtral_nearly_whole_and_the_drive_reads_only_the_rest() -> None:
+def test_mixtral_nearly_fits_ram_and_device_and_the_drive_reads_the_rest_and_their_working_room() -> None:
     """Mixtral-8x7B (87 GiB) on the RTX 3090 + SATA machine, 64 GiB of RAM and 24 GiB of device memory
-    hold nearly all of it: the plan reads at most 1.1x per decode step what neither tier can hold, and
-    the simulated engine, run at the plan's shape, reads no more than that. Streaming through the
-    device's window is faster there than letting a layer's experts take room at once."""
+    hold nearly all of it: what neither tier can hold is under 1 GiB a decode step, and the drive reads
+    that and the blocks crossing the tiers' working room (the device's streaming window of 3 experts of
+    336 MiB, the host's reads in flight). The simulated engine, run at the plan's shape, reads between
+    the two, closer to the plan's figure than to what nobody holds. Streaming through the device's
+    window is faster there than letting a layer's experts take room at once."""
     from klotski_tier.core.plan.hardware import machine_named
     from klotski_tier.core.plan.shapes import model_shape
 
     spec, machine = model_shape("Mixtral-8x7B"), machine_named("rtx3090-sata")
     plan = make_plan(PlanRequest(spec, machine, sequences=64, prompt_tokens=128, new_tokens=32))
-    assert plan.placement.home == "disk" and 0 < plan.drive_bytes <= 1.1 * plan.unheld_bytes
+    assert plan.placement.home == "disk" and 0 < plan.unheld_bytes < GIB < plan.drive_bytes
 
     def decode(window: int) -> tuple[float, float]:
         placement = plan.placement
@@ -240,5 +242,6 @@ def test_ram_and_the_device_keep_mixtral_nearly_whole_and_the_drive_reads_only_t
         return result.decode_tokens_per_s, result.decode.bytes_moved[DISK_TO_HOST] / 3
 
     (windowed, read), (unwindowed, _) = decode(3), decode(0)
-    assert read <= 1.1 * plan.unheld_bytes, (read, plan.unheld_bytes)
+    assert plan.unheld_bytes < read <= plan.drive_bytes, (plan.unheld_bytes, read, plan.drive_bytes)
+    assert read - plan.unheld_bytes > (plan.drive_bytes - plan.unheld_bytes) / 2
     assert windowed > unwindowed

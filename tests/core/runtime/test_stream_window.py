@@ -18,19 +18,26 @@ from klotski_tier import Engine, EngineOptions
 from klotski_tier.core.model.blocks import BlockKind, attn_block, expert_block, gate_block
 from klotski_tier.core.model.layouts import total_block_bytes
 from klotski_tier.core.observe.metrics import TierStats
-from klotski_tier.core.observe.must_move import bytes_to_move
+from klotski_tier.core.observe.must_move import bytes_to_move, reads_per_step
+from klotski_tier.core.plan.autoplan import PLANNED_FIELDS, plan_request
+from klotski_tier.core.plan.hardware import local_machine
+from klotski_tier.core.plan.planner import make_plan
+from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
 from klotski_tier.core.runtime.ledger import Entry, TierLedger
+from klotski_tier.core.runtime.residency import HOST
 from klotski_tier.core.runtime.run import fixed_device_bytes, stream_window_bytes
 from klotski_tier.core.store.files import ModelFiles, open_model
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.policies.sweep import SweepEviction
 from tests.checkpoints import HIDDEN_SIZE, make_checkpoint
+from tests.conftest import BENCH_PROFILE
 from tests.core.runtime.test_residency import files, residency, run
 
 __all__ = ["files"]  # the residency tests' module fixture: a 4-expert checkpoint
 
 PROMPTS = [[1 + (i * 7 + j) % 50 for j in range(6)] for i in range(8)]
 NEW_TOKENS = 5
+BENCH = local_machine(BENCH_PROFILE)  # a measured machine: its drive and compute rates do not change bytes
 
 
 # ---- the ledger and the residency manager ------------------------------------------------------------
@@ -193,3 +200,30 @@ def test_the_window_is_in_largest_experts_where_blocks_come_from_the_drive(wide:
         dataclasses.replace(options, schedule="sequential"),
     ):
         assert stream_window_bytes(off, wide.layouts) is None, off
+
+
+def test_the_planner_predicts_a_steps_drive_reads_with_host_ram_holding_half(wide: ModelFiles) -> None:
+    """Host RAM holding half the model and the device a quarter: every decode step reads at most 1.1x
+    what neither tier can hold (the model less both budgets for weights), the planner, given the run's
+    routes, says so of its plan too, and predicts the engine's mean step within 15 %."""
+    total = total_block_bytes(wide.layouts)
+    probe = Engine.from_files(wide, EngineOptions(device="cpu", batches=1, batch_size=8))
+    fixed = fixed_device_bytes(wide, probe._groups(PROMPTS, NEW_TOKENS), 8)
+    options = EngineOptions(
+        device="cpu", batches=1, batch_size=8, hot_experts=2, device_memory_bytes=fixed + total // 4,
+        host_memory_bytes=total // 2, eviction="sweep", lookahead_layers=2,
+    )  # fmt: skip
+    result = Engine.from_files(wide, options).generate(
+        PROMPTS, max_new_tokens=NEW_TOKENS, record_routing=True, events=True
+    )
+    assert result.routing is not None and result.events is not None
+    decode_steps = reads_per_step(result.events.events, wide.layouts, HOST)[1:]
+    trace = RoutingModel(TraceRouting(result.routing))
+    request = plan_request(wide, options, [len(p) for p in PROMPTS], NEW_TOKENS, set(PLANNED_FIELDS), BENCH)
+    plan = make_plan(dataclasses.replace(request, routing=trace))
+    unheld = total - total // 4 - total // 2
+    assert abs(plan.unheld_bytes - unheld) <= 0.02 * total, (plan.unheld_bytes, unheld)
+    assert len(decode_steps) == NEW_TOKENS - 1 and max(decode_steps) <= 1.1 * unheld, (decode_steps, unheld)
+    assert plan.unheld_bytes <= plan.drive_bytes <= 1.1 * plan.unheld_bytes, plan
+    mean = sum(decode_steps) / len(decode_steps)
+    assert mean <= plan.drive_bytes <= 1.2 * mean, (plan.drive_bytes, decode_steps)
