@@ -119,6 +119,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per worker run")
     p.add_argument("--trace", action="store_true", help="save one extra klotski run's Chrome trace in --out")
     p.add_argument(
+        "--bound-beside-reads",
+        action="store_true",
+        help="also time the bound's all-resident runs while the drive reads the bytes that must move "
+        "beside them (O_DIRECT, from the first step): what compute costs here when reads overlap it",
+    )
+    p.add_argument(
         "--engine-reads",
         choices=ENGINE_READS,
         default=CHECKPOINT,
@@ -150,6 +156,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         accelerate_batch=args.accelerate_batch,
         timeout_s=args.timeout,
         trace=args.trace,
+        bound_beside_reads=args.bound_beside_reads,
         engine_reads=args.engine_reads,
         command=shlex.join(["python", "-m", "benchmarks.e2e", *sys.argv[1:]]),
     )

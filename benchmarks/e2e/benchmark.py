@@ -79,6 +79,7 @@ class BenchConfig:
     accelerate_batch: int | None = None  # None: the largest that fits
     timeout_s: float = DEFAULT_TIMEOUT_S
     trace: bool = False  # save one extra klotski run's Chrome trace beside the results
+    bound_beside_reads: bool = False  # also time the bound's runs with the drive reading what must move
     engine_reads: str = CHECKPOINT  # what the engine's systems read: the checkpoint (default) or the store
     cache_dir: Path | None = None  # where bench models are built (default: the klotski-tier cache)
     llamacpp_root: Path | None = None  # where llama.cpp is built (default: beside the bench models)
@@ -153,7 +154,7 @@ def _point_plan(config: BenchConfig, mode: str) -> PointPlan:
     return PointPlan(
         config.systems, config.batches, config.batch_size, config.repeats, config.accelerate_batch,
         config.out if config.trace else None, config.klotski_hot_experts, mode,
-        config.profile if config.profile.is_file() else None,
+        config.profile if config.profile.is_file() else None, config.bound_beside_reads,
     )  # fmt: skip
 
 

@@ -74,6 +74,7 @@ class PointPlan:
     klotski_hot_experts: int | str | None = None  # K of klotski; None: the planner's, or "all" when swept
     klotski_config: str = SWEEP  # PLAN: n, bs, K from the planner; SWEEP: n the best of ``batches``
     profile: Path | None = None  # the machine profile to plan and predict with; None: neither
+    bound_beside_reads: bool = False  # also time the bound's runs with the drive reading what must move
 
 
 class Comparison:
@@ -288,7 +289,14 @@ class Comparison:
         resident = budget.weight_bytes - int(runs[0].output["fixed_bytes"])
         moved = must_move_bytes(RoutingTrace.load(routing), self.files.layouts, resident)
         generated = int(runs[0].output["generated_tokens"])
-        return Bound(compute_s, moved, self.drive_gbps, resident, generated, n, bs), runs
+        bound = Bound(compute_s, moved, self.drive_gbps, resident, generated, n, bs)
+        if plan.bound_beside_reads:
+            beside = self._repeat(lambda: bound_job(self.inputs, n, bs, None, moved), None, plan.repeats)
+            runs += beside
+            if all(r.ok for r in beside):
+                compute = statistics.median(float(r.output["compute_s"]) for r in beside)
+                bound = replace(bound, beside_reads_compute_s=compute)
+        return bound, runs
 
     def _check_near_ties(self, system: SystemResult) -> None:
         """Hold ``system``'s runs to the near-tie rule against the reference; its counts into its notes."""

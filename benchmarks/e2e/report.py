@@ -71,7 +71,25 @@ def format_point(point: Point) -> str:
             f"{b.drive_gbps:.2f} GB/s = {b.io_s:.2f} s) = {b.seconds:.2f} s, {b.limited_by}-bound, "
             f"at n={b.batches} x bs={b.batch_size}"
         )
+        lines += _beside_reads(point)
     return "\n".join(lines)
+
+
+def _beside_reads(point: Point) -> list[str]:
+    """The bound beside reads, and the fraction of it each system reached."""
+    b = point.bound
+    if b is None or b.beside_reads_seconds is None or b.beside_reads_compute_s is None:
+        return []
+    line = (
+        f"bound beside reads: max(compute {b.beside_reads_compute_s:.2f} s while the drive reads "
+        f"{format_size(b.must_move_bytes)} beside it, {b.io_s:.2f} s) = {b.beside_reads_seconds:.2f} s"
+    )
+    reached = [
+        f"{s.name} {tps * b.beside_reads_seconds / b.generated_tokens:.2f}"
+        for s in point.systems
+        if (tps := _tokens_per_s(s)) is not None
+    ]
+    return [line + (f"; of it: {', '.join(reached)}" if reached else "")]
 
 
 def _configuration(system: SystemResult) -> list[str]:

@@ -53,6 +53,7 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.output.items() if k != "tokens"}
         data.update(
+            system=self.system,
             ok=self.ok,
             reason=self.reason,
             oom=self.oom,

@@ -57,6 +57,7 @@ from klotski_tier.core.units import format_size
 
 KLOTSKI = "klotski"
 BOUND = "bound"
+BOUND_BESIDE_READS = "bound-beside-reads"  # the bound's run with the drive reading what must move beside it
 PRESET_SYSTEMS = ("sequential", "flexgen", "ondemand-lru")
 SYSTEMS = (ACCELERATE, LLAMACPP, *PRESET_SYSTEMS, KLOTSKI)
 NEAR_TIE_SYSTEMS = (LLAMACPP, ACCELERATE)  # other bf16 kernels: checked by benchmarks.e2e.near_tie
@@ -181,12 +182,16 @@ def budget_options(
     return {"device": DEVICE, "device_memory_bytes": device, "host_memory_bytes": host}
 
 
-def bound_job(work: Inputs, batches: int, batch_size: int, routing_path: Path) -> Job:
-    """The engine with every weight resident: unlimited budgets, the model preloaded into RAM."""
+def bound_job(
+    work: Inputs, batches: int, batch_size: int, routing_path: Path | None, stream_bytes: int | None = None
+) -> Job:
+    """The engine with every weight resident: unlimited budgets, the model preloaded into RAM; with
+    ``stream_bytes``, the drive reading that many bytes of the model beside its steps."""
     options = {"batches": batches, "batch_size": batch_size, "device": DEVICE, "host_preload": True}
     return Job(
-        BOUND, ENGINE, str(work.store or work.model), work.prompts, work.new_tokens,
-        engine_options=options, routing_path=str(routing_path),
+        BOUND if stream_bytes is None else BOUND_BESIDE_READS, ENGINE, str(work.store or work.model),
+        work.prompts, work.new_tokens, engine_options=options,
+        routing_path=None if routing_path is None else str(routing_path), stream_bytes=stream_bytes,
     )  # fmt: skip
 
 

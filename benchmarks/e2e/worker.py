@@ -14,8 +14,10 @@ prompt, for the token check; result ``logits``, no measurements) and ``probe`` (
 Measurements (seconds, bytes): ``tokens`` (generated ids per prompt), ``generated_tokens``,
 ``decode_tokens``, ``prefill_s``, ``decode_s``, ``load_s`` (before the first step, not in the
 throughput), ``compute_s`` (the engine's compute thread busy; null for accelerate and llama.cpp),
-``io_wait_s`` (compute waited for weights: the engine's bubbles; null for accelerate, whose
-wait the parent estimates, see ``accelerate_peer``, and for llama.cpp), ``bytes_read``
+``streamed_bytes`` and ``stream_s`` (engine with ``stream_bytes``: what a stream of O_DIRECT reads
+of the model's files beside the steps read, from the first step on, and how long it took; null if
+the generation ended first), ``io_wait_s`` (compute waited for weights: the engine's bubbles; null
+for accelerate, whose wait the parent estimates, see ``accelerate_peer``, and for llama.cpp), ``bytes_read``
 (``read_bytes`` of ``/proc/self/io`` over the generation: what came from the drive; llama.cpp's
 driver reads its own), ``rss_peak_bytes`` and ``details`` (the system's own figures: the engine's
 metrics, accelerate's device map, llama.cpp's threads and batch).
@@ -44,6 +46,7 @@ PROBE = "probe"  # an idle worker: imports every system's libraries, runs one sm
 PROC_IO = Path("/proc/self/io")
 KIB_BYTES = 1024  # ru_maxrss is in KiB on Linux
 PROBE_MATMUL_SIZE = 512  # elements per side of the probe's warm-up matmul
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Job:
     trace_path: str | None = None  # engine: save a Chrome trace of compute, I/O and bubbles here
     driver: str | None = None  # llamacpp: the compiled driver (benchmarks/e2e/llamacpp/greedy_batched.cpp)
     eos_token_ids: list[int] = field(default_factory=list)  # llamacpp: greedy stops after one of these
+    stream_bytes: int | None = None  # engine: read this many bytes of the model's files beside its steps
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)), encoding="utf-8")
@@ -99,12 +103,17 @@ def run_engine(job: Job) -> dict[str, Any]:
     device_min, host_min = engine.minimum_budgets(job.prompts, max_new_tokens=job.new_tokens)
     load_s = time.perf_counter() - started
     read_before = drive_read_bytes()
-    result = engine.generate(
-        job.prompts,
-        max_new_tokens=job.new_tokens,
-        record_routing=job.routing_path is not None,
-        timeline=job.trace_path is not None,
-    )
+    stream = _BesideSteps(Path(job.model), job.stream_bytes, preloads=options.host_preload)
+    try:
+        result = engine.generate(
+            job.prompts,
+            max_new_tokens=job.new_tokens,
+            record_routing=job.routing_path is not None,
+            timeline=job.trace_path is not None,
+            progress=stream.progress,
+        )
+    finally:
+        stream.close()
     bytes_read = drive_read_bytes() - read_before
     if job.routing_path is not None and result.routing is not None:
         result.routing.save(Path(job.routing_path))
@@ -122,8 +131,54 @@ def run_engine(job: Job) -> dict[str, Any]:
         "io_wait_s": metrics.io_wait_s,
         "bytes_read": bytes_read,
         "fixed_bytes": device_min - host_min,  # KV cache and activations of the batch groups
+        **stream.figures(),
         "details": {"options": _options_dict(options), "metrics": metrics.to_dict()},
     }
+
+
+class _BesideSteps:
+    """With a byte count: O_DIRECT reads of ``model``'s data files (its files of a MiB or more, in
+    name order; a smaller file's read stops at its end), as fast as the drive goes, from the first
+    step on (after a host preload, if any) until they cover the count: the drive's work of a schedule
+    that reads the bytes that must move while the steps compute, without the schedule."""
+
+    def __init__(self, model: Path, limit_bytes: int | None, *, preloads: bool) -> None:
+        self._model_dir, self._limit = model, limit_bytes
+        self._streamer: Any | None = None  # a DriveStreamer once started
+        self._started_s = 0.0
+        if limit_bytes and not preloads:
+            self._start()
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        """The engine's progress callback: the preload's last block starts the stream."""
+        if self._limit and self._streamer is None and phase == "preload" and done == total:
+            self._start()
+
+    def _start(self) -> None:
+        from klotski_tier.core.bench.contention import DriveStreamer
+        from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH
+
+        sizes = {p: p.stat().st_size for p in self._model_dir.iterdir() if p.is_file()}
+        least = min(MIB, max(sizes.values(), default=0))  # a tiny model's data file may be under a MiB
+        files = sorted(p for p, size in sizes.items() if size >= least)
+        streamer = DriveStreamer(
+            files, DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, checksum=False, limit_bytes=self._limit
+        )
+        self._started_s = time.perf_counter()
+        self._streamer = streamer.__enter__()
+
+    def close(self) -> None:
+        if self._streamer is not None:
+            self._streamer.close()
+
+    def figures(self) -> dict[str, Any]:
+        if self._streamer is None:
+            return {}
+        done = self._streamer.finished_s
+        return {
+            "streamed_bytes": self._streamer.bytes_read,
+            "stream_s": None if done is None else done - self._started_s,
+        }
 
 
 def _options_dict(options: Any) -> dict[str, Any]:

@@ -69,7 +69,8 @@ class ContentionResult:
 
 class DriveStreamer:
     """``threads`` threads that read ``path`` (or several files, one after the other) over and over,
-    as fast as the drive goes, until closed.
+    as fast as the drive goes, until closed, or until the reads cover ``limit_bytes`` (then
+    :attr:`finished_s` is when the last one ended; :meth:`join` waits for it).
 
     Each reads ``block_bytes`` at a time (O_DIRECT where the file system allows) into its own host
     buffer and, with ``checksum``, hashes the block with xxh3 (as the packed store checks it; without,
@@ -78,7 +79,13 @@ class DriveStreamer:
     """
 
     def __init__(
-        self, path: Path | Sequence[Path], block_bytes: int, threads: int, *, checksum: bool = True
+        self,
+        path: Path | Sequence[Path],
+        block_bytes: int,
+        threads: int,
+        *,
+        checksum: bool = True,
+        limit_bytes: int | None = None,
     ) -> None:
         assert block_bytes > 0 and threads > 0, f"bad stream: {block_bytes} bytes x {threads} threads"
         paths = [path] if isinstance(path, Path) else list(path)
@@ -89,6 +96,10 @@ class DriveStreamer:
         self._lock = threading.Lock()
         self._stop, self._started = threading.Event(), threading.Event()
         self._counts = [0] * threads  # bytes read by each thread
+        self._limit = limit_bytes  # stop once this many bytes were read (None: when closed)
+        self._claimed = 0  # bytes of the reads started (under _lock)
+        self.finished_s: float | None = None  # perf_counter() when the limit's last read ended
+        self._running = threads
         self._errors: list[OSError] = []
         self._threads = [
             threading.Thread(target=self._read_loop, args=(i,), name=f"klotski-stream-{i}", daemon=True)
@@ -114,6 +125,12 @@ class DriveStreamer:
     ) -> None:
         self.close()
 
+    def join(self) -> None:
+        """Wait until the reads of ``limit_bytes`` are done (the threads stop by themselves)."""
+        assert self._limit is not None, "a stream without a limit runs until closed"
+        for thread in self._threads:
+            thread.join()
+
     def close(self) -> None:
         """Stop the threads (each finishes its block), join them and close the file."""
         self._stop.set()
@@ -124,9 +141,13 @@ class DriveStreamer:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _next_read(self) -> tuple[int, int]:
-        """(fd, offset) of the next block: the files in order, each from its start, then again."""
+    def _next_read(self) -> tuple[int, int] | None:
+        """(fd, offset) of the next block: the files in order, each from its start, then again; None
+        once the reads started cover ``limit_bytes``."""
         with self._lock:
+            if self._limit is not None and self._claimed >= self._limit:
+                return None
+            self._claimed += self.block_bytes
             index, offset = self._cursor
             fd, size = self._files[index]
             if offset + self.block_bytes < size:
@@ -140,7 +161,10 @@ class DriveStreamer:
         view = buffer.numpy().data
         try:
             while not self._stop.is_set():
-                fd, offset = self._next_read()
+                block = self._next_read()
+                if block is None:
+                    break
+                fd, offset = block
                 count = os.preadv(fd, [view], offset)
                 if self._checksum:
                     xxhash.xxh3_64_intdigest(view[:count])  # as the packed store checks every block
@@ -149,6 +173,11 @@ class DriveStreamer:
         except OSError as exc:
             self._errors.append(exc)
             self._started.set()
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0 and not self._stop.is_set():
+                    self.finished_s = time.perf_counter()
 
 
 def measure_contention(

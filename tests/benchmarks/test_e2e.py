@@ -66,7 +66,7 @@ def outcome(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> BenchOutcom
     config = BenchConfig(
         model=str(tiny),
         workload=WORKLOAD,
-        systems=("klotski",),  # two workers (klotski, the bound) of a few seconds each
+        systems=("klotski",),  # three workers (klotski, the bound, beside reads) of a few seconds each
         budget=BUDGET,
         repeats=1,
         profile_path=PROFILE,  # klotski planned: n, bs and K are the planner's
@@ -74,6 +74,7 @@ def outcome(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> BenchOutcom
         out=tmp_path_factory.mktemp("results"),
         allowance_bytes=1 * GIB,  # skip the idle probe: seconds of imports
         drive_file_bytes=4 * MIB,
+        bound_beside_reads=True,
     )
     return run_benchmark(config)
 
@@ -108,6 +109,9 @@ def test_results_json_is_well_formed(outcome: BenchOutcome) -> None:
     assert (bound["batches"], bound["batch_size"]) == planned[:2]  # the bound runs klotski's grouping
     assert bound["compute_s"] > 0 and bound["must_move_bytes"] > 0 and bound["drive_gbps"] > 0
     assert bound["seconds"] == max(bound["compute_s"], bound["io_s"])
+    assert bound["beside_reads_seconds"] == max(bound["beside_reads_compute_s"], bound["io_s"]) > 0
+    beside = next(run for run in point["bound_runs"] if run["system"] == "bound-beside-reads")
+    assert beside["streamed_bytes"] >= min(bound["must_move_bytes"], 1) and "stream_s" in beside
     assert png_path.read_bytes()[:4] == PNG_MAGIC
     assert json.loads(profile_path.read_text())
 
@@ -128,6 +132,7 @@ def test_table_names_every_system_and_the_bound(outcome: BenchOutcome) -> None:
     table = format_point(outcome.points[0])
     assert "klotski" in table and "bound: max(compute" in table and "budget: 0.5 of the model" in table
     assert "pred t/s" in table and "[planned]" in table and "klotski predicted by the planner: " in table
+    assert "bound beside reads: max(compute " in table and "; of it: klotski " in table
 
 
 @pytest.mark.skipif(not CGROUPS, reason="needs root and a cgroup v1 memory controller")

@@ -218,3 +218,16 @@ def test_the_streamer_reads_round_and_round_and_stops(tmp_path: Path) -> None:
             pass
     read = streamer.bytes_read
     assert read > 4 * MIB and streamer.bytes_read == read  # stopped: nothing more is read
+
+
+def test_a_limited_stream_reads_its_bytes_in_whole_blocks_and_stops_by_itself(tmp_path: Path) -> None:
+    path = tmp_path / "stream.bin"
+    write_test_file(path, 2 * MIB)
+    started = time.perf_counter()
+    with DriveStreamer(path, 1 * MIB, threads=2, checksum=False, limit_bytes=5 * MIB + 1) as streamer:
+        streamer.join()
+        assert streamer.bytes_read == 6 * MIB  # the limit rounded up to whole blocks, the file over again
+        assert streamer.finished_s is not None and started < streamer.finished_s <= time.perf_counter()
+    assert streamer.bytes_read == 6 * MIB
+    with DriveStreamer(path, 1 * MIB, threads=1) as unlimited, pytest.raises(AssertionError):
+        unlimited.join()  # would never return
