@@ -200,7 +200,8 @@ def copy_machine_profile(target: Path, drive_gbps: float, profile: Path) -> None
 
 
 def chart_point(point: Point, path: Path, title: str) -> None:
-    """Bars of tokens/s per system, the bound as a dashed line, each bar labelled with its fraction of it."""
+    """Bars of tokens/s per system, the bound as a dashed line, each bar labelled with its fraction of it
+    (and, measured, of the bound beside reads: a dotted line)."""
     from matplotlib.figure import Figure
 
     systems = [s for s in point.systems if s.ok]
@@ -213,7 +214,13 @@ def chart_point(point: Point, path: Path, title: str) -> None:
         axes.axhline(
             bound, color="tab:red", linestyle="--", label=f"bound ({point.bound.limited_by}-limited)"
         )
-        axes.bar_label(bars, labels=[f"{v / bound:.0%}" for v in values])
+        beside = point.bound.beside_reads_seconds
+        labels = [f"{v / bound:.0%}" for v in values]
+        if beside:
+            reachable = point.bound.generated_tokens / beside
+            axes.axhline(reachable, color="tab:orange", linestyle=":", label="bound beside reads")
+            labels = [f"{v / bound:.0%} ({v / reachable:.0%})" for v in values]
+        axes.bar_label(bars, labels=labels)
         axes.legend()
     axes.set_ylabel("generated tokens / s")
     axes.set_title(title, fontsize=10)
