@@ -127,6 +127,21 @@ class DeviceDriver(MemoryTierDriver):
         self.bytes_copied += src.numel() * src.element_size()
         return done
 
+    async def copy_any(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src`` into ``dst``, either on the device or in host memory, of any strides (a KV cache's
+        positions), in the driver's thread; on CUDA on the copy stream, after the kernels queued so far
+        on the compute stream (a copy out reads what they wrote), and returning once it is done."""
+        self._check_open()
+        assert dst.shape == src.shape and dst.dtype == src.dtype, (
+            f"copy of {tuple(src.shape)} {src.dtype} into {tuple(dst.shape)} {dst.dtype}: "
+            "shapes and dtypes must match"
+        )
+        if self.device.type == "cuda":
+            after = self.compute_stream
+            await self._run_job(lambda: self._cuda_copy(dst, src, after))
+        else:
+            await self._run_job(lambda: _cpu_copy(dst, src))
+
     def _release(self) -> None:
         self.arena = None  # the reservation goes with its last view
 

@@ -35,6 +35,10 @@ A configuration file has one table per concern; every key is optional::
     policy = "lru"
     options = {}
 
+    [kv]
+    home = "device"          # the KV cache: "device" for the whole run, or "host" (RAM), streamed
+                             # through two device slots by the attention (runtime/kv.py)
+
 Layering: built-in defaults, then a preset (``--preset``), then the file (``--config``), then
 command-line flags. Every value is checked when loaded; an error names the file, the key,
 the bad value and what is allowed.
@@ -65,6 +69,8 @@ READY_FIRST = "ready-first"  # expert order: resident experts first (most tokens
 INDEX = "index"  # expert order: by expert id, each expert fetched when its turn comes
 EXPERT_ORDERS = (READY_FIRST, INDEX)
 
+KV_HOMES = ("device", "host")  # where the KV cache lives (runtime/kv.py)
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -93,6 +99,7 @@ class EngineOptions:
     eviction_options: Mapping[str, Any] = field(default_factory=dict)
     schedule: str = KLOTSKI  # one of SCHEDULES; "sequential" ignores prefetch, hot_experts, expert_order
     expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
+    kv_home: str = "device"  # one of KV_HOMES: where the KV cache lives (runtime/kv.py)
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):
@@ -103,6 +110,7 @@ class EngineOptions:
         _check_hot_experts("hot_experts", self.hot_experts)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
+        _check_choice("kv_home", self.kv_home, KV_HOMES)
         for name in ("device_memory_bytes", "host_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -208,6 +216,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
         "save_state": ("prefetch_save_state", _path),
     },
     "eviction": {"policy": ("eviction", _text), "options": ("eviction_options", _table)},
+    "kv": {"home": ("kv_home", _choice(*KV_HOMES))},
 }
 
 

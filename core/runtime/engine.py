@@ -278,9 +278,10 @@ class Engine:
         """A batch's KV cache and prefill inputs. On CUDA in the compute thread: the event loop never
         calls the CUDA allocator. A CPU device's tensors are host memory and are made here: made in the
         compute thread, they ran e2e-2g's decode 20 % slower (benchmarks/README.md, the A/B section)."""
+        home = self.options.kv_home
         if runtime.device.type == "cuda":
-            return await runtime.compute.run(new_batch, part, self.spec, runtime.device, label="inputs")
-        return new_batch(part, self.spec, runtime.device)
+            return await runtime.compute.run(new_batch, part, self.spec, runtime.device, home, label="inputs")
+        return new_batch(part, self.spec, runtime.device, home)
 
     def _output(self, seq: GenSequence) -> SequenceOutput:
         assert seq.finish_reason is not None, f"sequence {seq.index} did not finish"

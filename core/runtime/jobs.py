@@ -16,7 +16,8 @@ the jobs that use it.
 
 Job order for one layer (see the pipeline's docstring for when each is issued)::
 
-    attention(layer, batch)      per batch
+    kv_fetch(layer, batch)       per batch, one ahead: its KV cache where attention reads it
+    attention(layer, batch)      per batch, then kv_store: the entries it wrote back home
     route(layer, batch)          per batch -> its routing
     gather(layer, routings)      once: the routed tokens of all n batches
     expert(layer, tokens, e)     per expert selected
@@ -26,7 +27,7 @@ Job order for one layer (see the pipeline's docstring for when each is issued)::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 import numpy as np
@@ -61,6 +62,17 @@ class StepJobs(ABC, Generic[BatchT, RoutingT, TokensT, LogitsT]):
     @abstractmethod
     async def attention(self, layer: int, batch: BatchT, weights: Lease) -> None:
         """Attention of ``layer`` for the batch (its KV cache updated)."""
+
+    def kv_fetch(self, layer: int, index: int, batch: BatchT) -> Awaitable[None] | None:
+        """Start bringing batch ``index``'s KV cache of ``layer`` where its attention reads it; an
+        awaitable for its arrival, or None where it is there already (the default: the device)."""
+        return None
+
+    def kv_store(self, layer: int, index: int, batch: BatchT) -> None:
+        """After batch ``index``'s attention of ``layer``: start taking the entries it wrote home."""
+
+    async def kv_drain(self) -> None:
+        """Wait until every KV entry written is home (the end of a step)."""
 
     @abstractmethod
     async def route(self, layer: int, batch: BatchT, gate: Lease) -> RoutingT:

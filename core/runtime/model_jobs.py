@@ -9,7 +9,8 @@ stream and KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -21,6 +22,7 @@ from klotski_tier.core.model.blocks import BlockWeights
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
+from klotski_tier.core.runtime.kv import HostKv
 from klotski_tier.core.runtime.residency import Lease
 
 T = TypeVar("T")
@@ -30,7 +32,7 @@ T = TypeVar("T")
 class Batch:
     """Up to bs sequences that run attention together, with their KV cache."""
 
-    k_cache: Tensor  # [L, B, Hkv, Tmax, D]
+    k_cache: Tensor  # [L, B, Hkv, Tmax, D] on the device, or in host RAM (runtime/kv.py)
     v_cache: Tensor  # [L, B, Hkv, Tmax, D]
     # The current step (set by the engine before each forward):
     ids: Tensor  # [B, T] token ids, right-padded
@@ -39,6 +41,10 @@ class Batch:
     key_lengths: Tensor  # [B] valid cache length after this step
     last_index: Tensor  # [B] index along T of the token whose logits are wanted
     hidden: Tensor | None = None  # [B, T, H] residual stream
+    # Where this step's KV entries go, on the host (for a cache kept in host RAM, runtime/kv.py):
+    kv_cached: int = 0  # positions 0 .. kv_cached hold entries of earlier steps (for some sequence)
+    kv_written: tuple[int, int] = (0, 0)  # this step writes positions within [start, end)
+    kv_slot: tuple[Tensor, Tensor] | None = None  # the device slot its attention uses this layer, if any
 
 
 @dataclass
@@ -64,9 +70,25 @@ class Tokens(NamedTuple):
 class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
     """Runs each job of a step in the compute thread, after the copies of the blocks it reads."""
 
-    def __init__(self, spec: ModelSpec, runner: ComputeRunner) -> None:
+    def __init__(self, spec: ModelSpec, runner: ComputeRunner, kv: HostKv | None = None) -> None:
         self.spec = spec
         self.runner = runner
+        self.kv = kv  # None: every batch's KV cache is on the device
+
+    def kv_fetch(self, layer: int, index: int, batch: Batch) -> Awaitable[None] | None:
+        if self.kv is None:
+            return None
+        caches = (batch.k_cache, batch.v_cache)
+        batch.kv_slot = self.kv.slot(index, batch.k_cache)  # [B, Hkv, Tmax, D] x2 on the device
+        return asyncio.ensure_future(self.kv.fetch(layer, index, caches, batch.kv_cached))
+
+    def kv_store(self, layer: int, index: int, batch: Batch) -> None:
+        if self.kv is not None:
+            self.kv.store(layer, index, (batch.k_cache, batch.v_cache), batch.kv_written)
+
+    async def kv_drain(self) -> None:
+        if self.kv is not None:
+            await self.kv.drain()
 
     async def embed(self, batch: Batch, embedding: Lease) -> None:
         batch.hidden = await self._run(ops.embed, embedding, batch.ids, embedding.weights, label="embed")
@@ -105,9 +127,8 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
 
 def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
     assert batch.hidden is not None
-    return ops.attention(
-        batch.hidden, w, spec, batch.k_cache[layer], batch.v_cache[layer], batch.positions, batch.key_lengths
-    )
+    k, v = batch.kv_slot if batch.kv_slot is not None else (batch.k_cache[layer], batch.v_cache[layer])
+    return ops.attention(batch.hidden, w, spec, k, v, batch.positions, batch.key_lengths)
 
 
 def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Routing:

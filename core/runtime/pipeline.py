@@ -5,7 +5,9 @@ layer serves all ``n`` batches. For each layer ``l`` (ARCHITECTURE.md, section 2
 
     attention phase   acquire attn(l) (prefetched during layer l-1)
                       prefetch gate(l) and the K experts the prefetch policy predicts hot
-                      attention(l, batch k) for k in 0..n-1
+                      attention(l, batch k) for k in 0..n-1; with the KV cache in host RAM, batch
+                      k+1's cache of l arrives while batch k computes, and batch k's new entries
+                      go home behind it (runtime/kv.py)
     gate phase        route(l, batch k) for each k; right after each gate, request every
                       selected expert that is neither resident nor in flight
                       once every batch has routed: prefetch attn(l+1), gate(l+1) and the hot experts
@@ -112,6 +114,7 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         self._wanted: list[BlockId] = []  # prefetches that found no room yet, most urgent first
         self._staging: list[BlockId] = []  # blocks of layers beyond the next to stage, nearest first
         self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted hot for this step
+        self._kv_ahead: Awaitable[None] | None = None  # the next layer's first batch's KV cache, coming
 
     async def forward(self, batches: Sequence[BatchT]) -> list[LogitsT]:
         """One step (prefill or decode) of every batch; each batch's logits at its ``last_index``."""
@@ -126,7 +129,9 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         previous: RouteArray | None = None
         for layer in range(self.spec.num_layers):
             previous = await self._layer(layer, batches, previous)
-        return await self._head(batches)
+        logits = await self._head(batches)
+        await self.jobs.kv_drain()
+        return logits
 
     async def _head(self, batches: Sequence[BatchT]) -> list[LogitsT]:
         head = await self._acquire(head_block())
@@ -175,10 +180,27 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         attn = await self._acquire(attn_block(layer))
         if previous is None and self._ahead:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
+        fetch, self._kv_ahead = self._kv_ahead or self._kv_fetch(layer, 0, batches), None
         for index, batch in enumerate(batches):
+            if fetch is not None:
+                bubble = INTER_LAYER if index == 0 else INTRA_LAYER
+                await self._timed_wait(fetch, "kv", bubble, f"L{layer} kv b{index}")
+            fetch = self._kv_fetch(layer, index + 1, batches)  # arrives while this batch computes
             self._job(f"L{layer} attention b{index}")
             await self.jobs.attention(layer, batch, attn)
+            self.jobs.kv_store(layer, index, batch)
         await self._release(attn)
+        if layer + 1 < self.spec.num_layers:  # the next layer's first cache, during this layer's experts
+            self._kv_ahead = self._kv_fetch(layer + 1, 0, batches)
+
+    def _kv_fetch(self, layer: int, index: int, batches: Sequence[BatchT]) -> Awaitable[None] | None:
+        """Start bringing batch ``index``'s KV cache of ``layer`` where attention reads it (if needed)."""
+        if index >= len(batches):
+            return None
+        fetch = self.jobs.kv_fetch(layer, index, batches[index])
+        if fetch is not None and self.events is not None:
+            self.events.record(WANT, f"L{layer} kv b{index}")
+        return fetch
 
     def _moe_blocks(self, layer: int, previous: RouteArray | None) -> list[BlockId]:
         """The gate of ``layer`` and the K experts the prefetch policy predicts hot there."""

@@ -30,11 +30,12 @@ from klotski_tier.core.runtime.budgets import DERIVED, Budgets
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.config import KLOTSKI, EngineOptions
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
+from klotski_tier.core.runtime.kv import DEVICE_KV, HOST_KV, HostKv
 from klotski_tier.core.runtime.ledger import TierLedger
 from klotski_tier.core.runtime.model_jobs import ModelJobs
 from klotski_tier.core.runtime.pipeline import Pipeline
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
-from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
+from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_device_bytes
 from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles
 from klotski_tier.core.units import format_size
@@ -51,12 +52,15 @@ UNLIMITED_BYTES = 1 << 62
 """Budget of a tier the user did not limit."""
 
 
-def fixed_device_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], batch_size: int) -> int:
-    """Device bytes held outside weight blocks by the largest group: KV cache and activations."""
+def fixed_device_bytes(
+    files: ModelFiles, groups: Sequence[Sequence[GenSequence]], batch_size: int, kv_home: str = DEVICE_KV
+) -> int:
+    """Device bytes held outside weight blocks by the largest group: KV cache (all of it, or the two
+    slots it streams through from host RAM: runtime/kv.py) and activations."""
     worst = 0
     for group in groups:
         parts = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-        kv = sum(kv_cache_bytes(part, files.spec) for part in parts)
+        kv = kv_device_bytes(parts, files.spec, kv_home)
         activations = max(activation_bytes(part, files.spec) for part in parts) * len(parts)
         worst = max(worst, kv + activations)
     return worst
@@ -72,7 +76,7 @@ def minimum_budgets(
     room to stage the largest block on its way from disk.
     """
     block = largest_block_bytes(files.layouts)
-    fixed = fixed_device_bytes(files, groups, options.batch_size)
+    fixed = fixed_device_bytes(files, groups, options.batch_size, options.kv_home)
     host = 0 if reads_into_device(options) else block
     return fixed + block, host, fixed
 
@@ -245,6 +249,7 @@ class Runtime:
         self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
+        self.kv = HostKv(self.device_driver, files.spec) if options.kv_home == HOST_KV else None
         host_ledger, device_ledger = make_ledgers(options, files.layouts, self.metrics)
         self.residency = Residency(
             files.layouts,
@@ -262,7 +267,7 @@ class Runtime:
             files.spec,
             files.layouts,
             self.residency,
-            ModelJobs(files.spec, self.compute),
+            ModelJobs(files.spec, self.compute, self.kv),
             prefetch,
             self.metrics,
             options,
@@ -284,7 +289,12 @@ class Runtime:
         with a device budget, reserve the rest of it for the weights (an arena, so that the budget is
         memory actually held, not bytes a caching allocator may round up and fragment)."""
         ledger = self.residency.device
-        ledger.fixed_bytes = fixed_device_bytes(self.files, groups, self.options.batch_size)
+        options = self.options
+        ledger.fixed_bytes = fixed_device_bytes(self.files, groups, options.batch_size, options.kv_home)
+        if self.kv is not None:
+            bs = self.options.batch_size
+            positions = max(len(s.prompt) + s.max_new_tokens for group in groups for s in group)
+            self.kv.reserve(min(bs, max(len(group) for group in groups)), positions)
         if self.device.type == "cuda" and self.options.device_memory_bytes is not None:
             await self.device_driver.reserve(ledger.capacity_bytes - ledger.fixed_bytes)
 

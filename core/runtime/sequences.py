@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.runtime.kv import DEVICE_KV, HOST_KV, SLOTS, host_cache, slot_bytes
 from klotski_tier.core.runtime.model_jobs import Batch
 
 
@@ -43,10 +44,18 @@ class GenSequence:
             self.finish_reason = "length"
 
 
-def new_batch(seqs: Sequence[GenSequence], spec: ModelSpec, device: torch.device) -> Batch:
-    """A batch for ``seqs`` with an empty KV cache and its prefill inputs."""
+def new_batch(
+    seqs: Sequence[GenSequence], spec: ModelSpec, device: torch.device, kv_home: str = DEVICE_KV
+) -> Batch:
+    """A batch for ``seqs`` with an empty KV cache (on the device, or in host RAM: runtime/kv.py) and
+    its prefill inputs."""
     max_positions = max(len(s.prompt) + s.max_new_tokens for s in seqs)
     cache_shape = (spec.num_layers, len(seqs), spec.num_kv_heads, max_positions, spec.head_dim)
+    if kv_home == DEVICE_KV:
+        k_cache = torch.zeros(cache_shape, dtype=spec.dtype, device=device)
+        v_cache = torch.zeros(cache_shape, dtype=spec.dtype, device=device)
+    else:
+        k_cache, v_cache = host_cache(len(seqs), max_positions, spec, pin=device.type == "cuda")
     longest = max(len(s.prompt) for s in seqs)
     ids = torch.zeros((len(seqs), longest), dtype=torch.long)  # [B, T]
     for row, seq in enumerate(seqs):
@@ -54,13 +63,15 @@ def new_batch(seqs: Sequence[GenSequence], spec: ModelSpec, device: torch.device
     lengths = torch.tensor([len(s.prompt) for s in seqs], dtype=torch.long)  # [B]
     positions = torch.arange(longest, dtype=torch.long).expand(len(seqs), longest)  # [B, T]
     return Batch(
-        k_cache=torch.zeros(cache_shape, dtype=spec.dtype, device=device),
-        v_cache=torch.zeros(cache_shape, dtype=spec.dtype, device=device),
+        k_cache=k_cache,
+        v_cache=v_cache,
         ids=ids.to(device),
         positions=positions.to(device),
         token_mask=(positions < lengths[:, None]).to(device),
         key_lengths=lengths.to(device),
         last_index=(lengths - 1).to(device),
+        kv_cached=0,
+        kv_written=(0, longest),
     )
 
 
@@ -75,12 +86,25 @@ def set_decode_inputs(batch: Batch, seqs: Sequence[GenSequence]) -> None:
     batch.token_mask = active.to(device)
     batch.key_lengths = (positions[:, 0] + 1).to(device)
     batch.last_index = torch.zeros(len(seqs), dtype=torch.long, device=device)
+    written = [s.length - 1 for s in seqs]
+    batch.kv_cached = max(written)
+    batch.kv_written = (min(written), max(written) + 1)
 
 
 def kv_cache_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
     """Bytes of the KV cache :func:`new_batch` allocates for ``seqs``."""
     max_positions = max(len(s.prompt) + s.max_new_tokens for s in seqs)
     return len(seqs) * max_positions * spec.kv_bytes_per_token()
+
+
+def kv_device_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, kv_home: str) -> int:
+    """Device bytes of the KV cache of a group of batches ``parts``: all of it at home on the device;
+    kept in host RAM, the device's two slots, each one layer of the largest batch."""
+    if kv_home == HOST_KV:
+        batch = max(len(part) for part in parts)
+        positions = max(len(s.prompt) + s.max_new_tokens for part in parts for s in part)
+        return SLOTS * slot_bytes(batch, positions, spec)
+    return sum(kv_cache_bytes(part, spec) for part in parts)
 
 
 def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:

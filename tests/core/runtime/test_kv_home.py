@@ -1,0 +1,90 @@
+"""The KV cache in host RAM, streamed through two device slots by the attention (runtime/kv.py).
+
+Exactness against transformers for every family (float32: tokens identical, logits within 1e-4) at
+several batch-group shapes and budgets; the device budget no longer counts the whole cache; batch
+k+1's cache arrives while batch k computes, and each step's new entries go home.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from klotski_tier import Engine, EngineOptions
+from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.observe.events import JOB, WANT
+from klotski_tier.core.runtime.config import parse_config
+from tests.checkpoints import FAMILIES, make_checkpoint
+from tests.core.runtime.test_exactness import NEW_TOKENS, PROMPTS, Reference, reference_outputs
+from tests.numerics import assert_logits_close
+
+SHAPES = [(1, 1), (2, 2), (3, 1), (1, 4)]  # (n batches, bs sequences per batch)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Reference]:
+    directory = make_checkpoint(tmp_path_factory.mktemp(request.param), request.param, top_k=2)
+    return directory, reference_outputs(directory, torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"n{s[0]}-bs{s[1]}")
+@pytest.mark.parametrize("small_budget", [False, True], ids=["whole-model", "few-experts"])
+def test_a_kv_cache_in_host_ram_gives_the_reference_tokens_and_logits(
+    case: tuple[Path, Reference], shape: tuple[int, int], small_budget: bool
+) -> None:
+    directory, reference = case
+    n, bs = shape
+    options = EngineOptions(batches=n, batch_size=bs, kv_home="host")
+    budget = None
+    if small_budget:
+        probe = Engine.load(directory, options)
+        budget = probe.minimum_budgets(PROMPTS, max_new_tokens=NEW_TOKENS)[0] + 3 * probe.spec.expert_bytes
+    engine = Engine.load(directory, EngineOptions(batches=n, batch_size=bs, kv_home="host",
+                                                  device_memory_bytes=budget))  # fmt: skip
+    result = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert [o.token_ids for o in result.outputs] == reference.tokens
+    assert_logits_close([o.logits for o in result.outputs], reference.logits, torch.float32)
+    if budget is not None:
+        assert result.metrics.tiers["device"].peak_bytes <= budget
+
+
+def test_the_device_holds_two_slots_of_one_layer_instead_of_the_whole_cache(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=4)
+    prompts = [[1 + i, 2 + i, 3 + i] for i in range(8)]
+
+    def device_minimum(home: str) -> int:
+        engine = Engine.load(directory, EngineOptions(batches=4, batch_size=2, kv_home=home))
+        return engine.minimum_budgets(prompts, max_new_tokens=16)[0]
+
+    spec = Engine.load(directory).spec
+    per_batch_layer = 2 * 19 * spec.kv_bytes_per_token() // spec.num_layers  # bs 2, 3 + 16 positions
+    whole, slots = 4 * spec.num_layers * per_batch_layer, 2 * per_batch_layer
+    assert device_minimum("device") - device_minimum("host") == whole - slots
+
+
+def test_the_next_batchs_cache_is_asked_for_before_this_batchs_attention_runs(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)
+    engine = Engine.load(directory, EngineOptions(batches=3, batch_size=1, kv_home="host"))
+    result = engine.generate([[5, 6], [7], [8, 9, 10]], max_new_tokens=3, events=True)
+    assert result.events is not None
+    order = [(e.kind, e.subject) for e in result.events.events if e.kind in (JOB, WANT)]
+    for layer in range(2):
+        for index in range(3):
+            asked = order.index((WANT, f"L{layer} kv b{index}"))  # the first step's
+            runs = order.index((JOB, f"L{layer} attention b{index}"))
+            assert asked < runs
+            if index > 0:  # batch k's cache is asked for before batch k-1 computes
+                assert asked < order.index((JOB, f"L{layer} attention b{index - 1}"))
+            elif layer > 0:  # the first batch's, during the layer before: before its gate and experts
+                assert asked < order.index((JOB, f"L{layer - 1} gate b0"))
+    assert sum(1 for kind, subject in order if kind == WANT and " kv " in subject) == 3 * 2 * 3  # steps
+
+
+def test_the_kv_home_is_a_config_key_with_a_one_line_error() -> None:
+    assert parse_config({"kv": {"home": "host"}}) == {"kv_home": "host"}
+    with pytest.raises(ConfigError, match=r"kv\.home"):
+        parse_config({"kv": {"home": "ssd"}})
+    with pytest.raises(ConfigError, match="kv_home must be one of device, host"):
+        EngineOptions(kv_home="ssd")
