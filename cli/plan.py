@@ -32,6 +32,7 @@ from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RouteSampler, RoutingModel, TraceRouting
 from klotski_tier.core.plan.shapes import load_shapes_file, model_shape
+from klotski_tier.core.runtime.config import KV_HOMES
 from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
 
@@ -66,6 +67,9 @@ _STUDY_FLAGS = [
     click.option("--trace", "trace_path", type=_PATH, help="Routing trace (npz, from run --record-routing)."),
     click.option("--compression-ratio", type=click.FloatRange(min=0.0, min_open=True),
                  help="Blocks may be read from a compressed store of this ratio (raw / stored bytes)."),
+    click.option("--kv-home", type=click.Choice(KV_HOMES),
+                 help="Fix where the KV cache lives ([kv] home; default: the device where a group's cache "
+                 "fits, else host RAM, streamed through two device slots)."),
 ]  # fmt: skip
 
 
@@ -109,6 +113,7 @@ def study_from_flags(flags: dict[str, Any], **fixed: Any) -> Study:
         "device_memory_bytes": device,
         "host_memory_bytes": _size(flags.pop("host_memory"), "--host-memory"),
         "compression_ratio": ratio,
+        "kv_home": flags.pop("kv_home"),
         **fixed,
     }
     routing = RoutingModel(sampler) if sampler is not None else None

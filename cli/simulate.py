@@ -33,7 +33,14 @@ from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
 from klotski_tier.core.plan.planner import Plan, make_plan
 from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
-from klotski_tier.core.runtime.config import ALL_EXPERTS, KLOTSKI, READY_FIRST, EngineOptions
+from klotski_tier.core.runtime.config import (
+    ALL_EXPERTS,
+    DEVICE_KV,
+    HOST_KV,
+    KLOTSKI,
+    READY_FIRST,
+    EngineOptions,
+)
 from klotski_tier.core.runtime.presets import PRESETS, preset_fields
 from klotski_tier.core.units import format_size
 
@@ -55,6 +62,7 @@ class SweepSetup:
     plan: Plan  # at this bs and K: its sweep predicts each n
     from_plan: bool  # n, bs, K and preload are the plan's
     preset: dict[str, Any] = dataclasses.field(default_factory=dict)  # the --preset's engine options
+    kv_homes: dict[int, str] = dataclasses.field(default_factory=dict)  # n -> where its KV cache lives
 
     @property
     def eviction(self) -> str:
@@ -148,8 +156,10 @@ def simulate(
     setup = dataclasses.replace(setup, preset={k: v for k, v in fields.items() if k in PRESET_FIELDS})
     if not setup.batches:
         least = min(setup.skipped)
+        in_ram = ", or keep the KV cache in host RAM (--kv-home host)"
         raise BudgetError(
-            f"no n fits: at n={least}, {setup.skipped[least]}; raise --device-memory or lower --batch-size"
+            f"no n fits: at n={least}, {setup.skipped[least]}; raise --device-memory, lower --batch-size"
+            f"{in_ram if study.request.kv_home == DEVICE_KV else ''}"
         )
     results, sequences = _simulate(study, setup, decode_steps, seed)
     predicted = [setup.predicted.get(result.batches) for result in results]
@@ -181,27 +191,46 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
     if not counts:
         plan = make_plan(request)
         return SweepSetup([plan.batches], {}, plan.batch_size, plan.hot_experts,
-                          plan.placement.host_preload, plan, from_plan=True)  # fmt: skip
+                          plan.placement.host_preload, plan, from_plan=True,
+                          kv_homes={plan.batches: plan.placement.kv_home})  # fmt: skip
     bs = request.batch_size or EngineOptions().batch_size  # the engine's default bs
     hot = request.hot_experts if request.hot_experts is not None else study.spec.top_k  # as the engine
     sequences = study.sequences or max(counts) * bs  # the planner tries every n up to this many
     fixed = dataclasses.replace(request, batch_size=bs, hot_experts=hot, sequences=sequences,
                                 host_preload=True if host_preload else None)  # fmt: skip
     plan = make_plan(fixed)
-    skipped = {n: why for n in counts if (why := _does_not_fit(study, n, bs)) is not None}
+    homes = {n: _kv_home(study, n, bs) for n in counts}
+    skipped = {n: why for n in counts if (why := _does_not_fit(study, n, bs, homes[n])) is not None}
     fitting = [n for n in counts if n not in skipped]
-    return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False)
+    return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False, kv_homes=homes)
 
 
-def _does_not_fit(study: Study, batches: int, batch_size: int) -> str | None:
-    """Why a group of ``batches`` x ``batch_size`` cannot run within the device budget, or None."""
+def _kv_home(study: Study, batches: int, batch_size: int) -> str:
+    """Where the KV cache of ``batches`` x ``batch_size`` lives: --kv-home, else as the planner places
+    it (the device where the group's cache fits, else host RAM)."""
+    request = study.request
+    if request.kv_home is not None:
+        return request.kv_home
+    cost = CostModel(study.spec, study.machine)
+    fixed = cost.fixed_device_bytes(batches, batch_size, request.prompt_tokens, request.new_tokens)
+    return DEVICE_KV if fixed + cost.sizes.largest <= _device_budget(study) else HOST_KV
+
+
+def _does_not_fit(study: Study, batches: int, batch_size: int, kv_home: str) -> str | None:
+    """Why a group of ``batches`` x ``batch_size`` cannot run within the device budget (or, with the
+    KV cache in host RAM, its cache within the host budget), or None."""
     request, cost = study.request, CostModel(study.spec, study.machine)
     budget = _device_budget(study)
-    fixed = cost.fixed_device_bytes(batches, batch_size, request.prompt_tokens, request.new_tokens)
+    tokens = (request.prompt_tokens, request.new_tokens)
+    fixed = cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=kv_home)
+    kv = batches * cost.kv_cache_bytes(batch_size, *tokens)
+    if kv_home == HOST_KV and kv >= _host_budget(study):
+        return f"its KV cache ({format_size(kv)}) exceeds the host budget {format_size(_host_budget(study))}"
     if fixed + cost.sizes.largest <= budget:
         return None
+    where = "KV cache slots" if kv_home == HOST_KV else "KV cache"
     return (
-        f"its KV cache and activations ({format_size(fixed)}) and the largest block "
+        f"its {where} and activations ({format_size(fixed)}) and the largest block "
         f"({format_size(cost.sizes.largest)}) exceed the device budget {format_size(budget)}"
     )
 
@@ -237,7 +266,9 @@ def _simulate(
 
     results = [
         simulate_workload(
-            dataclasses.replace(config, batches=n, eviction=setup.eviction_at(n)),
+            dataclasses.replace(
+                config, batches=n, eviction=setup.eviction_at(n), kv_home=setup.kv_homes.get(n, DEVICE_KV)
+            ),
             sequences=sequences(n),
             prompt_tokens=request.prompt_tokens,
             new_tokens=request.new_tokens,
@@ -255,7 +286,7 @@ def _heading(study: Study, setup: SweepSetup) -> list[str]:
     lines = [
         f"simulated {study.model} on {machine.name} ({machine.device}): {request.prompt_tokens} prompt + "
         f"{request.new_tokens} new tokens per sequence; budgets: device {device}, host {host}; "
-        f"{_schedule(setup)}; {_evictions(setup)}; routing: {routing}",
+        f"{_schedule(setup)}; {_evictions(setup)}; {_kv_homes(setup)}; routing: {routing}",
     ]
     if setup.from_plan:
         lines.append(f"n, bs, K and preload from the plan ({setup.plan.why})")
@@ -268,6 +299,16 @@ def _schedule(setup: SweepSetup) -> str:
     if (options.schedule, options.expert_order) == (KLOTSKI, READY_FIRST):
         return f"klotski schedule, {options.prefetch} prefetch"
     return f"{options.schedule} schedule, {options.expert_order} expert order, {options.prefetch} prefetch"
+
+
+def _kv_homes(setup: SweepSetup) -> str:
+    """Where each n simulated keeps its KV cache, in words."""
+    in_ram = [n for n in setup.batches if setup.kv_homes.get(n) == HOST_KV]
+    if not in_ram:
+        return "KV cache on the device"
+    if len(in_ram) == len(setup.batches):
+        return "KV cache in host RAM (two device slots)"
+    return f"KV cache in host RAM (two device slots) at n={', '.join(map(str, in_ram))}, else on the device"
 
 
 def _evictions(setup: SweepSetup) -> str:

@@ -48,7 +48,9 @@ logger = logging.getLogger(__name__)
 PLAN_AUTO, PLAN_OFF = "auto", "off"
 NO_PROFILE_NOTE = "no machine profile: `klotski-tier bench` measures this machine"
 # what a plan sets
-PLANNED_FIELDS = ("batches", "batch_size", "hot_experts", "host_preload", "eviction", "lookahead_layers")
+PLANNED_FIELDS = (
+    "batches", "batch_size", "hot_experts", "host_preload", "eviction", "lookahead_layers", "kv_home"
+)  # fmt: skip
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids
 

@@ -59,6 +59,7 @@ from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.families import family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
 from klotski_tier.core.plan.machine import ComputeRates, Machine
+from klotski_tier.core.runtime.config import DEVICE_KV, KV_SLOTS
 from klotski_tier.core.units import GB, align_up
 
 logger = logging.getLogger(__name__)
@@ -261,19 +262,31 @@ class CostModel:
         """KV cache of one batch, as :func:`klotski_tier.core.runtime.sequences.kv_cache_bytes`."""
         return batch_size * (prompt_tokens + new_tokens) * self.spec.kv_bytes_per_token()
 
-    def activation_bytes(self, batch_size: int, prompt_tokens: int) -> int:
-        """Activations of one batch in prefill, as
-        :func:`klotski_tier.core.runtime.sequences.activation_bytes`."""
+    def kv_copy_s(self, batch_size: int, context: int) -> float:
+        """Seconds over the host-to-device link of one batch's KV cache of one layer (``context`` cached
+        tokens in, one new token's entries out), where the cache lives in host RAM."""
+        per_token = self.spec.kv_bytes_per_token() // self.spec.num_layers
+        return self.machine.host_to_device_seconds(batch_size * (context + 1) * per_token)
+
+    def activation_bytes(self, batch_size: int, prompt_tokens: int) -> tuple[int, int]:
+        """Activations of one batch in prefill, as :func:`klotski_tier.core.runtime.sequences.
+        activation_bytes`: (held from phase to phase, held by one batch's attention and head at a time)."""
         spec = self.spec
         tokens = batch_size * prompt_tokens
-        hidden = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
+        held = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
         scores = batch_size * spec.num_heads * prompt_tokens * prompt_tokens * FP32_BYTES
-        return hidden + scores + batch_size * spec.vocab_size * FP32_BYTES
+        return held, scores + batch_size * spec.vocab_size * FP32_BYTES
 
-    def fixed_device_bytes(self, batches: int, batch_size: int, prompt_tokens: int, new_tokens: int) -> int:
-        """Device bytes of a group of ``batches`` full batches outside weights, as the engine reserves."""
+    def fixed_device_bytes(
+        self, batches: int, batch_size: int, prompt_tokens: int, new_tokens: int, kv_home: str = DEVICE_KV
+    ) -> int:
+        """Device bytes of a group of ``batches`` full batches outside weights, as the engine reserves:
+        their KV cache (with the cache in host RAM, two slots of one layer of one batch) and activations
+        (each batch's held ones, one batch's attention and head)."""
         per_batch = self.kv_cache_bytes(batch_size, prompt_tokens, new_tokens)
-        return batches * (per_batch + self.activation_bytes(batch_size, prompt_tokens))
+        kv = batches * per_batch if kv_home == DEVICE_KV else KV_SLOTS * per_batch // self.spec.num_layers
+        held, at_once = self.activation_bytes(batch_size, prompt_tokens)
+        return kv + batches * held + at_once
 
 
 # ---- fitting a machine to a profile ---------------------------------------------------------

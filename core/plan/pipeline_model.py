@@ -1,6 +1,8 @@
 """The step model of the planner: deadlines (4)-(7) and the step recurrence.
 
-Per layer of a decode step, with per-batch attention time tA, routing time tG (plus one gather of
+Per layer of a decode step, with per-batch attention time tA (with the KV cache in host RAM, the
+larger of it and the batch's KV copy time over the host-to-device link: the copies of batch k+1 run
+while batch k computes), routing time tG (plus one gather of
 all n batches' tokens and a combine per batch, as the engine runs them), per-block transfer times
 tIO_G, tIO_E, tIO_A from each block's home, the compute of the hot experts tc_hot and of the Q
 cold ones (both from the routing model: they grow with the tokens each expert gets, n * bs * k / E
@@ -92,6 +94,13 @@ class StepShape:
     embed_s: float  # per batch
     head_s: float  # per batch
     io_compute_slowdown: float = 0.0  # the machine's: compute runs at 1/(1+c) while the drive reads
+    kv_s: float = 0.0  # per batch: its KV cache of a layer in and its new entries out (cache in host RAM)
+
+    @property
+    def attention_phase_s(self) -> float:
+        """A layer's attention over n batches: batch k+1's cache arrives while batch k computes (the
+        first batch's during the layer before), so the slower of the two sets the pace."""
+        return self.batches * max(self.attention_s, self.kv_s)
 
     @classmethod
     def decode(cls, cost: CostModel, batches: int, batch_size: int, context: int) -> StepShape:
@@ -189,7 +198,7 @@ def deadlines(shape: StepShape, hot: int, work: tuple[LayerWork, ...], io: Io) -
     """
     n, e = shape.batches, io.expert
     worst: dict[int, Deadline] = {}
-    attention = n * shape.attention_s
+    attention = shape.attention_phase_s
     gated = attention + n * shape.gate_s + shape.gather_s
     routed = attention + shape.gate_s  # the first gate is done: cold experts are known
     combine = n * shape.combine_s
@@ -377,7 +386,7 @@ def _step(run: _Run, shape: StepShape, hot: int, work: tuple[LayerWork, ...], io
         if layer == 0:  # nothing predicted layer 0 during the previous layer
             gate_ready = hot_base = run.load(io.gate, run.t)
             run.load(hot * io.expert, run.t)
-        run.run(n * shape.attention_s)
+        run.run(shape.attention_phase_s)
         run.wait(gate_ready)
         first_gate = run.finish(shape.gate_s)
         slots = max(1, window - hot)

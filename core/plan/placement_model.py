@@ -20,6 +20,7 @@ from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.pipeline_model import BISECTIONS, Io, LayerWork
 from klotski_tier.core.plan.routing_model import LayerLoads
+from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.policies.sweep import SweepEviction
@@ -46,8 +47,15 @@ class Placement:
     # L of [pipeline] lookahead_layers: 2 where blocks come from the drive through a host tier with room
     # for a layer (the layer after next is staged in RAM while the next moves to the device), else 1
     lookahead_layers: int = 1
+    kv_home: str = DEVICE_KV  # where the KV cache lives: the device, or host RAM streamed through slots
 
     def describe(self) -> str:
+        text = self._weights()
+        if self.kv_home == HOST_KV:
+            text += "; the KV cache lives in host RAM and streams through two device slots of one layer"
+        return text
+
+    def _weights(self) -> str:
         device = (
             "every weight stays in device memory"
             if self.device_resident

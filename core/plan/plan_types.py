@@ -44,6 +44,7 @@ class PlanRequest:
     lookahead_layers: int | None = None  # fixed L (layers read ahead); None: the planner's
     stream_window: int = EngineOptions.stream_window  # the device's streaming window (0: no cap)
     disk_queue_depth: int = EngineOptions.disk_queue_depth  # the engine's reads in flight from the drive
+    kv_home: str | None = None  # fixed [kv] home; None: the device where the group's cache fits, else RAM
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -152,6 +153,7 @@ class Plan:
             "host_preload": self.placement.host_preload,
             "eviction": self.placement.eviction,
             "lookahead_layers": self.placement.lookahead_layers,
+            "kv_home": self.placement.kv_home,
         }
 
     def to_dict(self) -> dict[str, Any]:

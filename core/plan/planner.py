@@ -62,6 +62,7 @@ from klotski_tier.core.plan.plan_types import PlanRequest as PlanRequest
 from klotski_tier.core.plan.plan_types import SweepPoint as SweepPoint
 from klotski_tier.core.plan.plan_types import TierUse as TierUse
 from klotski_tier.core.plan.routing_model import LayerLoads, RoutingModel
+from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV, KV_SLOTS
 from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def _check_minimum(ctx: _Context, batch_size: int) -> None:
     """The engine's own floor (runtime.minimum_budgets) for the smallest group this request allows."""
     req, sizes = ctx.request, ctx.cost.sizes
     batches = req.batches or 1
-    fixed = ctx.cost.fixed_device_bytes(batches, batch_size, req.prompt_tokens, req.new_tokens)
+    home = _kv_home(ctx, batches, batch_size) or req.kv_home or HOST_KV  # nothing fits: the least needed
+    fixed = ctx.cost.fixed_device_bytes(batches, batch_size, req.prompt_tokens, req.new_tokens, kv_home=home)
     if ctx.device_budget < fixed + sizes.largest:
         raise BudgetError(
             f"device memory budget {format_size(ctx.device_budget)} is below the minimum working set "
@@ -159,14 +161,20 @@ def _hot_counts(ctx: _Context) -> list[int]:
 def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     """Every K at (n, bs); none when even the engine's floor does not fit this group."""
     req, cost = ctx.request, ctx.cost
-    fixed = cost.fixed_device_bytes(n, bs, req.prompt_tokens, req.new_tokens)
-    if fixed + cost.sizes.largest > ctx.device_budget:
+    kv_home = _kv_home(ctx, n, bs)
+    if kv_home is None:
         return []
+    fixed = cost.fixed_device_bytes(n, bs, req.prompt_tokens, req.new_tokens, kv_home=kv_home)
+    if kv_home == HOST_KV:  # the cache takes its room in host RAM: the weights get the rest
+        ctx = dataclasses.replace(ctx, host_budget=ctx.host_budget - _group_kv_bytes(ctx, n, bs))
     placement = placement_for(
         cost, fixed, ctx.device_budget, ctx.host_budget, req.host_preload, req.compression_ratio,
         req.disk_queue_depth,
     )  # fmt: skip
+    placement = dataclasses.replace(placement, kv_home=kv_home)
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
+    if kv_home == HOST_KV:
+        shape = dataclasses.replace(shape, kv_s=cost.kv_copy_s(bs, req.prompt_tokens + req.new_tokens // 2))
     loads = ctx.routing.loads(shape.tokens)
     window = window_of(placement, req.stream_window)
     in_use = device_window_bytes(cost, window, req.spec.top_k + max(load.distinct_max() for load in loads))
@@ -181,6 +189,27 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     unheld = _unheld(placement, touched_bytes(cost, loads), device_kept + ctx.host_budget)
     tried = [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
     return [dataclasses.replace(c, drive_bytes=drive, unheld_bytes=unheld) for c in tried]
+
+
+def _kv_home(ctx: _Context, n: int, bs: int) -> str | None:
+    """Where the KV cache of n batches of bs lives: the request's choice if it fits, else the device
+    when the group's cache fits there beside the largest block, else host RAM when it fits there
+    (leaving room to stage a block) and the device holds its two slots; None when neither fits."""
+    req, cost = ctx.request, ctx.cost
+    homes = [req.kv_home] if req.kv_home is not None else [DEVICE_KV, HOST_KV]
+    for home in homes:
+        fixed = cost.fixed_device_bytes(n, bs, req.prompt_tokens, req.new_tokens, kv_home=home)
+        if fixed + cost.sizes.largest > ctx.device_budget:
+            continue
+        if home == HOST_KV and _group_kv_bytes(ctx, n, bs) + cost.sizes.largest > ctx.host_budget:
+            continue
+        return home
+    return None
+
+
+def _group_kv_bytes(ctx: _Context, n: int, bs: int) -> int:
+    req = ctx.request
+    return n * ctx.cost.kv_cache_bytes(bs, req.prompt_tokens, req.new_tokens)
 
 
 def _unheld(placement: Placement, touched: float, budgets: int) -> int:
@@ -247,6 +276,9 @@ def _candidate(
     window = _expert_window(ctx, placement, fixed)
     decode = predict_step(shape, hot, work, io, window)
     kv = shape.batches * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
+    if placement.kv_home == HOST_KV:  # the device holds two slots of one layer of one batch
+        kv = KV_SLOTS * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
+        kv //= cost.spec.num_layers
     total = cost.sizes.total
     parts = {"KV cache": kv, "activations": fixed - kv, "weights": weights}
     device = TierUse(

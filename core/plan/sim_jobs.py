@@ -16,7 +16,8 @@ of a thousand tokens misses only experts that would get a handful of a batch's t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from klotski_tier.core.plan.sim_hardware import SimHardware
+from klotski_tier.core.runtime.config import KV_SLOTS
 from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
 from klotski_tier.core.runtime.residency import Lease
 
@@ -78,10 +80,39 @@ class SimTokens:
 class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
     """Each job takes its cost on the simulated compute unit."""
 
-    def __init__(self, hardware: SimHardware, costs: JobCosts, num_experts: int) -> None:
+    def __init__(
+        self, hardware: SimHardware, costs: JobCosts, num_experts: int, kv_token_bytes: int | None = None
+    ) -> None:
         self._hardware = hardware
         self._costs = costs
         self._num_experts = num_experts
+        # A KV cache in host RAM (runtime/kv.py): one layer's bytes per cached token; its copies take
+        # the host-to-device channel, in two slots as the engine's.
+        self._kv_token_bytes = kv_token_bytes
+        self._stored: list[asyncio.Future[None] | None] = [None] * KV_SLOTS
+
+    def kv_fetch(self, layer: int, index: int, batch: SimBatch) -> Awaitable[None] | None:
+        if self._kv_token_bytes is None:
+            return None
+        nbytes = batch.sequences * batch.context_tokens * self._kv_token_bytes
+        return asyncio.ensure_future(self._kv_fetch(index % KV_SLOTS, nbytes))
+
+    async def _kv_fetch(self, slot: int, nbytes: int) -> None:
+        stored = self._stored[slot]
+        if stored is not None:
+            await stored
+        if nbytes:
+            await self._hardware.copy(nbytes)
+
+    def kv_store(self, layer: int, index: int, batch: SimBatch) -> None:
+        if self._kv_token_bytes is not None:
+            nbytes = batch.sequences * batch.query_tokens * self._kv_token_bytes
+            self._stored[index % KV_SLOTS] = asyncio.ensure_future(self._hardware.copy(nbytes))
+
+    async def kv_drain(self) -> None:
+        for stored in self._stored:
+            if stored is not None:
+                await stored
 
     async def embed(self, batch: SimBatch, embedding: Lease) -> None:
         await self._hardware.compute(self._costs.embed_s(batch.tokens))

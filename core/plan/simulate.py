@@ -47,7 +47,7 @@ from klotski_tier.core.plan.routing_model import ParametricRouting, RouteSampler
 from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost, SimSource
 from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
 from klotski_tier.core.plan.virtual_clock import run_virtual
-from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.config import HOST_KV, EngineOptions
 from klotski_tier.core.runtime.residency import Residency
 from klotski_tier.core.runtime.run import make_ledgers, make_pipeline
 from klotski_tier.core.units import format_size
@@ -83,6 +83,7 @@ class SimConfig:
     prefetch: str = _DEFAULTS.prefetch  # the prefetch policy (learning online from the simulated routes)
     schedule: str = _DEFAULTS.schedule  # "klotski" or "sequential", as the engine's [pipeline] keys
     expert_order: str = _DEFAULTS.expert_order
+    kv_home: str = _DEFAULTS.kv_home  # "device", or "host": the KV cache in RAM, streamed by the attention
 
     @property
     def device_budget(self) -> int:
@@ -115,6 +116,7 @@ class SimConfig:
             eviction=self.eviction,
             schedule=self.schedule,
             expert_order=self.expert_order,
+            kv_home=self.kv_home,
         )
 
 
@@ -173,6 +175,7 @@ class Simulator:
         compression_ratio: float | None = None,
         decode_gbps: float = 1.0,
         events: bool = False,
+        host_kv_bytes: int = 0,
     ) -> None:
         clock = asyncio.get_running_loop().time
         self.spec, self.hardware, self.metrics = spec, hardware, RunMetrics()
@@ -194,12 +197,13 @@ class Simulator:
             clock=clock,
         )
         self.residency.device.fixed_bytes = fixed_device_bytes
+        self.residency.host.fixed_bytes = host_kv_bytes  # a KV cache in host RAM takes its room
         self.prefetch = make_prefetch(options.prefetch, **options.prefetch_options)
         self.pipeline = make_pipeline(
             spec,
             self.layouts,
             self.residency,
-            SimJobs(hardware, costs, spec.num_experts),
+            SimJobs(hardware, costs, spec.num_experts, _kv_token_bytes(spec, options.kv_home)),
             self.prefetch,
             self.metrics,
             options,
@@ -209,7 +213,9 @@ class Simulator:
         self._clock = clock
 
     @classmethod
-    def for_config(cls, config: SimConfig, cost: CostModel, fixed_device_bytes: int) -> Simulator:
+    def for_config(
+        cls, config: SimConfig, cost: CostModel, fixed_device_bytes: int, host_kv_bytes: int = 0
+    ) -> Simulator:
         """The simulator of ``config``'s machine, budgets and options, with ``cost``'s job times."""
         machine = config.machine
         hardware = SimHardware.for_machine(machine, chunk_bytes=config.read_chunk_bytes)
@@ -223,6 +229,7 @@ class Simulator:
             reads_into_device=config.reads_into_device,
             compression_ratio=config.compression_ratio,
             decode_gbps=machine.zstd_decompress_gbps,
+            host_kv_bytes=host_kv_bytes,
         )
 
     async def preload(self) -> None:
@@ -306,6 +313,11 @@ class WorkloadResult:
         return data
 
 
+def _kv_token_bytes(spec: ModelSpec, kv_home: str) -> int | None:
+    """One layer's KV bytes per cached token where the cache lives in host RAM; None on the device."""
+    return spec.kv_bytes_per_token() // spec.num_layers if kv_home == HOST_KV else None
+
+
 def simulate_workload(
     config: SimConfig,
     *,
@@ -329,8 +341,18 @@ async def _workload(
     config: SimConfig, sequences: int, prompt_tokens: int, new_tokens: int, max_decode_steps: int | None
 ) -> WorkloadResult:
     cost = CostModel(config.spec, config.machine)
-    fixed = cost.fixed_device_bytes(config.batches, config.batch_size, prompt_tokens, new_tokens)
-    sim = Simulator.for_config(config, cost, fixed)
+    group = (config.batches, config.batch_size, prompt_tokens, new_tokens)
+    fixed = cost.fixed_device_bytes(*group, kv_home=config.kv_home)
+    host_kv = 0
+    if config.kv_home == HOST_KV:
+        host_kv = config.batches * cost.kv_cache_bytes(config.batch_size, prompt_tokens, new_tokens)
+        if host_kv >= config.host_budget:
+            raise BudgetError(
+                f"the KV cache of n={config.batches} batches of {config.batch_size} "
+                f"({format_size(host_kv)}) does not fit the host budget {format_size(config.host_budget)}; "
+                "lower n or bs, or raise --host-memory"
+            )
+    sim = Simulator.for_config(config, cost, fixed, host_kv)
     sampler = config.routing or ParametricRouting.for_spec(config.spec, seed=config.seed)
     rng = np.random.default_rng(config.seed)
     prefill, decode = StepStats(), StepStats()

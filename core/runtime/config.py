@@ -69,7 +69,10 @@ READY_FIRST = "ready-first"  # expert order: resident experts first (most tokens
 INDEX = "index"  # expert order: by expert id, each expert fetched when its turn comes
 EXPERT_ORDERS = (READY_FIRST, INDEX)
 
-KV_HOMES = ("device", "host")  # where the KV cache lives (runtime/kv.py)
+DEVICE_KV = "device"  # the KV cache on the device for the whole run
+HOST_KV = "host"  # in host RAM, one layer of one batch at a time in a device slot (runtime/kv.py)
+KV_HOMES = (DEVICE_KV, HOST_KV)
+KV_SLOTS = 2  # device slots of a cache in host RAM: one being computed, one being filled
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class EngineOptions:
     eviction_options: Mapping[str, Any] = field(default_factory=dict)
     schedule: str = KLOTSKI  # one of SCHEDULES; "sequential" ignores prefetch, hot_experts, expert_order
     expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
-    kv_home: str = "device"  # one of KV_HOMES: where the KV cache lives (runtime/kv.py)
+    kv_home: str = DEVICE_KV  # one of KV_HOMES: where the KV cache lives (runtime/kv.py)
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):

@@ -21,6 +21,7 @@ as it awaits weights, and counts the time it waits as a bubble.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,11 +29,13 @@ import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.runtime.config import KV_HOMES
+from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV, KV_SLOTS
 from klotski_tier.tiers.device import DeviceDriver
 
-DEVICE_KV, HOST_KV = KV_HOMES  # on the device for the whole run; in host RAM, streamed through slots
-SLOTS = 2  # device slots of a host-resident cache: one being computed, one being filled
+__all__ = ["DEVICE_KV", "HOST_KV", "KV_SLOTS", "HostKv", "host_cache", "slot_bytes"]
+
+KV_TRACK = "kv cache"  # the timeline's track of the cache's copies in and out of the device slots
 
 
 @dataclass
@@ -61,9 +64,10 @@ def host_cache(batch: int, positions: int, spec: ModelSpec, pin: bool) -> tuple[
 class HostKv:
     """Moves one layer's KV cache of one batch between host RAM and two device slots (see above)."""
 
-    def __init__(self, driver: DeviceDriver, spec: ModelSpec) -> None:
+    def __init__(self, driver: DeviceDriver, spec: ModelSpec, timeline: Timeline | None = None) -> None:
         self.driver = driver
         self.spec = spec
+        self.timeline = timeline  # KV copies on their own track, "kv cache"
         self._slots: list[KvSlot] = []
         self.bytes_in = 0  # copied host to device
         self.bytes_out = 0  # copied device to host
@@ -77,32 +81,34 @@ class HostKv:
                 torch.zeros(shape, dtype=spec.dtype, device=self.driver.device),
                 torch.zeros(shape, dtype=spec.dtype, device=self.driver.device),
             )
-            for _ in range(SLOTS)
+            for _ in range(KV_SLOTS)
         ]
 
     def slot(self, index: int, k_host: Tensor) -> tuple[Tensor, Tensor]:
         """The views of batch ``index``'s slot shaped as its cache (``k_host``: ``[L, B, Hkv, T, D]``)."""
-        slot = self._slots[index % SLOTS]
+        slot = self._slots[index % KV_SLOTS]
         _, batch, _, positions, _ = k_host.shape
         return slot.k[:batch, :, :positions], slot.v[:batch, :, :positions]
 
     async def fetch(self, layer: int, index: int, caches: tuple[Tensor, Tensor], cached: int) -> None:
         """Copy positions ``0 .. cached`` of layer ``layer``'s cache into batch ``index``'s slot, once
         the slot's last store is done."""
-        slot = self._slots[index % SLOTS]
+        slot = self._slots[index % KV_SLOTS]
         if slot.stored is not None:
             await slot.stored
         if cached == 0:
             return
         k_dev, v_dev = self.slot(index, caches[0])
+        started = time.perf_counter()
         for dst, src in ((k_dev, caches[0][layer]), (v_dev, caches[1][layer])):
             await self.driver.copy_any(dst[:, :, :cached], src[:, :, :cached])
             self.bytes_in += _nbytes(src[:, :, :cached])
+        self._span(f"L{layer} b{index} in", started)
 
     def store(self, layer: int, index: int, caches: tuple[Tensor, Tensor], written: Sequence[int]) -> None:
         """Start copying positions ``written[0] .. written[1]`` of batch ``index``'s slot back to host
         RAM; the slot is filled again only once it is done."""
-        slot = self._slots[index % SLOTS]
+        slot = self._slots[index % KV_SLOTS]
         start, end = written
         slot.stored = asyncio.ensure_future(self._store(layer, index, caches, start, end))
 
@@ -110,9 +116,15 @@ class HostKv:
         self, layer: int, index: int, caches: tuple[Tensor, Tensor], start: int, end: int
     ) -> None:
         k_dev, v_dev = self.slot(index, caches[0])
+        started = time.perf_counter()
         for dst, src in ((caches[0][layer], k_dev), (caches[1][layer], v_dev)):
             await self.driver.copy_any(dst[:, :, start:end], src[:, :, start:end])
             self.bytes_out += _nbytes(src[:, :, start:end])
+        self._span(f"L{layer} b{index} out", started)
+
+    def _span(self, name: str, started: float) -> None:
+        if self.timeline is not None:
+            self.timeline.span(KV_TRACK, name, started, time.perf_counter(), kind="kv")
 
     async def drain(self) -> None:
         """Wait for every store in flight (the end of a step: the host caches are whole)."""

@@ -35,7 +35,12 @@ from klotski_tier.core.runtime.ledger import TierLedger
 from klotski_tier.core.runtime.model_jobs import ModelJobs
 from klotski_tier.core.runtime.pipeline import Pipeline
 from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
-from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_device_bytes
+from klotski_tier.core.runtime.sequences import (
+    GenSequence,
+    group_activation_bytes,
+    kv_cache_bytes,
+    kv_device_bytes,
+)
 from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles
 from klotski_tier.core.units import format_size
@@ -61,7 +66,7 @@ def fixed_device_bytes(
     for group in groups:
         parts = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
         kv = kv_device_bytes(parts, files.spec, kv_home)
-        activations = max(activation_bytes(part, files.spec) for part in parts) * len(parts)
+        activations = group_activation_bytes(parts, files.spec)
         worst = max(worst, kv + activations)
     return worst
 
@@ -77,8 +82,23 @@ def minimum_budgets(
     """
     block = largest_block_bytes(files.layouts)
     fixed = fixed_device_bytes(files, groups, options.batch_size, options.kv_home)
-    host = 0 if reads_into_device(options) else block
-    return fixed + block, host, fixed
+    kv = host_kv_bytes(files, groups, options)
+    if reads_into_device(options):  # a CPU device without a host tier: host RAM is the device's pool
+        return fixed + kv + block, 0, fixed + kv
+    return fixed + block, block + kv, fixed
+
+
+def host_kv_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], options: EngineOptions) -> int:
+    """Host RAM the KV cache of the largest group takes where it lives there ([kv] home = "host"),
+    counted against the host budget (on a CPU device without a host tier, against the device's, the
+    same memory); else 0."""
+    if options.kv_home != HOST_KV:
+        return 0
+    bs = options.batch_size
+    return max(
+        (sum(kv_cache_bytes(g[i : i + bs], files.spec) for i in range(0, len(g), bs)) for g in groups),
+        default=0,
+    )
 
 
 def reads_into_device(options: EngineOptions) -> bool:
@@ -112,6 +132,14 @@ def check_budgets(
             "raise --device-memory or lower --batches/--batch-size"
         )
     if options.host_memory_bytes is not None and options.host_memory_bytes < host_min:
+        kv = host_kv_bytes(files, options=options, groups=groups)
+        if kv:
+            raise BudgetError(
+                f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working "
+                f"set {_exact(host_min)}: the KV cache kept in host RAM {format_size(kv)}"
+                f"{'' if host_min == kv else ' and room to stage the largest block'}; raise --host-memory or "
+                'keep the KV cache on the device ([kv] home = "device")'
+            )
         raise BudgetError(
             f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
             f"{_exact(host_min)} to stage the largest block; raise --host-memory (0 is allowed with a CPU "
@@ -249,7 +277,9 @@ class Runtime:
         self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
-        self.kv = HostKv(self.device_driver, files.spec) if options.kv_home == HOST_KV else None
+        self.kv = (
+            HostKv(self.device_driver, files.spec, self.timeline) if options.kv_home == HOST_KV else None
+        )
         host_ledger, device_ledger = make_ledgers(options, files.layouts, self.metrics)
         self.residency = Residency(
             files.layouts,
@@ -289,8 +319,9 @@ class Runtime:
         with a device budget, reserve the rest of it for the weights (an arena, so that the budget is
         memory actually held, not bytes a caching allocator may round up and fragment)."""
         ledger = self.residency.device
-        options = self.options
-        ledger.fixed_bytes = fixed_device_bytes(self.files, groups, options.batch_size, options.kv_home)
+        _, _, ledger.fixed_bytes = minimum_budgets(self.files, self.options, groups)
+        kv = host_kv_bytes(self.files, groups, self.options)  # 0 unless the KV cache lives in host RAM
+        self.residency.host.fixed_bytes = 0 if reads_into_device(self.options) else kv
         if self.kv is not None:
             bs = self.options.batch_size
             positions = max(len(s.prompt) + s.max_new_tokens for group in groups for s in group)
@@ -302,6 +333,8 @@ class Runtime:
         self.metrics.compute_s = self.compute.busy_s
         self.metrics.io_busy_s = self.disk.busy_s
         self.metrics.disk_bytes_read = self.disk.bytes_read
+        if self.kv is not None:
+            self.metrics.kv_bytes_in, self.metrics.kv_bytes_out = self.kv.bytes_in, self.kv.bytes_out
         return self.metrics
 
     async def __aenter__(self) -> Runtime:

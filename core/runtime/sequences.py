@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.runtime.kv import DEVICE_KV, HOST_KV, SLOTS, host_cache, slot_bytes
+from klotski_tier.core.runtime.kv import DEVICE_KV, HOST_KV, KV_SLOTS, host_cache, slot_bytes
 from klotski_tier.core.runtime.model_jobs import Batch
 
 
@@ -103,18 +103,27 @@ def kv_device_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, kv_
     if kv_home == HOST_KV:
         batch = max(len(part) for part in parts)
         positions = max(len(s.prompt) + s.max_new_tokens for part in parts for s in part)
-        return SLOTS * slot_bytes(batch, positions, spec)
+        return KV_SLOTS * slot_bytes(batch, positions, spec)
     return sum(kv_cache_bytes(part, spec) for part in parts)
 
 
-def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
-    """Upper bound of the activations one batch of ``seqs`` holds during a prefill step.
+def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> tuple[int, int]:
+    """Upper bounds of the activations of one batch of ``seqs`` in a prefill step: (what it holds from
+    phase to phase, what one batch's attention and head hold at a time).
 
-    Residual stream and normed copy [B, T, H], the expert contributions [N, k, H], the
-    attention scores [B, Hq, T, T] (fp32) and the logits [B, V] (fp32).
+    Held: its residual stream and normed copy [B, T, H] and its tokens' expert contributions [N, k, H].
+    At a time: the attention scores [B, Hq, T, T] (fp32) and the logits [B, V] (fp32): batches run their
+    attention and head one after the other, so a group needs room for one batch's of these.
     """
     batch, longest = len(seqs), max(len(s.prompt) for s in seqs)
     tokens = batch * longest
-    hidden = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
+    held = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
     scores = batch * spec.num_heads * longest * longest * 4
-    return hidden + scores + batch * spec.vocab_size * 4
+    return held, scores + batch * spec.vocab_size * 4
+
+
+def group_activation_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec) -> int:
+    """Activations of a group of batches ``parts``: what each holds, and room for the largest
+    batch's attention and head."""
+    sizes = [activation_bytes(part, spec) for part in parts]
+    return sum(held for held, _ in sizes) + max(at_once for _, at_once in sizes)

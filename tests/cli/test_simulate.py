@@ -100,10 +100,13 @@ def test_without_n_the_plan_is_simulated(machine_args: tuple[str, ...]) -> None:
 
 
 def test_a_group_that_cannot_fit_is_left_out(machine_args: tuple[str, ...]) -> None:
-    out = simulate_ok(*machine_args, *SMALL, "--device-memory", "16MiB", "--sweep", "1,64")
+    on_device = ("--device-memory", "16MiB", "--kv-home", "device")
+    out = simulate_ok(*machine_args, *SMALL, *on_device, "--sweep", "1,64")
     assert "n=64 not simulated:" in out and "exceed the device budget 16.00 MiB" in out
-    result = simulate(*machine_args, *SMALL, "--device-memory", "16MiB", "--sweep", "64")
-    assert result.exit_code == 1 and "no n fits" in result.stderr
+    result = simulate(*machine_args, *SMALL, *on_device, "--sweep", "64")
+    assert result.exit_code == 1 and "no n fits" in result.stderr and "--kv-home host" in result.stderr
+    in_ram = simulate_ok(*machine_args, *SMALL, "--device-memory", "16MiB", "--sweep", "1,64")
+    assert "not simulated" not in in_ram and "KV cache in host RAM (two device slots) at n=64" in in_ram
 
 
 def test_list_names_every_shape_and_machine_with_its_source(tmp_path: Path) -> None:
@@ -157,3 +160,26 @@ def test_a_baseline_preset_simulates_its_own_schedule_without_a_planner_predicti
     text = simulate_ok(*args, "--preset", preset, "-n", "1")
     schedule = "sequential schedule" if preset == "sequential" else "prefetch"
     assert schedule in text.splitlines()[0]
+
+
+def test_the_klotski_evaluations_group_runs_with_the_kv_cache_in_host_ram(tmp_path: Path) -> None:
+    """Issue 14's command: Mixtral-8x7B, 960 prompts of 512 tokens, bs 64, n = 15 on the RTX 3090 with
+    256 GiB of RAM: its KV cache (about 80 GiB) cannot sit in 24 GiB of device memory, and in host RAM
+    it streams through two slots; more batches decode faster."""
+    env1 = tmp_path / "env1.toml"
+    env1.write_text(
+        '[hardware.env1]\nbase = "rtx3090-sata"\nhost_memory_bytes = "256GiB"\n', encoding="utf-8"
+    )
+    command = ["--model-shape", "Mixtral-8x7B", "--hardware-file", str(env1), "--hardware", "env1",
+               "--prompts", "960", "--prompt-tokens", "512", "--max-new-tokens", "32", "--batch-size", "64",
+               "--decode-steps", "1"]  # fmt: skip
+    refused = simulate(*command, "-n", "15", "--kv-home", "device")
+    assert refused.exit_code == 1 and "no n fits: at n=15" in refused.stderr
+    assert "--kv-home host" in refused.stderr
+    out = simulate_ok(*command, "-n", "2", "-n", "15")  # the cache in RAM where the device cannot hold it
+    assert "KV cache in host RAM (two device slots) at n=15, else on the device" in out
+    rows = simulate_json(*command, "-n", "2", "-n", "15", "--kv-home", "host")["rows"]
+    assert [row["batches"] for row in rows] == [2, 15]
+    assert rows[1]["decode_tokens_per_s"] > 2 * rows[0]["decode_tokens_per_s"]
+    phases = ("prefill", "decode")
+    assert all(row[phase]["peak_device_bytes"] <= 24 * 2**30 for row in rows for phase in phases)

@@ -32,7 +32,12 @@ from klotski_tier.core.plan.costmodel import (
     machine_from_profile,
 )
 from klotski_tier.core.plan.machine import ComputeRates, Machine
-from klotski_tier.core.runtime.sequences import GenSequence, activation_bytes, kv_cache_bytes
+from klotski_tier.core.runtime.sequences import (
+    GenSequence,
+    activation_bytes,
+    group_activation_bytes,
+    kv_cache_bytes,
+)
 from klotski_tier.core.store.files import load_model_files
 from tests.checkpoints import FAMILIES, make_checkpoint
 
@@ -121,8 +126,11 @@ def test_kv_cache_and_activations_as_the_engine_counts_them() -> None:
     batch = [GenSequence(i, [1] * 17, 9) for i in range(3)]
     assert cost.kv_cache_bytes(3, 17, 9) == kv_cache_bytes(batch, spec)
     assert cost.activation_bytes(3, 17) == activation_bytes(batch, spec)
-    per_batch = kv_cache_bytes(batch, spec) + activation_bytes(batch, spec)
-    assert cost.fixed_device_bytes(4, 3, 17, 9) == 4 * per_batch
+    held, at_once = activation_bytes(batch, spec)
+    assert cost.fixed_device_bytes(4, 3, 17, 9) == 4 * (kv_cache_bytes(batch, spec) + held) + at_once
+    assert group_activation_bytes([batch] * 4, spec) == 4 * held + at_once
+    slot = 3 * (17 + 9) * spec.kv_bytes_per_token() // spec.num_layers  # one layer of one batch
+    assert cost.fixed_device_bytes(4, 3, 17, 9, kv_home="host") == 2 * slot + 4 * held + at_once
 
 
 # ---- fitting -------------------------------------------------------------------------------------

@@ -93,8 +93,8 @@ def test_free_io_needs_one_batch_even_when_streaming() -> None:
 
 def test_a_very_slow_drive_is_capped_by_device_memory_and_says_so() -> None:
     cost = CostModel(SPEC, _machine())
-    per_batch = cost.fixed_device_bytes(1, 8, 128, 128)  # 16 MiB of KV cache and activations
-    budget = 70 * MIB + 4 * per_batch  # little left at any n to keep a step's experts for the next
+    six = cost.fixed_device_bytes(6, 8, 128, 128)  # KV cache and activations of 6 batches of 8
+    budget = 20 * MIB + six  # little left at any n to keep a step's experts for the next
     plan = _streaming(0.01, batch_size=8, device_memory_bytes=budget, prompt_tokens=128, new_tokens=128)
     assert not plan.feasible and plan.binding.slack_s < 0 and plan.placement.expert_reuse < 0.1
     assert plan.batches == plan.memory_cap_batches < 8  # more batches would not fit their KV cache
@@ -272,6 +272,7 @@ def test_overrides_are_kept_and_the_plan_is_json() -> None:
     assert plan.engine_options() == {
         "batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False, "eviction": "sweep",
         "lookahead_layers": plan.placement.lookahead_layers,
+        "kv_home": "device",
     }  # fmt: skip
     data = json.loads(json.dumps(plan.to_dict()))
     assert [d["number"] for d in data["deadlines"]] == [4, 5, 6, 7]
@@ -366,3 +367,33 @@ def test_the_streaming_window_is_planned_only_where_blocks_come_from_the_drive()
         _streaming(0.5, stream_window=0, **streaming),
     )
     assert windowed.drive_bytes < open_.drive_bytes and windowed.decode.step_s < open_.decode.step_s
+
+
+def test_a_group_whose_kv_cache_the_device_cannot_hold_keeps_it_in_host_ram() -> None:
+    """Mixtral-8x7B, 960 prompts of 512 tokens at bs 64 on an RTX 3090 with 256 GiB of RAM: on the device
+    the cache caps the group at 4 batches; in host RAM (two device slots) the plan takes more, and says
+    where the cache lives; a fixed home is kept."""
+    from klotski_tier.core.plan.hardware import machine_named
+    from klotski_tier.core.plan.shapes import model_shape
+
+    machine = dataclasses.replace(machine_named("rtx3090-sata"), host_memory_bytes=256 * 2**30)
+    request = PlanRequest(
+        model_shape("Mixtral-8x7B"), machine, sequences=960, prompt_tokens=512, new_tokens=32, batch_size=64,
+        hot_experts=2, max_batches=15,
+    )  # fmt: skip
+    free = make_plan(request)
+    on_device = make_plan(dataclasses.replace(request, kv_home="device"))
+    assert on_device.placement.kv_home == "device" and on_device.batches <= 4
+    assert free.placement.kv_home == "host" and free.batches > 4
+    assert free.decode_tokens_per_s > on_device.decode_tokens_per_s
+    assert "the KV cache lives in host RAM" in free.placement.describe()
+    assert free.engine_options()["kv_home"] == "host"
+    device_kv = free.memory[0].parts["KV cache"]
+    assert device_kv == 2 * 64 * (512 + 32) * free_kv_bytes_per_token_layer()
+
+
+def free_kv_bytes_per_token_layer() -> int:
+    from klotski_tier.core.plan.shapes import model_shape
+
+    spec = model_shape("Mixtral-8x7B")
+    return spec.kv_bytes_per_token() // spec.num_layers

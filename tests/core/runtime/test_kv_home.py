@@ -7,18 +7,27 @@ k+1's cache arrives while batch k computes, and each step's new entries go home.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from klotski_tier import Engine, EngineOptions
-from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.errors import BudgetError, ConfigError
+from klotski_tier.core.model.layouts import largest_block_bytes
 from klotski_tier.core.observe.events import JOB, WANT
 from klotski_tier.core.runtime.config import parse_config
+from klotski_tier.core.store.files import open_model
 from tests.checkpoints import FAMILIES, make_checkpoint
-from tests.core.runtime.test_exactness import NEW_TOKENS, PROMPTS, Reference, reference_outputs
-from tests.numerics import assert_logits_close
+from tests.core.runtime.test_exactness import (
+    NEW_TOKENS,
+    PROMPTS,
+    Reference,
+    reference_outputs,
+    teacher_forced_logits,
+)
+from tests.numerics import assert_logits_close, compare_tokens
 
 SHAPES = [(1, 1), (2, 2), (3, 1), (1, 4)]  # (n batches, bs sequences per batch)
 
@@ -55,7 +64,8 @@ def test_the_device_holds_two_slots_of_one_layer_instead_of_the_whole_cache(tmp_
     prompts = [[1 + i, 2 + i, 3 + i] for i in range(8)]
 
     def device_minimum(home: str) -> int:
-        engine = Engine.load(directory, EngineOptions(batches=4, batch_size=2, kv_home=home))
+        options = EngineOptions(batches=4, batch_size=2, kv_home=home, host_memory_bytes=1 << 30)
+        engine = Engine.load(directory, options)
         return engine.minimum_budgets(prompts, max_new_tokens=16)[0]
 
     spec = Engine.load(directory).spec
@@ -88,3 +98,74 @@ def test_the_kv_home_is_a_config_key_with_a_one_line_error() -> None:
         parse_config({"kv": {"home": "ssd"}})
     with pytest.raises(ConfigError, match="kv_home must be one of device, host"):
         EngineOptions(kv_home="ssd")
+
+
+def test_a_kv_cache_in_host_ram_counts_against_the_host_budget(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)
+    files = open_model(directory)
+    parts = (PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:])
+    kv = (
+        sum(len(part) * max(len(p) + NEW_TOKENS for p in part) for part in parts)
+        * files.spec.kv_bytes_per_token()
+    )
+    block = largest_block_bytes(files.layouts)
+    options = EngineOptions(batches=3, batch_size=2, kv_home="host", host_memory_bytes=kv + block - 1)
+    engine = Engine.load(directory, options)
+    device_min, host_min = engine.minimum_budgets(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert host_min == kv + block  # the cache, and room to stage the largest block
+    with pytest.raises(BudgetError, match=r"KV cache kept in host RAM .*; raise --host-memory or keep"):
+        engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    # A CPU device without a host tier: host RAM is the device's memory, the cache counts there.
+    no_tier = Engine.load(
+        directory, EngineOptions(batches=3, batch_size=2, kv_home="host", host_memory_bytes=0)
+    )
+    assert no_tier.minimum_budgets(PROMPTS, max_new_tokens=NEW_TOKENS) == (device_min + kv, 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_with_the_kv_cache_in_host_ram_holds_to_the_numerics_rule(
+    tmp_path: Path, family: str
+) -> None:
+    directory = make_checkpoint(tmp_path / family, family, dtype=torch.bfloat16, top_k=2)
+    reference = reference_outputs(directory, torch.bfloat16)
+    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2, kv_home="host"))
+    result = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert_logits_close(teacher_forced_logits(engine, PROMPTS, reference), reference.logits, torch.bfloat16)
+    compare_tokens([o.token_ids for o in result.outputs], reference.tokens, reference.logits, torch.bfloat16)
+
+
+def test_a_kv_cache_four_times_the_device_budget_runs_within_the_budget(tmp_path: Path) -> None:
+    """Many sequences, long generations: the group's cache is over 4x the device budget, which holds
+    the two slots, the activations and a few experts; the device's measured peak stays within it."""
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=4)
+    prompts = [[1 + (i * 5 + j) % 90 for j in range(6)] for i in range(16)]
+    options = EngineOptions(batches=4, batch_size=4, kv_home="host", host_memory_bytes=1 << 30)
+    probe = Engine.load(directory, options)
+    budget = probe.minimum_budgets(prompts, max_new_tokens=120)[0] + 2 * probe.spec.expert_bytes
+    kv = 16 * (6 + 120) * probe.spec.kv_bytes_per_token()
+    assert kv >= 4 * budget, (kv, budget)
+    engine = Engine.load(directory, dataclasses.replace(options, device_memory_bytes=budget))
+    result = engine.generate(prompts, max_new_tokens=120)
+    assert result.metrics.tiers["device"].peak_bytes <= budget
+    on_device = Engine.load(directory, EngineOptions(batches=4, batch_size=4, host_memory_bytes=1 << 30))
+    assert on_device.minimum_budgets(prompts, max_new_tokens=120)[0] > budget  # the cache alone would not fit
+    expected = on_device.generate(prompts, max_new_tokens=120)  # float32: the same tokens, unbudgeted
+    assert [o.token_ids for o in result.outputs] == [o.token_ids for o in expected.outputs]
+
+
+def test_the_caches_copies_are_counted_and_drawn_on_their_own_track(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)
+    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2, kv_home="host"))
+    prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+    result = engine.generate(prompts, max_new_tokens=3, timeline=True)
+    spec, layers = engine.spec, engine.spec.num_layers
+    per_token = spec.kv_bytes_per_token() // layers
+    written = sum(len(p) for p in prompts) + 2 * len(prompts)  # the prompts, then two decode tokens each
+    assert result.metrics.kv_bytes_out >= written * per_token * layers
+    assert result.metrics.kv_bytes_in > 0
+    assert result.timeline is not None
+    events = result.timeline.to_chrome()["traceEvents"]
+    spans = [e["name"] for e in events if e.get("ph") == "X" and e.get("args", {}).get("kind") == "kv"]
+    batches, steps = 2, 3  # a prefill and two decode steps; the prefill reads no cache in
+    assert sum(name.endswith(" in") for name in spans) == (steps - 1) * layers * batches
+    assert sum(name.endswith(" out") for name in spans) == steps * layers * batches
