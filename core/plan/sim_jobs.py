@@ -107,7 +107,10 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
     def kv_store(self, layer: int, index: int, batch: SimBatch) -> None:
         if self._kv_token_bytes is not None:
             nbytes = batch.sequences * batch.query_tokens * self._kv_token_bytes
-            self._stored[index % KV_SLOTS] = asyncio.ensure_future(self._hardware.copy(nbytes))
+            self._stored[index % KV_SLOTS] = asyncio.ensure_future(self._kv_store(nbytes))
+
+    async def _kv_store(self, nbytes: int) -> None:
+        await self._hardware.copy(nbytes)
 
     async def kv_drain(self) -> None:
         for stored in self._stored:
