@@ -47,7 +47,7 @@ from klotski_tier.core.plan.routing_model import ParametricRouting, RouteSampler
 from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost, SimSource
 from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
 from klotski_tier.core.plan.virtual_clock import run_virtual
-from klotski_tier.core.runtime.config import HOST_KV, EngineOptions
+from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV, EngineOptions
 from klotski_tier.core.runtime.residency import Residency
 from klotski_tier.core.runtime.run import make_ledgers, make_pipeline
 from klotski_tier.core.units import format_size
@@ -314,8 +314,9 @@ class WorkloadResult:
 
 
 def _kv_token_bytes(spec: ModelSpec, kv_home: str) -> int | None:
-    """One layer's KV bytes per cached token where the cache lives in host RAM; None on the device."""
-    return spec.kv_bytes_per_token() // spec.num_layers if kv_home == HOST_KV else None
+    """One layer's KV bytes per cached token where the cache lives away from the device (its copies
+    priced on the host-to-device channel, also for a cache on the drive); None on the device."""
+    return spec.kv_bytes_per_token() // spec.num_layers if kv_home != DEVICE_KV else None
 
 
 def simulate_workload(

@@ -36,8 +36,8 @@ A configuration file has one table per concern; every key is optional::
     options = {}
 
     [kv]
-    home = "device"          # the KV cache: "device" for the whole run, or "host" (RAM), streamed
-                             # through two device slots by the attention (runtime/kv.py)
+    home = "device"          # the KV cache: "device" for the whole run, "host" (RAM) or "disk" (files in
+                             # the cache directory), streamed through two device slots (runtime/kv.py)
 
 Layering: built-in defaults, then a preset (``--preset``), then the file (``--config``), then
 command-line flags. Every value is checked when loaded; an error names the file, the key,
@@ -71,7 +71,8 @@ EXPERT_ORDERS = (READY_FIRST, INDEX)
 
 DEVICE_KV = "device"  # the KV cache on the device for the whole run
 HOST_KV = "host"  # in host RAM, one layer of one batch at a time in a device slot (runtime/kv.py)
-KV_HOMES = (DEVICE_KV, HOST_KV)
+DISK_KV = "disk"  # in files on the drive (a directory made for the run), through the same slots
+KV_HOMES = (DEVICE_KV, HOST_KV, DISK_KV)
 KV_SLOTS = 2  # device slots of a cache in host RAM: one being computed, one being filled
 
 

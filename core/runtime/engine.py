@@ -273,15 +273,24 @@ class Engine:
             step += 1
             if progress:
                 progress("decode", step, total)
+        if runtime.kv is not None:  # the group is done: a cache on the drive gives its files back
+            for batch in batches:
+                await runtime.kv.discard(batch.kv_file)
 
     async def _new_batch(self, runtime: Runtime, part: list[GenSequence]) -> Batch:
         """A batch's KV cache and prefill inputs. On CUDA in the compute thread: the event loop never
         calls the CUDA allocator. A CPU device's tensors are host memory and are made here: made in the
         compute thread, they ran e2e-2g's decode 20 % slower (benchmarks/README.md, the A/B section)."""
-        home = self.options.kv_home
+        caches, kv_file = None, None
+        if runtime.kv is not None:  # the cache lives away from the device (runtime/kv.py)
+            positions = max(len(s.prompt) + s.max_new_tokens for s in part)
+            k, v, kv_file = await runtime.kv.new_caches(len(part), positions)
+            caches = (k, v)
         if runtime.device.type == "cuda":
-            return await runtime.compute.run(new_batch, part, self.spec, runtime.device, home, label="inputs")
-        return new_batch(part, self.spec, runtime.device, home)
+            return await runtime.compute.run(
+                new_batch, part, self.spec, runtime.device, caches, kv_file, label="inputs"
+            )
+        return new_batch(part, self.spec, runtime.device, caches, kv_file)
 
     def _output(self, seq: GenSequence) -> SequenceOutput:
         assert seq.finish_reason is not None, f"sequence {seq.index} did not finish"

@@ -21,19 +21,22 @@ as it awaits weights, and counts the time it waits as a bubble.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.timeline import Timeline
-from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV, KV_SLOTS
+from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, HOST_KV, KV_SLOTS
 from klotski_tier.tiers.device import DeviceDriver
+from klotski_tier.tiers.scratch import ScratchDriver
 
-__all__ = ["DEVICE_KV", "HOST_KV", "KV_SLOTS", "HostKv", "host_cache", "slot_bytes"]
+__all__ = ["DEVICE_KV", "DISK_KV", "HOST_KV", "KV_SLOTS", "DiskKv", "HostKv", "host_cache", "slot_bytes"]
 
 KV_TRACK = "kv cache"  # the timeline's track of the cache's copies in and out of the device slots
 
@@ -69,8 +72,13 @@ class HostKv:
         self.spec = spec
         self.timeline = timeline  # KV copies on their own track, "kv cache"
         self._slots: list[KvSlot] = []
-        self.bytes_in = 0  # copied host to device
-        self.bytes_out = 0  # copied device to host
+        self.bytes_in = 0  # copied into the device slots
+        self.bytes_out = 0  # copied back home
+
+    async def new_caches(self, batch: int, positions: int) -> tuple[Tensor, Tensor, Path | None]:
+        """A batch's k and v caches ``[L, B, Hkv, T, D]`` at home, and its file (None: in RAM)."""
+        k, v = host_cache(batch, positions, self.spec, pin=self.driver.device.type == "cuda")
+        return k, v, None
 
     def reserve(self, batch: int, positions: int) -> None:
         """Allocate the slots for batches of up to ``batch`` sequences of ``positions`` tokens."""
@@ -84,13 +92,15 @@ class HostKv:
             for _ in range(KV_SLOTS)
         ]
 
-    def slot(self, index: int, k_host: Tensor) -> tuple[Tensor, Tensor]:
-        """The views of batch ``index``'s slot shaped as its cache (``k_host``: ``[L, B, Hkv, T, D]``)."""
+    def slot(self, index: int, k_home: Tensor) -> tuple[Tensor, Tensor]:
+        """The views of batch ``index``'s slot shaped as its cache (``k_home``: ``[L, B, Hkv, T, D]``)."""
         slot = self._slots[index % KV_SLOTS]
-        _, batch, _, positions, _ = k_host.shape
+        _, batch, _, positions, _ = k_home.shape
         return slot.k[:batch, :, :positions], slot.v[:batch, :, :positions]
 
-    async def fetch(self, layer: int, index: int, caches: tuple[Tensor, Tensor], cached: int) -> None:
+    async def fetch(
+        self, layer: int, index: int, caches: tuple[Tensor, Tensor], cached: int, path: Path | None = None
+    ) -> None:
         """Copy positions ``0 .. cached`` of layer ``layer``'s cache into batch ``index``'s slot, once
         the slot's last store is done."""
         slot = self._slots[index % KV_SLOTS]
@@ -98,39 +108,148 @@ class HostKv:
             await slot.stored
         if cached == 0:
             return
-        k_dev, v_dev = self.slot(index, caches[0])
         started = time.perf_counter()
-        for dst, src in ((k_dev, caches[0][layer]), (v_dev, caches[1][layer])):
-            await self.driver.copy_any(dst[:, :, :cached], src[:, :, :cached])
-            self.bytes_in += _nbytes(src[:, :, :cached])
+        await self._copy_in(layer, index, caches, path, cached)
+        self.bytes_in += 2 * _nbytes(caches[0][layer][:, :, :cached])
         self._span(f"L{layer} b{index} in", started)
 
-    def store(self, layer: int, index: int, caches: tuple[Tensor, Tensor], written: Sequence[int]) -> None:
-        """Start copying positions ``written[0] .. written[1]`` of batch ``index``'s slot back to host
-        RAM; the slot is filled again only once it is done."""
+    def store(
+        self,
+        layer: int,
+        index: int,
+        caches: tuple[Tensor, Tensor],
+        written: Sequence[int],
+        path: Path | None = None,
+    ) -> None:
+        """Start copying positions ``written[0] .. written[1]`` of batch ``index``'s slot back home;
+        the slot is filled again only once it is done."""
         slot = self._slots[index % KV_SLOTS]
         start, end = written
-        slot.stored = asyncio.ensure_future(self._store(layer, index, caches, start, end))
+        slot.stored = asyncio.ensure_future(self._store(layer, index, caches, path, start, end))
 
     async def _store(
-        self, layer: int, index: int, caches: tuple[Tensor, Tensor], start: int, end: int
+        self, layer: int, index: int, caches: tuple[Tensor, Tensor], path: Path | None, start: int, end: int
+    ) -> None:
+        started = time.perf_counter()
+        await self._copy_out(layer, index, caches, path, start, end)
+        self.bytes_out += 2 * _nbytes(caches[0][layer][:, :, start:end])
+        self._span(f"L{layer} b{index} out", started)
+
+    async def _copy_in(
+        self, layer: int, index: int, caches: tuple[Tensor, Tensor], path: Path | None, cached: int
     ) -> None:
         k_dev, v_dev = self.slot(index, caches[0])
-        started = time.perf_counter()
+        for dst, src in ((k_dev, caches[0][layer]), (v_dev, caches[1][layer])):
+            await self.driver.copy_any(dst[:, :, :cached], src[:, :, :cached])
+
+    async def _copy_out(
+        self, layer: int, index: int, caches: tuple[Tensor, Tensor], path: Path | None, start: int, end: int
+    ) -> None:
+        k_dev, v_dev = self.slot(index, caches[0])
         for dst, src in ((caches[0][layer], k_dev), (caches[1][layer], v_dev)):
             await self.driver.copy_any(dst[:, :, start:end], src[:, :, start:end])
-            self.bytes_out += _nbytes(src[:, :, start:end])
-        self._span(f"L{layer} b{index} out", started)
 
     def _span(self, name: str, started: float) -> None:
         if self.timeline is not None:
             self.timeline.span(KV_TRACK, name, started, time.perf_counter(), kind="kv")
 
     async def drain(self) -> None:
-        """Wait for every store in flight (the end of a step: the host caches are whole)."""
+        """Wait for every store in flight (the end of a step: the caches at home are whole)."""
         for slot in self._slots:
             if slot.stored is not None:
                 await slot.stored
+
+    async def drain_quietly(self) -> None:
+        """Wait for the stores still running (the run is ending, maybe on an error): none may touch the
+        slots or the files after it; their own errors are not the run's."""
+        for slot in self._slots:
+            if slot.stored is not None and not slot.stored.done():
+                with contextlib.suppress(
+                    Exception, asyncio.CancelledError
+                ):  # the run's error is raised anyway
+                    await asyncio.shield(slot.stored)
+
+    async def discard(self, path: Path | None) -> None:
+        """A batch is done: what its cache holds outside memory goes (nothing, in RAM)."""
+
+    async def aclose(self) -> None:
+        """Release what the cache holds outside memory (nothing, in RAM)."""
+
+
+class DiskKv(HostKv):
+    """The KV cache in files on the drive (``[kv] home = "disk"``), one per batch, in a directory made
+    for the run under ``directory`` and removed with it (:class:`~klotski_tier.tiers.scratch.
+    ScratchDriver`). A file holds ``[L, 2, T, B, Hkv, D]``: a layer's cached prefix and a step's new
+    positions are each one byte range. They pass through a host staging buffer per slot (the file's
+    layout) on their way to and from the device slots, whose layout is the attention's."""
+
+    def __init__(
+        self, driver: DeviceDriver, spec: ModelSpec, directory: Path, timeline: Timeline | None = None
+    ) -> None:
+        super().__init__(driver, spec, timeline)
+        self.scratch = ScratchDriver(directory)
+        self._staging: list[tuple[Tensor, Tensor]] = []
+        self._files = 0
+
+    async def new_caches(self, batch: int, positions: int) -> tuple[Tensor, Tensor, Path | None]:
+        spec = self.spec
+        shape = (spec.num_layers, batch, spec.num_kv_heads, positions, spec.head_dim)
+        nbytes = 2 * spec.num_layers * batch * spec.num_kv_heads * positions * spec.head_dim
+        path = await self.scratch.create(f"batch-{self._files}.kv", nbytes * spec.dtype.itemsize)
+        self._files += 1
+        meta = (
+            torch.empty(shape, dtype=spec.dtype, device="meta"),
+            torch.empty(shape, dtype=spec.dtype, device="meta"),
+        )
+        return meta[0], meta[1], path  # the shapes of the caches, whose bytes are in the file
+
+    def reserve(self, batch: int, positions: int) -> None:
+        super().reserve(batch, positions)
+        spec = self.spec
+        elements = positions * batch * spec.num_kv_heads * spec.head_dim
+        self._staging = [
+            (torch.empty(elements, dtype=spec.dtype), torch.empty(elements, dtype=spec.dtype))
+            for _ in range(KV_SLOTS)
+        ]
+
+    async def _copy_in(
+        self, layer: int, index: int, caches: tuple[Tensor, Tensor], path: Path | None, cached: int
+    ) -> None:
+        assert path is not None, "a KV cache on the drive needs its file"
+        k_dev, v_dev = self.slot(index, caches[0])
+        for half, (dev, staged) in enumerate(zip((k_dev, v_dev), self._stage(index, caches[0]), strict=True)):
+            await self.scratch.read(path, self._offset(caches[0], layer, half, 0), staged[:cached])
+            await self.driver.copy_any(dev[:, :, :cached], staged[:cached].permute(1, 2, 0, 3))
+
+    async def _copy_out(
+        self, layer: int, index: int, caches: tuple[Tensor, Tensor], path: Path | None, start: int, end: int
+    ) -> None:
+        assert path is not None, "a KV cache on the drive needs its file"
+        k_dev, v_dev = self.slot(index, caches[0])
+        for half, (dev, staged) in enumerate(zip((k_dev, v_dev), self._stage(index, caches[0]), strict=True)):
+            await self.driver.copy_any(staged[start:end].permute(1, 2, 0, 3), dev[:, :, start:end])
+            await self.scratch.write(path, self._offset(caches[0], layer, half, start), staged[start:end])
+
+    def _stage(self, index: int, k_home: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch ``index``'s slot's staging buffers ``[T, B, Hkv, D]``, contiguous, shaped as its file."""
+        _, batch, heads, positions, dim = k_home.shape
+        size = positions * batch * heads * dim
+        k, v = self._staging[index % KV_SLOTS]
+        return k[:size].view(positions, batch, heads, dim), v[:size].view(positions, batch, heads, dim)
+
+    def _offset(self, k_home: Tensor, layer: int, half: int, position: int) -> int:
+        """Byte offset of ``position`` of layer ``layer``'s k (``half`` 0) or v (1) in the file."""
+        _, batch, heads, positions, dim = k_home.shape
+        row = batch * heads * dim * k_home.element_size()  # one position of every sequence and head
+        return ((layer * 2 + half) * positions + position) * row
+
+    async def discard(self, path: Path | None) -> None:
+        await self.drain()  # no store still writes it
+        if path is not None:
+            await self.scratch.remove(path)
+
+    async def aclose(self) -> None:
+        await self.scratch.aclose()  # the files and their directory go
 
 
 def _nbytes(tensor: Tensor) -> int:

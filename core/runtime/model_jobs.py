@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import torch
@@ -45,6 +46,7 @@ class Batch:
     kv_cached: int = 0  # positions 0 .. kv_cached hold entries of earlier steps (for some sequence)
     kv_written: tuple[int, int] = (0, 0)  # this step writes positions within [start, end)
     kv_slot: tuple[Tensor, Tensor] | None = None  # the device slot its attention uses this layer, if any
+    kv_file: Path | None = None  # a KV cache on the drive: its file (k_cache, v_cache: its shapes)
 
 
 @dataclass
@@ -80,11 +82,11 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
             return None
         caches = (batch.k_cache, batch.v_cache)
         batch.kv_slot = self.kv.slot(index, batch.k_cache)  # [B, Hkv, Tmax, D] x2 on the device
-        return asyncio.ensure_future(self.kv.fetch(layer, index, caches, batch.kv_cached))
+        return asyncio.ensure_future(self.kv.fetch(layer, index, caches, batch.kv_cached, batch.kv_file))
 
     def kv_store(self, layer: int, index: int, batch: Batch) -> None:
         if self.kv is not None:
-            self.kv.store(layer, index, (batch.k_cache, batch.v_cache), batch.kv_written)
+            self.kv.store(layer, index, (batch.k_cache, batch.v_cache), batch.kv_written, batch.kv_file)
 
     async def kv_drain(self) -> None:
         if self.kv is not None:

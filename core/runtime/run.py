@@ -26,11 +26,12 @@ from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import RunMetrics, TierStats
 from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.runtime.budgets import DERIVED, Budgets
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.config import KLOTSKI, EngineOptions
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
-from klotski_tier.core.runtime.kv import DEVICE_KV, HOST_KV, HostKv
+from klotski_tier.core.runtime.kv import DEVICE_KV, DISK_KV, HOST_KV, DiskKv, HostKv
 from klotski_tier.core.runtime.ledger import TierLedger
 from klotski_tier.core.runtime.model_jobs import ModelJobs
 from klotski_tier.core.runtime.pipeline import Pipeline
@@ -52,6 +53,8 @@ from klotski_tier.tiers.host import HostDriver
 from klotski_tier.tiers.registry import TIER_DRIVERS
 
 logger = logging.getLogger(__name__)
+
+KV_SCRATCH = "kv-scratch"  # under the cache directory: each run's KV files, in a directory of its own
 
 UNLIMITED_BYTES = 1 << 62
 """Budget of a tier the user did not limit."""
@@ -277,9 +280,12 @@ class Runtime:
         self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
-        self.kv = (
-            HostKv(self.device_driver, files.spec, self.timeline) if options.kv_home == HOST_KV else None
-        )
+        self.kv: HostKv | None = None  # None: the KV cache lives on the device
+        if options.kv_home == HOST_KV:
+            self.kv = HostKv(self.device_driver, files.spec, self.timeline)
+        elif options.kv_home == DISK_KV:
+            scratch = default_cache_dir() / KV_SCRATCH
+            self.kv = DiskKv(self.device_driver, files.spec, scratch, self.timeline)
         host_ledger, device_ledger = make_ledgers(options, files.layouts, self.metrics)
         self.residency = Residency(
             files.layouts,
@@ -347,6 +353,9 @@ class Runtime:
             await self.residency.aclose()
         finally:
             self.compute.close()
+            if self.kv is not None:
+                await self.kv.drain_quietly()
+                await self.kv.aclose()  # a cache on the drive: its files go
             await self.disk.aclose()
             await self.host_driver.aclose()
             await self.device_driver.aclose()

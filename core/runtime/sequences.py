@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.runtime.kv import DEVICE_KV, HOST_KV, KV_SLOTS, host_cache, slot_bytes
+from klotski_tier.core.runtime.kv import DEVICE_KV, KV_SLOTS, slot_bytes
 from klotski_tier.core.runtime.model_jobs import Batch
 
 
@@ -45,17 +46,22 @@ class GenSequence:
 
 
 def new_batch(
-    seqs: Sequence[GenSequence], spec: ModelSpec, device: torch.device, kv_home: str = DEVICE_KV
+    seqs: Sequence[GenSequence],
+    spec: ModelSpec,
+    device: torch.device,
+    caches: tuple[Tensor, Tensor] | None = None,
+    kv_file: Path | None = None,
 ) -> Batch:
-    """A batch for ``seqs`` with an empty KV cache (on the device, or in host RAM: runtime/kv.py) and
-    its prefill inputs."""
+    """A batch for ``seqs`` with an empty KV cache and its prefill inputs: ``caches`` where the cache
+    lives away from the device (runtime/kv.py: in host RAM, or the shapes of ``kv_file``'s), else
+    allocated on the device."""
     max_positions = max(len(s.prompt) + s.max_new_tokens for s in seqs)
     cache_shape = (spec.num_layers, len(seqs), spec.num_kv_heads, max_positions, spec.head_dim)
-    if kv_home == DEVICE_KV:
+    if caches is None:
         k_cache = torch.zeros(cache_shape, dtype=spec.dtype, device=device)
         v_cache = torch.zeros(cache_shape, dtype=spec.dtype, device=device)
     else:
-        k_cache, v_cache = host_cache(len(seqs), max_positions, spec, pin=device.type == "cuda")
+        k_cache, v_cache = caches
     longest = max(len(s.prompt) for s in seqs)
     ids = torch.zeros((len(seqs), longest), dtype=torch.long)  # [B, T]
     for row, seq in enumerate(seqs):
@@ -72,6 +78,7 @@ def new_batch(
         last_index=(lengths - 1).to(device),
         kv_cached=0,
         kv_written=(0, longest),
+        kv_file=kv_file,
     )
 
 
@@ -100,7 +107,7 @@ def kv_cache_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
 def kv_device_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, kv_home: str) -> int:
     """Device bytes of the KV cache of a group of batches ``parts``: all of it at home on the device;
     kept in host RAM, the device's two slots, each one layer of the largest batch."""
-    if kv_home == HOST_KV:
+    if kv_home != DEVICE_KV:
         batch = max(len(part) for part in parts)
         positions = max(len(s.prompt) + s.max_new_tokens for part in parts for s in part)
         return KV_SLOTS * slot_bytes(batch, positions, spec)

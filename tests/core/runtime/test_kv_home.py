@@ -169,3 +169,52 @@ def test_the_caches_copies_are_counted_and_drawn_on_their_own_track(tmp_path: Pa
     batches, steps = 2, 3  # a prefill and two decode steps; the prefill reads no cache in
     assert sum(name.endswith(" in") for name in spans) == (steps - 1) * layers * batches
     assert sum(name.endswith(" out") for name in spans) == steps * layers * batches
+
+
+@pytest.fixture
+def scratch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The cache directory the run's KV files go under (``$KLOTSKI_TIER_CACHE/kv-scratch``)."""
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "kv-scratch"
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (3, 1)], ids=lambda s: f"n{s[0]}-bs{s[1]}")
+def test_a_kv_cache_on_the_drive_gives_the_reference_tokens_and_its_files_go(
+    case: tuple[Path, Reference], shape: tuple[int, int], scratch_root: Path
+) -> None:
+    directory, reference = case
+    n, bs = shape
+    engine = Engine.load(directory, EngineOptions(batches=n, batch_size=bs, kv_home="disk"))
+    result = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert [o.token_ids for o in result.outputs] == reference.tokens
+    assert_logits_close([o.logits for o in result.outputs], reference.logits, torch.float32)
+    assert result.metrics.kv_bytes_out > 0 and result.metrics.kv_bytes_in > 0
+    assert scratch_root.is_dir() and list(scratch_root.iterdir()) == []  # the run's directory is gone
+
+
+def test_the_kv_files_go_when_a_run_is_interrupted(tmp_path: Path, scratch_root: Path) -> None:
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)
+    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2, kv_home="disk"))
+    seen: list[list[Path]] = []
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        seen.append([p for run in scratch_root.iterdir() for p in run.iterdir()])
+        raise KeyboardInterrupt  # as Ctrl-C would, after the prefill
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, progress=interrupt)
+    assert len(seen[0]) == 2  # one file per batch of the first group (4 of the 5 prompts) existed mid-run
+    assert list(scratch_root.iterdir()) == []
+
+
+def test_a_groups_kv_files_go_once_the_group_is_done(tmp_path: Path, scratch_root: Path) -> None:
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)
+    engine = Engine.load(directory, EngineOptions(batches=1, batch_size=2, kv_home="disk"))
+    files: list[int] = []
+
+    def count(phase: str, done: int, total: int) -> None:
+        if phase == "prefill":  # each group's first step
+            files.append(sum(1 for run in scratch_root.iterdir() for _ in run.iterdir()))
+
+    engine.generate(PROMPTS, max_new_tokens=2, progress=count)
+    assert files == [1, 1, 1]  # 5 prompts in groups of 2: never more than the group's one file
