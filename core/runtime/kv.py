@@ -1,4 +1,5 @@
-"""Where the KV cache lives: device memory (the default), or host RAM, streamed through the attention.
+"""Where the KV cache lives: device memory (the default), host RAM or the drive, streamed through the
+attention.
 
 ``[kv] home = "device"``: each batch's KV cache ``[L, B, Hkv, Tmax, D]`` is allocated on the device for
 the whole run (the device budget counts all of it, for every batch of a group).
@@ -16,6 +17,9 @@ for the group's largest batch). In layer l's attention phase:
 The copies run in the device tier's copy thread (on CUDA on its copy stream, after the kernels queued
 on the compute stream), so they overlap the compute; the pipeline awaits them as readiness futures,
 as it awaits weights, and counts the time it waits as a bubble.
+
+``[kv] home = "disk"``: as "host", but each batch's cache is a file on the drive (:class:`DiskKv`,
+through the scratch tier), read into and written from a host staging buffer per slot.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class KvSlot:
 
     k: Tensor
     v: Tensor
-    stored: asyncio.Task[None] | None = None  # copying a batch's new entries back to host RAM
+    stored: asyncio.Future[None] | None = None  # copying a batch's new entries back home
 
 
 def slot_bytes(batch: int, positions: int, spec: ModelSpec) -> int:
