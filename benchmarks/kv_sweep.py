@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from klotski_tier import Engine, EngineOptions
+from klotski_tier.core.observe.timeline_plot import render_png
 from klotski_tier.core.plan.hardware import local_machine
 from klotski_tier.core.plan.simulate import SimConfig, simulate_workload
 from klotski_tier.core.store.files import open_model
@@ -39,8 +40,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=DEFAULT_BATCHES)
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.png")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also draw the largest n's run as <out>-timeline.png (and .json)",
+    )
     args = parser.parse_args()
-    rows = [_point(args, n) for n in args.batches]
+    rows = [_point(args, n, timeline=args.timeline and n == max(args.batches)) for n in args.batches]
     if args.out is not None:
         payload = {"command": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
         text = json.dumps(payload, indent=2) + "\n"
@@ -49,7 +55,7 @@ def main() -> None:
         print(f"wrote {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
 
 
-def _point(args: argparse.Namespace, n: int) -> dict[str, Any]:
+def _point(args: argparse.Namespace, n: int, *, timeline: bool = False) -> dict[str, Any]:
     """One n: does its cache fit the device, and its decode rate measured and simulated in host RAM."""
     files = open_model(args.model)
     spec = files.spec
@@ -64,8 +70,14 @@ def _point(args: argparse.Namespace, n: int) -> dict[str, Any]:
         prompts, max_new_tokens=args.new_tokens
     )
     options = dataclasses.replace(on_device, device_memory_bytes=device, kv_home="host")
-    result = Engine.from_files(files, options).generate(prompts, max_new_tokens=args.new_tokens)
+    result = Engine.from_files(files, options).generate(
+        prompts, max_new_tokens=args.new_tokens, timeline=timeline
+    )
     metrics = result.metrics
+    if timeline and result.timeline is not None and args.out is not None:
+        trace = args.out.with_name(args.out.name + "-timeline.json")
+        result.timeline.save(trace)
+        render_png(trace, trace.with_suffix(".png"))
     machine = local_machine(device_memory_bytes=device)
     config = SimConfig(
         spec, machine, batches=n, batch_size=args.batch_size, device_memory_bytes=device, eviction="sweep",
