@@ -126,20 +126,35 @@ def test_a_kv_cache_in_host_ram_counts_against_the_host_budget(tmp_path: Path) -
 def test_bfloat16_with_the_kv_cache_in_host_ram_holds_to_the_numerics_rule(
     tmp_path: Path, family: str
 ) -> None:
+    _bfloat16_holds(tmp_path, family, "host")
+
+
+def test_bfloat16_with_the_kv_cache_on_the_drive_holds_to_the_numerics_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
+    _bfloat16_holds(tmp_path, "qwen3_moe", "disk")
+
+
+def _bfloat16_holds(tmp_path: Path, family: str, home: str) -> None:
     directory = make_checkpoint(tmp_path / family, family, dtype=torch.bfloat16, top_k=2)
     reference = reference_outputs(directory, torch.bfloat16)
-    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2, kv_home="host"))
+    engine = Engine.load(directory, EngineOptions(batches=2, batch_size=2, kv_home=home))
     result = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert_logits_close(teacher_forced_logits(engine, PROMPTS, reference), reference.logits, torch.bfloat16)
     compare_tokens([o.token_ids for o in result.outputs], reference.tokens, reference.logits, torch.bfloat16)
 
 
-def test_a_kv_cache_four_times_the_device_budget_runs_within_the_budget(tmp_path: Path) -> None:
+@pytest.mark.parametrize("home", ["host", "disk"])
+def test_a_kv_cache_four_times_the_device_budget_runs_within_the_budget(
+    tmp_path: Path, home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Many sequences, long generations: the group's cache is over 4x the device budget, which holds
     the two slots, the activations and a few experts; the device's measured peak stays within it."""
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
     directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=4)
     prompts = [[1 + (i * 5 + j) % 90 for j in range(6)] for i in range(16)]
-    options = EngineOptions(batches=4, batch_size=4, kv_home="host", host_memory_bytes=1 << 30)
+    options = EngineOptions(batches=4, batch_size=4, kv_home=home, host_memory_bytes=1 << 30)
     probe = Engine.load(directory, options)
     budget = probe.minimum_budgets(prompts, max_new_tokens=120)[0] + 2 * probe.spec.expert_bytes
     kv = 16 * (6 + 120) * probe.spec.kv_bytes_per_token()
