@@ -30,6 +30,7 @@ from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.errors import BudgetError, ConfigError
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
+from klotski_tier.core.plan.placement_model import kv_home_for
 from klotski_tier.core.plan.planner import Plan, make_plan
 from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
@@ -206,14 +207,18 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
 
 
 def _kv_home(study: Study, batches: int, batch_size: int) -> str:
-    """Where the KV cache of ``batches`` x ``batch_size`` lives: --kv-home, else as the planner places
-    it (the device where the group's cache fits, else host RAM)."""
+    """Where the KV cache of ``batches`` x ``batch_size`` lives: as the planner places it
+    (:func:`kv_home_for`: --kv-home, else the device where the group's cache fits, else host RAM);
+    where nothing fits, the requested home or host RAM, for :func:`_does_not_fit` to say why."""
     request = study.request
-    if request.kv_home is not None:
-        return request.kv_home
-    cost = CostModel(study.spec, study.machine)
-    fixed = cost.fixed_device_bytes(batches, batch_size, request.prompt_tokens, request.new_tokens)
-    return DEVICE_KV if fixed + cost.sizes.largest <= _device_budget(study) else HOST_KV
+    tokens, budgets = (
+        (request.prompt_tokens, request.new_tokens),
+        (_device_budget(study), _host_budget(study)),
+    )
+    home = kv_home_for(
+        CostModel(study.spec, study.machine), batches, batch_size, tokens, budgets, request.kv_home
+    )
+    return home or request.kv_home or HOST_KV
 
 
 def _does_not_fit(study: Study, batches: int, batch_size: int, kv_home: str) -> str | None:

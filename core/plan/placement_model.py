@@ -123,6 +123,30 @@ def placement_for(
     )
 
 
+def kv_home_for(
+    cost: CostModel,
+    batches: int,
+    batch_size: int,
+    tokens: tuple[int, int],
+    budgets: tuple[int, int],
+    requested: str | None = None,
+) -> str | None:
+    """Where the KV cache of ``batches`` x ``batch_size`` (``tokens``: prompt and new) lives under the
+    (device, host) ``budgets``: ``requested`` if it fits, else the device when the group's cache fits
+    there beside the largest block, else host RAM when it fits there (leaving room to stage a block)
+    and the device holds its two slots; None when none fits."""
+    device_budget, host_budget = budgets
+    for home in [requested] if requested is not None else [DEVICE_KV, HOST_KV]:
+        fixed = cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=home)
+        if fixed + cost.sizes.largest > device_budget:
+            continue
+        in_ram = batches * cost.kv_cache_bytes(batch_size, *tokens)
+        if home == HOST_KV and in_ram + cost.sizes.largest > host_budget:
+            continue
+        return home
+    return None
+
+
 def host_in_flight_bytes(cost: CostModel, disk_queue_depth: int, stream_window: int = 0) -> int:
     """Host RAM blocks from the drive hold at once: each from its read until its copy, so the engine's
     reads in flight (one block per read its disk driver keeps in flight) and one copy, of the largest

@@ -46,6 +46,7 @@ from klotski_tier.core.plan.placement_model import (
     SWEEP,
     device_window_bytes,
     host_in_flight_bytes,
+    kv_home_for,
     touched_bytes,
     window_of,
 )
@@ -62,7 +63,7 @@ from klotski_tier.core.plan.plan_types import PlanRequest as PlanRequest
 from klotski_tier.core.plan.plan_types import SweepPoint as SweepPoint
 from klotski_tier.core.plan.plan_types import TierUse as TierUse
 from klotski_tier.core.plan.routing_model import LayerLoads, RoutingModel
-from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV, KV_SLOTS
+from klotski_tier.core.runtime.config import HOST_KV, KV_SLOTS
 from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -192,19 +193,10 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
 
 
 def _kv_home(ctx: _Context, n: int, bs: int) -> str | None:
-    """Where the KV cache of n batches of bs lives: the request's choice if it fits, else the device
-    when the group's cache fits there beside the largest block, else host RAM when it fits there
-    (leaving room to stage a block) and the device holds its two slots; None when neither fits."""
-    req, cost = ctx.request, ctx.cost
-    homes = [req.kv_home] if req.kv_home is not None else [DEVICE_KV, HOST_KV]
-    for home in homes:
-        fixed = cost.fixed_device_bytes(n, bs, req.prompt_tokens, req.new_tokens, kv_home=home)
-        if fixed + cost.sizes.largest > ctx.device_budget:
-            continue
-        if home == HOST_KV and _group_kv_bytes(ctx, n, bs) + cost.sizes.largest > ctx.host_budget:
-            continue
-        return home
-    return None
+    """Where the KV cache of n batches of bs lives (:func:`kv_home_for`); None when nowhere fits."""
+    req = ctx.request
+    tokens, budgets = (req.prompt_tokens, req.new_tokens), (ctx.device_budget, ctx.host_budget)
+    return kv_home_for(ctx.cost, n, bs, tokens, budgets, req.kv_home)
 
 
 def _group_kv_bytes(ctx: _Context, n: int, bs: int) -> int:

@@ -67,7 +67,7 @@ def fixed_device_bytes(
     slots it streams through from host RAM: runtime/kv.py) and activations."""
     worst = 0
     for group in groups:
-        parts = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        parts = _batches_of(group, batch_size)
         kv = kv_device_bytes(parts, files.spec, kv_home)
         activations = group_activation_bytes(parts, files.spec)
         worst = max(worst, kv + activations)
@@ -97,11 +97,15 @@ def host_kv_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], op
     same memory); else 0."""
     if options.kv_home != HOST_KV:
         return 0
-    bs = options.batch_size
-    return max(
-        (sum(kv_cache_bytes(g[i : i + bs], files.spec) for i in range(0, len(g), bs)) for g in groups),
-        default=0,
+    per_group = (
+        sum(kv_cache_bytes(part, files.spec) for part in _batches_of(g, options.batch_size)) for g in groups
     )
+    return max(per_group, default=0)
+
+
+def _batches_of(group: Sequence[GenSequence], batch_size: int) -> list[Sequence[GenSequence]]:
+    """A group's sequences cut into its batches, as the engine runs them."""
+    return [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
 
 
 def reads_into_device(options: EngineOptions) -> bool:
