@@ -161,7 +161,7 @@ class DeviceDriver(MemoryTierDriver):
         # ``dst`` was allocated on the caller's stream, whose queued work may still use that memory
         # (the caching allocator reuses freed blocks in that stream's order): queue the copy behind it.
         self._stream.wait_stream(caller_stream)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._stream), torch.inference_mode():  # dst may be the compute's
             dst.copy_(src, non_blocking=True)
             # blocking: the worker sleeps in synchronize() instead of spinning a core
             event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
@@ -178,4 +178,5 @@ def _timed(copy: Callable[[], Any]) -> CopyDone:
 
 
 def _cpu_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(src)
+    with torch.inference_mode():  # dst may be a tensor the compute thread made (in inference mode)
+        dst.copy_(src)

@@ -216,17 +216,45 @@ def attention(
     [B, Hkv, Tmax, D] at ``positions`` [B, T]; ``key_lengths`` [B] is each sequence's valid cache
     length after this call. Right-padded rows (position >= key length) give finite, ignored values.
     An ``o_bias`` role, when present, is added by the output projection (Qwen3/OLMoE attention_bias).
+    Its three parts (:func:`project`, :func:`attend_cache`, :func:`attention_output`) may run apart:
+    the middle one where the cache lives (runtime/kv.py).
     """
-    assert k_cache.dtype == h.dtype and v_cache.dtype == h.dtype, (
-        f"KV cache dtype {k_cache.dtype} differs from the hidden states' {h.dtype}: allocate it in spec.dtype"
-    )
+    q, k, v = project(h, w, spec, positions)
+    out = attend_cache(q, k, v, k_cache, v_cache, positions, key_lengths, spec)
+    return attention_output(h, out, w)
+
+
+def project(h: Tensor, w: BlockWeights, spec: ModelSpec, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Input norm and projections: h [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D] (rope applied)."""
     x = rms_norm(h, w["input_norm"], spec.rms_norm_eps)  # [B, T, H]
-    q, k, v = _project_qkv(x, w, spec, positions)  # [B, Hq, T, D], [B, Hkv, T, D] x2
+    q, k, v = _project_qkv(x, w, spec, positions)
+    return q, k, v
+
+
+def attend_cache(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    positions: Tensor,
+    key_lengths: Tensor,
+    spec: ModelSpec,
+) -> Tensor:
+    """Store k, v [B, Hkv, T, D] in the caches [B, Hkv, Tmax, D] at ``positions`` and attend each
+    sequence's queries q [B, Hq, T, D] over its keys: [B, Hq, T, D]. Runs wherever the tensors live."""
+    assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, (
+        f"KV cache dtype {k_cache.dtype} differs from the hidden states' {q.dtype}: allocate it in spec.dtype"
+    )
     _write_cache(k_cache, k, positions, key_lengths)
     _write_cache(v_cache, v, positions, key_lengths)
     assert int(key_lengths.max()) <= k_cache.shape[2], "key length exceeds the KV cache's slots"
     counts = (positions < key_lengths[:, None]).sum(dim=1).tolist()  # valid queries per sequence
-    out = _attend(q, k_cache, v_cache, key_lengths, counts, spec)  # [B, Hq, T, D]
+    return _attend(q, k_cache, v_cache, key_lengths, counts, spec)  # [B, Hq, T, D]
+
+
+def attention_output(h: Tensor, out: Tensor, w: BlockWeights) -> Tensor:
+    """The output projection and residual: h [B, T, H], out [B, Hq, T, D] -> [B, T, H]."""
     out = out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)  # [B, T, Hq*D]
     return h + linear(out, w["o"], w.get("o_bias"))
 

@@ -38,6 +38,8 @@ A configuration file has one table per concern; every key is optional::
     [kv]
     home = "device"          # the KV cache: "device" for the whole run, "host" (RAM) or "disk" (files in
                              # the cache directory), streamed through two device slots (runtime/kv.py)
+    attention = "device"     # where decode attention runs: "device", or "host" over the cache in host RAM,
+                             # moving only queries, new entries and outputs (needs home = "host")
 
 Layering: built-in defaults, then a preset (``--preset``), then the file (``--config``), then
 command-line flags. Every value is checked when loaded; an error names the file, the key,
@@ -74,6 +76,9 @@ HOST_KV = "host"  # in host RAM, one layer of one batch at a time in a device sl
 DISK_KV = "disk"  # in files on the drive (a directory made for the run), through the same slots
 KV_HOMES = (DEVICE_KV, HOST_KV, DISK_KV)
 KV_SLOTS = 2  # device slots of a cache in host RAM: one being computed, one being filled
+DEVICE_ATTENTION = "device"  # attention runs on the device, over the cache there or in its slots
+HOST_ATTENTION = "host"  # decode attention runs on the host's cores over the cache in host RAM
+KV_ATTENTION = (DEVICE_ATTENTION, HOST_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class EngineOptions:
     schedule: str = KLOTSKI  # one of SCHEDULES; "sequential" ignores prefetch, hot_experts, expert_order
     expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
     kv_home: str = DEVICE_KV  # one of KV_HOMES: where the KV cache lives (runtime/kv.py)
+    kv_attention: str = DEVICE_ATTENTION  # one of KV_ATTENTION: where decode attention runs (runtime/kv.py)
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):
@@ -115,6 +121,12 @@ class EngineOptions:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
         _check_choice("kv_home", self.kv_home, KV_HOMES)
+        _check_choice("kv_attention", self.kv_attention, KV_ATTENTION)
+        if self.kv_attention == HOST_ATTENTION and self.kv_home != HOST_KV:
+            raise ConfigError(
+                f'kv attention "{HOST_ATTENTION}" runs over the KV cache in host RAM, but the cache lives '
+                f'on the {self.kv_home}; set [kv] home = "{HOST_KV}" or attention = "{DEVICE_ATTENTION}"'
+            )
         for name in ("device_memory_bytes", "host_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -220,7 +232,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
         "save_state": ("prefetch_save_state", _path),
     },
     "eviction": {"policy": ("eviction", _text), "options": ("eviction_options", _table)},
-    "kv": {"home": ("kv_home", _choice(*KV_HOMES))},
+    "kv": {"home": ("kv_home", _choice(*KV_HOMES)), "attention": ("kv_attention", _choice(*KV_ATTENTION))},
 }
 
 

@@ -74,6 +74,25 @@ class StepJobs(ABC, Generic[BatchT, RoutingT, TokensT, LogitsT]):
     async def kv_drain(self) -> None:
         """Wait until every KV entry written is home (the end of a step)."""
 
+    def attends_at_home(self, batch: BatchT) -> bool:
+        """Whether the batch's attention this step runs where its KV cache lives, off the device
+        (runtime/host_attention.py): then :meth:`project`, :meth:`attend_at_home` and
+        :meth:`attention_output` replace :meth:`attention`."""
+        return False
+
+    async def project(self, layer: int, batch: BatchT, weights: Lease) -> None:
+        """On the device: the input norm and q/k/v projections of ``layer`` for the batch."""
+        raise NotImplementedError("these jobs attend on the device only")
+
+    def attend_at_home(self, layer: int, index: int, batch: BatchT) -> Awaitable[None]:
+        """Start batch ``index``'s attention over its cache where it lives (after :meth:`project`); an
+        awaitable for its output's arrival on the device."""
+        raise NotImplementedError("these jobs attend on the device only")
+
+    async def attention_output(self, layer: int, batch: BatchT, weights: Lease) -> None:
+        """On the device: the output projection and residual, once :meth:`attend_at_home` is done."""
+        raise NotImplementedError("these jobs attend on the device only")
+
     @abstractmethod
     async def route(self, layer: int, batch: BatchT, gate: Lease) -> RoutingT:
         """The gate of ``layer`` (and a shared expert, if any) over the batch's routed tokens."""

@@ -22,6 +22,7 @@ from klotski_tier.core.model import ops
 from klotski_tier.core.model.blocks import BlockWeights
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.runtime.compute import ComputeRunner
+from klotski_tier.core.runtime.host_attention import HostAttention
 from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
 from klotski_tier.core.runtime.kv import HostKv
 from klotski_tier.core.runtime.residency import Lease
@@ -47,6 +48,9 @@ class Batch:
     kv_written: tuple[int, int] = (0, 0)  # this step writes positions within [start, end)
     kv_slot: tuple[Tensor, Tensor] | None = None  # the device slot its attention uses this layer, if any
     kv_file: Path | None = None  # a KV cache on the drive: its file (k_cache, v_cache: its shapes)
+    # Attention on the host (runtime/host_attention.py): q, k, v from the device, and the device buffer
+    # the host's output comes back to ([B, Hq, T, D], [B, Hkv, T, D] x2, [B, Hq, T, D]).
+    attention_parts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -72,20 +76,49 @@ class Tokens(NamedTuple):
 class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
     """Runs each job of a step in the compute thread, after the copies of the blocks it reads."""
 
-    def __init__(self, spec: ModelSpec, runner: ComputeRunner, kv: HostKv | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        runner: ComputeRunner,
+        kv: HostKv | None = None,
+        host_attention: HostAttention | None = None,
+    ) -> None:
         self.spec = spec
         self.runner = runner
         self.kv = kv  # None: every batch's KV cache is on the device
+        self.host_attention = host_attention  # decode attention on the host, over the cache in RAM
+
+    def attends_at_home(self, batch: Batch) -> bool:
+        return self.host_attention is not None and batch.kv_cached > 0  # decode: a cache to read
+
+    async def project(self, layer: int, batch: Batch, weights: Lease) -> None:
+        batch.attention_parts = await self._run(
+            _project, weights, batch, weights.weights, self.spec, label=f"L{layer} project"
+        )
+
+    def attend_at_home(self, layer: int, index: int, batch: Batch) -> Awaitable[None]:
+        assert self.host_attention is not None and batch.attention_parts is not None
+        caches = (batch.k_cache, batch.v_cache)
+        return asyncio.ensure_future(
+            self.host_attention.attend(
+                layer, index, caches, batch.attention_parts, batch.positions, batch.key_lengths
+            )
+        )
+
+    async def attention_output(self, layer: int, batch: Batch, weights: Lease) -> None:
+        batch.hidden = await self._run(
+            _attention_output, weights, batch, weights.weights, label=f"L{layer} attention output"
+        )
 
     def kv_fetch(self, layer: int, index: int, batch: Batch) -> Awaitable[None] | None:
-        if self.kv is None:
+        if self.kv is None or self.attends_at_home(batch):
             return None
         caches = (batch.k_cache, batch.v_cache)
         batch.kv_slot = self.kv.slot(index, batch.k_cache)  # [B, Hkv, Tmax, D] x2 on the device
         return asyncio.ensure_future(self.kv.fetch(layer, index, caches, batch.kv_cached, batch.kv_file))
 
     def kv_store(self, layer: int, index: int, batch: Batch) -> None:
-        if self.kv is not None:
+        if self.kv is not None and not self.attends_at_home(batch):
             self.kv.store(layer, index, (batch.k_cache, batch.v_cache), batch.kv_written, batch.kv_file)
 
     async def kv_drain(self) -> None:
@@ -131,6 +164,20 @@ def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Te
     assert batch.hidden is not None
     k, v = batch.kv_slot if batch.kv_slot is not None else (batch.k_cache[layer], batch.v_cache[layer])
     return ops.attention(batch.hidden, w, spec, k, v, batch.positions, batch.key_lengths)
+
+
+def _project(batch: Batch, w: BlockWeights, spec: ModelSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v of the batch, and a device buffer for the output the host sends back."""
+    assert batch.hidden is not None
+    q, k, v = ops.project(batch.hidden, w, spec, batch.positions)
+    return q, k, v, torch.empty_like(q)
+
+
+def _attention_output(batch: Batch, w: BlockWeights) -> Tensor:
+    assert batch.hidden is not None and batch.attention_parts is not None
+    out = batch.attention_parts[3]
+    batch.attention_parts = None
+    return ops.attention_output(batch.hidden, out, w)
 
 
 def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Routing:

@@ -7,7 +7,9 @@ layer serves all ``n`` batches. For each layer ``l`` (ARCHITECTURE.md, section 2
                       prefetch gate(l) and the K experts the prefetch policy predicts hot
                       attention(l, batch k) for k in 0..n-1; with the KV cache in host RAM, batch
                       k+1's cache of l arrives while batch k computes, and batch k's new entries
-                      go home behind it (runtime/kv.py)
+                      go home behind it (runtime/kv.py); with decode attention on the host, the
+                      device projects batch k+1 and finishes batch k-1 while batch k attends over
+                      its cache in host RAM (runtime/host_attention.py)
     gate phase        route(l, batch k) for each k; right after each gate, request every
                       selected expert that is neither resident nor in flight
                       once every batch has routed: prefetch attn(l+1), gate(l+1) and the hot experts
@@ -180,6 +182,10 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         attn = await self._acquire(attn_block(layer))
         if previous is None and self._ahead:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
+        if batches and self.jobs.attends_at_home(batches[0]):
+            await self._attention_at_home(layer, batches, attn)
+            await self._release(attn)
+            return
         fetch, self._kv_ahead = self._kv_ahead or self._kv_fetch(layer, 0, batches), None
         for index, batch in enumerate(batches):
             if fetch is not None:
@@ -192,6 +198,26 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         await self._release(attn)
         if layer + 1 < self.spec.num_layers:  # the next layer's first cache, during this layer's experts
             self._kv_ahead = self._kv_fetch(layer + 1, 0, batches)
+
+    async def _attention_at_home(self, layer: int, batches: Sequence[BatchT], attn: Lease) -> None:
+        """Attention where the KV cache lives (runtime/host_attention.py): batch k's attention over its
+        cache runs at home while the device projects batch k+1 and finishes batch k-1."""
+        pending: tuple[int, BatchT, Awaitable[None]] | None = None
+        for index, batch in enumerate(batches):
+            self._job(f"L{layer} project b{index}")
+            await self.jobs.project(layer, batch, attn)
+            if pending is not None:
+                await self._finish_at_home(layer, *pending, attn)
+            pending = (index, batch, self.jobs.attend_at_home(layer, index, batch))
+        if pending is not None:
+            await self._finish_at_home(layer, *pending, attn)
+
+    async def _finish_at_home(
+        self, layer: int, index: int, batch: BatchT, attended: Awaitable[None], attn: Lease
+    ) -> None:
+        await self._timed_wait(attended, "kv", INTRA_LAYER, f"L{layer} attention at home b{index}")
+        self._job(f"L{layer} attention output b{index}")
+        await self.jobs.attention_output(layer, batch, attn)
 
     def _kv_fetch(self, layer: int, index: int, batches: Sequence[BatchT]) -> Awaitable[None] | None:
         """Start bringing batch ``index``'s KV cache of ``layer`` where attention reads it (if needed)."""

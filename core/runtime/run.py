@@ -29,7 +29,8 @@ from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.runtime.budgets import DERIVED, Budgets
 from klotski_tier.core.runtime.compute import ComputeRunner
-from klotski_tier.core.runtime.config import KLOTSKI, EngineOptions
+from klotski_tier.core.runtime.config import HOST_ATTENTION, KLOTSKI, EngineOptions
+from klotski_tier.core.runtime.host_attention import HostAttention
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
 from klotski_tier.core.runtime.kv import DEVICE_KV, DISK_KV, HOST_KV, DiskKv, HostKv
 from klotski_tier.core.runtime.ledger import TierLedger
@@ -290,6 +291,9 @@ class Runtime:
         elif options.kv_home == DISK_KV:
             scratch = default_cache_dir() / KV_SCRATCH
             self.kv = DiskKv(self.device_driver, files.spec, scratch, self.timeline)
+        self.host_attention: HostAttention | None = None  # decode attention on the host's cores
+        if options.kv_attention == HOST_ATTENTION:
+            self.host_attention = HostAttention(self.device_driver, files.spec, self.timeline)
         host_ledger, device_ledger = make_ledgers(options, files.layouts, self.metrics)
         self.residency = Residency(
             files.layouts,
@@ -307,7 +311,7 @@ class Runtime:
             files.spec,
             files.layouts,
             self.residency,
-            ModelJobs(files.spec, self.compute, self.kv),
+            ModelJobs(files.spec, self.compute, self.kv, self.host_attention),
             prefetch,
             self.metrics,
             options,
@@ -345,6 +349,9 @@ class Runtime:
         self.metrics.disk_bytes_read = self.disk.bytes_read
         if self.kv is not None:
             self.metrics.kv_bytes_in, self.metrics.kv_bytes_out = self.kv.bytes_in, self.kv.bytes_out
+        if self.host_attention is not None:
+            self.metrics.host_attention_s = self.host_attention.busy_s
+            self.metrics.host_attention_bytes = self.host_attention.bytes_in + self.host_attention.bytes_out
         return self.metrics
 
     async def __aenter__(self) -> Runtime:
@@ -357,6 +364,8 @@ class Runtime:
             await self.residency.aclose()
         finally:
             self.compute.close()
+            if self.host_attention is not None:
+                self.host_attention.close()
             if self.kv is not None:
                 await self.kv.drain_quietly()
                 await self.kv.aclose()  # a cache on the drive: its files go
