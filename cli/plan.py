@@ -32,7 +32,7 @@ from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RouteSampler, RoutingModel, TraceRouting
 from klotski_tier.core.plan.shapes import load_shapes_file, model_shape
-from klotski_tier.core.runtime.config import KV_HOMES
+from klotski_tier.core.runtime.config import KV_ATTENTION, KV_HOMES
 from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
 
@@ -69,7 +69,10 @@ _STUDY_FLAGS = [
                  help="Blocks may be read from a compressed store of this ratio (raw / stored bytes)."),
     click.option("--kv-home", type=click.Choice(KV_HOMES),
                  help="Fix where the KV cache lives ([kv] home; default: the device where a group's cache "
-                 "fits, else host RAM, streamed through two device slots)."),
+                 "fits, else host RAM, else the drive, streamed through two device slots)."),
+    click.option("--kv-attention", type=click.Choice(KV_ATTENTION),
+                 help="Fix where decode attention runs ([kv] attention; default: where the cost model "
+                 "predicts more tokens/s: the device, or the host's cores over a cache in host RAM)."),
 ]  # fmt: skip
 
 
@@ -114,6 +117,7 @@ def study_from_flags(flags: dict[str, Any], **fixed: Any) -> Study:
         "host_memory_bytes": _size(flags.pop("host_memory"), "--host-memory"),
         "compression_ratio": ratio,
         "kv_home": flags.pop("kv_home"),
+        "kv_attention": flags.pop("kv_attention"),
         **fixed,
     }
     routing = RoutingModel(sampler) if sampler is not None else None

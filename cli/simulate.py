@@ -36,7 +36,10 @@ from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
 from klotski_tier.core.runtime.config import (
     ALL_EXPERTS,
+    DEVICE_ATTENTION,
     DEVICE_KV,
+    DISK_KV,
+    HOST_ATTENTION,
     HOST_KV,
     KLOTSKI,
     READY_FIRST,
@@ -64,6 +67,7 @@ class SweepSetup:
     from_plan: bool  # n, bs, K and preload are the plan's
     preset: dict[str, Any] = dataclasses.field(default_factory=dict)  # the --preset's engine options
     kv_homes: dict[int, str] = dataclasses.field(default_factory=dict)  # n -> where its KV cache lives
+    kv_attention: str = DEVICE_ATTENTION  # where decode attention runs (the plan's, or --kv-attention)
 
     @property
     def eviction(self) -> str:
@@ -193,7 +197,8 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
         plan = make_plan(request)
         return SweepSetup([plan.batches], {}, plan.batch_size, plan.hot_experts,
                           plan.placement.host_preload, plan, from_plan=True,
-                          kv_homes={plan.batches: plan.placement.kv_home})  # fmt: skip
+                          kv_homes={plan.batches: plan.placement.kv_home},
+                          kv_attention=plan.placement.kv_attention)  # fmt: skip
     bs = request.batch_size or EngineOptions().batch_size  # the engine's default bs
     hot = request.hot_experts if request.hot_experts is not None else study.spec.top_k  # as the engine
     sequences = study.sequences or max(counts) * bs  # the planner tries every n up to this many
@@ -203,7 +208,9 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
     homes = {n: _kv_home(study, n, bs) for n in counts}
     skipped = {n: why for n in counts if (why := _does_not_fit(study, n, bs, homes[n])) is not None}
     fitting = [n for n in counts if n not in skipped]
-    return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False, kv_homes=homes)
+    attention = request.kv_attention or DEVICE_ATTENTION
+    return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False, kv_homes=homes,
+                      kv_attention=attention)  # fmt: skip
 
 
 def _kv_home(study: Study, batches: int, batch_size: int) -> str:
@@ -215,10 +222,9 @@ def _kv_home(study: Study, batches: int, batch_size: int) -> str:
         (request.prompt_tokens, request.new_tokens),
         (_device_budget(study), _host_budget(study)),
     )
-    home = kv_home_for(
-        CostModel(study.spec, study.machine), batches, batch_size, tokens, budgets, request.kv_home
-    )
-    return home or request.kv_home or HOST_KV
+    requested = request.kv_home or (HOST_KV if request.kv_attention == HOST_ATTENTION else None)
+    home = kv_home_for(CostModel(study.spec, study.machine), batches, batch_size, tokens, budgets, requested)
+    return home or requested or HOST_KV
 
 
 def _does_not_fit(study: Study, batches: int, batch_size: int, kv_home: str) -> str | None:
@@ -233,7 +239,7 @@ def _does_not_fit(study: Study, batches: int, batch_size: int, kv_home: str) -> 
         return f"its KV cache ({format_size(kv)}) exceeds the host budget {format_size(_host_budget(study))}"
     if fixed + cost.sizes.largest <= budget:
         return None
-    where = "KV cache slots" if kv_home == HOST_KV else "KV cache"
+    where = "KV cache slots" if kv_home != DEVICE_KV else "KV cache"
     return (
         f"its {where} and activations ({format_size(fixed)}) and the largest block "
         f"({format_size(cost.sizes.largest)}) exceed the device budget {format_size(budget)}"
@@ -272,7 +278,11 @@ def _simulate(
     results = [
         simulate_workload(
             dataclasses.replace(
-                config, batches=n, eviction=setup.eviction_at(n), kv_home=setup.kv_homes.get(n, DEVICE_KV)
+                config,
+                batches=n,
+                eviction=setup.eviction_at(n),
+                kv_home=setup.kv_homes.get(n, DEVICE_KV),
+                kv_attention=_attention_at(setup, n),
             ),
             sequences=sequences(n),
             prompt_tokens=request.prompt_tokens,
@@ -306,14 +316,27 @@ def _schedule(setup: SweepSetup) -> str:
     return f"{options.schedule} schedule, {options.expert_order} expert order, {options.prefetch} prefetch"
 
 
+def _attention_at(setup: SweepSetup, n: int) -> str:
+    """Where decode attention runs at ``n``: on the host only where the cache lives in host RAM."""
+    return setup.kv_attention if setup.kv_homes.get(n) == HOST_KV else DEVICE_ATTENTION
+
+
 def _kv_homes(setup: SweepSetup) -> str:
-    """Where each n simulated keeps its KV cache, in words."""
-    in_ram = [n for n in setup.batches if setup.kv_homes.get(n) == HOST_KV]
-    if not in_ram:
-        return "KV cache on the device"
-    if len(in_ram) == len(setup.batches):
-        return "KV cache in host RAM (two device slots)"
-    return f"KV cache in host RAM (two device slots) at n={', '.join(map(str, in_ram))}, else on the device"
+    """Where each n simulated keeps its KV cache (and runs its decode attention), in words."""
+    words = {
+        DEVICE_KV: "on the device",
+        HOST_KV: "in host RAM (two device slots)",
+        DISK_KV: "on the drive (two device slots)",
+    }
+    if setup.kv_attention == HOST_ATTENTION:
+        words[HOST_KV] = "in host RAM, decode attention on the host's cores"
+    homes = {n: setup.kv_homes.get(n, DEVICE_KV) for n in setup.batches}
+    if len(set(homes.values())) <= 1:
+        return f"KV cache {words[next(iter(homes.values()), DEVICE_KV)]}"
+    by_home = {home: [n for n, h in homes.items() if h == home] for home in dict.fromkeys(homes.values())}
+    return "KV cache " + "; ".join(
+        f"{words[home]} at n={', '.join(map(str, ns))}" for home, ns in by_home.items()
+    )
 
 
 def _evictions(setup: SweepSetup) -> str:

@@ -49,7 +49,8 @@ PLAN_AUTO, PLAN_OFF = "auto", "off"
 NO_PROFILE_NOTE = "no machine profile: `klotski-tier bench` measures this machine"
 # what a plan sets
 PLANNED_FIELDS = (
-    "batches", "batch_size", "hot_experts", "host_preload", "eviction", "lookahead_layers", "kv_home"
+    "batches", "batch_size", "hot_experts", "host_preload", "eviction", "lookahead_layers", "kv_home",
+    "kv_attention",
 )  # fmt: skip
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids

@@ -59,7 +59,7 @@ from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.families import family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
 from klotski_tier.core.plan.machine import ComputeRates, Machine
-from klotski_tier.core.runtime.config import DEVICE_KV, KV_SLOTS
+from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, KV_SLOTS
 from klotski_tier.core.units import GB, align_up
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ hand-off (0.14 ms). CUDA: not measured here; the hand-off in the bench figures s
 HANDOFF_TOKENS = 0  # ``expert_s[0]`` of a profile: the hand-off to the compute thread alone
 OVERHEAD_GRID = 200  # candidate job overheads tried by the fit, from 0 to just below the fastest job
 MATMUL_FLOPS = 2  # one multiply-add per weight and token
+HOST_SEQUENCE_OVERHEAD_S = 20e-6
+"""Decode attention on the host's cores: one attention call per sequence (runtime/host_attention.py),
+about 20 us each on a modern x86 core beside the bytes it reads."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,26 @@ class CostModel:
         extra = rates.attention_overhead_s + sequences * rates.sequence_overhead_s
         return rates.seconds(flops, self.sizes.attn + kv_bytes) + extra
 
+    def projection_s(self, sequences: int, query_tokens: int) -> float:
+        """The device's part of an attention whose core runs on the host (runtime/host_attention.py):
+        the input norm and the q/k/v and output projections of one batch."""
+        spec = self.spec
+        tokens = sequences * query_tokens
+        flops = MATMUL_FLOPS * tokens * spec.hidden_size * (2 * spec.q_size + 2 * spec.kv_size)
+        return self.rates.seconds(flops, self.sizes.attn) + self.rates.attention_overhead_s
+
+    def host_attention_s(self, sequences: int, context_tokens: int) -> float | None:
+        """One batch's decode attention over its cache in host RAM on the host's cores: reading
+        ``context_tokens`` + 1 keys and values of each sequence, a call per sequence, and its queries,
+        new entries and outputs across the link; None where the machine's rate is not known."""
+        spec = self.spec
+        per_token = spec.kv_bytes_per_token() // spec.num_layers  # k and v of one token in one layer
+        read = self.machine.host_attention_seconds(sequences * (context_tokens + 1) * per_token)
+        if read is None:
+            return None
+        crossing = sequences * (2 * spec.q_size * spec.dtype.itemsize + per_token)  # q and out, new k, v
+        return read + sequences * HOST_SEQUENCE_OVERHEAD_S + self.machine.host_to_device_seconds(crossing)
+
     def gate_s(self, tokens: int) -> float:
         """Routing one batch's ``tokens`` tokens (norm, router, top-k; the shared expert if any)."""
         spec = self.spec
@@ -262,11 +285,17 @@ class CostModel:
         """KV cache of one batch, as :func:`klotski_tier.core.runtime.sequences.kv_cache_bytes`."""
         return batch_size * (prompt_tokens + new_tokens) * self.spec.kv_bytes_per_token()
 
-    def kv_copy_s(self, batch_size: int, context: int) -> float:
-        """Seconds over the host-to-device link of one batch's KV cache of one layer (``context`` cached
-        tokens in, one new token's entries out), where the cache lives in host RAM."""
+    def kv_copy_s(self, batch_size: int, context: int, home: str = "host") -> float:
+        """Seconds to bring one batch's KV cache of one layer (``context`` cached tokens) into a device
+        slot and its new token's entries back, where the cache lives in host RAM (over the host-to-device
+        link) or on the drive (read into a staging buffer, then over the link; written back the same
+        way, a write priced as a read of its size)."""
         per_token = self.spec.kv_bytes_per_token() // self.spec.num_layers
-        return self.machine.host_to_device_seconds(batch_size * (context + 1) * per_token)
+        moved = batch_size * (context + 1) * per_token
+        seconds = self.machine.host_to_device_seconds(moved)
+        if home == DISK_KV:
+            seconds += self.machine.disk_seconds(moved)
+        return seconds
 
     def activation_bytes(self, batch_size: int, prompt_tokens: int) -> tuple[int, int]:
         """Activations of one batch in prefill, as :func:`klotski_tier.core.runtime.sequences.
@@ -287,6 +316,19 @@ class CostModel:
         kv = batches * per_batch if kv_home == DEVICE_KV else KV_SLOTS * per_batch // self.spec.num_layers
         held, at_once = self.activation_bytes(batch_size, prompt_tokens)
         return kv + batches * held + at_once
+
+
+def no_host_attention(machine: str, device: str) -> str:
+    """Why decode attention cannot be placed on the host's cores of ``machine``, and what to do."""
+    if device == "cpu":
+        return (
+            f"machine {machine!r} computes on its CPU: its attention already runs on the host's cores; "
+            "leave [kv] attention on the device"
+        )
+    return (
+        f"attention on the host is not priced on machine {machine!r}: its host_attention_gbps is not known; "
+        "set it in a hardware file, or leave [kv] attention on the device"
+    )
 
 
 # ---- fitting a machine to a profile ---------------------------------------------------------

@@ -10,6 +10,9 @@ what was assumed on top of them. The rules, applied the same way to every entry:
 - host-to-device: effective pinned-copy rates of a x16 link (about 80 % of its raw rate);
 - disk: the engine's cold read rate from the drive, below the drive's rated sequential read;
 - zstd: :data:`ZSTD_GBPS_PER_THREAD` per decoding thread, one thread per io_threads;
+- decode attention on the host's cores (``host_attention_gbps``): :data:`HOST_ATTENTION_FRACTION` of the
+  host's rated DRAM bandwidth (the attention reads each cached key and value once; FlexGen and
+  MoE-Lightning find CPU attention memory-bound);
 - I/O contention: ``io_compute_slowdown`` = :data:`GPU_IO_COMPUTE_SLOWDOWN` (0). A GPU computes in its
   own memory, and the drive's reads land in host RAM, so streaming does not slow its kernels (on a
   CPU device it does: ``klotski-tier bench`` measures it for this machine, a user's file may set it).
@@ -51,6 +54,7 @@ ZSTD_GBPS_PER_THREAD = 1.0  # zstd decoding, output bytes per second per thread
 PCIE3_X16_GBPS = 12.0  # pinned copies over PCIe 3.0 x16 (15.75 GB/s raw)
 PCIE4_X16_GBPS = 25.0  # pinned copies over PCIe 4.0 x16 (31.5 GB/s raw)
 PCIE5_X16_GBPS = 50.0  # pinned copies over PCIe 5.0 x16 (63 GB/s raw)
+HOST_ATTENTION_FRACTION = 0.5  # of the host's rated DRAM bandwidth that CPU decode attention sustains
 GPU_IO_COMPUTE_SLOWDOWN = 0.0  # a GPU computes in its own memory: drive reads (into host RAM) leave it be
 LOCAL_NAMES = ("this", "local")  # names of the machine `klotski-tier bench` measured
 DEVICES = ("cuda", "cpu")  # Machine.device values
@@ -72,8 +76,8 @@ _RTX3090 = Machine(
     name="rtx3090-sata",
     source=(
         "NVIDIA GeForce RTX 3090 (GA102 whitepaper: 71 TFLOPS dense BF16 tensor with FP32 accumulate, "
-        "936 GB/s GDDR6X, 24576 MiB) on PCIe 4.0 x16; a SATA-class SSD read at 1 GB/s; 64 GiB DDR4 host "
-        "RAM and 8 I/O threads assumed (a desktop)"
+        "936 GB/s GDDR6X, 24576 MiB) on PCIe 4.0 x16; a SATA-class SSD read at 1 GB/s; 64 GiB dual-channel "
+        "DDR4-3200 host RAM (51.2 GB/s) and 8 I/O threads assumed (a desktop)"
     ),
     device="cuda",
     device_memory_bytes=24576 * MIB,
@@ -84,12 +88,14 @@ _RTX3090 = Machine(
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=8,
     io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
+    host_attention_gbps=HOST_ATTENTION_FRACTION * 51.2,  # dual-channel DDR4-3200
 )
 _H800 = Machine(
     name="h800",
     source=(
         "NVIDIA H800 SXM5 (datasheet: 989 TFLOPS dense BF16, 3.35 TB/s HBM3, 80 GB = 81559 MiB) on PCIe 5.0 "
-        "x16; 1 TiB host RAM (a server, enough to hold any built-in shape), NVMe PCIe 4.0 data drive read at "
+        "x16; 1 TiB host RAM (a server, enough to hold any built-in shape; 8 channels of DDR5-4800 a "
+        "socket, 307.2 GB/s), NVMe PCIe 4.0 data drive read at "
         "6 GB/s, 16 I/O threads assumed"
     ),
     device="cuda",
@@ -101,12 +107,14 @@ _H800 = Machine(
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=16,
     io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
+    host_attention_gbps=HOST_ATTENTION_FRACTION * 307.2,  # one socket's 8 channels of DDR5-4800
 )
 _A5000 = Machine(
     name="a5000",
     source=(
         "NVIDIA RTX A5000 (datasheet: 222.2 TFLOPS sparse = 111.1 dense BF16 tensor, 768 GB/s GDDR6, 24 GB "
-        "= 24564 MiB) on PCIe 4.0 x16; 128 GiB host RAM, NVMe PCIe 4.0 drive read at 5 GB/s and 8 I/O "
+        "= 24564 MiB) on PCIe 4.0 x16; 128 GiB quad-channel DDR4-3200 host RAM (102.4 GB/s), NVMe PCIe 4.0 "
+        "drive read at 5 GB/s and 8 I/O "
         "threads assumed (a workstation)"
     ),
     device="cuda",
@@ -118,6 +126,7 @@ _A5000 = Machine(
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=8,
     io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
+    host_attention_gbps=HOST_ATTENTION_FRACTION * 102.4,  # quad-channel DDR4-3200
 )
 T4_SUSTAINED_FRACTION = 0.45  # the T4's 70 W cap holds its clocks well below boost under GEMM load
 _T4 = Machine(
@@ -125,7 +134,8 @@ _T4 = Machine(
     source=(
         "NVIDIA T4 (datasheet: 65 TFLOPS FP16 tensor, 320 GB/s GDDR6, 16 GB = 15360 MiB) on PCIe 3.0 x16. "
         "Turing has no BF16 tensor cores: the FP16 rate stands in (a bf16 model would run in fp16), at 45 % "
-        "of peak for the 70 W power cap; a cloud VM (8 vCPUs, 32 GiB RAM, local NVMe read at 1.5 GB/s) "
+        "of peak for the 70 W power cap; a cloud VM (8 vCPUs, 32 GiB RAM with about 20 GB/s of memory "
+        "bandwidth, local NVMe read at 1.5 GB/s) "
         "assumed"
     ),
     device="cuda",
@@ -137,6 +147,7 @@ _T4 = Machine(
     zstd_decompress_gbps=ZSTD_GBPS_PER_THREAD,
     io_threads=8,
     io_compute_slowdown=GPU_IO_COMPUTE_SLOWDOWN,
+    host_attention_gbps=HOST_ATTENTION_FRACTION * 20.0,  # a cloud VM's share of its host's memory bandwidth
 )
 
 UNMEASURED_DISK_GBPS = 1.0  # a SATA-class SSD, or a busy NVMe drive: slower than most drives
@@ -271,7 +282,7 @@ def _gpu_memory(profile: MachineProfile) -> int | None:
 # --- user hardware from TOML -----------------------------------------------------------------
 
 _SIZE_KEYS = ("device_memory_bytes", "host_memory_bytes")
-_RATE_KEYS = ("disk_read_gbps", "host_to_device_gbps", "zstd_decompress_gbps")
+_RATE_KEYS = ("disk_read_gbps", "host_to_device_gbps", "zstd_decompress_gbps", "host_attention_gbps")
 _RATIO_KEYS = ("io_compute_slowdown",)  # numbers of at least 0
 _COMPUTE_KEYS = tuple(field.name for field in dataclasses.fields(ComputeRates))
 _COMPUTE_REQUIRED = tuple(
@@ -403,6 +414,7 @@ def hardware_to_toml(machine: Machine, name: str | None = None) -> str:
     keys = {field.name: getattr(machine, field.name) for field in dataclasses.fields(Machine)}
     keys["compute"] = dataclasses.asdict(machine.compute)
     del keys["name"]
-    if keys["host_to_device_gbps"] is None:
-        del keys["host_to_device_gbps"]
+    for optional in ("host_to_device_gbps", "host_attention_gbps"):
+        if keys[optional] is None:
+            del keys[optional]
     return toml_table("hardware", name or machine.name, keys)

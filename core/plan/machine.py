@@ -69,11 +69,19 @@ class Machine:
     io_threads: int  # threads that read and decode at once (the disk tier's queue depth)
     # Compute runs at 1/(1 + this) of its rate while the drive streams (see the module docstring).
     io_compute_slowdown: float = 0.0
+    # The host's cores reading a KV cache in decode attention ([kv] attention = "host"), sustained;
+    # None: not known (the planner then keeps attention on the device).
+    host_attention_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if min(self.device_memory_bytes, self.host_memory_bytes) < 0:
             raise ConfigError(f"machine {self.name!r}: memory sizes must not be negative")
-        rates = (self.disk_read_gbps, self.zstd_decompress_gbps, self.host_to_device_gbps or 1.0)
+        rates = (
+            self.disk_read_gbps,
+            self.zstd_decompress_gbps,
+            self.host_to_device_gbps or 1.0,
+            self.host_attention_gbps or 1.0,
+        )
         if min(rates) <= 0 or self.io_threads < 1:
             raise ConfigError(
                 f"machine {self.name!r}: bandwidths must be positive and io_threads at least 1; "
@@ -95,6 +103,12 @@ class Machine:
     def disk_seconds(self, nbytes: int) -> float:
         """Time to read ``nbytes`` from the drive at its sustained rate."""
         return nbytes / (self.disk_read_gbps * GB)
+
+    def host_attention_seconds(self, nbytes: int) -> float | None:
+        """Time for the host's cores to read ``nbytes`` of KV cache in attention (None: not known)."""
+        if self.host_attention_gbps is None:
+            return None
+        return nbytes / (self.host_attention_gbps * GB)
 
     def host_to_device_seconds(self, nbytes: int) -> float:
         """Time to copy ``nbytes`` host to device (0 where the device is the host)."""

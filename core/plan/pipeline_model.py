@@ -1,8 +1,9 @@
 """The step model of the planner: deadlines (4)-(7) and the step recurrence.
 
-Per layer of a decode step, with per-batch attention time tA (with the KV cache in host RAM, the
-larger of it and the batch's KV copy time over the host-to-device link: the copies of batch k+1 run
-while batch k computes), routing time tG (plus one gather of
+Per layer of a decode step, with per-batch attention time tA (with the KV cache away from the device,
+the larger of it and the batch's KV copy time, the copies of batch k+1 running while batch k computes
+and queued on the weights' channel where they share it; or with attention on the host's cores, the
+larger of the device's projections and the host's attention), routing time tG (plus one gather of
 all n batches' tokens and a combine per batch, as the engine runs them), per-block transfer times
 tIO_G, tIO_E, tIO_A from each block's home, the compute of the hot experts tc_hot and of the Q
 cold ones (both from the routing model: they grow with the tokens each expert gets, n * bs * k / E
@@ -94,7 +95,11 @@ class StepShape:
     embed_s: float  # per batch
     head_s: float  # per batch
     io_compute_slowdown: float = 0.0  # the machine's: compute runs at 1/(1+c) while the drive reads
-    kv_s: float = 0.0  # per batch: its KV cache of a layer in and its new entries out (cache in host RAM)
+    # Per batch, with the KV cache away from the device: its cache of a layer in and its new entries out
+    # (attention on the device), or its attention on the host's cores (attention_s is then the device's
+    # projections); and of those copies, the seconds that share the weights' I/O channel.
+    kv_s: float = 0.0
+    kv_channel_s: float = 0.0
 
     @property
     def attention_phase_s(self) -> float:
@@ -386,7 +391,9 @@ def _step(run: _Run, shape: StepShape, hot: int, work: tuple[LayerWork, ...], io
         if layer == 0:  # nothing predicted layer 0 during the previous layer
             gate_ready = hot_base = run.load(io.gate, run.t)
             run.load(hot * io.expert, run.t)
+        kv_ready = run.load(n * shape.kv_channel_s, run.t) if shape.kv_channel_s > 0 else 0.0
         run.run(shape.attention_phase_s)
+        run.wait(kv_ready, intra=True)  # the cache's copies queued behind the weights' loads
         run.wait(gate_ready)
         first_gate = run.finish(shape.gate_s)
         slots = max(1, window - hot)

@@ -20,7 +20,7 @@ from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.pipeline_model import BISECTIONS, Io, LayerWork
 from klotski_tier.core.plan.routing_model import LayerLoads
-from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV
+from klotski_tier.core.runtime.config import DEVICE_ATTENTION, DEVICE_KV, DISK_KV, HOST_ATTENTION, HOST_KV
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.policies.sweep import SweepEviction
@@ -47,12 +47,31 @@ class Placement:
     # L of [pipeline] lookahead_layers: 2 where blocks come from the drive through a host tier with room
     # for a layer (the layer after next is staged in RAM while the next moves to the device), else 1
     lookahead_layers: int = 1
-    kv_home: str = DEVICE_KV  # where the KV cache lives: the device, or host RAM streamed through slots
+    kv_home: str = DEVICE_KV  # where the KV cache lives: the device, host RAM or the drive (slots)
+    kv_attention: str = DEVICE_ATTENTION  # where decode attention runs: the device, or the host's cores
+    # With the cache in host RAM and both places for decode attention priced: the predicted decode
+    # tokens/s of this placement's and of the other's
+    kv_choice: tuple[float, float] | None = None
 
     def describe(self) -> str:
-        text = self._weights()
-        if self.kv_home == HOST_KV:
-            text += "; the KV cache lives in host RAM and streams through two device slots of one layer"
+        return self._weights() + self._kv()
+
+    def _kv(self) -> str:
+        if self.kv_home == DEVICE_KV:
+            return ""
+        where = "in host RAM" if self.kv_home == HOST_KV else "in files on the drive"
+        if self.kv_attention == HOST_ATTENTION:
+            text = (
+                f"; the KV cache lives {where} and decode attention runs there, on the host's cores (only "
+                "queries, new entries and outputs cross the link)"
+            )
+            other = "streaming the cache through the device"
+        else:
+            text = f"; the KV cache lives {where} and streams through two device slots of one layer"
+            other = "attending on the host's cores"
+        if self.kv_choice is not None:
+            mine, theirs = self.kv_choice
+            text += f": {mine:.4g} decode tokens/s predicted, against {theirs:.4g} {other}"
         return text
 
     def _weights(self) -> str:
@@ -134,9 +153,10 @@ def kv_home_for(
     """Where the KV cache of ``batches`` x ``batch_size`` (``tokens``: prompt and new) lives under the
     (device, host) ``budgets``: ``requested`` if it fits, else the device when the group's cache fits
     there beside the largest block, else host RAM when it fits there (leaving room to stage a block)
-    and the device holds its two slots; None when none fits."""
+    and the device holds its two slots, else files on the drive through the same slots; None when the
+    device cannot hold even the slots."""
     device_budget, host_budget = budgets
-    for home in [requested] if requested is not None else [DEVICE_KV, HOST_KV]:
+    for home in [requested] if requested is not None else [DEVICE_KV, HOST_KV, DISK_KV]:
         fixed = cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=home)
         if fixed + cost.sizes.largest > device_budget:
             continue

@@ -45,6 +45,7 @@ class PlanRequest:
     stream_window: int = EngineOptions.stream_window  # the device's streaming window (0: no cap)
     disk_queue_depth: int = EngineOptions.disk_queue_depth  # the engine's reads in flight from the drive
     kv_home: str | None = None  # fixed [kv] home; None: the device where the group's cache fits, else RAM
+    kv_attention: str | None = None  # fixed [kv] attention; None: where the cost model prices it faster
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -154,6 +155,7 @@ class Plan:
             "eviction": self.placement.eviction,
             "lookahead_layers": self.placement.lookahead_layers,
             "kv_home": self.placement.kv_home,
+            "kv_attention": self.placement.kv_attention,
         }
 
     def to_dict(self) -> dict[str, Any]:

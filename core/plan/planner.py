@@ -22,8 +22,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from klotski_tier.core.errors import BudgetError
-from klotski_tier.core.plan.costmodel import CostModel
+from klotski_tier.core.errors import BudgetError, ConfigError
+from klotski_tier.core.plan.costmodel import CostModel, no_host_attention
 from klotski_tier.core.plan.pipeline_model import BISECTIONS as BISECTIONS
 from klotski_tier.core.plan.pipeline_model import MAX_SPEEDUP as MAX_SPEEDUP
 from klotski_tier.core.plan.pipeline_model import MEANINGS as MEANINGS
@@ -63,7 +63,14 @@ from klotski_tier.core.plan.plan_types import PlanRequest as PlanRequest
 from klotski_tier.core.plan.plan_types import SweepPoint as SweepPoint
 from klotski_tier.core.plan.plan_types import TierUse as TierUse
 from klotski_tier.core.plan.routing_model import LayerLoads, RoutingModel
-from klotski_tier.core.runtime.config import HOST_KV, KV_SLOTS
+from klotski_tier.core.runtime.config import (
+    DEVICE_ATTENTION,
+    DEVICE_KV,
+    DISK_KV,
+    HOST_ATTENTION,
+    HOST_KV,
+    KV_SLOTS,
+)
 from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -172,10 +179,8 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
         cost, fixed, ctx.device_budget, ctx.host_budget, req.host_preload, req.compression_ratio,
         req.disk_queue_depth,
     )  # fmt: skip
-    placement = dataclasses.replace(placement, kv_home=kv_home)
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
-    if kv_home == HOST_KV:
-        shape = dataclasses.replace(shape, kv_s=cost.kv_copy_s(bs, req.prompt_tokens + req.new_tokens // 2))
+    placement = dataclasses.replace(placement, kv_home=kv_home)
     loads = ctx.routing.loads(shape.tokens)
     window = window_of(placement, req.stream_window)
     in_use = device_window_bytes(cost, window, req.spec.top_k + max(load.distinct_max() for load in loads))
@@ -188,7 +193,10 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     _, drive = _step_bytes(ctx, loads, placement, disk or misses)
     device_kept = max(0, min(cost.sizes.total, ctx.device_budget - fixed))  # weights the device keeps
     unheld = _unheld(placement, touched_bytes(cost, loads), device_kept + ctx.host_budget)
-    tried = [_candidate(ctx, shape, k, placement, io, fixed) for k in _hot_counts(ctx)]
+    options = [(shape, placement)]
+    if kv_home != DEVICE_KV:
+        options = _kv_attention(ctx, shape, placement, req.prompt_tokens + req.new_tokens // 2)
+    tried = [_candidate(ctx, sh, k, pl, io, fixed) for sh, pl in options for k in _hot_counts(ctx)]
     return [dataclasses.replace(c, drive_bytes=drive, unheld_bytes=unheld) for c in tried]
 
 
@@ -196,7 +204,36 @@ def _kv_home(ctx: _Context, n: int, bs: int) -> str | None:
     """Where the KV cache of n batches of bs lives (:func:`kv_home_for`); None when nowhere fits."""
     req = ctx.request
     tokens, budgets = (req.prompt_tokens, req.new_tokens), (ctx.device_budget, ctx.host_budget)
-    return kv_home_for(ctx.cost, n, bs, tokens, budgets, req.kv_home)
+    requested = req.kv_home or (HOST_KV if req.kv_attention == HOST_ATTENTION else None)
+    return kv_home_for(ctx.cost, n, bs, tokens, budgets, requested)
+
+
+def _kv_attention(
+    ctx: _Context, shape: StepShape, placement: Placement, context: int
+) -> list[tuple[StepShape, Placement]]:
+    """With the KV cache away from the device: the ways decode attention may run, each priced per batch.
+
+    On the device, a batch's cache of a layer streams into a slot while the batch before computes, so
+    the slower of its attention and its copies sets the pace; those copies share the weights' channel
+    where the weights come over the same link (from host RAM) or the cache comes from the drive. On the
+    host's cores (a CUDA device with the cache in host RAM, where the machine's rate is known), the
+    device projects and the host attends, each batch's attention beside the next one's projections.
+    Both are offered to the search (its step model weighs the channel they share), unless fixed."""
+    cost, req, bs = ctx.cost, ctx.request, shape.batch_size
+    copy = cost.kv_copy_s(bs, context, placement.kv_home)
+    shares = placement.kv_home == DISK_KV or placement.home == "host"
+    streamed = dataclasses.replace(shape, kv_s=copy, kv_channel_s=copy if shares else 0.0)
+    at_home = None
+    if placement.kv_home == HOST_KV and cost.machine.device == "cuda":
+        at_home = cost.host_attention_s(bs, context)
+    if req.kv_attention == HOST_ATTENTION and at_home is None:
+        raise ConfigError(no_host_attention(cost.machine.name, cost.machine.device))
+    options = [] if req.kv_attention == HOST_ATTENTION else [(streamed, placement)]
+    if at_home is not None and req.kv_attention != DEVICE_ATTENTION:
+        device_side = cost.projection_s(bs, 1) + cost.rates.job_overhead_s  # projections, then the output
+        at_host = dataclasses.replace(shape, attention_s=device_side, kv_s=at_home)
+        options.append((at_host, dataclasses.replace(placement, kv_attention=HOST_ATTENTION)))
+    return options
 
 
 def _group_kv_bytes(ctx: _Context, n: int, bs: int) -> int:
@@ -268,7 +305,7 @@ def _candidate(
     window = _expert_window(ctx, placement, fixed)
     decode = predict_step(shape, hot, work, io, window)
     kv = shape.batches * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
-    if placement.kv_home == HOST_KV:  # the device holds two slots of one layer of one batch
+    if placement.kv_home != DEVICE_KV:  # the device holds two slots of one layer of one batch
         kv = KV_SLOTS * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
         kv //= cost.spec.num_layers
     total = cost.sizes.total
@@ -349,7 +386,20 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
     fixed = best.device.parts["KV cache"] + best.device.parts["activations"]
     io = io_times(cost, best.placement, req.compression_ratio, steady=False)
     prefill = predict_step(shape, best.hot_experts, work, io, _expert_window(ctx, best.placement, fixed))
-    same_k = [c for c in tried if c.hot_experts == best.hot_experts]
+    same_k = [
+        c
+        for c in tried
+        if c.hot_experts == best.hot_experts and c.placement.kv_attention == best.placement.kv_attention
+    ]
+    other = [
+        c.decode.tokens_per_s
+        for c in tried
+        if (c.batches, c.hot_experts) == (best.batches, best.hot_experts)
+        and c.placement.kv_attention != best.placement.kv_attention
+    ]
+    if other:  # the plan says what the other place for the attention would give
+        choice = (best.decode.tokens_per_s, other[0])
+        best = dataclasses.replace(best, placement=dataclasses.replace(best.placement, kv_choice=choice))
     cap = max((c.batches for c in same_k if c.fits), default=best.batches)
     sweep = tuple(
         SweepPoint(c.batches, c.decode.tokens_per_s, c.decode.bubble_s, c.placement.eviction) for c in same_k

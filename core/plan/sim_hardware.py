@@ -8,6 +8,7 @@ channel and one compute unit, in virtual time (:mod:`~klotski_tier.core.plan.vir
   drive's bandwidth equally (``read_seconds(nbytes)`` is a read alone). A compressed block is
   decoded in the thread of its last chunk, which holds the thread but not the drive;
 - the copy channel: host-to-device copies one at a time, in order (one copy stream);
+- the host's attention thread (decode attention over a KV cache in host RAM): one job at a time;
 - compute: one job at a time (the compute thread). On a machine whose compute slows while the drive
   streams (``io_compute_slowdown`` c), a job progresses at 1/(1+c) of its rate while any chunk is
   being read and at its full rate otherwise, so a job beside D seconds of reading takes
@@ -84,6 +85,7 @@ class SimHardware:
     _since: float = 0.0  # the model is up to date until this time
     _timer: asyncio.TimerHandle | None = None
     _copy_free_s: float = 0.0  # when the copy channel is next free
+    _host_free_s: float = 0.0  # when the host's attention thread is next free
 
     @classmethod
     def for_machine(
@@ -148,6 +150,13 @@ class SimHardware:
         end = self._copy_free_s = start + self.copy_seconds(nbytes)
         await asyncio.sleep(end - now)
         return start, end
+
+    async def host_compute(self, seconds: float) -> None:
+        """One job on the host's cores (decode attention over a cache in host RAM), after those queued
+        before it: the host's attention thread, beside the device's compute unit."""
+        now = asyncio.get_running_loop().time()
+        end = self._host_free_s = max(now, self._host_free_s) + seconds
+        await asyncio.sleep(end - now)
 
     # ---- compute -----------------------------------------------------------------------------
 

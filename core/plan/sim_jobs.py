@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from klotski_tier.core.plan.sim_hardware import SimHardware
-from klotski_tier.core.runtime.config import KV_SLOTS
+from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, KV_SLOTS
 from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
 from klotski_tier.core.runtime.residency import Lease
 
@@ -45,6 +45,8 @@ class JobCosts(Protocol):
     def expert_s(self, tokens: float) -> float: ...
     def combine_s(self, tokens: int) -> float: ...
     def head_s(self, sequences: int) -> float: ...
+    def projection_s(self, sequences: int, query_tokens: int) -> float: ...
+    def host_attention_s(self, sequences: int, context_tokens: int) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,42 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
     """Each job takes its cost on the simulated compute unit."""
 
     def __init__(
-        self, hardware: SimHardware, costs: JobCosts, num_experts: int, kv_token_bytes: int | None = None
+        self,
+        hardware: SimHardware,
+        costs: JobCosts,
+        num_experts: int,
+        kv_token_bytes: int | None = None,
+        *,
+        kv_home: str = DEVICE_KV,
+        host_attention: bool = False,
     ) -> None:
         self._hardware = hardware
         self._costs = costs
         self._num_experts = num_experts
-        # A KV cache in host RAM (runtime/kv.py): one layer's bytes per cached token; its copies take
-        # the host-to-device channel, in two slots as the engine's.
+        # A KV cache away from the device (runtime/kv.py): one layer's bytes per cached token; its copies
+        # take the host-to-device channel, in two slots as the engine's; from and to the drive, the
+        # drive too (a write priced as a read of its size).
         self._kv_token_bytes = kv_token_bytes
+        self._kv_on_drive = kv_home == DISK_KV
+        self._host_attention = host_attention  # decode attention on the host (runtime/host_attention.py)
         self._stored: list[asyncio.Future[None] | None] = [None] * KV_SLOTS
 
+    def attends_at_home(self, batch: SimBatch) -> bool:
+        return self._host_attention and batch.context_tokens > 0
+
+    async def project(self, layer: int, batch: SimBatch, weights: Lease) -> None:
+        await self._hardware.compute(self._costs.projection_s(batch.sequences, batch.query_tokens))
+
+    def attend_at_home(self, layer: int, index: int, batch: SimBatch) -> Awaitable[None]:
+        seconds = self._costs.host_attention_s(batch.sequences, batch.context_tokens)
+        assert seconds is not None, "the planner places attention on the host only where it is priced"
+        return asyncio.ensure_future(self._hardware.host_compute(seconds))
+
+    async def attention_output(self, layer: int, batch: SimBatch, weights: Lease) -> None:
+        """Its time is in :meth:`project`'s (the cost model prices both projections together)."""
+
     def kv_fetch(self, layer: int, index: int, batch: SimBatch) -> Awaitable[None] | None:
-        if self._kv_token_bytes is None:
+        if self._kv_token_bytes is None or self.attends_at_home(batch):
             return None
         nbytes = batch.sequences * batch.context_tokens * self._kv_token_bytes
         return asyncio.ensure_future(self._kv_fetch(index % KV_SLOTS, nbytes))
@@ -102,15 +128,19 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         if stored is not None:
             await stored
         if nbytes:
+            if self._kv_on_drive:
+                await self._hardware.read(nbytes)
             await self._hardware.copy(nbytes)
 
     def kv_store(self, layer: int, index: int, batch: SimBatch) -> None:
-        if self._kv_token_bytes is not None:
+        if self._kv_token_bytes is not None and not self.attends_at_home(batch):
             nbytes = batch.sequences * batch.query_tokens * self._kv_token_bytes
             self._stored[index % KV_SLOTS] = asyncio.ensure_future(self._kv_store(nbytes))
 
     async def _kv_store(self, nbytes: int) -> None:
         await self._hardware.copy(nbytes)
+        if self._kv_on_drive:
+            await self._hardware.read(nbytes)
 
     async def kv_drain(self) -> None:
         for stored in self._stored:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.errors import BudgetError, ConfigError
 from klotski_tier.core.model.blocks import (
     BlockId,
     BlockLayout,
@@ -41,13 +41,13 @@ from klotski_tier.core.model.blocks import (
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
-from klotski_tier.core.plan.costmodel import CostModel
+from klotski_tier.core.plan.costmodel import CostModel, no_host_attention
 from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.routing_model import ParametricRouting, RouteSampler
 from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost, SimSource
 from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
 from klotski_tier.core.plan.virtual_clock import run_virtual
-from klotski_tier.core.runtime.config import DEVICE_KV, HOST_KV, EngineOptions
+from klotski_tier.core.runtime.config import DEVICE_KV, HOST_ATTENTION, HOST_KV, EngineOptions
 from klotski_tier.core.runtime.residency import Residency
 from klotski_tier.core.runtime.run import make_ledgers, make_pipeline
 from klotski_tier.core.units import format_size
@@ -83,7 +83,8 @@ class SimConfig:
     prefetch: str = _DEFAULTS.prefetch  # the prefetch policy (learning online from the simulated routes)
     schedule: str = _DEFAULTS.schedule  # "klotski" or "sequential", as the engine's [pipeline] keys
     expert_order: str = _DEFAULTS.expert_order
-    kv_home: str = _DEFAULTS.kv_home  # "device", or "host": the KV cache in RAM, streamed by the attention
+    kv_home: str = _DEFAULTS.kv_home  # "device", "host" (RAM) or "disk": away, streamed by the attention
+    kv_attention: str = _DEFAULTS.kv_attention  # "device", or "host": decode attention over the cache in RAM
 
     @property
     def device_budget(self) -> int:
@@ -117,6 +118,7 @@ class SimConfig:
             schedule=self.schedule,
             expert_order=self.expert_order,
             kv_home=self.kv_home,
+            kv_attention=self.kv_attention,
         )
 
 
@@ -203,7 +205,14 @@ class Simulator:
             spec,
             self.layouts,
             self.residency,
-            SimJobs(hardware, costs, spec.num_experts, _kv_token_bytes(spec, options.kv_home)),
+            SimJobs(
+                hardware,
+                costs,
+                spec.num_experts,
+                _kv_token_bytes(spec, options.kv_home),
+                kv_home=options.kv_home,
+                host_attention=options.kv_attention == HOST_ATTENTION,
+            ),
             self.prefetch,
             self.metrics,
             options,
@@ -353,6 +362,10 @@ async def _workload(
                 f"({format_size(host_kv)}) does not fit the host budget {format_size(config.host_budget)}; "
                 "lower n or bs, or raise --host-memory"
             )
+    if config.kv_attention == HOST_ATTENTION and (
+        config.machine.device == "cpu" or cost.host_attention_s(1, 1) is None
+    ):
+        raise ConfigError(no_host_attention(config.machine.name, config.machine.device))
     sim = Simulator.for_config(config, cost, fixed, host_kv)
     sampler = config.routing or ParametricRouting.for_spec(config.spec, seed=config.seed)
     rng = np.random.default_rng(config.seed)

@@ -44,7 +44,9 @@ TIGHT_ARGS = (
     "64",
     "--device-memory",
     "30MiB",
-)  # a slow drive, little memory
+    "--kv-home",
+    "device",
+)  # a slow drive, little memory (the KV cache kept on the device: its memory caps the group)
 
 
 @pytest.fixture(autouse=True)

@@ -106,7 +106,7 @@ def test_a_group_that_cannot_fit_is_left_out(machine_args: tuple[str, ...]) -> N
     result = simulate(*machine_args, *SMALL, *on_device, "--sweep", "64")
     assert result.exit_code == 1 and "no n fits" in result.stderr and "--kv-home host" in result.stderr
     in_ram = simulate_ok(*machine_args, *SMALL, "--device-memory", "16MiB", "--sweep", "1,64")
-    assert "not simulated" not in in_ram and "KV cache in host RAM (two device slots) at n=64" in in_ram
+    assert "not simulated" not in in_ram and "; in host RAM (two device slots) at n=64" in in_ram
 
 
 def test_list_names_every_shape_and_machine_with_its_source(tmp_path: Path) -> None:
@@ -177,9 +177,11 @@ def test_the_klotski_evaluations_group_runs_with_the_kv_cache_in_host_ram(tmp_pa
     assert refused.exit_code == 1 and "no n fits: at n=15" in refused.stderr
     assert "--kv-home host" in refused.stderr
     out = simulate_ok(*command, "-n", "2", "-n", "15")  # the cache in RAM where the device cannot hold it
-    assert "KV cache in host RAM (two device slots) at n=15, else on the device" in out
+    assert "KV cache on the device at n=2; in host RAM (two device slots) at n=15" in out
     rows = simulate_json(*command, "-n", "2", "-n", "15", "--kv-home", "host")["rows"]
     assert [row["batches"] for row in rows] == [2, 15]
     assert rows[1]["decode_tokens_per_s"] > 2 * rows[0]["decode_tokens_per_s"]
     phases = ("prefill", "decode")
     assert all(row[phase]["peak_device_bytes"] <= 24 * 2**30 for row in rows for phase in phases)
+    on_host = simulate_ok(*command, "-n", "15", "--kv-attention", "host")  # the cache goes to host RAM
+    assert "KV cache in host RAM, decode attention on the host's cores" in on_host

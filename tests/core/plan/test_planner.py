@@ -95,7 +95,8 @@ def test_a_very_slow_drive_is_capped_by_device_memory_and_says_so() -> None:
     cost = CostModel(SPEC, _machine())
     six = cost.fixed_device_bytes(6, 8, 128, 128)  # KV cache and activations of 6 batches of 8
     budget = 20 * MIB + six  # little left at any n to keep a step's experts for the next
-    plan = _streaming(0.01, batch_size=8, device_memory_bytes=budget, prompt_tokens=128, new_tokens=128)
+    plan = _streaming(0.01, batch_size=8, device_memory_bytes=budget, prompt_tokens=128, new_tokens=128,
+                      kv_home="device")  # fmt: skip
     assert not plan.feasible and plan.binding.slack_s < 0 and plan.placement.expert_reuse < 0.1
     assert plan.batches == plan.memory_cap_batches < 8  # more batches would not fit their KV cache
     assert "device memory" in plan.why and f"missed by {-plan.binding.slack_s * 1e3:.2f} ms" in plan.why
@@ -272,7 +273,7 @@ def test_overrides_are_kept_and_the_plan_is_json() -> None:
     assert plan.engine_options() == {
         "batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False, "eviction": "sweep",
         "lookahead_layers": plan.placement.lookahead_layers,
-        "kv_home": "device",
+        "kv_home": "device", "kv_attention": "device",
     }  # fmt: skip
     data = json.loads(json.dumps(plan.to_dict()))
     assert [d["number"] for d in data["deadlines"]] == [4, 5, 6, 7]
