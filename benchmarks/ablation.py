@@ -1,6 +1,7 @@
 """The Klotski evaluation's ablation ladder, simulated: what each of the design's parts adds.
 
-For a model on a machine and a workload, the planner's plan gives n, K and where the KV cache lives;
+For a model on a machine and a workload, the planner's plan gives n, K, where the KV cache lives and
+where decode attention runs (every rung keeps them, so that the ladder measures the schedule);
 the simulator (the engine's own pipeline on a virtual clock) then runs four configurations, each
 adding one part to the one before:
 
@@ -61,13 +62,20 @@ def ladder(model: str, machine: Machine) -> dict[str, Any]:
         batch_size=BATCH_SIZE, max_batches=MAX_BATCHES,
     )  # fmt: skip
     plan = make_plan(request)
-    n, hot, kv = plan.batches, plan.hot_experts, plan.placement.kv_home
+    n, hot, kv, attention = (
+        plan.batches,
+        plan.hot_experts,
+        plan.placement.kv_home,
+        plan.placement.kv_attention,
+    )
     base = SimConfig(spec, machine, batches=n, batch_size=BATCH_SIZE, hot_experts=hot, eviction="sweep",
-                     kv_home=kv)  # fmt: skip
-    single = make_plan(dataclasses.replace(request, batches=1))
+                     kv_home=kv, kv_attention=attention)  # fmt: skip
+    single = make_plan(dataclasses.replace(request, batches=1)).placement
     whole = {"hot_experts": spec.num_experts, "prefetch": "whole-layer", "expert_order": INDEX}
     configs = [
-        dataclasses.replace(base, batches=1, kv_home=single.placement.kv_home, **whole),
+        dataclasses.replace(
+            base, batches=1, kv_home=single.kv_home, kv_attention=single.kv_attention, **whole
+        ),
         dataclasses.replace(base, **whole),
         dataclasses.replace(base, prefetch="correlation", expert_order=INDEX),
         dataclasses.replace(base, prefetch="correlation", expert_order=READY_FIRST),
@@ -80,7 +88,7 @@ def ladder(model: str, machine: Machine) -> dict[str, Any]:
             max_decode_steps=DECODE_STEPS,
         )  # fmt: skip
         rows.append(_row(name, config, result, time.perf_counter() - started))
-    planned = {"batches": n, "hot_experts": hot, "kv_home": kv}
+    planned = {"batches": n, "hot_experts": hot, "kv_home": kv, "kv_attention": attention}
     return {"model": model, "machine": machine.name, "plan": planned, "rows": rows}
 
 
@@ -94,6 +102,7 @@ def _row(name: str, config: SimConfig, result: WorkloadResult, took_s: float) ->
         "prefetch": config.prefetch,
         "expert_order": config.expert_order,
         "kv_home": config.kv_home,
+        "kv_attention": config.kv_attention,
         "total_tokens_per_s": generated / seconds,
         "decode_tokens_per_s": result.decode_tokens_per_s,
         "simulated_in_s": took_s,
@@ -111,7 +120,8 @@ def main() -> None:
         data["machine"] = where
         ladders.append(data)
         print(f"{model} on {where}: plan n={data['plan']['batches']} x bs={BATCH_SIZE}, "
-              f"K={data['plan']['hot_experts']}, KV cache on {data['plan']['kv_home']}")  # fmt: skip
+              f"K={data['plan']['hot_experts']}, KV cache on {data['plan']['kv_home']}, "
+              f"decode attention on {data['plan']['kv_attention']}")  # fmt: skip
         first = data["rows"][0]["total_tokens_per_s"]
         for row in data["rows"]:
             total = row["total_tokens_per_s"]

@@ -161,9 +161,10 @@ def _hot_counts(ctx: _Context) -> list[int]:
     if ctx.request.hot_experts is not None:
         return [ctx.request.hot_experts]
     most = min(spec.num_experts, 2 * spec.top_k)
+    every = [spec.num_experts]  # the whole layer: what a step uses when its many tokens select every expert
     if most <= FINE_HOT_EXPERTS:
-        return list(range(most + 1))
-    return sorted({round(most * step / COARSE_HOT_STEPS) for step in range(COARSE_HOT_STEPS + 1)})
+        return sorted({*range(most + 1), *every})
+    return sorted({round(most * step / COARSE_HOT_STEPS) for step in range(COARSE_HOT_STEPS + 1)} | set(every))
 
 
 def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
