@@ -6,15 +6,20 @@ reads a range back into a CPU tensor, in its own thread; it decides nothing abou
 ``aclose`` (and, should the process end without it, a finalizer) removes the directory with every
 file in it: nothing the run wrote stays on the drive, also after Ctrl-C or an error.
 
-Reads and writes go through the page cache (buffered): a KV cache's new entries are a few KiB at
-an offset no drive block aligns, which O_DIRECT could only write by reading and rewriting whole
-blocks. Each range is dropped from the page cache once written back or read
-(``POSIX_FADV_DONTNEED``, best effort: pages not yet on the drive stay until the kernel writes them).
+Files are opened ``O_DIRECT``: their bytes go between the drive and the caller's buffers without
+the page cache, so a cache of many GiB does not crowd the page cache out of a container's memory
+limit (nor count against it). Every range must then start and end on :data:`DIRECT_ALIGN_BYTES`
+and its buffer's address be aligned too: the caller lays its data out so (the KV cache pads each
+position's row to the alignment: :class:`~klotski_tier.core.runtime.kv.DiskKv`), and an unaligned
+range is an error, not a silent slow path. Where the file system refuses ``O_DIRECT`` (tmpfs), the
+file is buffered and each range dropped from the page cache once written or read
+(``POSIX_FADV_DONTNEED``, best effort).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -27,6 +32,7 @@ import torch
 
 from klotski_tier.core.errors import TierError
 from klotski_tier.tiers.base import TierDriver
+from klotski_tier.tiers.direct import DIRECT_ALIGN_BYTES, O_DIRECT
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +44,17 @@ class ScratchDriver(TierDriver):
 
     name = "scratch"
 
-    def __init__(self, parent: Path) -> None:
+    alignment = DIRECT_ALIGN_BYTES  # of every range's offset, length and buffer address
+
+    def __init__(self, parent: Path, direct: bool = True) -> None:
         super().__init__(max_workers=SCRATCH_THREADS)
+        self.direct = direct and O_DIRECT != 0  # asked for; a file system may still refuse it
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.directory = Path(tempfile.mkdtemp(prefix="klotski-kv-", dir=parent))
         except OSError as exc:
             raise TierError(f"cannot make a scratch directory in {parent}: {exc.strerror or exc}") from exc
-        self._files: dict[Path, int] = {}
+        self._files: dict[Path, tuple[int, bool]] = {}  # path -> (descriptor, O_DIRECT)
         self._lock = threading.Lock()
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
         self.bytes_written = 0
@@ -58,14 +67,30 @@ class ScratchDriver(TierDriver):
         return await self._run_job(lambda: self._create(path, nbytes))
 
     def _create(self, path: Path, nbytes: int) -> Path:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd, direct = self._open(path, flags)
             os.ftruncate(fd, nbytes)
         except OSError as exc:
             raise TierError(f"cannot create {path}: {exc.strerror or exc}; free space on the drive") from exc
         with self._lock:
-            self._files[path] = fd
+            self._files[path] = (fd, direct)
         return path
+
+    def _open(self, path: Path, flags: int) -> tuple[int, bool]:
+        if self.direct:
+            try:
+                return os.open(path, flags | O_DIRECT, 0o600), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                path.unlink(missing_ok=True)  # O_CREAT may have made it before O_DIRECT was refused
+                logger.info("%s refuses O_DIRECT; the KV cache goes through the page cache", path.parent)
+        return os.open(path, flags, 0o600), False
+
+    def is_direct(self, path: Path) -> bool:
+        """Whether ``path`` is read and written with O_DIRECT."""
+        return self._entry(path)[1]
 
     async def write(self, path: Path, offset: int, src: torch.Tensor) -> None:
         """Write the bytes of the contiguous CPU tensor ``src`` at ``offset`` of ``path``."""
@@ -74,7 +99,9 @@ class ScratchDriver(TierDriver):
 
     def _write(self, path: Path, offset: int, src: torch.Tensor) -> None:
         view = _bytes(src)
-        fd = self._fd(path)
+        fd, direct = self._entry(path)
+        if direct:
+            self._check_aligned(path, offset, src)
         done = 0
         try:
             while done < len(view):
@@ -82,7 +109,8 @@ class ScratchDriver(TierDriver):
         except OSError as exc:
             raise TierError(f"cannot write {path} at offset {offset}: {exc.strerror or exc}") from exc
         self.bytes_written += len(view)
-        _drop(fd, offset, len(view))
+        if not direct:
+            _drop(fd, offset, len(view))
 
     async def read(self, path: Path, offset: int, dst: torch.Tensor) -> None:
         """Fill the contiguous CPU tensor ``dst`` with the bytes at ``offset`` of ``path``."""
@@ -91,7 +119,9 @@ class ScratchDriver(TierDriver):
 
     def _read(self, path: Path, offset: int, dst: torch.Tensor) -> None:
         view = _bytes(dst)
-        fd = self._fd(path)
+        fd, direct = self._entry(path)
+        if direct:
+            self._check_aligned(path, offset, dst)
         done = 0
         try:
             while done < len(view):
@@ -103,7 +133,16 @@ class ScratchDriver(TierDriver):
         except OSError as exc:
             raise TierError(f"cannot read {path} at offset {offset}: {exc.strerror or exc}") from exc
         self.bytes_read += len(view)
-        _drop(fd, offset, len(view))
+        if not direct:
+            _drop(fd, offset, len(view))
+
+    def _check_aligned(self, path: Path, offset: int, buffer: torch.Tensor) -> None:
+        nbytes = buffer.numel() * buffer.element_size()
+        if (offset | nbytes | buffer.data_ptr()) % self.alignment:
+            raise TierError(
+                f"unaligned O_DIRECT range of {path}: offset {offset}, {nbytes} bytes, buffer address "
+                f"{buffer.data_ptr():#x} must all be multiples of {self.alignment}"
+            )
 
     async def remove(self, path: Path) -> None:
         """Close and delete one scratch file (its data is no longer needed)."""
@@ -112,25 +151,25 @@ class ScratchDriver(TierDriver):
 
     def _remove(self, path: Path) -> None:
         with self._lock:
-            fd = self._files.pop(path, None)
-        if fd is None:
+            entry = self._files.pop(path, None)
+        if entry is None:
             raise TierError(f"{path} is not a scratch file of this run")
-        os.close(fd)
+        os.close(entry[0])
         try:
             path.unlink()
         except OSError as exc:
             raise TierError(f"cannot remove {path}: {exc.strerror or exc}") from exc
 
-    def _fd(self, path: Path) -> int:
+    def _entry(self, path: Path) -> tuple[int, bool]:
         with self._lock:
-            fd = self._files.get(path)
-        if fd is None:
+            entry = self._files.get(path)
+        if entry is None:
             raise TierError(f"{path} is not a scratch file of this run")
-        return fd
+        return entry
 
     def _release(self) -> None:
         with self._lock:
-            for fd in self._files.values():
+            for fd, _ in self._files.values():
                 try:
                     os.close(fd)
                 except OSError as exc:

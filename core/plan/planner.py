@@ -164,7 +164,9 @@ def _hot_counts(ctx: _Context) -> list[int]:
     every = [spec.num_experts]  # the whole layer: what a step uses when its many tokens select every expert
     if most <= FINE_HOT_EXPERTS:
         return sorted({*range(most + 1), *every})
-    return sorted({round(most * step / COARSE_HOT_STEPS) for step in range(COARSE_HOT_STEPS + 1)} | set(every))
+    return sorted(
+        {round(most * step / COARSE_HOT_STEPS) for step in range(COARSE_HOT_STEPS + 1)} | set(every)
+    )
 
 
 def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:

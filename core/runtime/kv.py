@@ -19,7 +19,7 @@ on the compute stream), so they overlap the compute; the pipeline awaits them as
 as it awaits weights, and counts the time it waits as a bubble.
 
 ``[kv] home = "disk"``: as "host", but each batch's cache is a file on the drive (:class:`DiskKv`,
-through the scratch tier), read into and written from a host staging buffer per slot.
+through the scratch tier, O_DIRECT), read into and written from a host staging buffer per slot.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from torch import Tensor
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, HOST_KV, KV_SLOTS
+from klotski_tier.core.units import align_up
 from klotski_tier.tiers.device import DeviceDriver
+from klotski_tier.tiers.hostmem import aligned_empty
 from klotski_tier.tiers.scratch import ScratchDriver
 
 __all__ = ["DEVICE_KV", "DISK_KV", "HOST_KV", "KV_SLOTS", "DiskKv", "HostKv", "host_cache", "slot_bytes"]
@@ -183,23 +185,31 @@ class HostKv:
 class DiskKv(HostKv):
     """The KV cache in files on the drive (``[kv] home = "disk"``), one per batch, in a directory made
     for the run under ``directory`` and removed with it (:class:`~klotski_tier.tiers.scratch.
-    ScratchDriver`). A file holds ``[L, 2, T, B, Hkv, D]``: a layer's cached prefix and a step's new
-    positions are each one byte range. They pass through a host staging buffer per slot (the file's
-    layout) on their way to and from the device slots, whose layout is the attention's."""
+    ScratchDriver`, O_DIRECT). A file holds ``[L, 2, T]`` rows, each the k (or v) of one position of
+    every sequence and head ``[B, Hkv, D]``, padded to the drive's alignment: a layer's cached prefix
+    and a step's new positions are each one aligned byte range. They pass through an aligned host
+    staging buffer per slot (the file's layout) on their way to and from the device slots, whose
+    layout is the attention's."""
 
     def __init__(
         self, driver: DeviceDriver, spec: ModelSpec, directory: Path, timeline: Timeline | None = None
     ) -> None:
         super().__init__(driver, spec, timeline)
         self.scratch = ScratchDriver(directory)
-        self._staging: list[tuple[Tensor, Tensor]] = []
+        self._staging: list[tuple[Tensor, Tensor]] = []  # per slot: k and v rows, aligned bytes
         self._files = 0
+
+    def _row_bytes(self, batch: int) -> int:
+        """Bytes of one position's row in a file: ``[B, Hkv, D]``, padded to the drive's alignment."""
+        spec = self.spec
+        row = batch * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+        return align_up(row, self.scratch.alignment)
 
     async def new_caches(self, batch: int, positions: int) -> tuple[Tensor, Tensor, Path | None]:
         spec = self.spec
         shape = (spec.num_layers, batch, spec.num_kv_heads, positions, spec.head_dim)
-        nbytes = 2 * spec.num_layers * batch * spec.num_kv_heads * positions * spec.head_dim
-        path = await self.scratch.create(f"batch-{self._files}.kv", nbytes * spec.dtype.itemsize)
+        nbytes = spec.num_layers * 2 * positions * self._row_bytes(batch)
+        path = await self.scratch.create(f"batch-{self._files}.kv", nbytes)
         self._files += 1
         meta = (
             torch.empty(shape, dtype=spec.dtype, device="meta"),
@@ -209,11 +219,10 @@ class DiskKv(HostKv):
 
     def reserve(self, batch: int, positions: int) -> None:
         super().reserve(batch, positions)
-        spec = self.spec
-        elements = positions * batch * spec.num_kv_heads * spec.head_dim
+        nbytes = positions * self._row_bytes(batch)
+        align = self.scratch.alignment
         self._staging = [
-            (torch.empty(elements, dtype=spec.dtype), torch.empty(elements, dtype=spec.dtype))
-            for _ in range(KV_SLOTS)
+            (aligned_empty(nbytes, align), aligned_empty(nbytes, align)) for _ in range(KV_SLOTS)
         ]
 
     async def _copy_in(
@@ -221,31 +230,35 @@ class DiskKv(HostKv):
     ) -> None:
         assert path is not None, "a KV cache on the drive needs its file"
         k_dev, v_dev = self.slot(index, caches[0])
-        for half, (dev, staged) in enumerate(zip((k_dev, v_dev), self._stage(index, caches[0]), strict=True)):
-            await self.scratch.read(path, self._offset(caches[0], layer, half, 0), staged[:cached])
-            await self.driver.copy_any(dev[:, :, :cached], staged[:cached].permute(1, 2, 0, 3))
+        for half, dev in enumerate((k_dev, v_dev)):
+            rows, values = self._stage(index, caches[0], half)
+            await self.scratch.read(path, self._offset(caches[0], layer, half, 0), rows[:cached])
+            await self.driver.copy_any(dev[:, :, :cached], values[:cached].permute(1, 2, 0, 3))
 
     async def _copy_out(
         self, layer: int, index: int, caches: tuple[Tensor, Tensor], path: Path | None, start: int, end: int
     ) -> None:
         assert path is not None, "a KV cache on the drive needs its file"
         k_dev, v_dev = self.slot(index, caches[0])
-        for half, (dev, staged) in enumerate(zip((k_dev, v_dev), self._stage(index, caches[0]), strict=True)):
-            await self.driver.copy_any(staged[start:end].permute(1, 2, 0, 3), dev[:, :, start:end])
-            await self.scratch.write(path, self._offset(caches[0], layer, half, start), staged[start:end])
+        for half, dev in enumerate((k_dev, v_dev)):
+            rows, values = self._stage(index, caches[0], half)
+            await self.driver.copy_any(values[start:end].permute(1, 2, 0, 3), dev[:, :, start:end])
+            await self.scratch.write(path, self._offset(caches[0], layer, half, start), rows[start:end])
 
-    def _stage(self, index: int, k_home: Tensor) -> tuple[Tensor, Tensor]:
-        """Batch ``index``'s slot's staging buffers ``[T, B, Hkv, D]``, contiguous, shaped as its file."""
+    def _stage(self, index: int, k_home: Tensor, half: int) -> tuple[Tensor, Tensor]:
+        """Batch ``index``'s slot's staging buffer for k (``half`` 0) or v (1), shaped as its file: the
+        rows ``[T, row bytes]`` the drive reads and writes, and their values ``[T, B, Hkv, D]``."""
         _, batch, heads, positions, dim = k_home.shape
-        size = positions * batch * heads * dim
-        k, v = self._staging[index % KV_SLOTS]
-        return k[:size].view(positions, batch, heads, dim), v[:size].view(positions, batch, heads, dim)
+        row = self._row_bytes(batch)
+        rows = self._staging[index % KV_SLOTS][half][: positions * row].view(positions, row)
+        used = batch * heads * dim * k_home.element_size()
+        values = rows[:, :used].view(k_home.dtype).view(positions, batch, heads, dim)
+        return rows, values
 
     def _offset(self, k_home: Tensor, layer: int, half: int, position: int) -> int:
         """Byte offset of ``position`` of layer ``layer``'s k (``half`` 0) or v (1) in the file."""
-        _, batch, heads, positions, dim = k_home.shape
-        row = batch * heads * dim * k_home.element_size()  # one position of every sequence and head
-        return ((layer * 2 + half) * positions + position) * row
+        _, batch, _, positions, _ = k_home.shape
+        return ((layer * 2 + half) * positions + position) * self._row_bytes(batch)
 
     async def discard(self, path: Path | None) -> None:
         await self.drain()  # no store still writes it

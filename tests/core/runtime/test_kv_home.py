@@ -7,6 +7,7 @@ k+1's cache arrives while batch k computes, and each step's new entries go home.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -233,3 +234,28 @@ def test_a_groups_kv_files_go_once_the_group_is_done(tmp_path: Path, scratch_roo
 
     engine.generate(PROMPTS, max_new_tokens=2, progress=count)
     assert files == [1, 1, 1]  # 5 prompts in groups of 2: never more than the group's one file
+
+
+def test_a_kv_cache_on_the_drive_is_read_and_written_with_o_direct_in_aligned_rows(tmp_path: Path) -> None:
+    """Each position's row of a file is padded to the drive's alignment, so a layer's prefix and a
+    step's new entries are aligned ranges the scratch tier moves past the page cache."""
+    from klotski_tier.core.runtime.kv import DiskKv
+    from klotski_tier.tiers.device import DeviceDriver
+
+    spec = Engine.load(make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)).spec
+
+    async def run() -> tuple[bool, int]:
+        driver = DeviceDriver("cpu")
+        kv = DiskKv(driver, spec, tmp_path / "scratch")
+        try:
+            _, _, path = await kv.new_caches(3, 10)
+            assert path is not None
+            return kv.scratch.is_direct(path), path.stat().st_size
+        finally:
+            await kv.aclose()
+            await driver.aclose()
+
+    direct, size = asyncio.run(run())
+    row = 3 * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize  # 3 sequences' heads at one position
+    assert direct and row % 4096 != 0
+    assert size == spec.num_layers * 2 * 10 * 4096 * -(-row // 4096)
