@@ -137,6 +137,12 @@ def embed(ids: Tensor, w: BlockWeights) -> Tensor:
     return F.embedding(ids, w["embed"])
 
 
+def embed_into(ids: Tensor, w: BlockWeights, out: Tensor) -> Tensor:
+    """Token ids [B, T] -> their embeddings written into ``out`` [B, T, H] (the values of :func:`embed`)."""
+    torch.index_select(w["embed"], 0, ids.reshape(-1), out=out.view(-1, out.shape[-1]))
+    return out
+
+
 def _project_qkv(x: Tensor, w: BlockWeights, spec: ModelSpec, positions: Tensor) -> tuple[Tensor, ...]:
     """Normed input [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]: bias, qk-norm, clip, rope."""
     batch, tokens, _ = x.shape

@@ -74,6 +74,8 @@ class RunMetrics:
     disk_bytes_read: int = 0  # bytes read from disk (checkpoint or packed store) by every path
     kv_bytes_in: int = 0  # KV cache copied from its home in host RAM into device slots
     kv_bytes_out: int = 0  # new KV entries copied back home
+    activation_bytes_in: int = 0  # prefill residual streams copied from host RAM into device slots
+    activation_bytes_out: int = 0  # ... and back home
     host_attention_s: float = 0.0  # decode attention on the host's cores ([kv] attention = "host")
     host_attention_bytes: int = 0  # its queries, new entries and outputs across the link
     expert_requests: int = 0  # (layer, expert) selections by the gates, per batch group step

@@ -41,6 +41,10 @@ A configuration file has one table per concern; every key is optional::
     attention = "device"     # where decode attention runs: "device", or "host" over the cache in host RAM,
                              # moving only queries, new entries and outputs (needs home = "host")
 
+    [activations]
+    home = "device"          # a prefill's residual streams: "device", or "host" (RAM) between their jobs,
+                             # two device slots holding the ones in use (runtime/activations.py)
+
 Layering: built-in defaults, then a preset (``--preset``), then the file (``--config``), then
 command-line flags. Every value is checked when loaded; an error names the file, the key,
 the bad value and what is allowed.
@@ -79,6 +83,9 @@ KV_SLOTS = 2  # device slots of a cache in host RAM: one being computed, one bei
 DEVICE_ATTENTION = "device"  # attention runs on the device, over the cache there or in its slots
 HOST_ATTENTION = "host"  # decode attention runs on the host's cores over the cache in host RAM
 KV_ATTENTION = (DEVICE_ATTENTION, HOST_ATTENTION)
+DEVICE_ACTIVATIONS = "device"  # every batch's residual stream on the device for the whole step
+HOST_ACTIVATIONS = "host"  # a prefill's residual streams in host RAM between jobs (runtime/activations.py)
+ACTIVATION_HOMES = (DEVICE_ACTIVATIONS, HOST_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class EngineOptions:
     expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
     kv_home: str = DEVICE_KV  # one of KV_HOMES: where the KV cache lives (runtime/kv.py)
     kv_attention: str = DEVICE_ATTENTION  # one of KV_ATTENTION: where decode attention runs (runtime/kv.py)
+    activations_home: str = DEVICE_ACTIVATIONS  # one of ACTIVATION_HOMES (runtime/activations.py)
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):
@@ -122,6 +130,7 @@ class EngineOptions:
         _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
         _check_choice("kv_home", self.kv_home, KV_HOMES)
         _check_choice("kv_attention", self.kv_attention, KV_ATTENTION)
+        _check_choice("activations_home", self.activations_home, ACTIVATION_HOMES)
         if self.kv_attention == HOST_ATTENTION and self.kv_home != HOST_KV:
             raise ConfigError(
                 f'kv attention "{HOST_ATTENTION}" runs over the KV cache in host RAM, but the cache lives '
@@ -233,6 +242,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
     },
     "eviction": {"policy": ("eviction", _text), "options": ("eviction_options", _table)},
     "kv": {"home": ("kv_home", _choice(*KV_HOMES)), "attention": ("kv_attention", _choice(*KV_ATTENTION))},
+    "activations": {"home": ("activations_home", _choice(*ACTIVATION_HOMES))},
 }
 
 

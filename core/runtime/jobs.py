@@ -74,6 +74,19 @@ class StepJobs(ABC, Generic[BatchT, RoutingT, TokensT, LogitsT]):
     async def kv_drain(self) -> None:
         """Wait until every KV entry written is home (the end of a step)."""
 
+    def residual_fetch(self, index: int, batch: BatchT, fresh: bool = False) -> Awaitable[None] | None:
+        """Start bringing batch ``index``'s residual stream where its next job reads it, when it waits in
+        host RAM between jobs (runtime/activations.py); ``fresh``: its embedding makes it (only room is
+        needed). An awaitable for its arrival, or None where it stays on the device (the default)."""
+        return None
+
+    def residual_done(self, index: int, batch: BatchT, changed: bool) -> None:
+        """After a job of batch ``index`` that read its residual stream (``changed``: and wrote it): start
+        taking it home, where it waits in host RAM between jobs."""
+
+    async def residual_drain(self) -> None:
+        """Wait until every residual stream written is home (the end of a step)."""
+
     def attends_at_home(self, batch: BatchT) -> bool:
         """Whether the batch's attention this step runs where its KV cache lives, off the device
         (runtime/host_attention.py): then :meth:`project`, :meth:`attend_at_home` and

@@ -21,6 +21,7 @@ from torch import Tensor
 from klotski_tier.core.model import ops
 from klotski_tier.core.model.blocks import BlockWeights
 from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.runtime.activations import HostResiduals
 from klotski_tier.core.runtime.compute import ComputeRunner
 from klotski_tier.core.runtime.host_attention import HostAttention
 from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
@@ -51,13 +52,16 @@ class Batch:
     # Attention on the host (runtime/host_attention.py): q, k, v from the device, and the device buffer
     # the host's output comes back to ([B, Hq, T, D], [B, Hkv, T, D] x2, [B, Hq, T, D]).
     attention_parts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    # A prefill's residual stream kept in host RAM between its jobs (runtime/activations.py): ``hidden``
+    # is then its device slot while a job runs, None between them.
+    residual_home: Tensor | None = None
 
 
 @dataclass
 class Routing:
     """One batch's gate output for the current layer."""
 
-    x: Tensor  # [N_b, H] post-attention-norm hidden states of the routed tokens
+    x: Tensor | None  # [N_b, H] post-attention-norm hidden states of the routed tokens (None once gathered)
     topk_idx: Tensor  # [N_b, k] selected experts
     topk_w: Tensor  # [N_b, k] routing weights
     shared: Tensor | None  # [N_b, H] shared-expert output (Qwen2-MoE) or None
@@ -82,11 +86,45 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
         runner: ComputeRunner,
         kv: HostKv | None = None,
         host_attention: HostAttention | None = None,
+        residuals: HostResiduals | None = None,
     ) -> None:
         self.spec = spec
         self.runner = runner
         self.kv = kv  # None: every batch's KV cache is on the device
         self.host_attention = host_attention  # decode attention on the host, over the cache in RAM
+        self.residuals = residuals  # None: residual streams stay on the device
+
+    def _away(self, batch: Batch) -> bool:
+        """Whether the batch's residual stream waits in host RAM between its jobs: a prefill's."""
+        return self.residuals is not None and batch.kv_cached == 0
+
+    def residual_fetch(self, index: int, batch: Batch, fresh: bool = False) -> Awaitable[None] | None:
+        if not self._away(batch):
+            return None
+        return asyncio.ensure_future(self._residual_fetch(index, batch, fresh))
+
+    async def _residual_fetch(self, index: int, batch: Batch, fresh: bool) -> None:
+        assert self.residuals is not None
+        if fresh:  # the embedding writes it: a slot, and a home to go to
+            shape = (*batch.ids.shape, self.spec.hidden_size)
+            await self.residuals.claim(index)
+            batch.hidden = self.residuals.slot(index, shape)
+            batch.residual_home = self.residuals.home(shape)
+            return
+        assert batch.residual_home is not None, "a residual stream must be made before it is fetched"
+        batch.hidden = await self.residuals.fetch(index, batch.residual_home)
+
+    def residual_done(self, index: int, batch: Batch, changed: bool) -> None:
+        if not self._away(batch):
+            return
+        assert self.residuals is not None and batch.residual_home is not None
+        if changed:
+            self.residuals.store(index, batch.residual_home)
+        batch.hidden = None  # the slot is the next batch's
+
+    async def residual_drain(self) -> None:
+        if self.residuals is not None:
+            await self.residuals.drain()
 
     def attends_at_home(self, batch: Batch) -> bool:
         return self.host_attention is not None and batch.kv_cached > 0  # decode: a cache to read
@@ -126,11 +164,15 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
             await self.kv.drain()
 
     async def embed(self, batch: Batch, embedding: Lease) -> None:
+        if self._away(batch):  # into its slot
+            await self._run(_embed_into, embedding, batch, embedding.weights, label="embed")
+            return
         batch.hidden = await self._run(ops.embed, embedding, batch.ids, embedding.weights, label="embed")
 
     async def attention(self, layer: int, batch: Batch, weights: Lease) -> None:
+        fn = _attention_in_place if self._away(batch) else _attention
         batch.hidden = await self._run(
-            _attention, weights, batch, weights.weights, self.spec, layer, label=f"L{layer} attention"
+            fn, weights, batch, weights.weights, self.spec, layer, label=f"L{layer} attention"
         )
 
     async def route(self, layer: int, batch: Batch, gate: Lease) -> Routing:
@@ -145,7 +187,7 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
         await self._run(_expert, weights, x, topk_idx, topk_w, expert, weights.weights, out, label=label)
 
     async def combine(self, layer: int, batch: Batch, routing: Routing, tokens: Tokens, first: int) -> None:
-        mine = tokens.contributions[first : first + routing.x.shape[0]]  # [N_b, k, H]
+        mine = tokens.contributions[first : first + len(routing.routes)]  # [N_b, k, H]
         await self._run(_combine, None, batch, routing, mine, label=f"L{layer} combine")
 
     async def head(self, batch: Batch, head: Lease) -> Tensor:
@@ -180,6 +222,17 @@ def _attention_output(batch: Batch, w: BlockWeights) -> Tensor:
     return ops.attention_output(batch.hidden, out, w)
 
 
+def _embed_into(batch: Batch, w: BlockWeights) -> None:
+    assert batch.hidden is not None
+    ops.embed_into(batch.ids, w, batch.hidden)
+
+
+def _attention_in_place(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
+    """The attention sublayer, its result written over the residual stream in its slot."""
+    assert batch.hidden is not None
+    return batch.hidden.copy_(_attention(batch, w, spec, layer))
+
+
 def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Routing:
     assert batch.hidden is not None
     h = batch.hidden[batch.token_mask]  # [N_b, H]
@@ -190,7 +243,9 @@ def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Routing:
 
 def _gather_tokens(routings: Sequence[Routing]) -> Tokens:
     """The routed tokens of all n batches together, and zeroed room for their expert outputs."""
-    x = torch.cat([r.x for r in routings])  # [N, H]
+    x = torch.cat([r.x for r in routings if r.x is not None])  # [N, H]
+    for routing in routings:  # the gathered copy is the one the experts read: one copy held, not two
+        routing.x = None
     topk_idx = torch.cat([r.topk_idx for r in routings])  # [N, k]
     topk_w = torch.cat([r.topk_w for r in routings])  # [N, k]
     dtype = ops.contribution_dtype(x.dtype, topk_w.dtype)

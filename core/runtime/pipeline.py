@@ -133,23 +133,51 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
             previous = await self._layer(layer, batches, previous)
         logits = await self._head(batches)
         await self.jobs.kv_drain()
+        await self.jobs.residual_drain()
         return logits
 
     async def _head(self, batches: Sequence[BatchT]) -> list[LogitsT]:
         head = await self._acquire(head_block())
         logits = []
+        residual = self._residual(0, batches)
         for index, batch in enumerate(batches):
+            residual = await self._with_residual(residual, index, batches, "head")
             self._job(f"head b{index}")
             logits.append(await self.jobs.head(batch, head))
+            self.jobs.residual_done(index, batch, changed=False)
         await self._release(head)
         return logits
 
     async def _embed(self, batches: Sequence[BatchT]) -> None:
         embed = await self._acquire(embed_block())
+        residual = self._residual(0, batches, fresh=True)
         for index, batch in enumerate(batches):
+            residual = await self._with_residual(residual, index, batches, "embed", fresh=True)
             self._job(f"embed b{index}")
             await self.jobs.embed(batch, embed)
+            self.jobs.residual_done(index, batch, changed=True)
         await self._release(embed)
+
+    def _residual(self, index: int, batches: Sequence[BatchT], fresh: bool = False) -> Awaitable[None] | None:
+        """Start bringing batch ``index``'s residual stream to the device where it waits in host RAM
+        between jobs (runtime/activations.py); None where there is nothing to bring."""
+        if index >= len(batches):
+            return None
+        return self.jobs.residual_fetch(index, batches[index], fresh)
+
+    async def _with_residual(
+        self,
+        coming: Awaitable[None] | None,
+        index: int,
+        batches: Sequence[BatchT],
+        what: str,
+        fresh: bool = False,
+    ) -> Awaitable[None] | None:
+        """Wait for batch ``index``'s residual stream (``coming``), then start bringing the next one's,
+        which arrives while this batch computes; returns that."""
+        if coming is not None:
+            await self._timed_wait(coming, "activations", INTRA_LAYER, f"{what} b{index} residual")
+        return self._residual(index + 1, batches, fresh)
 
     async def _layer(self, layer: int, batches: Sequence[BatchT], previous: RouteArray | None) -> RouteArray:
         await self._attention_phase(layer, batches, previous)
@@ -187,14 +215,17 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
             await self._release(attn)
             return
         fetch, self._kv_ahead = self._kv_ahead or self._kv_fetch(layer, 0, batches), None
+        residual = self._residual(0, batches)
         for index, batch in enumerate(batches):
             if fetch is not None:
                 bubble = INTER_LAYER if index == 0 else INTRA_LAYER
                 await self._timed_wait(fetch, "kv", bubble, f"L{layer} kv b{index}")
             fetch = self._kv_fetch(layer, index + 1, batches)  # arrives while this batch computes
+            residual = await self._with_residual(residual, index, batches, f"L{layer} attention")
             self._job(f"L{layer} attention b{index}")
             await self.jobs.attention(layer, batch, attn)
             self.jobs.kv_store(layer, index, batch)
+            self.jobs.residual_done(index, batch, changed=True)
         await self._release(attn)
         if layer + 1 < self.spec.num_layers:  # the next layer's first cache, during this layer's experts
             self._kv_ahead = self._kv_fetch(layer + 1, 0, batches)
@@ -277,9 +308,12 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         gate = await self._acquire(gate_block(layer))
         routings: list[RoutingT] = []
         requests: _Requests = {}
+        residual = self._residual(0, batches)
         for index, batch in enumerate(batches):
+            residual = await self._with_residual(residual, index, batches, f"L{layer} gate")
             self._job(f"L{layer} gate b{index}")
             routing = await self.jobs.route(layer, batch, gate)
+            self.jobs.residual_done(index, batch, changed=False)
             routings.append(routing)
             if self._at_gate:
                 for expert in sorted(_used(routing.routes)):
@@ -312,9 +346,12 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
             selected = sorted(_used(_all_routes(routings, self.spec.top_k)))
             await self._experts_in_waves(layer, tokens, self._waves(layer, selected))
         first = 0
+        residual = self._residual(0, batches)
         for index, (batch, routing) in enumerate(zip(batches, routings, strict=True)):
+            residual = await self._with_residual(residual, index, batches, f"L{layer} combine")
             self._job(f"L{layer} combine b{index}")
             await self.jobs.combine(layer, batch, routing, tokens, first)
+            self.jobs.residual_done(index, batch, changed=True)
             first += len(routing.routes)
 
     def _waves(self, layer: int, experts: list[int]) -> list[list[int]]:

@@ -27,9 +27,16 @@ from klotski_tier.core.observe.metrics import RunMetrics, TierStats
 from klotski_tier.core.observe.routing_trace import RoutingRecorder, TraceMeta
 from klotski_tier.core.observe.timeline import Timeline
 from klotski_tier.core.paths import default_cache_dir
+from klotski_tier.core.runtime.activations import HostResiduals
 from klotski_tier.core.runtime.budgets import DERIVED, Budgets
 from klotski_tier.core.runtime.compute import ComputeRunner
-from klotski_tier.core.runtime.config import HOST_ATTENTION, KLOTSKI, EngineOptions
+from klotski_tier.core.runtime.config import (
+    DEVICE_ACTIVATIONS,
+    HOST_ACTIVATIONS,
+    HOST_ATTENTION,
+    KLOTSKI,
+    EngineOptions,
+)
 from klotski_tier.core.runtime.host_attention import HostAttention
 from klotski_tier.core.runtime.jobs import BatchT, LogitsT, RoutingT, StepJobs, TokensT
 from klotski_tier.core.runtime.kv import DEVICE_KV, DISK_KV, HOST_KV, DiskKv, HostKv
@@ -40,6 +47,7 @@ from klotski_tier.core.runtime.residency import DEVICE, HOST, Residency
 from klotski_tier.core.runtime.sequences import (
     GenSequence,
     group_activation_bytes,
+    host_residual_bytes,
     kv_cache_bytes,
     kv_device_bytes,
 )
@@ -62,15 +70,19 @@ UNLIMITED_BYTES = 1 << 62
 
 
 def fixed_device_bytes(
-    files: ModelFiles, groups: Sequence[Sequence[GenSequence]], batch_size: int, kv_home: str = DEVICE_KV
+    files: ModelFiles,
+    groups: Sequence[Sequence[GenSequence]],
+    batch_size: int,
+    kv_home: str = DEVICE_KV,
+    activations_home: str = DEVICE_ACTIVATIONS,
 ) -> int:
     """Device bytes held outside weight blocks by the largest group: KV cache (all of it, or the two
-    slots it streams through from host RAM: runtime/kv.py) and activations."""
+    slots it streams through from host RAM: runtime/kv.py) and activations (runtime/activations.py)."""
     worst = 0
     for group in groups:
         parts = _batches_of(group, batch_size)
         kv = kv_device_bytes(parts, files.spec, kv_home)
-        activations = group_activation_bytes(parts, files.spec)
+        activations = group_activation_bytes(parts, files.spec, activations_home)
         worst = max(worst, kv + activations)
     return worst
 
@@ -85,7 +97,7 @@ def minimum_budgets(
     room to stage the largest block on its way from disk.
     """
     block = largest_block_bytes(files.layouts)
-    fixed = fixed_device_bytes(files, groups, options.batch_size, options.kv_home)
+    fixed = fixed_device_bytes(files, groups, options.batch_size, options.kv_home, options.activations_home)
     kv = host_kv_bytes(files, groups, options)
     if reads_into_device(options):  # a CPU device without a host tier: host RAM is the device's pool
         return fixed + kv + block, 0, fixed + kv
@@ -93,15 +105,16 @@ def minimum_budgets(
 
 
 def host_kv_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], options: EngineOptions) -> int:
-    """Host RAM the KV cache of the largest group takes where it lives there ([kv] home = "host"),
-    counted against the host budget (on a CPU device without a host tier, against the device's, the
-    same memory); else 0."""
-    if options.kv_home != HOST_KV:
-        return 0
-    per_group = (
-        sum(kv_cache_bytes(part, files.spec) for part in _batches_of(g, options.batch_size)) for g in groups
-    )
-    return max(per_group, default=0)
+    """Host RAM the largest group keeps there outside weights: its KV cache where it lives there
+    ([kv] home = "host") and its prefill's residual streams where they wait there ([activations] home =
+    "host"), counted against the host budget (on a CPU device without a host tier, against the
+    device's, the same memory)."""
+    spec, worst = files.spec, 0
+    for group in groups:
+        parts = _batches_of(group, options.batch_size)
+        kv = sum(kv_cache_bytes(part, spec) for part in parts) if options.kv_home == HOST_KV else 0
+        worst = max(worst, kv + host_residual_bytes(parts, spec, options.activations_home))
+    return worst
 
 
 def _batches_of(group: Sequence[GenSequence], batch_size: int) -> list[Sequence[GenSequence]]:
@@ -144,9 +157,9 @@ def check_budgets(
         if kv:
             raise BudgetError(
                 f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working "
-                f"set {_exact(host_min)}: the KV cache kept in host RAM {format_size(kv)}"
+                f"set {_exact(host_min)}: the KV cache and activations kept in host RAM {format_size(kv)}"
                 f"{'' if host_min == kv else ' and room to stage the largest block'}; raise --host-memory or "
-                'keep the KV cache on the device ([kv] home = "device")'
+                'keep them on the device ([kv] home = "device", [activations] home = "device")'
             )
         raise BudgetError(
             f"host memory budget {format_size(options.host_memory_bytes)} is below the minimum working set "
@@ -291,6 +304,9 @@ class Runtime:
         elif options.kv_home == DISK_KV:
             scratch = default_cache_dir() / KV_SCRATCH
             self.kv = DiskKv(self.device_driver, files.spec, scratch, self.timeline)
+        self.residuals: HostResiduals | None = None  # a prefill's residual streams in host RAM
+        if options.activations_home == HOST_ACTIVATIONS:
+            self.residuals = HostResiduals(self.device_driver, files.spec, self.timeline)
         self.host_attention: HostAttention | None = None  # decode attention on the host's cores
         if options.kv_attention == HOST_ATTENTION:
             self.host_attention = HostAttention(self.device_driver, files.spec, self.timeline)
@@ -311,7 +327,7 @@ class Runtime:
             files.spec,
             files.layouts,
             self.residency,
-            ModelJobs(files.spec, self.compute, self.kv, self.host_attention),
+            ModelJobs(files.spec, self.compute, self.kv, self.host_attention, self.residuals),
             prefetch,
             self.metrics,
             options,
@@ -340,6 +356,9 @@ class Runtime:
             bs = self.options.batch_size
             positions = max(len(s.prompt) + s.max_new_tokens for group in groups for s in group)
             self.kv.reserve(min(bs, max(len(group) for group in groups)), positions)
+        if self.residuals is not None:
+            prompt = max(len(s.prompt) for group in groups for s in group)
+            self.residuals.reserve(min(self.options.batch_size, max(len(group) for group in groups)), prompt)
         if self.device.type == "cuda" and self.options.device_memory_bytes is not None:
             await self.device_driver.reserve(ledger.capacity_bytes - ledger.fixed_bytes)
 
@@ -349,6 +368,9 @@ class Runtime:
         self.metrics.disk_bytes_read = self.disk.bytes_read
         if self.kv is not None:
             self.metrics.kv_bytes_in, self.metrics.kv_bytes_out = self.kv.bytes_in, self.kv.bytes_out
+        if self.residuals is not None:
+            self.metrics.activation_bytes_in = self.residuals.bytes_in
+            self.metrics.activation_bytes_out = self.residuals.bytes_out
         if self.host_attention is not None:
             self.metrics.host_attention_s = self.host_attention.busy_s
             self.metrics.host_attention_bytes = self.host_attention.bytes_in + self.host_attention.bytes_out
@@ -366,6 +388,8 @@ class Runtime:
             self.compute.close()
             if self.host_attention is not None:
                 self.host_attention.close()
+            if self.residuals is not None:
+                await self.residuals.drain_quietly()
             if self.kv is not None:
                 await self.kv.drain_quietly()
                 await self.kv.aclose()  # a cache on the drive: its files go

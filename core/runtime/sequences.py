@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.runtime.activations import RESIDUAL_SLOTS
+from klotski_tier.core.runtime.config import DEVICE_ACTIVATIONS
 from klotski_tier.core.runtime.kv import DEVICE_KV, KV_SLOTS, slot_bytes
 from klotski_tier.core.runtime.model_jobs import Batch
 
@@ -129,8 +131,29 @@ def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> tuple[int,
     return held, scores + batch * spec.vocab_size * 4
 
 
-def group_activation_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec) -> int:
-    """Activations of a group of batches ``parts``: what each holds, and room for the largest
-    batch's attention and head."""
+def residual_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
+    """A prefill's residual stream [B, T, H] of one batch of ``seqs`` (part of what it holds)."""
+    return len(seqs) * max(len(s.prompt) for s in seqs) * spec.hidden_size * spec.dtype.itemsize
+
+
+def group_activation_bytes(
+    parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, home: str = DEVICE_ACTIVATIONS
+) -> int:
+    """Device bytes of the activations of a group of batches ``parts``: what each holds, and room for
+    the largest batch's attention and head. With the residual streams in host RAM between jobs
+    (runtime/activations.py), a prefill holds the two slots instead of every batch's, and a decode step
+    (whose residuals stay on the device) what each batch holds at one token a sequence."""
     sizes = [activation_bytes(part, spec) for part in parts]
-    return sum(held for held, _ in sizes) + max(at_once for _, at_once in sizes)
+    at_once = max(size for _, size in sizes)
+    held = sum(size for size, _ in sizes)
+    if home == DEVICE_ACTIVATIONS:
+        return held + at_once
+    residuals = [residual_bytes(part, spec) for part in parts]
+    prefill = held - sum(residuals) + RESIDUAL_SLOTS * max(residuals)
+    decode = sum(len(part) for part in parts) * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
+    return max(prefill, decode) + at_once
+
+
+def host_residual_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, home: str) -> int:
+    """Host RAM a group's prefill residual streams take where they wait there (else 0)."""
+    return 0 if home == DEVICE_ACTIVATIONS else sum(residual_bytes(part, spec) for part in parts)
