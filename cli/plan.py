@@ -32,7 +32,7 @@ from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RouteSampler, RoutingModel, TraceRouting
 from klotski_tier.core.plan.shapes import load_shapes_file, model_shape
-from klotski_tier.core.runtime.config import KV_ATTENTION, KV_HOMES
+from klotski_tier.core.runtime.config import ACTIVATION_HOMES, KV_ATTENTION, KV_HOMES
 from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
 
@@ -73,6 +73,9 @@ _STUDY_FLAGS = [
     click.option("--kv-attention", type=click.Choice(KV_ATTENTION),
                  help="Fix where decode attention runs ([kv] attention; default: where the cost model "
                  "predicts more tokens/s: the device, or the host's cores over a cache in host RAM)."),
+    click.option("--activations-home", type=click.Choice(ACTIVATION_HOMES),
+                 help="Fix where a prefill's residual streams wait between their jobs ([activations] home; "
+                 "default: where more tokens/s are predicted)."),
 ]  # fmt: skip
 
 
@@ -118,6 +121,7 @@ def study_from_flags(flags: dict[str, Any], **fixed: Any) -> Study:
         "compression_ratio": ratio,
         "kv_home": flags.pop("kv_home"),
         "kv_attention": flags.pop("kv_attention"),
+        "activations_home": flags.pop("activations_home"),
         **fixed,
     }
     routing = RoutingModel(sampler) if sampler is not None else None

@@ -20,7 +20,7 @@ from klotski_tier.core.plan.machine import Machine
 from klotski_tier.core.plan.planner import Deadline, Plan, PlanRequest, StepPrediction, TierUse
 from klotski_tier.core.plan.shapes import ShapeEntry, active_parameter_count, parameter_count
 from klotski_tier.core.plan.simulate import DISK_TO_HOST, HOST_TO_DEVICE, WorkloadResult
-from klotski_tier.core.runtime.config import DEVICE_KV, HOST_ATTENTION, HOST_KV
+from klotski_tier.core.runtime.config import DEVICE_ACTIVATIONS, DEVICE_KV, HOST_ATTENTION, HOST_KV
 from klotski_tier.core.units import format_size
 
 MS_PER_S = 1000.0
@@ -204,6 +204,8 @@ def run_plan_line(chosen: RunPlan) -> str:
         shape += ", KV cache " + ("in host RAM" if options.kv_home == HOST_KV else "on the drive")
     if options.kv_attention == HOST_ATTENTION:
         shape += ", decode attention on the host"
+    if options.activations_home != DEVICE_ACTIVATIONS:
+        shape += ", prefill residuals in host RAM"
     if plan is None:
         return f"plan: {chosen.mode}, {shape}" + (f" ({chosen.note})" if chosen.note else "")
     kept = sorted(set(plan.engine_options()) - set(chosen.planned))
@@ -228,6 +230,7 @@ def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
         "lookahead_layers": options.lookahead_layers,
         "kv_home": options.kv_home,
         "kv_attention": options.kv_attention,
+        "activations_home": options.activations_home,
         "planned": sorted(chosen.planned),
         "note": chosen.note,
         "basis": chosen.basis,

@@ -36,6 +36,7 @@ from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
 from klotski_tier.core.runtime.config import (
     ALL_EXPERTS,
+    DEVICE_ACTIVATIONS,
     DEVICE_ATTENTION,
     DEVICE_KV,
     DISK_KV,
@@ -68,6 +69,7 @@ class SweepSetup:
     preset: dict[str, Any] = dataclasses.field(default_factory=dict)  # the --preset's engine options
     kv_homes: dict[int, str] = dataclasses.field(default_factory=dict)  # n -> where its KV cache lives
     kv_attention: str = DEVICE_ATTENTION  # where decode attention runs (the plan's, or --kv-attention)
+    activations_home: str = DEVICE_ACTIVATIONS  # where a prefill's residuals wait (the plan's, or the flag)
 
     @property
     def eviction(self) -> str:
@@ -198,7 +200,8 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
         return SweepSetup([plan.batches], {}, plan.batch_size, plan.hot_experts,
                           plan.placement.host_preload, plan, from_plan=True,
                           kv_homes={plan.batches: plan.placement.kv_home},
-                          kv_attention=plan.placement.kv_attention)  # fmt: skip
+                          kv_attention=plan.placement.kv_attention,
+                          activations_home=plan.placement.activations_home)  # fmt: skip
     bs = request.batch_size or EngineOptions().batch_size  # the engine's default bs
     hot = request.hot_experts if request.hot_experts is not None else study.spec.top_k  # as the engine
     sequences = study.sequences or max(counts) * bs  # the planner tries every n up to this many
@@ -210,7 +213,8 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
     fitting = [n for n in counts if n not in skipped]
     attention = request.kv_attention or DEVICE_ATTENTION
     return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False, kv_homes=homes,
-                      kv_attention=attention)  # fmt: skip
+                      kv_attention=attention,
+                      activations_home=request.activations_home or DEVICE_ACTIVATIONS)  # fmt: skip
 
 
 def _kv_home(study: Study, batches: int, batch_size: int) -> str:
@@ -223,7 +227,8 @@ def _kv_home(study: Study, batches: int, batch_size: int) -> str:
         (_device_budget(study), _host_budget(study)),
     )
     requested = request.kv_home or (HOST_KV if request.kv_attention == HOST_ATTENTION else None)
-    home = kv_home_for(CostModel(study.spec, study.machine), batches, batch_size, tokens, budgets, requested)
+    cost, acts = CostModel(study.spec, study.machine), request.activations_home or DEVICE_ACTIVATIONS
+    home = kv_home_for(cost, batches, batch_size, tokens, budgets, requested, acts)
     return home or requested or HOST_KV
 
 
@@ -233,10 +238,16 @@ def _does_not_fit(study: Study, batches: int, batch_size: int, kv_home: str) -> 
     request, cost = study.request, CostModel(study.spec, study.machine)
     budget = _device_budget(study)
     tokens = (request.prompt_tokens, request.new_tokens)
-    fixed = cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=kv_home)
-    kv = batches * cost.kv_cache_bytes(batch_size, *tokens)
-    if kv_home == HOST_KV and kv >= _host_budget(study):
-        return f"its KV cache ({format_size(kv)}) exceeds the host budget {format_size(_host_budget(study))}"
+    acts = request.activations_home or DEVICE_ACTIVATIONS
+    fixed = cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=kv_home, activations_home=acts)
+    in_ram = batches * cost.kv_cache_bytes(batch_size, *tokens) if kv_home == HOST_KV else 0
+    if acts != DEVICE_ACTIVATIONS:
+        in_ram += batches * cost.residual_bytes(batch_size, request.prompt_tokens)
+    if in_ram and in_ram >= _host_budget(study):
+        return (
+            f"its KV cache and activations in host RAM ({format_size(in_ram)}) exceed the host budget "
+            f"{format_size(_host_budget(study))}"
+        )
     if fixed + cost.sizes.largest <= budget:
         return None
     where = "KV cache slots" if kv_home != DEVICE_KV else "KV cache"
@@ -283,6 +294,7 @@ def _simulate(
                 eviction=setup.eviction_at(n),
                 kv_home=setup.kv_homes.get(n, DEVICE_KV),
                 kv_attention=_attention_at(setup, n),
+                activations_home=setup.activations_home,
             ),
             sequences=sequences(n),
             prompt_tokens=request.prompt_tokens,
@@ -301,7 +313,8 @@ def _heading(study: Study, setup: SweepSetup) -> list[str]:
     lines = [
         f"simulated {study.model} on {machine.name} ({machine.device}): {request.prompt_tokens} prompt + "
         f"{request.new_tokens} new tokens per sequence; budgets: device {device}, host {host}; "
-        f"{_schedule(setup)}; {_evictions(setup)}; {_kv_homes(setup)}; routing: {routing}",
+        f"{_schedule(setup)}; {_evictions(setup)}; {_kv_homes(setup)}{_activations(setup)}; "
+        f"routing: {routing}",
     ]
     if setup.from_plan:
         lines.append(f"n, bs, K and preload from the plan ({setup.plan.why})")
@@ -337,6 +350,12 @@ def _kv_homes(setup: SweepSetup) -> str:
     return "KV cache " + "; ".join(
         f"{words[home]} at n={', '.join(map(str, ns))}" for home, ns in by_home.items()
     )
+
+
+def _activations(setup: SweepSetup) -> str:
+    if setup.activations_home == DEVICE_ACTIVATIONS:
+        return ""
+    return "; prefill residual streams in host RAM between jobs"
 
 
 def _evictions(setup: SweepSetup) -> str:

@@ -59,7 +59,8 @@ from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.families import family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
 from klotski_tier.core.plan.machine import ComputeRates, Machine
-from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, KV_SLOTS
+from klotski_tier.core.runtime.activations import RESIDUAL_SLOTS
+from klotski_tier.core.runtime.config import DEVICE_ACTIVATIONS, DEVICE_KV, DISK_KV, KV_SLOTS
 from klotski_tier.core.units import GB, align_up
 
 logger = logging.getLogger(__name__)
@@ -303,19 +304,43 @@ class CostModel:
         spec = self.spec
         tokens = batch_size * prompt_tokens
         held = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
-        scores = batch_size * spec.num_heads * prompt_tokens * prompt_tokens * FP32_BYTES
+        scores = spec.num_heads * prompt_tokens * prompt_tokens * FP32_BYTES  # one sequence's at a time
         return held, scores + batch_size * spec.vocab_size * FP32_BYTES
 
+    def residual_bytes(self, batch_size: int, prompt_tokens: int) -> int:
+        """A prefill's residual stream of one batch, as :func:`klotski_tier.core.runtime.sequences.
+        residual_bytes`."""
+        return batch_size * prompt_tokens * self.spec.hidden_size * self.spec.dtype.itemsize
+
+    def residual_copy_s(self, batch_size: int, prompt_tokens: int) -> float:
+        """Seconds over the host-to-device link of one batch's prefill residual stream, one way."""
+        return self.machine.host_to_device_seconds(self.residual_bytes(batch_size, prompt_tokens))
+
     def fixed_device_bytes(
-        self, batches: int, batch_size: int, prompt_tokens: int, new_tokens: int, kv_home: str = DEVICE_KV
+        self,
+        batches: int,
+        batch_size: int,
+        prompt_tokens: int,
+        new_tokens: int,
+        kv_home: str = DEVICE_KV,
+        activations_home: str = DEVICE_ACTIVATIONS,
     ) -> int:
         """Device bytes of a group of ``batches`` full batches outside weights, as the engine reserves:
-        their KV cache (with the cache in host RAM, two slots of one layer of one batch) and activations
-        (each batch's held ones, one batch's attention and head)."""
+        their KV cache (with the cache away from the device, two slots of one layer of one batch) and
+        activations (each batch's held ones, one batch's attention and head; with the residual streams
+        in host RAM, two slots of them in prefill), as :func:`klotski_tier.core.runtime.sequences.
+        group_activation_bytes`."""
         per_batch = self.kv_cache_bytes(batch_size, prompt_tokens, new_tokens)
         kv = batches * per_batch if kv_home == DEVICE_KV else KV_SLOTS * per_batch // self.spec.num_layers
         held, at_once = self.activation_bytes(batch_size, prompt_tokens)
-        return kv + batches * held + at_once
+        if activations_home == DEVICE_ACTIVATIONS:
+            return kv + batches * held + at_once
+        residual = self.residual_bytes(batch_size, prompt_tokens)
+        prefill = batches * (held - residual) + RESIDUAL_SLOTS * residual
+        decode = (
+            batches * batch_size * self.spec.hidden_size * self.spec.dtype.itemsize * (2 + self.spec.top_k)
+        )
+        return kv + max(prefill, decode) + at_once
 
 
 def no_host_attention(machine: str, device: str) -> str:

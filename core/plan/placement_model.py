@@ -20,7 +20,14 @@ from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.pipeline_model import BISECTIONS, Io, LayerWork
 from klotski_tier.core.plan.routing_model import LayerLoads
-from klotski_tier.core.runtime.config import DEVICE_ATTENTION, DEVICE_KV, DISK_KV, HOST_ATTENTION, HOST_KV
+from klotski_tier.core.runtime.config import (
+    DEVICE_ACTIVATIONS,
+    DEVICE_ATTENTION,
+    DEVICE_KV,
+    DISK_KV,
+    HOST_ATTENTION,
+    HOST_KV,
+)
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.lru import LRUEviction
 from klotski_tier.policies.sweep import SweepEviction
@@ -52,9 +59,13 @@ class Placement:
     # With the cache in host RAM and both places for decode attention priced: the predicted decode
     # tokens/s of this placement's and of the other's
     kv_choice: tuple[float, float] | None = None
+    activations_home: str = DEVICE_ACTIVATIONS  # where a prefill's residual streams wait between jobs
 
     def describe(self) -> str:
-        return self._weights() + self._kv()
+        text = self._weights() + self._kv()
+        if self.activations_home != DEVICE_ACTIVATIONS:
+            text += "; a prefill's residual streams wait in host RAM between their jobs (two device slots)"
+        return text
 
     def _kv(self) -> str:
         if self.kv_home == DEVICE_KV:
@@ -149,6 +160,7 @@ def kv_home_for(
     tokens: tuple[int, int],
     budgets: tuple[int, int],
     requested: str | None = None,
+    activations: str = DEVICE_ACTIVATIONS,
 ) -> str | None:
     """Where the KV cache of ``batches`` x ``batch_size`` (``tokens``: prompt and new) lives under the
     (device, host) ``budgets``: ``requested`` if it fits, else the device when the group's cache fits
@@ -157,10 +169,14 @@ def kv_home_for(
     device cannot hold even the slots."""
     device_budget, host_budget = budgets
     for home in [requested] if requested is not None else [DEVICE_KV, HOST_KV, DISK_KV]:
-        fixed = cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=home)
+        fixed = cost.fixed_device_bytes(
+            batches, batch_size, *tokens, kv_home=home, activations_home=activations
+        )
         if fixed + cost.sizes.largest > device_budget:
             continue
         in_ram = batches * cost.kv_cache_bytes(batch_size, *tokens)
+        if activations != DEVICE_ACTIVATIONS:  # the residual streams wait in host RAM too
+            in_ram += batches * cost.residual_bytes(batch_size, tokens[0])
         if home == HOST_KV and in_ram + cost.sizes.largest > host_budget:
             continue
         return home

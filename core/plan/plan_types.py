@@ -46,6 +46,7 @@ class PlanRequest:
     disk_queue_depth: int = EngineOptions.disk_queue_depth  # the engine's reads in flight from the drive
     kv_home: str | None = None  # fixed [kv] home; None: the device where the group's cache fits, else RAM
     kv_attention: str | None = None  # fixed [kv] attention; None: where the cost model prices it faster
+    activations_home: str | None = None  # fixed [activations] home; None: where more tokens/s are predicted
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -156,6 +157,7 @@ class Plan:
             "lookahead_layers": self.placement.lookahead_layers,
             "kv_home": self.placement.kv_home,
             "kv_attention": self.placement.kv_attention,
+            "activations_home": self.placement.activations_home,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,12 +6,13 @@ in :mod:`klotski_tier.core.plan.placement_model`, the request, candidate and pla
 :mod:`klotski_tier.core.plan.plan_types`; their public names are re-exported here.
 
 :func:`make_plan` tries n = 1, 2, ... (up to the sequences, ``max_batches`` and memory: the KV cache
-grows with n * bs) and K in 0..2k (in eight steps when 2k > 8). Among the candidates that meet
-every deadline in every layer and fit (the feasible ones) it keeps the smallest n whose predicted
-decode throughput (at its best K) is within :data:`NEAR_BEST` of the best feasible one: per-job
-costs spread over the n * bs tokens of a group, so throughput often keeps rising with n, but memory
-and latency grow with n too, and a few percent do not buy more batches. If none is feasible, the
-candidate with the least bubble time per token, naming the missed deadline and by how much. Unless
+grows with n * bs) and K in 0..2k (in eight steps when 2k > 8) and K = E, with each place for the KV
+cache's attention and a prefill's activations. Of the candidates that fit it keeps those within
+:data:`NEAR_BEST` of the best predicted decode throughput; among them, those that meet every deadline
+in every layer (the feasible ones), the smallest n (at its best K): per-job costs spread over the
+n * bs tokens of a group, so throughput often keeps rising with n, but memory and latency grow with n
+too, and a few percent do not buy more batches. If none of them is feasible, the fastest, naming the
+missed deadline and by how much. Unless
 bs is given, it does so for each bs in powers of two and keeps the best predicted decode throughput.
 """
 
@@ -64,9 +65,11 @@ from klotski_tier.core.plan.plan_types import SweepPoint as SweepPoint
 from klotski_tier.core.plan.plan_types import TierUse as TierUse
 from klotski_tier.core.plan.routing_model import LayerLoads, RoutingModel
 from klotski_tier.core.runtime.config import (
+    DEVICE_ACTIVATIONS,
     DEVICE_ATTENTION,
     DEVICE_KV,
     DISK_KV,
+    HOST_ACTIVATIONS,
     HOST_ATTENTION,
     HOST_KV,
     KV_SLOTS,
@@ -78,6 +81,7 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 64  # largest bs tried when the request leaves it open
 FINE_HOT_EXPERTS = 8  # K is tried one by one up to 2k when 2k is at most this; else in COARSE_HOT_STEPS
 COARSE_HOT_STEPS = 8
+ACTIVATIONS_AWAY_GAIN = 1.01  # residuals leave the device only for at least 1 % more decode tokens/s
 TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
 NEAR_BEST = 0.98  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
 NOTABLE_GAIN = 0.01  # the why names a faster larger n only when it is predicted at least this much faster
@@ -89,8 +93,9 @@ class _Context:
     cost: CostModel
     routing: RoutingModel
     device_budget: int
-    host_budget: int
+    host_budget: int  # for weights: less what host_held takes
     tables: dict[int, WorkTable] = field(default_factory=dict)
+    host_held: tuple[tuple[str, int], ...] = ()  # host RAM outside weights: the KV cache, the residuals
 
     def work_table(self, tokens: int) -> WorkTable:
         if tokens not in self.tables:
@@ -130,8 +135,10 @@ def _check_minimum(ctx: _Context, batch_size: int) -> None:
     """The engine's own floor (runtime.minimum_budgets) for the smallest group this request allows."""
     req, sizes = ctx.request, ctx.cost.sizes
     batches = req.batches or 1
-    home = _kv_home(ctx, batches, batch_size) or req.kv_home or HOST_KV  # nothing fits: the least needed
-    fixed = ctx.cost.fixed_device_bytes(batches, batch_size, req.prompt_tokens, req.new_tokens, kv_home=home)
+    acts = _activation_homes(ctx, batches, batch_size)[-1]  # in host RAM where allowed: the least needed
+    home = _kv_home(ctx, batches, batch_size, acts) or req.kv_home or HOST_KV  # nothing fits: the least
+    tokens = (req.prompt_tokens, req.new_tokens)
+    fixed = ctx.cost.fixed_device_bytes(batches, batch_size, *tokens, kv_home=home, activations_home=acts)
     if ctx.device_budget < fixed + sizes.largest:
         raise BudgetError(
             f"device memory budget {format_size(ctx.device_budget)} is below the minimum working set "
@@ -170,20 +177,60 @@ def _hot_counts(ctx: _Context) -> list[int]:
 
 
 def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
-    """Every K at (n, bs); none when even the engine's floor does not fit this group."""
+    """Every K at (n, bs), with each place for the activations; none when even the engine's floor does
+    not fit this group."""
+    by_home = {home: _candidates_at(ctx, n, bs, home) for home in _activation_homes(ctx, n, bs)}
+    if DEVICE_ACTIVATIONS not in by_home or HOST_ACTIVATIONS not in by_home:
+        return [c for tried in by_home.values() for c in tried]
+    on_device = {  # of the candidates that fit
+        (c.hot_experts, c.placement.kv_attention): c.decode.tokens_per_s
+        for c in by_home[DEVICE_ACTIVATIONS]
+        if c.fits
+    }
+    away = [  # residuals in host RAM cost copies in prefill: only where they buy decode throughput
+        c
+        for c in by_home[HOST_ACTIVATIONS]
+        if c.decode.tokens_per_s
+        > ACTIVATIONS_AWAY_GAIN * on_device.get((c.hot_experts, c.placement.kv_attention), 0.0)
+    ]
+    return by_home[DEVICE_ACTIVATIONS] + away
+
+
+def _activation_homes(ctx: _Context, n: int, bs: int) -> list[str]:
+    """Where a prefill's residual streams may wait: as fixed, else on the device, and also in host RAM
+    where there is a host tier with room for them beside the KV cache it keeps."""
     req, cost = ctx.request, ctx.cost
-    kv_home = _kv_home(ctx, n, bs)
+    if req.activations_home is not None:
+        return [req.activations_home]
+    residuals = n * cost.residual_bytes(bs, req.prompt_tokens)
+    kv = _group_kv_bytes(ctx, n, bs) if _kv_home(ctx, n, bs) == HOST_KV else 0
+    if reads_into_device(cost, ctx.host_budget) or residuals + kv + cost.sizes.largest > ctx.host_budget:
+        return [DEVICE_ACTIVATIONS]
+    return [DEVICE_ACTIVATIONS, HOST_ACTIVATIONS]
+
+
+def _candidates_at(ctx: _Context, n: int, bs: int, activations: str) -> list[Candidate]:
+    """Every K at (n, bs) with the activations at ``activations``."""
+    req, cost = ctx.request, ctx.cost
+    kv_home = _kv_home(ctx, n, bs, activations)
     if kv_home is None:
         return []
-    fixed = cost.fixed_device_bytes(n, bs, req.prompt_tokens, req.new_tokens, kv_home=kv_home)
-    if kv_home == HOST_KV:  # the cache takes its room in host RAM: the weights get the rest
-        ctx = dataclasses.replace(ctx, host_budget=ctx.host_budget - _group_kv_bytes(ctx, n, bs))
+    tokens = (req.prompt_tokens, req.new_tokens)
+    fixed = cost.fixed_device_bytes(n, bs, *tokens, kv_home=kv_home, activations_home=activations)
+    held = []
+    if kv_home == HOST_KV:
+        held.append(("KV cache", _group_kv_bytes(ctx, n, bs)))
+    if activations == HOST_ACTIVATIONS:
+        held.append(("activations", n * cost.residual_bytes(bs, req.prompt_tokens)))
+    if held:  # the cache and residuals take their room in host RAM: the weights get the rest
+        in_ram = sum(nbytes for _, nbytes in held)
+        ctx = dataclasses.replace(ctx, host_budget=ctx.host_budget - in_ram, host_held=tuple(held))
     placement = placement_for(
         cost, fixed, ctx.device_budget, ctx.host_budget, req.host_preload, req.compression_ratio,
         req.disk_queue_depth,
     )  # fmt: skip
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
-    placement = dataclasses.replace(placement, kv_home=kv_home)
+    placement = dataclasses.replace(placement, kv_home=kv_home, activations_home=activations)
     loads = ctx.routing.loads(shape.tokens)
     window = window_of(placement, req.stream_window)
     in_use = device_window_bytes(cost, window, req.spec.top_k + max(load.distinct_max() for load in loads))
@@ -203,12 +250,12 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     return [dataclasses.replace(c, drive_bytes=drive, unheld_bytes=unheld) for c in tried]
 
 
-def _kv_home(ctx: _Context, n: int, bs: int) -> str | None:
+def _kv_home(ctx: _Context, n: int, bs: int, activations: str = DEVICE_ACTIVATIONS) -> str | None:
     """Where the KV cache of n batches of bs lives (:func:`kv_home_for`); None when nowhere fits."""
     req = ctx.request
     tokens, budgets = (req.prompt_tokens, req.new_tokens), (ctx.device_budget, ctx.host_budget)
     requested = req.kv_home or (HOST_KV if req.kv_attention == HOST_ATTENTION else None)
-    return kv_home_for(ctx.cost, n, bs, tokens, budgets, requested)
+    return kv_home_for(ctx.cost, n, bs, tokens, budgets, requested, activations)
 
 
 def _kv_attention(
@@ -316,7 +363,7 @@ def _candidate(
     device = TierUse(
         "device", fixed + weights, min(fixed + total, ctx.device_budget), ctx.device_budget, parts
     )
-    host = _host_use(ctx, placement, hot, min(total, ctx.device_budget - fixed))
+    host = _with_held(_host_use(ctx, placement, hot, min(total, ctx.device_budget - fixed)), ctx.host_held)
     found = deadlines(shape, hot, work, io)
     return Candidate(
         shape.batches, shape.batch_size, hot, placement, found, decode, device, host, shape, work, io
@@ -336,6 +383,21 @@ def _host_in_flight(ctx: _Context, placement: Placement) -> int:
     """Bytes of host RAM that blocks on their way from the drive to the device hold at once."""
     window = window_of(placement, ctx.request.stream_window)
     return host_in_flight_bytes(ctx.cost, ctx.request.disk_queue_depth, window)
+
+
+def _with_held(use: TierUse, held: tuple[tuple[str, int], ...]) -> TierUse:
+    """``use`` of a tier whose budget for weights was cut by ``held`` (named bytes), those added back."""
+    extra = sum(nbytes for _, nbytes in held)
+    if not extra:
+        return use
+    parts = {**dict(held), **use.parts}
+    return dataclasses.replace(
+        use,
+        needed_bytes=use.needed_bytes + extra,
+        peak_bytes=use.peak_bytes + extra,
+        budget_bytes=use.budget_bytes + extra,
+        parts=parts,
+    )
 
 
 def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -> TierUse:
@@ -360,15 +422,17 @@ def _host_use(ctx: _Context, placement: Placement, hot: int, device_kept: int) -
 
 
 def _choose(tried: list[Candidate]) -> Candidate:
-    """Feasible: the smallest n near the best throughput (:func:`_near_best`); else least bubble per
-    token among those that fit; else among all."""
-    feasible = _feasible(tried)
+    """Of those that fit (else of all), the ones within NEAR_BEST of the best predicted decode throughput;
+    of them the feasible ones when there are any (every load hidden), the smallest n near the best
+    (:func:`_near_best`); else the fastest. A feasible plan does not win over one predicted faster
+    beyond NEAR_BEST: what the user gets is tokens/s, bubbles or not."""
+    fitting = [c for c in tried if c.fits] or tried
+    best = max(c.decode.tokens_per_s for c in fitting)
+    near = [c for c in fitting if c.decode.tokens_per_s >= NEAR_BEST * best]
+    feasible = _feasible(near)
     if feasible:
         return _near_best(feasible)
-    fitting = [c for c in tried if c.fits] or tried
-    return min(
-        fitting, key=lambda c: (c.decode.bubble_s / c.decode.tokens, -c.decode.tokens_per_s, c.batches)
-    )
+    return min(near, key=lambda c: (-c.decode.tokens_per_s, c.decode.bubble_s / c.decode.tokens, c.batches))
 
 
 def _feasible(tried: list[Candidate]) -> list[Candidate]:
@@ -385,20 +449,27 @@ def _near_best(feasible: list[Candidate]) -> Candidate:
 def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
     req, cost = ctx.request, ctx.cost
     shape = StepShape.prefill(cost, best.batches, best.batch_size, req.prompt_tokens)
+    if best.placement.activations_home == HOST_ACTIVATIONS:  # five residual copies a batch and layer
+        copies = 5 * cost.residual_copy_s(best.batch_size, req.prompt_tokens)
+        shape = dataclasses.replace(shape, kv_channel_s=copies)
     work = ctx.work_table(shape.tokens).work(best.hot_experts)
     fixed = best.device.parts["KV cache"] + best.device.parts["activations"]
     io = io_times(cost, best.placement, req.compression_ratio, steady=False)
     prefill = predict_step(shape, best.hot_experts, work, io, _expert_window(ctx, best.placement, fixed))
+    placed = best.placement
     same_k = [
         c
         for c in tried
-        if c.hot_experts == best.hot_experts and c.placement.kv_attention == best.placement.kv_attention
+        if c.hot_experts == best.hot_experts
+        and (c.placement.kv_attention, c.placement.activations_home)
+        == (placed.kv_attention, placed.activations_home)
     ]
     other = [
         c.decode.tokens_per_s
         for c in tried
         if (c.batches, c.hot_experts) == (best.batches, best.hot_experts)
-        and c.placement.kv_attention != best.placement.kv_attention
+        and c.placement.kv_attention != placed.kv_attention
+        and c.placement.activations_home == placed.activations_home
     ]
     if other:  # the plan says what the other place for the attention would give
         choice = (best.decode.tokens_per_s, other[0])
@@ -441,8 +512,8 @@ def _why(ctx: _Context, best: Candidate, cap: int, feasible: list[Candidate]) ->
         limit = f"{req.sequences} sequences in batches of {best.batch_size} allow n <= {top}"
     return (
         f"no n hides every load ({limit}): deadline ({binding.number}), {binding.meaning}, is missed by "
-        f"{-binding.slack_s * 1e3:.2f} ms in layer {binding.layer}; n={best.batches} has the least bubble "
-        "time per token"
+        f"{-binding.slack_s * 1e3:.2f} ms in layer {binding.layer}; n={best.batches} predicts the most "
+        "decode tokens/s"
     )
 
 
@@ -455,7 +526,7 @@ def _why_too_big(best: Candidate) -> str:
     )
     return (
         f"no plan fits the budgets: n={best.batches} x bs={best.batch_size} with K={best.hot_experts}, the "
-        f"least bubble per token of those tried, does not ({needs}); its loads would hide behind compute"
+        f"fastest of those tried, does not ({needs}); its loads would hide behind compute"
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from klotski_tier.core.plan.sim_hardware import SimHardware
+from klotski_tier.core.runtime.activations import RESIDUAL_SLOTS
 from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, KV_SLOTS
 from klotski_tier.core.runtime.jobs import RouteArray, StepJobs
 from klotski_tier.core.runtime.residency import Lease
@@ -91,6 +92,7 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         *,
         kv_home: str = DEVICE_KV,
         host_attention: bool = False,
+        residual_token_bytes: int | None = None,
     ) -> None:
         self._hardware = hardware
         self._costs = costs
@@ -102,6 +104,33 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         self._kv_on_drive = kv_home == DISK_KV
         self._host_attention = host_attention  # decode attention on the host (runtime/host_attention.py)
         self._stored: list[asyncio.Future[None] | None] = [None] * KV_SLOTS
+        # A prefill's residual streams in host RAM between jobs (runtime/activations.py): bytes per token;
+        # their copies take the host-to-device channel, in two slots as the engine's.
+        self._residual_token_bytes = residual_token_bytes
+        self._residual_stored: list[asyncio.Future[None] | None] = [None] * RESIDUAL_SLOTS
+
+    def residual_fetch(self, index: int, batch: SimBatch, fresh: bool = False) -> Awaitable[None] | None:
+        if self._residual_token_bytes is None or batch.context_tokens > 0:
+            return None
+        nbytes = 0 if fresh else batch.tokens * self._residual_token_bytes
+        return asyncio.ensure_future(self._residual_fetch(index % RESIDUAL_SLOTS, nbytes))
+
+    async def _residual_fetch(self, slot: int, nbytes: int) -> None:
+        stored = self._residual_stored[slot]
+        if stored is not None:
+            await stored
+        if nbytes:
+            await self._hardware.copy(nbytes)
+
+    def residual_done(self, index: int, batch: SimBatch, changed: bool) -> None:
+        if self._residual_token_bytes is not None and batch.context_tokens == 0 and changed:
+            nbytes = batch.tokens * self._residual_token_bytes
+            self._residual_stored[index % RESIDUAL_SLOTS] = asyncio.ensure_future(self._hardware.copy(nbytes))
+
+    async def residual_drain(self) -> None:
+        for stored in self._residual_stored:
+            if stored is not None:
+                await stored
 
     def attends_at_home(self, batch: SimBatch) -> bool:
         return self._host_attention and batch.context_tokens > 0

@@ -47,7 +47,13 @@ from klotski_tier.core.plan.routing_model import ParametricRouting, RouteSampler
 from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost, SimSource
 from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
 from klotski_tier.core.plan.virtual_clock import run_virtual
-from klotski_tier.core.runtime.config import DEVICE_KV, HOST_ATTENTION, HOST_KV, EngineOptions
+from klotski_tier.core.runtime.config import (
+    DEVICE_KV,
+    HOST_ACTIVATIONS,
+    HOST_ATTENTION,
+    HOST_KV,
+    EngineOptions,
+)
 from klotski_tier.core.runtime.residency import Residency
 from klotski_tier.core.runtime.run import make_ledgers, make_pipeline
 from klotski_tier.core.units import format_size
@@ -85,6 +91,7 @@ class SimConfig:
     expert_order: str = _DEFAULTS.expert_order
     kv_home: str = _DEFAULTS.kv_home  # "device", "host" (RAM) or "disk": away, streamed by the attention
     kv_attention: str = _DEFAULTS.kv_attention  # "device", or "host": decode attention over the cache in RAM
+    activations_home: str = _DEFAULTS.activations_home  # "device", or "host": a prefill's residual streams
 
     @property
     def device_budget(self) -> int:
@@ -119,6 +126,7 @@ class SimConfig:
             expert_order=self.expert_order,
             kv_home=self.kv_home,
             kv_attention=self.kv_attention,
+            activations_home=self.activations_home,
         )
 
 
@@ -212,6 +220,7 @@ class Simulator:
                 _kv_token_bytes(spec, options.kv_home),
                 kv_home=options.kv_home,
                 host_attention=options.kv_attention == HOST_ATTENTION,
+                residual_token_bytes=_residual_token_bytes(spec, options.activations_home),
             ),
             self.prefetch,
             self.metrics,
@@ -322,6 +331,11 @@ class WorkloadResult:
         return data
 
 
+def _residual_token_bytes(spec: ModelSpec, home: str) -> int | None:
+    """A residual stream's bytes per token where a prefill's wait in host RAM; None on the device."""
+    return spec.hidden_size * spec.dtype.itemsize if home == HOST_ACTIVATIONS else None
+
+
 def _kv_token_bytes(spec: ModelSpec, kv_home: str) -> int | None:
     """One layer's KV bytes per cached token where the cache lives away from the device (its copies
     priced on the host-to-device channel, also for a cache on the drive); None on the device."""
@@ -352,16 +366,18 @@ async def _workload(
 ) -> WorkloadResult:
     cost = CostModel(config.spec, config.machine)
     group = (config.batches, config.batch_size, prompt_tokens, new_tokens)
-    fixed = cost.fixed_device_bytes(*group, kv_home=config.kv_home)
+    fixed = cost.fixed_device_bytes(*group, kv_home=config.kv_home, activations_home=config.activations_home)
     host_kv = 0
     if config.kv_home == HOST_KV:
         host_kv = config.batches * cost.kv_cache_bytes(config.batch_size, prompt_tokens, new_tokens)
-        if host_kv >= config.host_budget:
-            raise BudgetError(
-                f"the KV cache of n={config.batches} batches of {config.batch_size} "
-                f"({format_size(host_kv)}) does not fit the host budget {format_size(config.host_budget)}; "
-                "lower n or bs, or raise --host-memory"
-            )
+    if config.activations_home == HOST_ACTIVATIONS:
+        host_kv += config.batches * cost.residual_bytes(config.batch_size, prompt_tokens)
+    if host_kv and host_kv >= config.host_budget:
+        raise BudgetError(
+            f"the KV cache and activations of n={config.batches} batches of {config.batch_size} kept in host "
+            f"RAM ({format_size(host_kv)}) do not fit the host budget {format_size(config.host_budget)}; "
+            "lower n or bs, or raise --host-memory"
+        )
     if config.kv_attention == HOST_ATTENTION and (
         config.machine.device == "cpu" or cost.host_attention_s(1, 1) is None
     ):

@@ -121,13 +121,14 @@ def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> tuple[int,
     phase to phase, what one batch's attention and head hold at a time).
 
     Held: its residual stream and normed copy [B, T, H] and its tokens' expert contributions [N, k, H].
-    At a time: the attention scores [B, Hq, T, T] (fp32) and the logits [B, V] (fp32): batches run their
-    attention and head one after the other, so a group needs room for one batch's of these.
+    At a time: the attention scores of one sequence [Hq, T, T] (fp32: the attention runs one sequence
+    at a time, ops._attend) and the batch's logits [B, V] (fp32): batches run their attention and head
+    one after the other, so a group needs room for one batch's of these.
     """
     batch, longest = len(seqs), max(len(s.prompt) for s in seqs)
     tokens = batch * longest
     held = tokens * spec.hidden_size * spec.dtype.itemsize * (2 + spec.top_k)
-    scores = batch * spec.num_heads * longest * longest * 4
+    scores = spec.num_heads * longest * longest * 4
     return held, scores + batch * spec.vocab_size * 4
 
 

@@ -27,8 +27,8 @@ PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12]]
 MAX_NEW = 3
 # the fields a plan sets
 PLANNED = [
-    "batch_size", "batches", "eviction", "host_preload", "hot_experts", "kv_attention", "kv_home",
-    "lookahead_layers",
+    "activations_home", "batch_size", "batches", "eviction", "host_preload", "hot_experts", "kv_attention",
+    "kv_home", "lookahead_layers",
 ]  # fmt: skip
 DEFAULTS = EngineOptions()
 
@@ -123,14 +123,8 @@ def test_explicit_flags_win_over_the_plan(model: Path, planned_off: dict[str, An
     record = run_json(model, "--profile", str(PROFILE), "--batches", "3", "--hot-experts", "1")
     plan = record["plan"]
     assert (plan["batches"], plan["hot_experts"]) == (3, 1)
-    assert plan["planned"] == [
-        "batch_size",
-        "eviction",
-        "host_preload",
-        "kv_attention",
-        "kv_home",
-        "lookahead_layers",
-    ]
+    planned = ["activations_home", "batch_size", "eviction", "host_preload", "kv_attention", "kv_home"]
+    assert plan["planned"] == [*planned, "lookahead_layers"]
     assert plan["batch_size"] == expected_plan(model, batches=3, hot_experts=1)["batch_size"]
     assert tokens(record) == tokens(planned_off)
 
@@ -143,6 +137,7 @@ def test_config_files_and_presets_count_as_explicit(model: Path, tmp_path: Path)
     ]
     assert (plan["batches"], plan["batch_size"], plan["host_preload"]) == (1, 1, False)
     assert plan["planned"] == [
+        "activations_home",
         "hot_experts",
         "kv_attention",
         "kv_home",

@@ -108,3 +108,32 @@ def test_the_caches_copies_share_the_weights_channel_in_the_step_model() -> None
     shared = predict_step(dataclasses.replace(shape, kv_s=copy, kv_channel_s=copy), 2, work, io, window=8)
     assert shared.step_s > apart.step_s
     assert shared.io_busy_s == pytest.approx(apart.io_busy_s + SPEC.num_layers * 8 * copy, rel=1e-6)
+
+
+def test_a_prefills_residuals_leave_the_device_where_that_buys_more_batches() -> None:
+    """Prompts of 1024 tokens: a prefill's residual streams of 64 sequences take 512 MiB a batch on the
+    device; in host RAM (two device slots) more batches fit and decode faster; the plan says so, counts
+    them in host RAM, and the simulator agrees on the decode rate."""
+    request = _request(prompt_tokens=1024, hot_experts=None)
+    free = make_plan(request)
+    on_device = make_plan(dataclasses.replace(request, activations_home="device"))
+    assert free.placement.activations_home == "host" and on_device.placement.activations_home == "device"
+    assert free.batches > on_device.batches and free.decode_tokens_per_s > on_device.decode_tokens_per_s
+    assert "a prefill's residual streams wait in host RAM" in free.placement.describe()
+    residuals = free.batches * 64 * 1024 * SPEC.hidden_size * SPEC.dtype.itemsize
+    assert free.memory[1].parts["activations"] == residuals
+    assert free.engine_options()["activations_home"] == "host"
+    config = SimConfig(
+        SPEC, ENV1, batches=free.batches, batch_size=64, hot_experts=free.hot_experts,
+        kv_home=free.placement.kv_home, kv_attention=free.placement.kv_attention, activations_home="host",
+        eviction=free.placement.eviction,
+    )  # fmt: skip
+    simulated = simulate_workload(config, sequences=free.batches * 64, prompt_tokens=1024, new_tokens=32,
+                                  max_decode_steps=2)  # fmt: skip
+    assert simulated.decode_tokens_per_s == pytest.approx(free.decode_tokens_per_s, rel=0.15)
+    assert simulated.prefill.peak_device_bytes <= ENV1.device_memory_bytes
+
+
+def test_residuals_stay_on_the_device_where_leaving_it_buys_nothing() -> None:
+    plan = make_plan(_request(batches=2))  # two batches: room to spare on the device
+    assert plan.placement.activations_home == "device"

@@ -175,9 +175,28 @@ def test_a_missed_deadline_shows_as_bubbles() -> None:
 
 
 def _feasible_speeds(disk_gbps: float, machine: Machine, **changes: object) -> dict[int, float]:
-    """Predicted decode tokens/s of each n that meets every deadline within the budgets (best K)."""
-    fixed = (_streaming(disk_gbps, machine=machine, batches=n, **changes) for n in range(1, 17))  # 64 / bs 4
-    return {plan.batches: plan.decode_tokens_per_s for plan in fixed if plan.feasible}
+    """Predicted decode tokens/s of each n that meets every deadline within the budgets (its best such K
+    and placement): what the planner weighs (64 sequences in batches of 4: n up to 16)."""
+    from klotski_tier.core.plan import planner
+
+    speeds = {}
+    for n in range(1, 17):
+        plan = _streaming(disk_gbps, machine=machine, batches=n, **changes)  # the request's own fields
+        request = dataclasses.replace(plan_request(disk_gbps, machine, **changes), batches=n)
+        tried = planner._candidates(planner._context(request), n, plan.batch_size)
+        feasible = [c.decode.tokens_per_s for c in tried if c.fits and c.meets_deadlines]
+        if feasible:
+            speeds[n] = max(feasible)
+    return speeds
+
+
+def plan_request(disk_gbps: float, machine: Machine, **changes: object) -> PlanRequest:
+    """The request :func:`_streaming` plans."""
+    fields: dict[str, object] = {"spec": SPEC, "machine": machine, "routing": ROUTING, "sequences": 64}
+    fields.update(prompt_tokens=16, new_tokens=16, device_memory_bytes=96 * MIB, host_memory_bytes=48 * MIB)
+    fields.update(batch_size=4)
+    fields.update(changes)
+    return PlanRequest(**fields)  # type: ignore[arg-type]
 
 
 def test_throughput_rising_with_n_buys_more_batches_than_the_smallest_feasible() -> None:
@@ -273,7 +292,7 @@ def test_overrides_are_kept_and_the_plan_is_json() -> None:
     assert plan.engine_options() == {
         "batches": 3, "batch_size": 2, "hot_experts": 1, "host_preload": False, "eviction": "sweep",
         "lookahead_layers": plan.placement.lookahead_layers,
-        "kv_home": "device", "kv_attention": "device",
+        "kv_home": "device", "kv_attention": "device", "activations_home": "device",
     }  # fmt: skip
     data = json.loads(json.dumps(plan.to_dict()))
     assert [d["number"] for d in data["deadlines"]] == [4, 5, 6, 7]

@@ -114,7 +114,9 @@ def test_a_kv_cache_in_host_ram_counts_against_the_host_budget(tmp_path: Path) -
     engine = Engine.load(directory, options)
     device_min, host_min = engine.minimum_budgets(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert host_min == kv + block  # the cache, and room to stage the largest block
-    with pytest.raises(BudgetError, match=r"KV cache kept in host RAM .*; raise --host-memory or keep"):
+    with pytest.raises(
+        BudgetError, match=r"KV cache and activations kept in host RAM .*; raise --host-memory or keep"
+    ):
         engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     # A CPU device without a host tier: host RAM is the device's memory, the cache counts there.
     no_tier = Engine.load(
