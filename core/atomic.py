@@ -18,6 +18,7 @@ A temporary file is named ``.{target}.{pid}-{hex}.tmp``; one left by a process t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -117,10 +118,10 @@ def _write_replacing(path: Path, mode: str, what: str, info: os.stat_result | No
             os.fsync(handle.fileno())
         os.replace(temp, target)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
+        discard(temp)
         raise InputError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
     except BaseException:
-        temp.unlink(missing_ok=True)
+        discard(temp)
         raise
 
 
@@ -184,6 +185,12 @@ def _encoding(mode: str) -> str | None:
     return None if "b" in mode else "utf-8"
 
 
+def discard(path: Path) -> None:
+    """Remove the file ``path`` if it is there; a clean-up that fails hides no error it follows."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def temp_beside(target: Path) -> Path:
     """A name for a temporary file beside ``target``, this process's own (see :func:`remove_dead_temps`)."""
     return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp")
@@ -192,7 +199,11 @@ def temp_beside(target: Path) -> Path:
 def remove_dead_temps(target: Path) -> None:
     """Delete the temporary files of ``target`` left by processes that no longer run."""
     pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)-[0-9a-f]+\.tmp")
-    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+    try:
+        candidates = list(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
+    except OSError:  # a directory that cannot be listed: the write itself will say why
+        return
+    for candidate in candidates:
         match = pattern.fullmatch(candidate.name)
         if match is not None and not _pid_alive(int(match.group(1))):
             logger.info("removing %s, left by an interrupted write", candidate)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klotski_tier.core.atomic import remove_dead_temps, temp_beside
+from klotski_tier.core.atomic import discard, remove_dead_temps, temp_beside
 from klotski_tier.core.bench.compute import compute_bench, expert_jobs, read_blocks
 from klotski_tier.core.bench.compute import demo_spec as demo_spec
 from klotski_tier.core.bench.contention import measure_contention
@@ -143,7 +143,7 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
         if settings.keep_file:
             path.replace(kept)
     finally:
-        path.unlink(missing_ok=True)
+        discard(path)
     drive = DriveProfile(
         str(settings.directory), settings.file_bytes, settings.read_rounds, raw_gbps, best, layouts
     )

@@ -179,7 +179,7 @@ def test_our_own_stdout_file_is_appended_to_not_replaced(tmp_path: Path) -> None
 
 
 def test_a_directory_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="--output .* is a directory"):
+    with pytest.raises(InputError, match=r"--output .* is a directory"):
         check_output(tmp_path, "--output")
     with pytest.raises(InputError, match="is a directory"):
         write(tmp_path, "x")
@@ -203,7 +203,7 @@ def test_a_trailing_slash_names_no_file(tmp_path: Path) -> None:
 
 
 def test_a_missing_directory_is_refused_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="--trace .*directory .*missing does not exist"):
+    with pytest.raises(InputError, match=r"--trace .*directory .*missing does not exist"):
         check_output(tmp_path / "missing" / "t.json", "--trace")
 
 
