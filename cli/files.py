@@ -23,7 +23,7 @@ Save = tuple[str, Path, Callable[[], None]]
 """One output to write at the end: its label (the option), its path, and the call that writes it."""
 
 
-class OutputPath(click.ParamType):
+class OutputPath(click.ParamType):  # type: ignore[type-arg]
     """A file to write: a path that does not end in ``/``."""
 
     name = "file"
