@@ -106,6 +106,10 @@ def atomic_open(path: Path, mode: str = "w", *, what: str = "file") -> Iterator[
 def _write_replacing(path: Path, mode: str, what: str, info: os.stat_result | None) -> Iterator[IO[Any]]:
     """The temporary file beside the resolved target, renamed over it once complete."""
     target = _resolved(path)
+    if not target.parent.is_dir():
+        raise InputError(
+            f"cannot write {what} {path}: directory {target.parent} does not exist; create it first"
+        )
     remove_dead_temps(target)
     temp = temp_beside(target)
     try:  # from before the file exists: an interruption at any point removes it by name
