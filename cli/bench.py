@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import check_writable
+from klotski_tier.cli.files import OUTPUT, check_outputs
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
@@ -26,7 +26,7 @@ from klotski_tier.core.bench.profile import (
     default_profile_path,
 )
 from klotski_tier.core.bench.suite import BenchSettings, run_bench
-from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.errors import ConfigError, InputError, KlotskiError
 from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.units import format_size, parse_size
@@ -53,7 +53,7 @@ MS_PER_S = 1000.0
 @click.option(
     "--profile",
     "profile_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OUTPUT,
     help=f"Where to write the machine profile (default: <cache>/{PROFILE_FILE_NAME}).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of the tables.")
@@ -82,16 +82,19 @@ def bench(
     if profile_path is None:
         profile_path = default_profile_path()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(profile_path, "--profile")
+    check_outputs({"--profile": profile_path})
     settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)
     with _Status() as status:
         profile = run_bench(settings, status)
-    profile.save(profile_path)
-    if as_json:
-        click.echo(profile.dumps(), nl=False)
-        return
-    click.echo(format_profile(profile))
-    click.echo(f"\nmachine profile written to {profile_path}")
+    click.echo(profile.dumps() if as_json else format_profile(profile), nl=not as_json)
+    try:
+        profile.save(profile_path)
+    except KlotskiError as exc:  # the measurements stay: on stdout, as the profile file would hold them
+        if not as_json:
+            click.echo("\n" + profile.dumps(), nl=False)
+        raise InputError(f"{exc}; the profile is on stdout (as JSON) instead") from exc
+    if not as_json:
+        click.echo(f"\nmachine profile written to {profile_path}")
 
 
 def _settings(directory: Path, quick: bool, options: dict[str, Any]) -> BenchSettings:

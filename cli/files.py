@@ -1,27 +1,62 @@
-"""Output files of the CLI: checked before any work, written atomically."""
+"""Output files of the CLI: named by :data:`OUTPUT`, checked before any work, saved without losing a run.
+
+The rule of what may be written and how lives in :mod:`klotski_tier.core.atomic`; this module gives
+the commands its click type and :func:`save_all`, which tries every output at the end of a command
+and says, in one line, what failed and what was saved.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
-from klotski_tier.core.atomic import atomic_open
-from klotski_tier.core.errors import InputError
+import click
+
+from klotski_tier.core.atomic import atomic_open, check_outputs, output_path
+from klotski_tier.core.errors import InputError, KlotskiError
+
+__all__ = ["OUTPUT", "OutputPath", "Save", "atomic_write", "check_outputs", "save_all"]
+
+Save = tuple[str, Path, Callable[[], None]]
+"""One output to write at the end: its label (the option), its path, and the call that writes it."""
 
 
-def check_writable(path: Path, option: str = "--output") -> None:
-    """Refuse, before any work, an output path whose directory is missing or that is a directory."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InputError(f"{option} {path} is a directory; name a file to write")
-    if not directory.is_dir():
-        raise InputError(f"{option} {path}: directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{option} {path}: directory {directory} is not writable")
+class OutputPath(click.ParamType):  # type: ignore[type-arg]
+    """A file to write: a path that does not end in ``/``."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path):
+            return value
+        try:
+            return output_path(str(value))
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+OUTPUT = OutputPath()
 
 
 def atomic_write(path: Path) -> AbstractContextManager[IO[Any]]:
-    """Write the text file ``path`` atomically (see :mod:`klotski_tier.core.atomic`)."""
+    """Write the text file ``path`` (see :mod:`klotski_tier.core.atomic`)."""
     return atomic_open(path, what="output")
+
+
+def save_all(saves: Sequence[Save]) -> None:
+    """Run every save, each whatever the others did; when any failed, one :class:`InputError` that
+    names each failure (with what was kept instead, if the save said so) and what was saved."""
+    failures: list[str] = []
+    saved: list[str] = []
+    for label, path, save in saves:
+        try:
+            save()
+        except KlotskiError as exc:
+            failures.append(str(exc))
+        else:
+            saved.append(f"{label} {path}")
+    if failures:
+        kept = f"saved {', '.join(saved)}" if saved else "nothing else was saved"
+        raise InputError("; ".join([*failures, kept]))

@@ -1,7 +1,8 @@
 """The ``klotski-tier`` command: thin click commands that parse, call the library and print.
 
 Every :class:`~klotski_tier.core.errors.KlotskiError` becomes one line on stderr and exit
-code 1, with no traceback; usage mistakes are click's (exit code 2).
+code 1, with no traceback; usage mistakes are click's (exit code 2); SIGINT and SIGTERM stop a
+command cleanly with exit code 130 and 143 (:mod:`klotski_tier.cli.errors`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ choose only the others, and ``config show`` prints the configuration before any 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +61,28 @@ class HotExperts(click.ParamType):  # type: ignore[type-arg]
         if count < 0:
             self.fail(f'{value!r} is neither a count of experts (0 or more) nor "{ALL_EXPERTS}"', param, ctx)
         return count
+
+
+SEED_MAX = 2**64 - 1
+"""The largest seed: torch's generators take 64 bits."""
+SEED = click.IntRange(0, SEED_MAX)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses nan and infinities (``float()`` accepts both)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def finite_float(
+    min: float | None = None, max: float | None = None, *, min_open: bool = False
+) -> FiniteFloatRange:
+    """A float option within [min, max] that is a number: not nan, not infinite."""
+    return FiniteFloatRange(min=min, max=max, min_open=min_open)
 
 
 _FLAGS = [

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.options import finite_float
 from klotski_tier.cli.plan_report import format_plan, plan_record
 from klotski_tier.cli.run import DEMO_DEVICE_MEMORY
 from klotski_tier.core.errors import InputError
@@ -65,7 +66,7 @@ _STUDY_FLAGS = [
     click.option("--hot-experts", metavar="K", type=click.IntRange(min=0),
                  help="Fix K (experts prefetched per layer)."),
     click.option("--trace", "trace_path", type=_PATH, help="Routing trace (npz, from run --record-routing)."),
-    click.option("--compression-ratio", type=click.FloatRange(min=0.0, min_open=True),
+    click.option("--compression-ratio", type=finite_float(min=0.0, min_open=True),
                  help="Blocks may be read from a compressed store of this ratio (raw / stored bytes)."),
     click.option("--kv-home", type=click.Choice(KV_HOMES),
                  help="Fix where the KV cache lives ([kv] home; default: the device where a group's cache "

@@ -304,7 +304,7 @@ def render_sweep_png(
     axes.legend()
     buffer = io.BytesIO()
     canvas.print_png(buffer)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), "picture")
 
 
 def _matplotlib() -> tuple[Any, Any]:

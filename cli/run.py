@@ -12,16 +12,18 @@ out are derived from the memory this process may use before anything is planned 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import atomic_write, check_writable
-from klotski_tier.cli.options import engine_flags, options_and_explicit
+from klotski_tier.cli.files import OUTPUT, Save, atomic_write, check_outputs, save_all
+from klotski_tier.cli.options import SEED, engine_flags, finite_float, options_and_explicit
 from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
 from klotski_tier.cli.progress import StepProgress, bytes_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
@@ -29,11 +31,13 @@ from klotski_tier.cli.report import format_metrics, format_outputs, output_recor
 from klotski_tier.core.bench.profile import find_profile
 from klotski_tier.core.demo.build import demo_model_dir
 from klotski_tier.core.demo.tokenizer import demo_prompts
-from klotski_tier.core.errors import InputError
+from klotski_tier.core.errors import InputError, KlotskiError
 from klotski_tier.core.memory import read_memory_limit
 from klotski_tier.core.plan.autoplan import PLAN_AUTO, PLAN_OFF, RunPlan, plan_files
 from klotski_tier.core.runtime.budgets import resolve_budgets
+from klotski_tier.core.runtime.config import replace
 from klotski_tier.core.runtime.engine import Engine, GenerationResult
+from klotski_tier.core.runtime.policy_setup import save_prefetch_state
 from klotski_tier.core.store.files import open_model
 from klotski_tier.core.units import parse_size
 
@@ -69,20 +73,14 @@ DEMO_DEVICE_MEMORY = "128MiB"
     help="auto: the planner picks n, bs, K, preload and eviction where not set (from the `klotski-tier "
     "bench` profile, else conservative figures); off: the defaults.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
-    "--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 is greedy."
+    "--temperature", default=0.0, show_default=True, type=finite_float(min=0.0), help="0 is greedy."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with outputs and metrics.")
-@click.option(
-    "--output", type=click.Path(path_type=Path), help="Write one JSON line per prompt to this file."
-)
-@click.option(
-    "--record-routing", type=click.Path(path_type=Path), help="Save every step's expert routing (npz)."
-)
-@click.option(
-    "--trace", "trace_file", type=click.Path(path_type=Path), help="Save a Chrome trace of the run (JSON)."
-)
+@click.option("--output", type=OUTPUT, help="Write one JSON line per prompt to this file.")
+@click.option("--record-routing", type=OUTPUT, help="Save every step's expert routing (npz).")
+@click.option("--trace", "trace_file", type=OUTPUT, help="Save a Chrome trace of the run (JSON).")
 @click.option(
     "--profile",
     "profile_path",
@@ -107,25 +105,23 @@ def run(
     **flags: Any,
 ) -> None:
     """Generate with the Klotski pipeline under memory budgets (the demo model without --model)."""
-    for path, option in ((output, "--output"), (record_routing, "--record-routing"), (trace_file, "--trace")):
-        if path is not None:
-            check_writable(path, option)
+    demo_defaults = {"device_memory_bytes": parse_size(DEMO_DEVICE_MEMORY)} if model is None else {}
+    options, explicit = options_and_explicit(flags, **demo_defaults)
+    outputs = Outputs(output, record_routing, trace_file, options.prefetch_save_state)
+    outputs.check()
     prompts = gather_prompts(texts, files, id_lists)
     profile = find_profile(profile_path)
     if model is None:
-        model, prompts, demo_defaults = _demo(prompts)
-    else:
-        demo_defaults = {}
+        model, prompts = _demo(prompts)
     if not prompts:
         raise InputError("no prompt given; use --prompt, --prompts or --prompt-ids")
-    options, explicit = options_and_explicit(flags, **demo_defaults)
     model_files = open_model(model)
     budgets = resolve_budgets(model_files, options, read_memory_limit())  # measured before any weight loads
     options = budgets.apply(options)
     chosen = RunPlan(PLAN_OFF, options)
     if plan_mode == PLAN_AUTO:
         chosen = plan_files(model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
-    engine = Engine.from_files(model_files, chosen.options, budgets)
+    engine = Engine.from_files(model_files, replace(chosen.options, prefetch_save_state=None), budgets)
     with StepProgress() as progress:
         result = engine.generate(
             prompts,
@@ -136,30 +132,65 @@ def run(
             record_routing=record_routing is not None,
             timeline=trace_file is not None,
         )
-    _save(result, output, record_routing, trace_file)
     if as_json:
         plan = {**run_plan_record(chosen), "budgets": budgets.to_dict()}
         click.echo(json.dumps({**result_record(result, profile), "plan": plan}))
-        return
-    lines = [*format_outputs(result), "", run_plan_line(chosen), f"budgets: {budgets.describe()}"]
-    lines += format_metrics(result.metrics, profile)
-    for line in lines:
-        click.echo(line)
+    else:
+        lines = [*format_outputs(result), "", run_plan_line(chosen), f"budgets: {budgets.describe()}"]
+        for line in lines + format_metrics(result.metrics, profile):
+            click.echo(line)
+    outputs.save(result, engine, as_json)  # after the report: a failed write loses nothing printed
 
 
-def _demo(prompts: list[Prompt]) -> tuple[Path, list[Prompt], dict[str, Any]]:
-    """The built-in demo model (built on first use), its default prompts and device budget."""
+def _demo(prompts: list[Prompt]) -> tuple[Path, list[Prompt]]:
+    """The built-in demo model (built on first use) and its default prompts."""
     with bytes_progress("building demo model") as progress:
         model = demo_model_dir(progress=progress)
-    return model, prompts or list(demo_prompts()), {"device_memory_bytes": parse_size(DEMO_DEVICE_MEMORY)}
+    return model, prompts or list(demo_prompts())
 
 
-def _save(result: GenerationResult, output: Path | None, routing: Path | None, trace: Path | None) -> None:
-    if output is not None:
+@dataclass(frozen=True)
+class Outputs:
+    """Every file a run writes: checked before any work, all tried at the end, none lost for another."""
+
+    output: Path | None
+    routing: Path | None
+    trace: Path | None
+    prefetch_state: Path | None
+
+    def check(self) -> None:
+        check_outputs(
+            {
+                "--output": self.output,
+                "--record-routing": self.routing,
+                "--trace": self.trace,
+                "prefetch.save_state": self.prefetch_state,
+            }
+        )
+
+    def save(self, result: GenerationResult, engine: Engine, as_json: bool) -> None:
+        output, routing, trace, state = self.output, result.routing, result.timeline, self.prefetch_state
+        saves: list[Save] = []
+        if output is not None:
+            saves.append(("--output", output, lambda: _write_outputs(result, output, as_json)))
+        if self.routing is not None and routing is not None:
+            saves.append(("--record-routing", self.routing, functools.partial(routing.save, self.routing)))
+        if self.trace is not None and trace is not None:
+            saves.append(("--trace", self.trace, functools.partial(trace.save, self.trace)))
+        if state is not None:
+            saves.append(("prefetch.save_state", state, lambda: save_prefetch_state(engine.prefetch, state)))
+        save_all(saves)
+
+
+def _write_outputs(result: GenerationResult, output: Path, as_json: bool) -> None:
+    """One JSON line per prompt into ``output``; when that fails, onto stdout (unless --json had them)."""
+    lines = [json.dumps(output_record(index, out)) for index, out in enumerate(result.outputs)]
+    try:
         with atomic_write(output) as handle:
-            for index, out in enumerate(result.outputs):
-                handle.write(json.dumps(output_record(index, out)) + "\n")
-    if routing is not None and result.routing is not None:
-        result.routing.save(routing)
-    if trace is not None and result.timeline is not None:
-        result.timeline.save(trace)
+            handle.writelines(line + "\n" for line in lines)
+    except KlotskiError as exc:
+        if as_json:
+            raise InputError(f"{exc} (the outputs are in the JSON on stdout)") from exc
+        for line in lines:
+            click.echo(line)
+        raise InputError(f"{exc} (its JSON lines went to stdout instead)") from exc

@@ -23,7 +23,8 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import check_writable
+from klotski_tier.cli.files import OUTPUT, check_outputs
+from klotski_tier.cli.options import SEED
 from klotski_tier.cli.plan import Study, study_from_flags, study_options
 from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
 from klotski_tier.core.bench.profile import default_profile_path
@@ -120,11 +121,11 @@ class SweepSetup:
     show_default=True,
     help="Decode steps simulated per group; the others are counted at their mean.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulated routes.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the simulated routes.")
 @click.option(
     "--png",
     "png_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=OUTPUT,
     help="Draw decode tokens/s by n into this PNG (needs matplotlib).",
 )
 @click.option("--list", "list_all", is_flag=True, help="List the model shapes and hardware known, and exit.")
@@ -152,8 +153,7 @@ def simulate(
         for line in catalog(flags["shapes_file"], flags["hardware_file"], flags["profile_path"]):
             click.echo(line)
         return
-    if png_path is not None:
-        check_writable(png_path, "--png")
+    check_outputs({"--png": png_path})
     fields = preset_fields(preset) if preset is not None else {}
     counts = sorted({*batch_counts, *parse_counts(sweep_text)})
     if not counts and "batches" in fields:
@@ -170,15 +170,16 @@ def simulate(
         )
     results, sequences = _simulate(study, setup, decode_steps, seed)
     predicted = [setup.predicted.get(result.batches) for result in results]
-    if png_path is not None:
-        render_sweep_png(results, predicted, png_path, f"{study.model} on {study.machine.name}")
     if as_json:
         click.echo(json.dumps(_record(study, setup, results, sequences, predicted)))
-        return
-    for line in [*_heading(study, setup), *format_simulation(results, sequences, predicted), *_notes(setup)]:
-        click.echo(line)
-    if png_path is not None:
-        click.echo(f"wrote {png_path}")
+    else:
+        lines = [*_heading(study, setup), *format_simulation(results, sequences, predicted), *_notes(setup)]
+        for line in lines:
+            click.echo(line)
+    if png_path is not None:  # after the results: a picture that cannot be written loses none of them
+        render_sweep_png(results, predicted, png_path, f"{study.model} on {study.machine.name}")
+        if not as_json:
+            click.echo(f"wrote {png_path}")
 
 
 def parse_counts(text: str | None) -> list[int]:

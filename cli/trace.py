@@ -11,10 +11,16 @@ from pathlib import Path
 import click
 
 from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.files import OUTPUT, check_outputs
+from klotski_tier.cli.options import finite_float
 from klotski_tier.core.observe.timeline import read_trace, summarize
-from klotski_tier.core.observe.timeline_plot import render_png
+from klotski_tier.core.observe.timeline_plot import DPI, render_png
 
 MS_PER_S = 1000.0
+AGG_MAX_PIXELS = 2**16
+"""matplotlib's Agg canvas draws at most 2**16 pixels a side."""
+MAX_WIDTH_IN = AGG_MAX_PIXELS // DPI
+"""The widest picture, in inches, that the canvas can draw at the picture's DPI."""
 
 
 @click.command("trace")
@@ -23,15 +29,21 @@ MS_PER_S = 1000.0
     "--png",
     "png_path",
     required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=OUTPUT,
     help="Write the timeline picture to this PNG file.",
 )
 @click.option(
-    "--width", "width_in", default=14.0, show_default=True, type=click.FloatRange(min=2.0), help="Inches."
+    "--width",
+    "width_in",
+    default=14.0,
+    show_default=True,
+    type=finite_float(min=2.0, max=MAX_WIDTH_IN),
+    help="Inches.",
 )
 @report_errors
 def trace(trace_file: Path, png_path: Path, width_in: float) -> None:
     """Draw the pipeline timeline of a Chrome trace FILE.json (from `run --trace`) as a PNG."""
+    check_outputs({"--png": png_path})
     data = read_trace(trace_file)
     render_png(trace_file, png_path, width_in=width_in)
     totals = summarize(data.spans)

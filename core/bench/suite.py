@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from klotski_tier.core.atomic import discard, remove_dead_temps, temp_beside
 from klotski_tier.core.bench.compute import compute_bench, expert_jobs, read_blocks
 from klotski_tier.core.bench.compute import demo_spec as demo_spec
 from klotski_tier.core.bench.contention import measure_contention
@@ -91,10 +92,17 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         sizes = (self.file_bytes, *self.block_sizes)
+        if not self.block_sizes:
+            raise ConfigError("the bench needs at least one block size; write e.g. 1MiB,16MiB")
         if any(size <= 0 or size % DIRECT_ALIGN_BYTES for size in sizes):
             raise ConfigError(
                 f"bench file and block sizes must be positive multiples of {DIRECT_ALIGN_BYTES} bytes "
                 f"(O_DIRECT), got {', '.join(map(format_size, sizes))}"
+            )
+        if self.file_bytes < max(self.block_sizes):
+            raise ConfigError(
+                f"the bench's test file of {format_size(self.file_bytes)} is smaller than its largest block "
+                f"of {format_size(max(self.block_sizes))}; raise --file-size to at least that"
             )
         counts = (*self.queue_depths, *self.token_counts, self.zstd_sample_bytes, self.h2d_bytes)
         if min((*counts, *(self.contention_tokens or ()), self.read_rounds, self.contention_rounds)) < 1:
@@ -102,13 +110,17 @@ class BenchSettings:
 
 
 def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
-    """Every measurement of ``settings``; the test file is removed afterwards unless ``keep_file``."""
+    """Every measurement of ``settings``; the test file is removed afterwards, or with ``keep_file``
+    kept as :data:`TEST_FILE_NAME`. It is written under a name of this process's own, so that benches
+    of one directory at once do not share it."""
     if settings.model is not None:
         load_model_files(settings.model)  # a wrong model fails now, not after the drive sweep
-    path = settings.directory / TEST_FILE_NAME
+    kept = settings.directory / TEST_FILE_NAME
+    path = temp_beside(kept)  # this bench's own: another on the same directory has another
     progress(f"writing a {format_size(settings.file_bytes)} test file in {settings.directory}")
-    write_test_file(path, settings.file_bytes)
-    try:
+    try:  # from before the file exists: an error, Ctrl-C or SIGTERM at any point removes it
+        remove_dead_temps(kept)
+        write_test_file(path, settings.file_bytes)
         raw_gbps, reads = measure_reads(
             path, settings.block_sizes, settings.queue_depths, settings.read_rounds, progress
         )
@@ -128,9 +140,10 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
         compute = compute_bench(settings.model, settings.token_counts)
         progress("compute while the drive streams")
         compute = contention_bench(compute, settings, path, best)
+        if settings.keep_file:
+            path.replace(kept)
     finally:
-        if not settings.keep_file:
-            path.unlink(missing_ok=True)
+        discard(path)
     drive = DriveProfile(
         str(settings.directory), settings.file_bytes, settings.read_rounds, raw_gbps, best, layouts
     )

@@ -153,16 +153,13 @@ class Timeline:
 
     def save(self, path: Path) -> None:
         """Write the Chrome trace to ``path`` atomically (temporary file, then rename)."""
-        write_atomic(path, json.dumps(self.to_chrome(), separators=(",", ":")).encode("utf-8"))
+        write_atomic(path, json.dumps(self.to_chrome(), separators=(",", ":")).encode("utf-8"), "trace")
         logger.info("wrote a trace of %d events to %s", len(self), path)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` through a temporary file in the same directory renamed into place."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"cannot write {path}: directory {directory} does not exist; create it first")
-    with atomic_open(path, "wb") as handle:
+def write_atomic(path: Path, data: bytes, what: str = "output") -> None:
+    """Write ``data`` to ``path`` by the one rule for output files (:mod:`klotski_tier.core.atomic`)."""
+    with atomic_open(path, "wb", what=what) as handle:
         handle.write(data)
 
 

@@ -212,4 +212,4 @@ def _save(figure: Any, png_path: Path) -> None:
     """Render to memory, then write the PNG atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    write_atomic(png_path, buffer.getvalue())
+    write_atomic(png_path, buffer.getvalue(), "picture")

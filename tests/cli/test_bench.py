@@ -4,6 +4,7 @@ file, ``--json``, ``--keep-file``, and one-line errors for paths and options it 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from klotski_tier.cli.bench import bench
 from klotski_tier.core.bench.profile import PROFILE_FILE_NAME, MachineProfile
 from klotski_tier.core.bench.suite import TEST_FILE_NAME
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL
+from tests.cli.paused import start_paused
 
 TINY = [
     "--quick",
@@ -104,3 +106,38 @@ def test_an_unwritable_profile_is_refused_before_any_work(tmp_path: Path) -> Non
 )
 def test_bad_options_are_one_line(tmp_path: Path, args: list[str], phrase: str) -> None:
     fails(run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "p.json"), *args), phrase)
+
+
+def test_a_test_file_smaller_than_a_block_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    profile = tmp_path / "p.json"
+    result = run_bench("--path", str(tmp_path), "--profile", str(profile), "--file-size", "1MiB")
+    fails(result, "test file of 1.00 MiB is smaller than its largest block of 2.00 MiB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def bench_argv(directory: Path, profile: Path) -> list[str]:
+    return ["bench", *TINY, "--path", str(directory), "--profile", str(profile)]
+
+
+def test_two_benches_on_one_path_each_have_their_own_test_file(tmp_path: Path) -> None:
+    """One bench is paused while its test file is in place; another runs on the same directory from
+    start to end; the first then finishes its own measurements."""
+    drive = tmp_path / "drive"
+    first = start_paused("klotski_tier.core.bench.suite", "measure_reads", bench_argv(drive, tmp_path / "a"))
+    first.wait_for_pause()
+    second = run_bench("--path", str(drive), "--profile", str(tmp_path / "b"))
+    assert second.exit_code == 0, second.stderr
+    code, stderr = first.resume()
+    assert code == 0, stderr
+    assert list(drive.iterdir()) == []
+    MachineProfile.load(tmp_path / "a")
+
+
+def test_sigterm_removes_the_test_file(tmp_path: Path) -> None:
+    drive = tmp_path / "drive"
+    paused = start_paused("klotski_tier.core.bench.suite", "measure_reads", bench_argv(drive, tmp_path / "p"))
+    paused.wait_for_pause()
+    assert len(list(drive.iterdir())) == 1  # its test file, written
+    code, stderr = paused.signal(signal.SIGTERM)
+    assert code == 143 and stderr.splitlines()[-1] == "error: interrupted by SIGTERM", stderr
+    assert list(drive.iterdir()) == [] and not (tmp_path / "p").exists()
