@@ -59,15 +59,19 @@ class FileKind:
         """``kind.error("<what> <path> <problem>; <hint>")``."""
         return self.error(f"{self.what} {path} {problem}; {self.hint}")
 
+    def unreadable(self, path: Path, reason: str) -> KlotskiError:
+        """``kind.error("cannot read <what> <path>: <reason>; <hint>")``."""
+        return self.error(f"cannot read {self.what} {path}: {reason}; {self.hint}")
+
 
 def check_file(path: Path, kind: FileKind) -> int:
     """The size of ``path``, refused unless it is a regular file of at most ``kind.max_bytes``."""
     try:
         info = os.stat(path)
     except FileNotFoundError as exc:
-        raise kind.fail(path, "does not exist") from exc
+        raise kind.unreadable(path, "it does not exist") from exc
     except OSError as exc:
-        raise kind.fail(path, f"cannot be read ({exc.strerror or exc})") from exc
+        raise kind.unreadable(path, str(exc.strerror or exc)) from exc
     _check_stat(path, info, kind)
     return info.st_size
 
@@ -78,7 +82,7 @@ def open_binary(path: Path, kind: FileKind) -> BinaryIO:
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise kind.fail(path, f"cannot be read ({exc.strerror or exc})") from exc
+        raise kind.unreadable(path, str(exc.strerror or exc)) from exc
     try:
         _check_stat(path, os.fstat(fd), kind)
         os.set_blocking(fd, True)
@@ -94,7 +98,7 @@ def read_bytes(path: Path, kind: FileKind) -> bytes:
         try:
             data = handle.read(kind.max_bytes + 1)
         except OSError as exc:
-            raise kind.fail(path, f"cannot be read ({exc.strerror or exc})") from exc
+            raise kind.unreadable(path, str(exc.strerror or exc)) from exc
     if len(data) > kind.max_bytes:
         limit = format_size(kind.max_bytes)
         raise kind.fail(path, f"grew past the {limit} limit of a {kind.what} while it was read")

@@ -72,6 +72,8 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 REPACK_HINT = "pack the model again with klotski-tier pack"
 MANIFEST_KIND = reads.FileKind("store manifest", 256 * MIB, CheckpointError, REPACK_HINT)
 """A manifest holds ~400 bytes per block: 256 MiB is over half a million blocks."""
+BLOCKS_KIND = reads.FileKind("store blocks file", 2**50, CheckpointError, REPACK_HINT)
+"""blocks.bin is read block by block; the limit (1 PiB) only asks that it be a regular file."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done_raw_bytes, total_raw_bytes)``, called after each block."""
@@ -370,10 +372,7 @@ def _stored_layout(entry: StoredBlock, views: tuple[TensorView, ...]) -> BlockLa
 def _check_size(blocks_path: Path, entries: Iterable[StoredBlock]) -> None:
     """``blocks.bin`` must reach the end of its last block's padding: catches truncated copies."""
     needed = max((entry.offset + entry.padded_bytes for entry in entries), default=0)
-    try:
-        size = blocks_path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {blocks_path}: {exc.strerror}; {REPACK_HINT}") from exc
+    size = reads.check_file(blocks_path, BLOCKS_KIND)
     if size < needed:
         raise CheckpointError(
             f"{blocks_path} is truncated: {size} bytes where the manifest needs {needed}; {REPACK_HINT}"

@@ -78,12 +78,12 @@ def test_a_file_of_blank_lines_holds_no_prompt(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"cannot read prompts file .*missing\.txt: No such file"):
+    with pytest.raises(InputError, match=r"cannot read prompts file .*missing\.txt: it does not exist"):
         read_prompts_file(tmp_path / "missing.txt")
 
 
 def test_a_directory_is_not_a_prompts_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="Is a directory"):
+    with pytest.raises(InputError, match="is a directory, not a regular file"):
         read_prompts_file(tmp_path)
 
 
