@@ -140,15 +140,15 @@ def _checked_directory(path: Path) -> Path:
         raise CheckpointError(f"model directory {path} does not exist; pass a Hugging Face model directory")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a directory; pass the directory that holds config.json")
-    if not (path / CONFIG_FILE).is_file():
+    if not os.path.lexists(path / CONFIG_FILE):  # there but not a regular file: refused when read
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; pass a Hugging Face model directory")
     return path.resolve()
 
 
 def _read_tensor_index(directory: Path) -> dict[str, TensorEntry]:
-    if (directory / INDEX_FILE).is_file():
+    if os.path.lexists(directory / INDEX_FILE):
         return _read_sharded(directory)
-    if (directory / SINGLE_FILE).is_file():
+    if os.path.lexists(directory / SINGLE_FILE):
         return read_safetensors_header(directory / SINGLE_FILE)
     others = sorted(p.name for p in directory.glob("*.safetensors"))
     hint = f" (found {', '.join(others)} without {INDEX_FILE})" if others else ""
@@ -167,7 +167,7 @@ def _read_sharded(directory: Path) -> dict[str, TensorEntry]:
     tensors: dict[str, TensorEntry] = {}
     for shard, names in sorted(by_shard.items()):
         shard_path = directory / shard
-        if not shard_path.is_file():
+        if not os.path.lexists(shard_path):
             raise CheckpointError(
                 f"{index_path} names shard {shard}, which is missing; re-download the model"
             )

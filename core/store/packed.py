@@ -178,21 +178,15 @@ class _Malformed(Exception):
 
 
 def is_store(path: Path) -> bool:
-    """Whether ``path`` is a directory with a manifest carrying the store format tag.
+    """Whether ``path`` is a directory with a manifest that names the store format.
 
-    A manifest that is there but cannot be read within bounds (a FIFO, a device, too large) is an
-    error naming it, not a reason to read ``path`` as a checkpoint instead.
+    A manifest that cannot be read within bounds (a FIFO, a device, too large) is an error naming
+    it; one that names the format is a store, and :func:`open_store` says what is wrong with it.
     """
     manifest_path = Path(path) / MANIFEST_FILE
     if not os.path.lexists(manifest_path):
         return False
-    try:
-        manifest = reads.read_json(manifest_path, MANIFEST_KIND)
-    except CheckpointError:
-        if manifest_path.is_file() and manifest_path.stat().st_size <= MANIFEST_KIND.max_bytes:
-            return False  # a regular, readable file that is not JSON: not a store
-        raise
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG
+    return FORMAT_TAG.encode("ascii") in reads.read_bytes(manifest_path, MANIFEST_KIND)
 
 
 def open_store(path: Path) -> PackedStore:
