@@ -17,6 +17,7 @@ or class names):
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,9 +305,9 @@ class ConfigReader:
 
     def float_value(self, key: str) -> float:
         found = self.value(key)
-        if not isinstance(found, int | float) or isinstance(found, bool) or found < 0:
-            raise CheckpointError(
-                f"config.json: {key} = {found!r} is not a non-negative number; fix config.json"
+        if not isinstance(found, int | float) or isinstance(found, bool) or not 0 <= found < math.inf:
+            raise CheckpointError(  # NaN fails the comparison: json reads NaN and Infinity
+                f"config.json: {key} = {found!r} is not a finite non-negative number; fix config.json"
             )
         return float(found)
 
@@ -392,8 +393,8 @@ def _rope_theta(read: ConfigReader) -> float:
                 f"config.json: {key} asks for {params}; only plain (default) RoPE is supported"
             )
         theta = params.get("rope_theta", theta)
-    if not isinstance(theta, int | float) or isinstance(theta, bool) or theta <= 0:
-        raise CheckpointError(f"config.json: rope_theta = {theta!r} is not a positive number; fix it")
+    if not isinstance(theta, int | float) or isinstance(theta, bool) or not 0 < theta < math.inf:
+        raise CheckpointError(f"config.json: rope_theta = {theta!r} is not a finite positive number; fix it")
     return float(theta)
 
 

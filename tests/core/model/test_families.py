@@ -285,3 +285,16 @@ def test_sizes_past_any_real_model_are_refused_before_anything_is_sized_by_them(
         parse_spec(_config(family, **{key: limit + 1}))
     with pytest.raises(CheckpointError, match=f"{key} = 1000000000 is over {limit}"):
         parse_spec(_config(family, **{key: 10**9}))
+
+
+@pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta", "clip_qkv"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_floats_are_refused(key: str, value: float) -> None:
+    """json.loads reads NaN and Infinity: a config holding one would run and print garbage."""
+    with pytest.raises(
+        CheckpointError, match=f"{key} = {value!r} is not a finite (non-negative|positive) number"
+    ):
+        overrides = (
+            {"rope_parameters": {"rope_type": "default", key: value}} if key == "rope_theta" else {key: value}
+        )
+        parse_spec(_config("olmoe", **overrides))
