@@ -30,7 +30,7 @@ import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -193,7 +193,7 @@ def _checked_members(archive: zipfile.ZipFile, path: Path, kind: FileKind, max_a
     return members
 
 
-def _npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype[Any]]:
+def _npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[Any]]:
     version = np.lib.format.read_magic(handle)
     if version == (1, 0):
         shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
