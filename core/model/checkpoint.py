@@ -42,7 +42,10 @@ CONFIG_KIND = reads.FileKind("model config", 16 * MIB, CheckpointError, "restore
 INDEX_KIND = reads.FileKind("shard index", 256 * MIB, CheckpointError, "re-download it")
 """A shard index holds ~100 bytes per tensor: 256 MiB is over two million tensors."""
 HEADER_KIND = reads.FileKind(
-    "header of safetensors file", MAX_HEADER_BYTES, CheckpointError, "re-download it"
+    "header of safetensors file",
+    MAX_HEADER_BYTES,
+    CheckpointError,
+    "the file has a corrupt header; re-download it",
 )
 SHARD_KIND = reads.FileKind("safetensors file", 2**50, CheckpointError, "re-download it")
 """Shards are never read whole; the limit (1 PiB) only asks that a shard be a regular file."""
