@@ -42,7 +42,12 @@ FORMAT_VERSION = 1
 ROUTE_DTYPE = np.int16
 """Expert ids on disk: two bytes each, enough for 32767 experts."""
 MAX_EXPERTS = int(np.iinfo(ROUTE_DTYPE).max)
-TRACE_FILE_KIND = reads.FileKind("routing trace", GIB, InputError, "record one with run --record-routing")
+TRACE_FILE_KIND = reads.FileKind(
+    "routing trace",
+    GIB,
+    InputError,
+    "it is not a klotski routing trace: record one with run --record-routing",
+)
 """A trace holds 2 bytes per token, layer and top-k choice, compressed: 1 GiB is ~10^9 routes."""
 MAX_ARRAY_BYTES = 8 * GIB
 """The largest array a trace's header may declare: checked before the array is allocated."""

@@ -174,19 +174,19 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_text_file_is_not_a_trace(tmp_path: Path) -> None:
     path = tmp_path / "notes.npz"
     path.write_text("hello\n")
-    load_fails(path, "is not a readable .npz archive")
+    load_fails(path, "is not a klotski routing trace")
 
 
 def test_bare_npy_array_is_not_a_trace(tmp_path: Path) -> None:
     path = tmp_path / "array.npy"
     np.save(path, np.zeros(3))
-    load_fails(path, "is not a readable .npz archive")
+    load_fails(path, "is not a klotski routing trace")
 
 
 def test_truncated_file_is_not_a_trace(saved: Path) -> None:
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
-    load_fails(saved, "is not a readable .npz archive")
+    load_fails(saved, "is not a klotski routing trace")
 
 
 def test_foreign_npz_is_not_a_trace(tmp_path: Path) -> None:
