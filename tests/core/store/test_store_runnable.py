@@ -76,8 +76,8 @@ def _hidden(manifest: Manifest) -> None:
     manifest["config"]["hidden_size"] = 64
 
 
-def _more_layers(manifest: Manifest) -> None:
-    manifest["config"]["num_hidden_layers"] = 1_000_000
+def _one_more_layer(manifest: Manifest) -> None:
+    manifest["config"]["num_hidden_layers"] = 3  # the store holds 2
 
 
 def _huge_raw_size(manifest: Manifest) -> None:
@@ -96,7 +96,7 @@ BROKEN = [
     (_view_shape, r"block L0\.E2 has views .*down \[16, 24\].* where config.json implies .*down \[32, 24\]"),
     (_vocab, r"block embed has views embed \[96, 32\] where config.json implies embed \[100, 32\]"),
     (_hidden, r"block embed has views embed \[96, 32\] where config.json implies embed \[96, 64\]"),
-    (_more_layers, r"block L2\.attn is missing"),
+    (_one_more_layer, r"block L2\.attn is missing"),
     (_huge_raw_size, r"block L0\.E1 declares 1073741824 bytes where its views need at most"),
     (_view_dtype, r"block L1\.gate has views post_norm in a dtype other than the model's torch\.bfloat16"),
 ]
