@@ -176,7 +176,7 @@ def test_missing_prompts_file(model: Path, tmp_path: Path, out_dir: Path) -> Non
 
 
 def test_prompts_file_that_is_a_directory(model: Path, tmp_path: Path, out_dir: Path) -> None:
-    run_fails(["--model", str(model), "--prompts", str(tmp_path)], "is a directory, not a regular file", out_dir)
+    run_fails(["--model", str(model), "--prompts", str(tmp_path)], "is a directory, not a regular", out_dir)
 
 
 def test_prompts_file_that_is_not_utf8(model: Path, tmp_path: Path, out_dir: Path) -> None:
