@@ -66,7 +66,11 @@ def format_summary(summary: store.StoreSummary, codec: codecs.Codec) -> str:
 @click.argument("store_dir", metavar="STORE", type=click.Path(path_type=Path))
 @report_errors
 def verify(store_dir: Path) -> None:
-    """Read every block of the packed store STORE and check its checksum, size and decoding."""
+    """Check that the packed store STORE can run its model.
+
+    Every block the model needs must be there, in range and shaped as the store's config says;
+    then every block is read and its checksum, size and decoding are checked.
+    """
     with bytes_progress("verifying") as progress:
         report = store.verify_store(store_dir, progress=progress)
     if not report.ok:

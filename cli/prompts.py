@@ -6,10 +6,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from klotski_tier.core import reads
 from klotski_tier.core.errors import InputError
+from klotski_tier.core.units import MIB
 
 Prompt = str | list[int]
 
+PROMPTS_KIND = reads.FileKind("prompts file", 256 * MIB, InputError, "pass a UTF-8 text or JSONL file")
+"""256 MiB of prompts is far more than one run can generate from."""
 JSONL_SUFFIXES = (".jsonl", ".json")
 """Suffixes of a prompts file holding one JSON object per line; any other holds one prompt per line."""
 
@@ -27,15 +31,7 @@ def parse_ids(text: str) -> list[int]:
 
 def read_prompts_file(path: Path) -> list[Prompt]:
     """Prompts from ``path``: text lines (blank lines skipped) or JSONL objects."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not text
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"cannot read prompts file {path}: not UTF-8 text (invalid byte at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from exc
-    except OSError as exc:
-        raise InputError(f"cannot read prompts file {path}: {exc.strerror or exc}") from exc
+    lines = reads.read_text(path, PROMPTS_KIND, encoding="utf-8-sig").splitlines()  # -sig: a BOM is not text
     if path.suffix.lower() in JSONL_SUFFIXES:
         prompts = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     else:
@@ -47,6 +43,8 @@ def read_prompts_file(path: Path) -> list[Prompt]:
 
 def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
     """One JSONL line: ``{"prompt": "..."}``, ``{"text": "..."}`` or ``{"prompt_ids": [1, 2]}``."""
+    if reads.json_depth(line.encode("utf-8", "surrogatepass")) > reads.MAX_JSON_DEPTH:
+        raise InputError(f"{path}:{number} nests JSON more than {reads.MAX_JSON_DEPTH} levels deep")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:

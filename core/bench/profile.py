@@ -59,14 +59,20 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from klotski_tier.core import reads
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.paths import default_cache_dir
+from klotski_tier.core.units import MIB
 
 PROFILE_VERSION = 1
 """Bump when a field changes meaning or is removed; loading refuses other versions."""
 
 PROFILE_FILE_NAME = "machine-profile.json"
+PROFILE_KIND = reads.FileKind(
+    "machine profile", 16 * MIB, ConfigError, "run `klotski-tier bench` to write a new one, or delete it"
+)
+"""A profile is a few KiB: 16 MiB is room for thousands of measured sizes."""
 """The profile's name in the user's cache directory."""
 
 ReadMode = Literal["buffered", "direct"]
@@ -222,20 +228,7 @@ class MachineProfile:
     @classmethod
     def load(cls, path: Path) -> MachineProfile:
         """Read and validate the profile at ``path``."""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read machine profile {path}: {exc.strerror or exc}; run `klotski-tier bench`"
-            ) from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"machine profile {path} is not valid JSON ({exc.msg}, line {exc.lineno}); "
-                "run `klotski-tier bench` to write a new one"
-            ) from exc
-        return cls.from_json(data, f"machine profile {path}")
+        return cls.from_json(reads.read_json(path, PROFILE_KIND), f"machine profile {path}")
 
 
 class _FieldError(Exception):

@@ -14,7 +14,6 @@ tensor for tools and tests.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -24,7 +23,9 @@ from typing import Any, TypeGuard
 
 import torch
 
+from klotski_tier.core import reads
 from klotski_tier.core.errors import CheckpointError
+from klotski_tier.core.units import MIB
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,18 @@ HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """The safetensors format refuses headers over 100 MB; a larger length means a corrupt file."""
 METADATA_KEY = "__metadata__"
+CONFIG_KIND = reads.FileKind("model config", 16 * MIB, CheckpointError, "restore it from the original model")
+"""A Hugging Face config.json is a few KiB; 16 MiB leaves room for long label maps."""
+INDEX_KIND = reads.FileKind("shard index", 256 * MIB, CheckpointError, "re-download it")
+"""A shard index holds ~100 bytes per tensor: 256 MiB is over two million tensors."""
+HEADER_KIND = reads.FileKind(
+    "header of safetensors file",
+    MAX_HEADER_BYTES,
+    CheckpointError,
+    "the file has a corrupt header; re-download it",
+)
+SHARD_KIND = reads.FileKind("safetensors file", 2**50, CheckpointError, "re-download it")
+"""Shards are never read whole; the limit (1 PiB) only asks that a shard be a regular file."""
 
 SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = {
     "F64": torch.float64,
@@ -80,7 +93,7 @@ class Checkpoint:
     def open(cls, directory: str | Path) -> Checkpoint:
         """Read ``config.json`` and every safetensors header of ``directory``; read no weights."""
         path = _checked_directory(Path(directory))
-        config = _read_json(path / CONFIG_FILE, what="the model config")
+        config = reads.read_json(path / CONFIG_FILE, CONFIG_KIND)
         if not isinstance(config, dict):
             raise CheckpointError(
                 f"{path / CONFIG_FILE} is not a JSON object; restore the model's config.json"
@@ -130,26 +143,15 @@ def _checked_directory(path: Path) -> Path:
         raise CheckpointError(f"model directory {path} does not exist; pass a Hugging Face model directory")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a directory; pass the directory that holds config.json")
-    if not (path / CONFIG_FILE).is_file():
+    if not os.path.lexists(path / CONFIG_FILE):  # there but not a regular file: refused when read
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; pass a Hugging Face model directory")
     return path.resolve()
 
 
-def _read_json(path: Path, *, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({exc}); restore {what} from the original model"
-        ) from exc
-
-
 def _read_tensor_index(directory: Path) -> dict[str, TensorEntry]:
-    if (directory / INDEX_FILE).is_file():
+    if os.path.lexists(directory / INDEX_FILE):
         return _read_sharded(directory)
-    if (directory / SINGLE_FILE).is_file():
+    if os.path.lexists(directory / SINGLE_FILE):
         return read_safetensors_header(directory / SINGLE_FILE)
     others = sorted(p.name for p in directory.glob("*.safetensors"))
     hint = f" (found {', '.join(others)} without {INDEX_FILE})" if others else ""
@@ -168,7 +170,7 @@ def _read_sharded(directory: Path) -> dict[str, TensorEntry]:
     tensors: dict[str, TensorEntry] = {}
     for shard, names in sorted(by_shard.items()):
         shard_path = directory / shard
-        if not shard_path.is_file():
+        if not os.path.lexists(shard_path):
             raise CheckpointError(
                 f"{index_path} names shard {shard}, which is missing; re-download the model"
             )
@@ -183,7 +185,7 @@ def _read_sharded(directory: Path) -> dict[str, TensorEntry]:
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
-    index = _read_json(index_path, what="the shard index")
+    index = reads.read_json(index_path, INDEX_KIND)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
@@ -199,12 +201,7 @@ def _read_weight_map(index_path: Path) -> dict[str, str]:
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     """Parse and validate the header of the safetensors file ``path`` against its size."""
-    try:
-        file_size = path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot read {path}: {exc.strerror}; check the file and its permissions"
-        ) from exc
+    file_size = reads.check_file(path, SHARD_KIND)
     if file_size < HEADER_LENGTH_BYTES:
         raise CheckpointError(f"{path} is truncated ({file_size} bytes, no header); re-download it")
     header_length = int.from_bytes(read_range(path, 0, HEADER_LENGTH_BYTES), "little")
@@ -214,10 +211,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             "re-download it"
         )
     raw = read_range(path, HEADER_LENGTH_BYTES, header_length)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} has a corrupt header: not valid JSON ({exc}); re-download it") from exc
+    header = reads.parse_json(raw, path, HEADER_KIND)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt header: not a JSON object; re-download it")
     data_start = HEADER_LENGTH_BYTES + header_length

@@ -17,6 +17,7 @@ or class names):
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,22 @@ _LAYER = "model.layers.{l}"
 _ATTN = _LAYER + ".self_attn"
 _MLP = _LAYER + ".mlp"
 SUPPORTED_ACTIVATION = "silu"
+SANE_LIMITS: Mapping[str, int] = {
+    "num_hidden_layers": 1024,  # the deepest released models have ~130 layers
+    "num_local_experts": 16384,  # experts per layer: released MoEs have up to 512
+    "num_experts": 16384,
+    "num_experts_per_tok": 16384,
+    "vocab_size": 1 << 22,  # 4M tokens; the largest released vocabularies hold ~260k
+    "hidden_size": 1 << 17,  # the widest released models have ~20k
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20,
+    "shared_expert_intermediate_size": 1 << 20,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 4096,
+}
+"""The largest value of each size in ``config.json`` this tool accepts, checked before anything is
+sized by it: a config that claims a million layers is refused, not allocated for."""
 MODEL_DTYPES: Mapping[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -278,13 +295,19 @@ class ConfigReader:
             raise CheckpointError(
                 f"config.json: {key} = {found!r} is not a positive integer; fix config.json"
             )
+        limit = SANE_LIMITS.get(key)
+        if limit is not None and found > limit:
+            raise CheckpointError(
+                f"config.json: {key} = {found} is over {limit}, more than any model this tool runs; "
+                "fix config.json"
+            )
         return found
 
     def float_value(self, key: str) -> float:
         found = self.value(key)
-        if not isinstance(found, int | float) or isinstance(found, bool) or found < 0:
-            raise CheckpointError(
-                f"config.json: {key} = {found!r} is not a non-negative number; fix config.json"
+        if not isinstance(found, int | float) or isinstance(found, bool) or not 0 <= found < math.inf:
+            raise CheckpointError(  # NaN fails the comparison: json reads NaN and Infinity
+                f"config.json: {key} = {found!r} is not a finite non-negative number; fix config.json"
             )
         return float(found)
 
@@ -370,8 +393,8 @@ def _rope_theta(read: ConfigReader) -> float:
                 f"config.json: {key} asks for {params}; only plain (default) RoPE is supported"
             )
         theta = params.get("rope_theta", theta)
-    if not isinstance(theta, int | float) or isinstance(theta, bool) or theta <= 0:
-        raise CheckpointError(f"config.json: rope_theta = {theta!r} is not a positive number; fix it")
+    if not isinstance(theta, int | float) or isinstance(theta, bool) or not 0 < theta < math.inf:
+        raise CheckpointError(f"config.json: rope_theta = {theta!r} is not a finite positive number; fix it")
     return float(theta)
 
 

@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from klotski_tier.core import reads
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError, InputError
 from klotski_tier.core.model.spec import ModelSpec
+from klotski_tier.core.units import GIB
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,15 @@ FORMAT_VERSION = 1
 ROUTE_DTYPE = np.int16
 """Expert ids on disk: two bytes each, enough for 32767 experts."""
 MAX_EXPERTS = int(np.iinfo(ROUTE_DTYPE).max)
-_LOAD_ERRORS = (ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+TRACE_FILE_KIND = reads.FileKind(
+    "routing trace",
+    GIB,
+    InputError,
+    "it is not a klotski routing trace: record one with run --record-routing",
+)
+"""A trace holds 2 bytes per token, layer and top-k choice, compressed: 1 GiB is ~10^9 routes."""
+MAX_ARRAY_BYTES = 8 * GIB
+"""The largest array a trace's header may declare: checked before the array is allocated."""
 
 
 @dataclass(frozen=True)
@@ -167,30 +175,9 @@ class RoutingTrace:
     @classmethod
     def load(cls, path: Path) -> RoutingTrace:
         """Read a trace written by :meth:`save`; anything else is a one-line :class:`InputError`."""
-        if not path.is_file():
-            raise InputError(f"routing trace {path} does not exist or is not a file")
-        try:
-            with path.open("rb") as handle:
-                contents = _read_archive(handle, path)
-        except OSError as exc:
-            raise InputError(f"cannot read routing trace {path}: {exc.strerror or exc}") from exc
+        contents = reads.read_npz(path, TRACE_FILE_KIND, max_array_bytes=MAX_ARRAY_BYTES)
         meta = _meta_from(contents, path)
         return cls(meta, _steps_from(contents, meta, path), source=path)
-
-
-def _read_archive(handle: BinaryIO, path: Path) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` archive open in ``handle``."""
-    try:
-        archive = np.load(handle, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError("one bare array, not an archive")
-        with archive:
-            return {name: archive[name] for name in archive.files}
-    except _LOAD_ERRORS as exc:
-        raise InputError(
-            f"{path} is not a klotski routing trace ({' '.join(str(exc).split())}); "
-            "record one with run --record-routing"
-        ) from exc
 
 
 def _to_arrays(trace: RoutingTrace) -> dict[str, Any]:
@@ -206,10 +193,9 @@ def _to_arrays(trace: RoutingTrace) -> dict[str, Any]:
 def _meta_from(contents: dict[str, np.ndarray], path: Path) -> TraceMeta:
     """The checked meta of a loaded archive."""
     not_trace = f"{path} is not a klotski routing trace"
-    try:
-        raw: Any = json.loads(str(contents["meta"]))
-    except (KeyError, ValueError) as exc:
-        raise InputError(f"{not_trace} (no readable meta); record one with run --record-routing") from exc
+    if "meta" not in contents or contents["meta"].dtype.kind != "U" or contents["meta"].ndim != 0:
+        raise InputError(f"{not_trace} (no readable meta); record one with run --record-routing")
+    raw: Any = reads.parse_json(str(contents["meta"]), path, TRACE_FILE_KIND)
     if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT_TAG:
         raise InputError(f"{not_trace} (no {FORMAT_TAG!r} tag); record one with run --record-routing")
     version = raw.get("format_version")

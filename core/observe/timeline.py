@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
+from klotski_tier.core import reads
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import InputError
+from klotski_tier.core.units import MIB
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ STEPS_TRACK = "steps"  # one span per forward step, named "prefill ..." or "deco
 DRIVE_QUEUE = "disk"  # the residency's disk reads: lane tracks "disk queue N"
 PHASES = ("prefill", "decode")
 WAIT_WORDS = ("bubble", "wait", "stall")  # a track named with one of these sorts last
+TRACE_KIND = reads.FileKind("trace file", 512 * MIB, InputError, "record one with `run --trace FILE`")
+"""A trace holds ~100 bytes per event: 512 MiB is five million events, more than a plot can show."""
 
 Span = tuple[float, float, str, dict[str, Any]]  # (start_s, end_s, name, args)
 
@@ -306,7 +310,7 @@ class TraceData:
 
 def read_trace(path: Path) -> TraceData:
     """Read a Chrome trace-event file (object or bare array form) into spans per track, in seconds."""
-    raw = _read_json(path)
+    raw = reads.read_json(path, TRACE_KIND)
     events = raw.get("traceEvents") if isinstance(raw, dict) else raw
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise InputError(f"{path} is not a Chrome trace: expected a traceEvents list of objects")
@@ -315,7 +319,10 @@ def read_trace(path: Path) -> TraceData:
         for e in events
         if e.get("ph") == "M" and e.get("name") == "thread_name" and isinstance(e.get("args"), dict)
     }
-    data = TraceData(other=raw.get("otherData", {}) if isinstance(raw, dict) else {})
+    other = raw.get("otherData", {}) if isinstance(raw, dict) else {}
+    if not isinstance(other, dict):
+        raise InputError(f"{path}: otherData is {type(other).__name__}, not an object; the trace is corrupt")
+    data = TraceData(other=other)
     for name in names.values():
         data.spans.setdefault(name, [])
     for event in events:
@@ -328,19 +335,6 @@ def read_trace(path: Path) -> TraceData:
 def load_chrome_trace(path: Path) -> dict[str, list[Span]]:
     """Track name -> its spans ``(start_s, end_s, name, args)`` sorted by start."""
     return read_trace(path).spans
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError(f"trace file {path} does not exist; record one with `run --trace FILE`") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read trace file {path}: {exc}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"trace file {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
 
 
 def _add_event(data: TraceData, event: dict[str, Any], names: dict[Any, str], path: Path) -> None:

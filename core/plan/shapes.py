@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +27,19 @@ from typing import Any
 
 import torch
 
+from klotski_tier.core import reads
 from klotski_tier.core.demo import shape as demo
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.model.families import FAMILIES, parse_spec
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
+from klotski_tier.core.units import MIB
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DTYPE = torch.bfloat16  # the dtype of a shape whose table names none
 DEEPSEEK_V2 = "deepseek_v2"  # the one model type approximated rather than parsed as is
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML keys that need no quotes
+TOML_TABLES_MAX_BYTES = MIB  # a hardware or shape file: a few tables of a few lines each
 EQUIVALENT_KV_HEADS = 2  # KV heads of the attention standing in for DeepSeek's MLA (see below)
 
 
@@ -369,12 +371,7 @@ def shape_to_toml(name: str, spec: ModelSpec, source: str = "") -> str:
 
 def read_toml_tables(path: Path, section: str, what: str) -> dict[str, dict[str, Any]]:
     """The ``[section.NAME]`` tables of the TOML file at ``path``; anything else there is an error."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+    document = reads.read_toml(path, reads.FileKind(what, TOML_TABLES_MAX_BYTES, ConfigError, "fix the file"))
     extra = [key for key in document if key != section]
     tables = document.get(section, {})
     if extra or not isinstance(tables, dict):

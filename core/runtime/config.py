@@ -53,12 +53,12 @@ the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from klotski_tier.core import reads
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.units import GIB, KIB, MIB, parse_size
 from klotski_tier.tiers.disk_defaults import DEFAULT_QUEUE_DEPTH
@@ -79,6 +79,10 @@ DEVICE_KV = "device"  # the KV cache on the device for the whole run
 HOST_KV = "host"  # in host RAM, one layer of one batch at a time in a device slot (runtime/kv.py)
 DISK_KV = "disk"  # in files on the drive (a directory made for the run), through the same slots
 KV_HOMES = (DEVICE_KV, HOST_KV, DISK_KV)
+CONFIG_FILE_KIND = reads.FileKind(
+    "config file", MIB, ConfigError, "fix it, or write a new one with `klotski-tier config`"
+)
+"""A config file is a few dozen lines: 1 MiB is far more than any needs."""
 KV_SLOTS = 2  # device slots of a cache in host RAM: one being computed, one being filled
 DEVICE_ATTENTION = "device"  # attention runs on the device, over the cache there or in its slots
 HOST_ATTENTION = "host"  # decode attention runs on the host's cores over the cache in host RAM
@@ -270,12 +274,7 @@ def parse_config(document: Mapping[str, Any], *, source: str = "config") -> dict
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """EngineOptions fields set by the TOML file at ``path``."""
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    document = reads.read_toml(path, CONFIG_FILE_KIND)
     fields = parse_config(document, source=str(path))
     for name in ("prefetch_trace", "prefetch_state", "prefetch_save_state"):
         if name in fields and not fields[name].is_absolute():

@@ -12,13 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from klotski_tier.core import reads
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.units import MIB
 from klotski_tier.policies.prefetch import PrefetchPolicy
 from klotski_tier.policies.registry import make_prefetch
+
+PREFETCH_STATE_KIND = reads.FileKind(
+    "prefetch state", 1024 * MIB, ConfigError, "save one with prefetch.save_state, or leave it out"
+)
+"""A correlation table of 100 layers of 256 x 256 experts is ~100 MiB as JSON: 1 GiB leaves room."""
 
 
 def build_prefetch(options: EngineOptions, spec: ModelSpec) -> PrefetchPolicy:
@@ -51,12 +58,7 @@ def save_prefetch_state(policy: PrefetchPolicy, path: Path) -> None:
 
 
 def _read_state(path: Path) -> tuple[str, dict[str, list[object]]]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read prefetch state {path}: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"prefetch state {path} is not valid JSON: {exc}") from exc
+    document = reads.read_json(path, PREFETCH_STATE_KIND)
     if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
         raise ConfigError(f"{path} is not a saved prefetch state; save one with prefetch.save_state")
     state: dict[str, list[object]] = document["state"]

@@ -37,6 +37,7 @@ ZSTD_MAX_LEVEL: int = zstandard.MAX_COMPRESSION_LEVEL  # 22
 ZSTD_DEFAULT_LEVEL = 1
 SHUFFLE_ITEM_BYTES = 2  # the filter is applied to blocks of 16-bit elements (bf16, fp16)
 DEFAULT_CHECKSUM = "xxh3_64"
+_UNKNOWN_CONTENT_SIZE = -1  # zstandard.frame_content_size of a frame that does not declare its size
 
 Bytes = npt.NDArray[np.uint8]  # a flat, contiguous uint8 array: [nbytes]
 
@@ -108,10 +109,7 @@ def decode(stored: Bytes, codec: CodecName, shuffle: bool, out: Bytes) -> None:
         if stored.ctypes.data != out.ctypes.data:  # already in place when read straight into ``out``
             out[:] = stored
         return
-    try:
-        raw = _decompressor().decompress(stored.data, max_output_size=out.nbytes)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"is not a valid zstd frame ({exc})") from exc
+    raw = _inflate(stored, out.nbytes)
     if len(raw) != out.nbytes:
         raise ValueError(f"decompresses to {len(raw)} bytes where {out.nbytes} are expected")
     planes = np.frombuffer(raw, dtype=np.uint8)
@@ -119,6 +117,25 @@ def decode(stored: Bytes, codec: CodecName, shuffle: bool, out: Bytes) -> None:
         unshuffle_bytes(planes, SHUFFLE_ITEM_BYTES, out)
     else:
         out[:] = planes
+
+
+def _inflate(stored: Bytes, nbytes: int) -> bytes:
+    """The zstd frame ``stored`` decompressed into at most ``nbytes``: never more is allocated.
+
+    zstandard sizes its output by the size a frame declares, whatever ``max_output_size`` says, so
+    a declared size other than ``nbytes`` is refused before decompressing; a frame that declares
+    none is decompressed into ``nbytes`` at most, and one that would inflate past it is refused.
+    """
+    try:
+        declared = zstandard.frame_content_size(stored.data)  # -1: the frame does not say
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"is not a valid zstd frame ({exc})") from exc
+    if declared not in (_UNKNOWN_CONTENT_SIZE, nbytes):
+        raise ValueError(f"declares {declared} decompressed bytes where {nbytes} are expected")
+    try:
+        return _decompressor().decompress(stored.data, max_output_size=nbytes)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"does not decompress to {nbytes} bytes ({exc})") from exc
 
 
 def shuffle_bytes(raw: Bytes, item_bytes: int) -> Bytes:

@@ -27,8 +27,8 @@ read; :func:`decode_block` checks a block's checksum before anyone can use its b
 from __future__ import annotations
 
 import enum
-import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +37,16 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from klotski_tier.core import reads
 from klotski_tier.core.errors import CheckpointError, TierError
+from klotski_tier.core.model.block_shapes import layouts_problem
 from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, TensorPiece, TensorView
 from klotski_tier.core.model.checkpoint import SAFETENSORS_DTYPES, read_range
 from klotski_tier.core.model.families import ExpertLayout, parse_spec
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.store import codec as codecs
 from klotski_tier.core.store.pagecache import evict
-from klotski_tier.core.units import align_up
+from klotski_tier.core.units import MIB, align_up
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,10 @@ COPIED_FILES = (
 TEMP_MARK = ".tmp-"  # temporary pack directories: .{name}.tmp-{pid}-{random}
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 REPACK_HINT = "pack the model again with klotski-tier pack"
+MANIFEST_KIND = reads.FileKind("store manifest", 256 * MIB, CheckpointError, REPACK_HINT)
+"""A manifest holds ~400 bytes per block: 256 MiB is over half a million blocks."""
+BLOCKS_KIND = reads.FileKind("store blocks file", 2**50, CheckpointError, REPACK_HINT)
+"""blocks.bin is read block by block; the limit (1 PiB) only asks that it be a regular file."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done_raw_bytes, total_raw_bytes)``, called after each block."""
@@ -172,12 +178,15 @@ class _Malformed(Exception):
 
 
 def is_store(path: Path) -> bool:
-    """Whether ``path`` is a directory with a manifest carrying the store format tag."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """Whether ``path`` is a directory with a manifest that names the store format.
+
+    A manifest that cannot be read within bounds (a FIFO, a device, too large) is an error naming
+    it; one that names the format is a store, and :func:`open_store` says what is wrong with it.
+    """
+    manifest_path = Path(path) / MANIFEST_FILE
+    if not os.path.lexists(manifest_path):
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG
+    return FORMAT_TAG.encode("ascii") in reads.read_bytes(manifest_path, MANIFEST_KIND)
 
 
 def open_store(path: Path) -> PackedStore:
@@ -194,7 +203,11 @@ def open_store(path: Path) -> PackedStore:
     except _Malformed as exc:
         raise CheckpointError(f"{path / MANIFEST_FILE} is malformed: {exc}; {REPACK_HINT}") from exc
     _check_size(path / BLOCKS_FILE, entries.values())
-    return PackedStore(path, config, parse_spec(config, dtype), expert_layout, layouts, entries)
+    spec = parse_spec(config, dtype)
+    problem = layouts_problem(spec, layouts)
+    if problem is not None:
+        raise CheckpointError(f"store {path} cannot run its model: {problem}; {REPACK_HINT}")
+    return PackedStore(path, config, spec, expert_layout, layouts, entries)
 
 
 def decode_block(stored: StoredData, entry: StoredBlock, dst: torch.Tensor) -> None:
@@ -263,14 +276,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"store {path} is not a directory; pass the output directory of klotski-tier pack"
         )
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         raise CheckpointError(f"{path} has no {MANIFEST_FILE}, so it is not a finished store; {REPACK_HINT}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {manifest_path}: {exc.strerror}; check its permissions") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path} is not valid JSON ({exc}); {REPACK_HINT}") from exc
+    manifest = reads.read_json(manifest_path, MANIFEST_KIND)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_TAG:
         raise CheckpointError(f"{manifest_path} is not a {FORMAT_TAG} manifest; {REPACK_HINT}")
     if manifest.get("version") != FORMAT_VERSION:
@@ -358,10 +366,7 @@ def _stored_layout(entry: StoredBlock, views: tuple[TensorView, ...]) -> BlockLa
 def _check_size(blocks_path: Path, entries: Iterable[StoredBlock]) -> None:
     """``blocks.bin`` must reach the end of its last block's padding: catches truncated copies."""
     needed = max((entry.offset + entry.padded_bytes for entry in entries), default=0)
-    try:
-        size = blocks_path.stat().st_size
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {blocks_path}: {exc.strerror}; {REPACK_HINT}") from exc
+    size = reads.check_file(blocks_path, BLOCKS_KIND)
     if size < needed:
         raise CheckpointError(
             f"{blocks_path} is truncated: {size} bytes where the manifest needs {needed}; {REPACK_HINT}"

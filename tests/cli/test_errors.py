@@ -172,11 +172,11 @@ def test_prompt_longer_than_the_context(model: Path, out_dir: Path) -> None:
 
 def test_missing_prompts_file(model: Path, tmp_path: Path, out_dir: Path) -> None:
     missing = tmp_path / "missing.txt"
-    run_fails(["--model", str(model), "--prompts", str(missing)], "No such file", out_dir)
+    run_fails(["--model", str(model), "--prompts", str(missing)], "it does not exist", out_dir)
 
 
 def test_prompts_file_that_is_a_directory(model: Path, tmp_path: Path, out_dir: Path) -> None:
-    run_fails(["--model", str(model), "--prompts", str(tmp_path)], "Is a directory", out_dir)
+    run_fails(["--model", str(model), "--prompts", str(tmp_path)], "is a directory, not a regular", out_dir)
 
 
 def test_prompts_file_that_is_not_utf8(model: Path, tmp_path: Path, out_dir: Path) -> None:

@@ -78,12 +78,12 @@ def test_a_file_of_blank_lines_holds_no_prompt(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"cannot read prompts file .*missing\.txt: No such file"):
+    with pytest.raises(InputError, match=r"cannot read prompts file .*missing\.txt: it does not exist"):
         read_prompts_file(tmp_path / "missing.txt")
 
 
 def test_a_directory_is_not_a_prompts_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="Is a directory"):
+    with pytest.raises(InputError, match="is a directory, not a regular file"):
         read_prompts_file(tmp_path)
 
 
@@ -113,6 +113,12 @@ def test_jsonl_variants(tmp_path: Path, suffix: str) -> None:
 def test_jsonl_error_line_numbers_count_blank_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n\n{"prompt": \n')
     with pytest.raises(InputError, match=r"p\.jsonl:3 is not valid JSON"):
+        read_prompts_file(path)
+
+
+def test_a_jsonl_line_nested_100000_deep_is_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n' + '{"prompt": ' * 100_000 + "\n")
+    with pytest.raises(InputError, match=r"p\.jsonl:2 nests JSON more than 64 levels deep"):
         read_prompts_file(path)
 
 

@@ -172,7 +172,12 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     ("header", "kwargs", "message"),
     [
         (GOOD, {"length": 10**12}, r"corrupt header: length 1000000000000 does not fit"),
-        (b"{oops", {}, r"corrupt header: not valid JSON"),
+        (b"{oops", {}, r"is not valid JSON \(Expecting property name .*\); the file has a corrupt header"),
+        (
+            b"[" * 100_000,
+            {},
+            r"nests JSON 100000 levels deep, more than the 64 allowed; the file has a corrupt header",
+        ),
         (b"[1]", {}, r"corrupt header: not a JSON object"),
         ({"t": [1]}, {}, r"tensor t is not described"),
         ({"t": {**GOOD["t"], "dtype": "F12"}}, {}, r"tensor t has unknown dtype 'F12'"),

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from klotski_tier.core.errors import CheckpointError, UnsupportedModelError
-from klotski_tier.core.model.families import FAMILIES, SUPPORTED_MODEL_TYPES, ExpertLayout, parse_spec
+from klotski_tier.core.model.families import (
+    FAMILIES,
+    SANE_LIMITS,
+    SUPPORTED_MODEL_TYPES,
+    ExpertLayout,
+    parse_spec,
+)
 from klotski_tier.core.model.spec import QKNorm
 from tests import checkpoints as ck
 
@@ -253,3 +259,42 @@ def test_expert_layout_is_detected_from_names() -> None:
     both = {"model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.0.mlp.experts.gate_up_proj"}
     with pytest.raises(CheckpointError, match="has both of"):
         qwen.expert_layout(both)
+
+
+@pytest.mark.parametrize(
+    ("family", "key"),
+    [
+        ("mixtral", "num_hidden_layers"),
+        ("mixtral", "num_local_experts"),
+        ("qwen2_moe", "num_experts"),
+        ("mixtral", "vocab_size"),
+        ("mixtral", "hidden_size"),
+        ("mixtral", "intermediate_size"),
+        ("qwen2_moe", "moe_intermediate_size"),
+        ("qwen2_moe", "shared_expert_intermediate_size"),
+        ("mixtral", "num_attention_heads"),
+        ("qwen3_moe", "head_dim"),
+    ],
+)
+def test_sizes_past_any_real_model_are_refused_before_anything_is_sized_by_them(
+    family: str, key: str
+) -> None:
+    """A config claiming a million layers once made `plan` allocate 15 GiB, then fail with a traceback."""
+    limit = SANE_LIMITS[key]
+    with pytest.raises(CheckpointError, match=f"{key} = {limit + 1} is over {limit}, more than any model"):
+        parse_spec(_config(family, **{key: limit + 1}))
+    with pytest.raises(CheckpointError, match=f"{key} = 1000000000 is over {limit}"):
+        parse_spec(_config(family, **{key: 10**9}))
+
+
+@pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta", "clip_qkv"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_floats_are_refused(key: str, value: float) -> None:
+    """json.loads reads NaN and Infinity: a config holding one would run and print garbage."""
+    with pytest.raises(
+        CheckpointError, match=f"{key} = {value!r} is not a finite (non-negative|positive) number"
+    ):
+        overrides = (
+            {"rope_parameters": {"rope_type": "default", key: value}} if key == "rope_theta" else {key: value}
+        )
+        parse_spec(_config("olmoe", **overrides))

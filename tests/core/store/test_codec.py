@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,7 +111,8 @@ def test_shuffle_makes_bf16_weights_smaller() -> None:
 def test_decode_rejects_corrupt_frames_and_wrong_sizes() -> None:
     raw = np.zeros(BLOCK_BYTES, dtype=np.uint8)
     encoded = codecs.encode(raw, codecs.parse_codec("zstd"), 2)
-    with pytest.raises(ValueError, match="decompresses to"):
+    declared = f"declares {BLOCK_BYTES} decompressed bytes where {BLOCK_BYTES // 2}"
+    with pytest.raises(ValueError, match=declared):
         codecs.decode(encoded.data, CodecName.ZSTD, True, np.empty(BLOCK_BYTES // 2, dtype=np.uint8))
     garbage = encoded.data.copy()
     garbage[:4] = 0  # destroys the zstd magic number
@@ -118,6 +120,50 @@ def test_decode_rejects_corrupt_frames_and_wrong_sizes() -> None:
         codecs.decode(garbage, CodecName.ZSTD, True, np.empty(BLOCK_BYTES, dtype=np.uint8))
     with pytest.raises(ValueError, match="holds 8 bytes"):
         codecs.decode(raw[:8], CodecName.NONE, False, np.empty(16, dtype=np.uint8))
+
+
+def test_a_frame_declaring_a_huge_size_is_refused_before_decompressing() -> None:
+    """A frame header claiming 40 GiB must not make zstandard allocate 40 GiB."""
+    frame = zstandard.ZstdCompressor().compress(bytes(BLOCK_BYTES))
+    params = zstandard.get_frame_parameters(frame)
+    assert params.content_size == BLOCK_BYTES
+    huge = _with_content_size(frame, 40 * 1024**3)
+    assert zstandard.frame_content_size(huge) == 40 * 1024**3
+    with pytest.raises(ValueError, match=f"declares {40 * 1024**3} decompressed bytes where {BLOCK_BYTES}"):
+        codecs.decode(np.frombuffer(huge, np.uint8), CodecName.ZSTD, False, np.empty(BLOCK_BYTES, np.uint8))
+
+
+def test_a_frame_inflating_past_its_block_is_refused() -> None:
+    """A valid frame without a declared size that inflates to 1 GiB stops at the block's size."""
+    bomb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1024**3))
+    assert len(bomb) < BLOCK_BYTES  # a few KiB of stored bytes
+    out = np.empty(BLOCK_BYTES, dtype=np.uint8)
+    with pytest.raises(ValueError, match=f"does not decompress to {BLOCK_BYTES} bytes"):
+        codecs.decode(np.frombuffer(bomb, np.uint8), CodecName.ZSTD, False, out)
+    short = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(BLOCK_BYTES // 2))
+    with pytest.raises(ValueError, match=f"decompresses to {BLOCK_BYTES // 2} bytes where {BLOCK_BYTES}"):
+        codecs.decode(np.frombuffer(short, np.uint8), CodecName.ZSTD, False, out)
+
+
+def _with_content_size(frame: bytes, content_size: int) -> bytes:
+    """``frame`` with its header's 8-byte frame content size field set to ``content_size``.
+
+    Header: 4-byte magic, a descriptor byte (bits 7-6: size field flag, 3 = 8 bytes; bit 5: single
+    segment, no window byte), [window byte], [dictionary id], then the content size.
+    """
+    descriptor = frame[4]
+    assert descriptor >> 6 == 0 or descriptor & 0x20, "this helper handles single-segment frames"
+    size_bytes = {0: 1, 1: 2, 2: 4, 3: 8}[descriptor >> 6]
+    dict_bytes = {0: 0, 1: 1, 2: 2, 3: 4}[descriptor & 0x3]
+    start = 5 + dict_bytes
+    new_descriptor = (descriptor & 0x3F) | (3 << 6) | 0x20
+    return (
+        frame[:4]
+        + bytes([new_descriptor])
+        + frame[5:start]
+        + content_size.to_bytes(8, "little")
+        + frame[start + size_bytes :]
+    )
 
 
 def test_decode_from_many_threads() -> None:
