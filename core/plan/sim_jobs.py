@@ -125,7 +125,9 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
     def residual_done(self, index: int, batch: SimBatch, changed: bool) -> None:
         if self._residual_token_bytes is not None and batch.context_tokens == 0 and changed:
             nbytes = batch.tokens * self._residual_token_bytes
-            self._residual_stored[index % RESIDUAL_SLOTS] = asyncio.ensure_future(self._hardware.copy(nbytes))
+            self._residual_stored[index % RESIDUAL_SLOTS] = asyncio.ensure_future(
+                self._kv_store(nbytes, False)
+            )
 
     async def residual_drain(self) -> None:
         for stored in self._residual_stored:
@@ -170,6 +172,9 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         await self._hardware.copy(nbytes)
         if self._kv_on_drive:
             await self._hardware.read(nbytes)
+
+    async def _copy(self, nbytes: int) -> None:
+        await self._hardware.copy(nbytes)
 
     async def kv_drain(self) -> None:
         for stored in self._stored:
