@@ -125,9 +125,7 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
     def residual_done(self, index: int, batch: SimBatch, changed: bool) -> None:
         if self._residual_token_bytes is not None and batch.context_tokens == 0 and changed:
             nbytes = batch.tokens * self._residual_token_bytes
-            self._residual_stored[index % RESIDUAL_SLOTS] = asyncio.ensure_future(
-                self._kv_store(nbytes, False)
-            )
+            self._residual_stored[index % RESIDUAL_SLOTS] = asyncio.ensure_future(self._copy(nbytes))
 
     async def residual_drain(self) -> None:
         for stored in self._residual_stored:
