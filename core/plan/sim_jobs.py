@@ -93,6 +93,7 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         kv_home: str = DEVICE_KV,
         host_attention: bool = False,
         residual_token_bytes: int | None = None,
+        device_layers: int = 0,
     ) -> None:
         self._hardware = hardware
         self._costs = costs
@@ -103,6 +104,9 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         self._kv_token_bytes = kv_token_bytes
         self._kv_on_drive = kv_home == DISK_KV
         self._host_attention = host_attention  # decode attention on the host (runtime/host_attention.py)
+        self._device_layers = (
+            device_layers  # the first layers' cache stays on the device ([kv] device_layers)
+        )
         self._stored: list[asyncio.Future[None] | None] = [None] * KV_SLOTS
         # A prefill's residual streams in host RAM between jobs (runtime/activations.py): bytes per token;
         # their copies take the host-to-device channel, in two slots as the engine's.
@@ -132,8 +136,8 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
             if stored is not None:
                 await stored
 
-    def attends_at_home(self, batch: SimBatch) -> bool:
-        return self._host_attention and batch.context_tokens > 0
+    def attends_at_home(self, batch: SimBatch, layer: int) -> bool:
+        return self._host_attention and layer >= self._device_layers and batch.context_tokens > 0
 
     async def project(self, layer: int, batch: SimBatch, weights: Lease) -> None:
         await self._hardware.compute(self._costs.projection_s(batch.sequences, batch.query_tokens))
@@ -147,7 +151,7 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
         """Its time is in :meth:`project`'s (the cost model prices both projections together)."""
 
     def kv_fetch(self, layer: int, index: int, batch: SimBatch) -> Awaitable[None] | None:
-        if self._kv_token_bytes is None or self.attends_at_home(batch):
+        if self._kv_token_bytes is None or layer < self._device_layers or self.attends_at_home(batch, layer):
             return None
         nbytes = batch.sequences * batch.context_tokens * self._kv_token_bytes
         return asyncio.ensure_future(self._kv_fetch(index % KV_SLOTS, nbytes))
@@ -162,7 +166,11 @@ class SimJobs(StepJobs[SimBatch, SimRouting, SimTokens, None]):
             await self._hardware.copy(nbytes)
 
     def kv_store(self, layer: int, index: int, batch: SimBatch) -> None:
-        if self._kv_token_bytes is not None and not self.attends_at_home(batch):
+        if (
+            self._kv_token_bytes is not None
+            and layer >= self._device_layers
+            and not self.attends_at_home(batch, layer)
+        ):
             nbytes = batch.sequences * batch.query_tokens * self._kv_token_bytes
             self._stored[index % KV_SLOTS] = asyncio.ensure_future(self._kv_store(nbytes))
 

@@ -40,6 +40,7 @@ A configuration file has one table per concern; every key is optional::
                              # the cache directory), streamed through two device slots (runtime/kv.py)
     attention = "device"     # where decode attention runs: "device", or "host" over the cache in host RAM,
                              # moving only queries, new entries and outputs (needs home = "host")
+    device_layers = 0        # with home "host" or "disk": the first layers whose cache stays on the device
 
     [activations]
     home = "device"          # a prefill's residual streams: "device", or "host" (RAM) between their jobs,
@@ -121,6 +122,7 @@ class EngineOptions:
     expert_order: str = READY_FIRST  # one of EXPERT_ORDERS: the order of the expert phase
     kv_home: str = DEVICE_KV  # one of KV_HOMES: where the KV cache lives (runtime/kv.py)
     kv_attention: str = DEVICE_ATTENTION  # one of KV_ATTENTION: where decode attention runs (runtime/kv.py)
+    kv_device_layers: int = 0  # with the cache away from the device: its first layers that stay there
     activations_home: str = DEVICE_ACTIVATIONS  # one of ACTIVATION_HOMES (runtime/activations.py)
 
     def __post_init__(self) -> None:
@@ -135,6 +137,16 @@ class EngineOptions:
         _check_choice("kv_home", self.kv_home, KV_HOMES)
         _check_choice("kv_attention", self.kv_attention, KV_ATTENTION)
         _check_choice("activations_home", self.activations_home, ACTIVATION_HOMES)
+        if isinstance(self.kv_device_layers, bool) or not isinstance(self.kv_device_layers, int):
+            raise ConfigError(f"kv_device_layers must be a whole number, got {self.kv_device_layers!r}")
+        if self.kv_device_layers < 0:
+            raise ConfigError(f"kv_device_layers must be at least 0, got {self.kv_device_layers}")
+        if self.kv_device_layers and self.kv_home == DEVICE_KV:
+            raise ConfigError(
+                f"kv_device_layers = {self.kv_device_layers} keeps some layers' cache on the device, but "
+                f'the whole cache is there already ([kv] home = "{DEVICE_KV}"); set home = "{HOST_KV}" or '
+                f'"{DISK_KV}"'
+            )
         if self.kv_attention == HOST_ATTENTION and self.kv_home != HOST_KV:
             raise ConfigError(
                 f'kv attention "{HOST_ATTENTION}" runs over the KV cache in host RAM, but the cache lives '
@@ -245,7 +257,11 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
         "save_state": ("prefetch_save_state", _path),
     },
     "eviction": {"policy": ("eviction", _text), "options": ("eviction_options", _table)},
-    "kv": {"home": ("kv_home", _choice(*KV_HOMES)), "attention": ("kv_attention", _choice(*KV_ATTENTION))},
+    "kv": {
+        "home": ("kv_home", _choice(*KV_HOMES)),
+        "attention": ("kv_attention", _choice(*KV_ATTENTION)),
+        "device_layers": ("kv_device_layers", _integer(0)),
+    },
     "activations": {"home": ("activations_home", _choice(*ACTIVATION_HOMES))},
 }
 

@@ -281,16 +281,19 @@ class Engine:
         """A batch's KV cache and prefill inputs. On CUDA in the compute thread: the event loop never
         calls the CUDA allocator. A CPU device's tensors are host memory and are made here: made in the
         compute thread, they ran e2e-2g's decode 20 % slower (benchmarks/README.md, the A/B section)."""
-        caches, kv_file = None, None
+        caches, kv_file, on_device = None, None, 0
         if runtime.kv is not None:  # the cache lives away from the device (runtime/kv.py)
             positions = max(len(s.prompt) + s.max_new_tokens for s in part)
-            k, v, kv_file = await runtime.kv.new_caches(len(part), positions)
+            on_device = self.options.kv_device_layers  # the first layers' cache stays on the device
+            k, v, kv_file = await runtime.kv.new_caches(
+                len(part), positions, self.spec.num_layers - on_device
+            )
             caches = (k, v)
         if runtime.device.type == "cuda":
             return await runtime.compute.run(
-                new_batch, part, self.spec, runtime.device, caches, kv_file, label="inputs"
+                new_batch, part, self.spec, runtime.device, caches, kv_file, on_device, label="inputs"
             )
-        return new_batch(part, self.spec, runtime.device, caches, kv_file)
+        return new_batch(part, self.spec, runtime.device, caches, kv_file, on_device)
 
     def _output(self, seq: GenSequence) -> SequenceOutput:
         assert seq.finish_reason is not None, f"sequence {seq.index} did not finish"

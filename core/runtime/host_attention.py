@@ -58,9 +58,9 @@ class HostAttention:
         positions: Tensor,
         key_lengths: Tensor,
     ) -> None:
-        """Attend batch ``index``'s queries over layer ``layer`` of its cache in host RAM (``caches``:
-        ``[L, B, Hkv, T, D]``). ``parts``: its q, k, v from the device and the device buffer its output
-        goes to."""
+        """Attend batch ``index``'s queries over its cache of layer ``layer`` in host RAM (``caches``: k
+        and v ``[B, Hkv, T, D]``). ``parts``: its q, k, v from the device and the device buffer its
+        output goes to."""
         q, k, v, out = parts
         host = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v, positions, key_lengths)]
         for dst, src in zip(host, (q, k, v, positions, key_lengths), strict=True):
@@ -68,7 +68,7 @@ class HostAttention:
         self.bytes_out += sum(t.numel() * t.element_size() for t in host[:3])
         q_h, k_h, v_h, positions_h, lengths_h = host
         loop = asyncio.get_running_loop()
-        k_cache, v_cache = caches[0][layer], caches[1][layer]
+        k_cache, v_cache = caches
         args = (q_h, k_h, v_h, k_cache, v_cache, positions_h, lengths_h)
         started = time.perf_counter()
         result = await loop.run_in_executor(self._executor, self._attend, *args)

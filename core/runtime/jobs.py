@@ -87,8 +87,8 @@ class StepJobs(ABC, Generic[BatchT, RoutingT, TokensT, LogitsT]):
     async def residual_drain(self) -> None:
         """Wait until every residual stream written is home (the end of a step)."""
 
-    def attends_at_home(self, batch: BatchT) -> bool:
-        """Whether the batch's attention this step runs where its KV cache lives, off the device
+    def attends_at_home(self, batch: BatchT, layer: int) -> bool:
+        """Whether the batch's attention of ``layer`` this step runs where its KV cache lives, off the device
         (runtime/host_attention.py): then :meth:`project`, :meth:`attend_at_home` and
         :meth:`attention_output` replace :meth:`attention`."""
         return False

@@ -61,9 +61,17 @@ def slot_bytes(batch: int, positions: int, spec: ModelSpec) -> int:
     return batch * positions * spec.kv_bytes_per_token() // spec.num_layers
 
 
-def host_cache(batch: int, positions: int, spec: ModelSpec, pin: bool) -> tuple[Tensor, Tensor]:
-    """A batch's k and v caches ``[L, B, Hkv, Tmax, D]`` in host memory (pinned for a CUDA device)."""
-    shape = (spec.num_layers, batch, spec.num_kv_heads, positions, spec.head_dim)
+def host_cache(
+    batch: int, positions: int, spec: ModelSpec, pin: bool, layers: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """A batch's k and v caches ``[layers, B, Hkv, Tmax, D]`` in host memory (pinned for a CUDA device)."""
+    shape = (
+        spec.num_layers if layers is None else layers,
+        batch,
+        spec.num_kv_heads,
+        positions,
+        spec.head_dim,
+    )
     return (
         torch.zeros(shape, dtype=spec.dtype, pin_memory=pin),
         torch.zeros(shape, dtype=spec.dtype, pin_memory=pin),
@@ -81,9 +89,12 @@ class HostKv:
         self.bytes_in = 0  # copied into the device slots
         self.bytes_out = 0  # copied back home
 
-    async def new_caches(self, batch: int, positions: int) -> tuple[Tensor, Tensor, Path | None]:
-        """A batch's k and v caches ``[L, B, Hkv, T, D]`` at home, and its file (None: in RAM)."""
-        k, v = host_cache(batch, positions, self.spec, pin=self.driver.device.type == "cuda")
+    async def new_caches(
+        self, batch: int, positions: int, layers: int | None = None
+    ) -> tuple[Tensor, Tensor, Path | None]:
+        """A batch's k and v caches ``[layers, B, Hkv, T, D]`` at home (default: every layer's), and its
+        file (None: in RAM)."""
+        k, v = host_cache(batch, positions, self.spec, pin=self.driver.device.type == "cuda", layers=layers)
         return k, v, None
 
     def reserve(self, batch: int, positions: int) -> None:
@@ -205,10 +216,13 @@ class DiskKv(HostKv):
         row = batch * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
         return align_up(row, self.scratch.alignment)
 
-    async def new_caches(self, batch: int, positions: int) -> tuple[Tensor, Tensor, Path | None]:
+    async def new_caches(
+        self, batch: int, positions: int, layers: int | None = None
+    ) -> tuple[Tensor, Tensor, Path | None]:
         spec = self.spec
-        shape = (spec.num_layers, batch, spec.num_kv_heads, positions, spec.head_dim)
-        nbytes = spec.num_layers * 2 * positions * self._row_bytes(batch)
+        layers = spec.num_layers if layers is None else layers
+        shape = (layers, batch, spec.num_kv_heads, positions, spec.head_dim)
+        nbytes = layers * 2 * positions * self._row_bytes(batch)
         path = await self.scratch.create(f"batch-{self._files}.kv", nbytes)
         self._files += 1
         meta = (

@@ -35,7 +35,7 @@ T = TypeVar("T")
 class Batch:
     """Up to bs sequences that run attention together, with their KV cache."""
 
-    k_cache: Tensor  # [L, B, Hkv, Tmax, D] on the device, or in host RAM (runtime/kv.py)
+    k_cache: Tensor  # [L, B, Hkv, Tmax, D] on the device, or its last L - m layers at home (runtime/kv.py)
     v_cache: Tensor  # [L, B, Hkv, Tmax, D]
     # The current step (set by the engine before each forward):
     ids: Tensor  # [B, T] token ids, right-padded
@@ -49,6 +49,9 @@ class Batch:
     kv_written: tuple[int, int] = (0, 0)  # this step writes positions within [start, end)
     kv_slot: tuple[Tensor, Tensor] | None = None  # the device slot its attention uses this layer, if any
     kv_file: Path | None = None  # a KV cache on the drive: its file (k_cache, v_cache: its shapes)
+    # With the cache at home: its first m layers kept on the device ([kv] device_layers), [m, B, Hkv, T, D]
+    k_device: Tensor | None = None
+    v_device: Tensor | None = None
     # Attention on the host (runtime/host_attention.py): q, k, v from the device, and the device buffer
     # the host's output comes back to ([B, Hq, T, D], [B, Hkv, T, D] x2, [B, Hq, T, D]).
     attention_parts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
@@ -87,10 +90,12 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
         kv: HostKv | None = None,
         host_attention: HostAttention | None = None,
         residuals: HostResiduals | None = None,
+        device_layers: int = 0,
     ) -> None:
         self.spec = spec
         self.runner = runner
         self.kv = kv  # None: every batch's KV cache is on the device
+        self.device_layers = device_layers if kv is not None else spec.num_layers  # layers cached there
         self.host_attention = host_attention  # decode attention on the host, over the cache in RAM
         self.residuals = residuals  # None: residual streams stay on the device
 
@@ -126,8 +131,13 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
         if self.residuals is not None:
             await self.residuals.drain()
 
-    def attends_at_home(self, batch: Batch) -> bool:
-        return self.host_attention is not None and batch.kv_cached > 0  # decode: a cache to read
+    def attends_at_home(self, batch: Batch, layer: int) -> bool:
+        at_home = layer >= self.device_layers  # its cache of this layer is in host RAM
+        return self.host_attention is not None and at_home and batch.kv_cached > 0  # decode: a cache to read
+
+    def _at_home(self, layer: int) -> int | None:
+        """Where ``layer``'s cache is in a batch's caches at home (None: on the device)."""
+        return layer - self.device_layers if layer >= self.device_layers else None
 
     async def project(self, layer: int, batch: Batch, weights: Lease) -> None:
         batch.attention_parts = await self._run(
@@ -135,8 +145,9 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
         )
 
     def attend_at_home(self, layer: int, index: int, batch: Batch) -> Awaitable[None]:
-        assert self.host_attention is not None and batch.attention_parts is not None
-        caches = (batch.k_cache, batch.v_cache)
+        home = self._at_home(layer)
+        assert self.host_attention is not None and batch.attention_parts is not None and home is not None
+        caches = (batch.k_cache[home], batch.v_cache[home])
         return asyncio.ensure_future(
             self.host_attention.attend(
                 layer, index, caches, batch.attention_parts, batch.positions, batch.key_lengths
@@ -149,15 +160,17 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
         )
 
     def kv_fetch(self, layer: int, index: int, batch: Batch) -> Awaitable[None] | None:
-        if self.kv is None or self.attends_at_home(batch):
+        home = self._at_home(layer)
+        if self.kv is None or home is None or self.attends_at_home(batch, layer):
             return None
         caches = (batch.k_cache, batch.v_cache)
         batch.kv_slot = self.kv.slot(index, batch.k_cache)  # [B, Hkv, Tmax, D] x2 on the device
-        return asyncio.ensure_future(self.kv.fetch(layer, index, caches, batch.kv_cached, batch.kv_file))
+        return asyncio.ensure_future(self.kv.fetch(home, index, caches, batch.kv_cached, batch.kv_file))
 
     def kv_store(self, layer: int, index: int, batch: Batch) -> None:
-        if self.kv is not None and not self.attends_at_home(batch):
-            self.kv.store(layer, index, (batch.k_cache, batch.v_cache), batch.kv_written, batch.kv_file)
+        home = self._at_home(layer)
+        if self.kv is not None and home is not None and not self.attends_at_home(batch, layer):
+            self.kv.store(home, index, (batch.k_cache, batch.v_cache), batch.kv_written, batch.kv_file)
 
     async def kv_drain(self) -> None:
         if self.kv is not None:
@@ -171,9 +184,21 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
 
     async def attention(self, layer: int, batch: Batch, weights: Lease) -> None:
         fn = _attention_in_place if self._away(batch) else _attention
+        caches = self._device_caches(layer, batch)
         batch.hidden = await self._run(
-            fn, weights, batch, weights.weights, self.spec, layer, label=f"L{layer} attention"
+            fn, weights, batch, weights.weights, self.spec, caches, label=f"L{layer} attention"
         )
+
+    def _device_caches(self, layer: int, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The k and v ``[B, Hkv, Tmax, D]`` the attention of ``layer`` reads and writes on the device:
+        its slot where the cache is at home, else the layer's own cache on the device."""
+        if self.kv is None:
+            return batch.k_cache[layer], batch.v_cache[layer]
+        if self._at_home(layer) is not None:
+            assert batch.kv_slot is not None, "a cache at home is attended in its slot"
+            return batch.kv_slot
+        assert batch.k_device is not None and batch.v_device is not None
+        return batch.k_device[layer], batch.v_device[layer]
 
     async def route(self, layer: int, batch: Batch, gate: Lease) -> Routing:
         return await self._run(_route, gate, batch, gate.weights, self.spec, label=f"L{layer} gate")
@@ -202,9 +227,9 @@ class ModelJobs(StepJobs[Batch, Routing, Tokens, Tensor]):
 # ---- the functions the compute thread runs ---------------------------------------------------
 
 
-def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
+def _attention(batch: Batch, w: BlockWeights, spec: ModelSpec, caches: tuple[Tensor, Tensor]) -> Tensor:
     assert batch.hidden is not None
-    k, v = batch.kv_slot if batch.kv_slot is not None else (batch.k_cache[layer], batch.v_cache[layer])
+    k, v = caches
     return ops.attention(batch.hidden, w, spec, k, v, batch.positions, batch.key_lengths)
 
 
@@ -227,10 +252,12 @@ def _embed_into(batch: Batch, w: BlockWeights) -> None:
     ops.embed_into(batch.ids, w, batch.hidden)
 
 
-def _attention_in_place(batch: Batch, w: BlockWeights, spec: ModelSpec, layer: int) -> Tensor:
+def _attention_in_place(
+    batch: Batch, w: BlockWeights, spec: ModelSpec, caches: tuple[Tensor, Tensor]
+) -> Tensor:
     """The attention sublayer, its result written over the residual stream in its slot."""
     assert batch.hidden is not None
-    return batch.hidden.copy_(_attention(batch, w, spec, layer))
+    return batch.hidden.copy_(_attention(batch, w, spec, caches))
 
 
 def _route(batch: Batch, w: BlockWeights, spec: ModelSpec) -> Routing:

@@ -210,7 +210,7 @@ class Pipeline(Generic[BatchT, RoutingT, TokensT, LogitsT]):
         attn = await self._acquire(attn_block(layer))
         if previous is None and self._ahead:  # layer 0: nothing predicted it during the previous layer
             self._want(self._moe_blocks(layer, previous))
-        if batches and self.jobs.attends_at_home(batches[0]):
+        if batches and self.jobs.attends_at_home(batches[0], layer):
             await self._attention_at_home(layer, batches, attn)
             await self._release(attn)
             return

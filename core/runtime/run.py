@@ -75,13 +75,14 @@ def fixed_device_bytes(
     batch_size: int,
     kv_home: str = DEVICE_KV,
     activations_home: str = DEVICE_ACTIVATIONS,
+    kv_device_layers: int = 0,
 ) -> int:
     """Device bytes held outside weight blocks by the largest group: KV cache (all of it, or the two
     slots it streams through from host RAM: runtime/kv.py) and activations (runtime/activations.py)."""
     worst = 0
     for group in groups:
         parts = _batches_of(group, batch_size)
-        kv = kv_device_bytes(parts, files.spec, kv_home)
+        kv = kv_device_bytes(parts, files.spec, kv_home, kv_device_layers)
         activations = group_activation_bytes(parts, files.spec, activations_home)
         worst = max(worst, kv + activations)
     return worst
@@ -97,7 +98,9 @@ def minimum_budgets(
     room to stage the largest block on its way from disk.
     """
     block = largest_block_bytes(files.layouts)
-    fixed = fixed_device_bytes(files, groups, options.batch_size, options.kv_home, options.activations_home)
+    fixed = fixed_device_bytes(
+        files, groups, options.batch_size, options.kv_home, options.activations_home, options.kv_device_layers
+    )
     kv = host_kv_bytes(files, groups, options)
     if reads_into_device(options):  # a CPU device without a host tier: host RAM is the device's pool
         return fixed + kv + block, 0, fixed + kv
@@ -112,7 +115,10 @@ def host_kv_bytes(files: ModelFiles, groups: Sequence[Sequence[GenSequence]], op
     spec, worst = files.spec, 0
     for group in groups:
         parts = _batches_of(group, options.batch_size)
-        kv = sum(kv_cache_bytes(part, spec) for part in parts) if options.kv_home == HOST_KV else 0
+        kv = 0
+        if options.kv_home == HOST_KV:  # but its first layers', on the device
+            at_home = spec.num_layers - options.kv_device_layers
+            kv = sum(kv_cache_bytes(part, spec) for part in parts) * at_home // spec.num_layers
         worst = max(worst, kv + host_residual_bytes(parts, spec, options.activations_home))
     return worst
 
@@ -298,6 +304,11 @@ class Runtime:
         self.host_driver = HostDriver(pin=self.device_driver.device.type == "cuda")  # a GPU reads them
         self.device: torch.device = self.device_driver.device
         self.compute = ComputeRunner(self.device_driver, self.timeline)
+        if options.kv_device_layers >= files.spec.num_layers:
+            raise ConfigError(
+                f"kv_device_layers = {options.kv_device_layers} keeps every one of the model's "
+                f'{files.spec.num_layers} layers\' cache on the device: set [kv] home = "device" instead'
+            )
         self.kv: HostKv | None = None  # None: the KV cache lives on the device
         if options.kv_home == HOST_KV:
             self.kv = HostKv(self.device_driver, files.spec, self.timeline)
@@ -327,7 +338,14 @@ class Runtime:
             files.spec,
             files.layouts,
             self.residency,
-            ModelJobs(files.spec, self.compute, self.kv, self.host_attention, self.residuals),
+            ModelJobs(
+                files.spec,
+                self.compute,
+                self.kv,
+                self.host_attention,
+                self.residuals,
+                options.kv_device_layers,
+            ),
             prefetch,
             self.metrics,
             options,

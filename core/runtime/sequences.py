@@ -53,17 +53,23 @@ def new_batch(
     device: torch.device,
     caches: tuple[Tensor, Tensor] | None = None,
     kv_file: Path | None = None,
+    device_layers: int = 0,
 ) -> Batch:
     """A batch for ``seqs`` with an empty KV cache and its prefill inputs: ``caches`` where the cache
-    lives away from the device (runtime/kv.py: in host RAM, or the shapes of ``kv_file``'s), else
-    allocated on the device."""
+    lives away from the device (runtime/kv.py: in host RAM, or the shapes of ``kv_file``'s), its first
+    ``device_layers`` layers allocated on the device; else all of it allocated on the device."""
     max_positions = max(len(s.prompt) + s.max_new_tokens for s in seqs)
     cache_shape = (spec.num_layers, len(seqs), spec.num_kv_heads, max_positions, spec.head_dim)
+    k_device = v_device = None
     if caches is None:
         k_cache = torch.zeros(cache_shape, dtype=spec.dtype, device=device)
         v_cache = torch.zeros(cache_shape, dtype=spec.dtype, device=device)
     else:
         k_cache, v_cache = caches
+        if device_layers:
+            shape = (device_layers, *cache_shape[1:])
+            k_device = torch.zeros(shape, dtype=spec.dtype, device=device)
+            v_device = torch.zeros(shape, dtype=spec.dtype, device=device)
     longest = max(len(s.prompt) for s in seqs)
     ids = torch.zeros((len(seqs), longest), dtype=torch.long)  # [B, T]
     for row, seq in enumerate(seqs):
@@ -81,6 +87,8 @@ def new_batch(
         kv_cached=0,
         kv_written=(0, longest),
         kv_file=kv_file,
+        k_device=k_device,
+        v_device=v_device,
     )
 
 
@@ -106,14 +114,18 @@ def kv_cache_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> int:
     return len(seqs) * max_positions * spec.kv_bytes_per_token()
 
 
-def kv_device_bytes(parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, kv_home: str) -> int:
+def kv_device_bytes(
+    parts: Sequence[Sequence[GenSequence]], spec: ModelSpec, kv_home: str, device_layers: int = 0
+) -> int:
     """Device bytes of the KV cache of a group of batches ``parts``: all of it at home on the device;
-    kept in host RAM, the device's two slots, each one layer of the largest batch."""
+    kept away from it, the device's two slots, each one layer of the largest batch, and the first
+    ``device_layers`` layers of every batch's cache."""
+    whole = sum(kv_cache_bytes(part, spec) for part in parts)
     if kv_home != DEVICE_KV:
         batch = max(len(part) for part in parts)
         positions = max(len(s.prompt) + s.max_new_tokens for part in parts for s in part)
-        return KV_SLOTS * slot_bytes(batch, positions, spec)
-    return sum(kv_cache_bytes(part, spec) for part in parts)
+        return KV_SLOTS * slot_bytes(batch, positions, spec) + whole * device_layers // spec.num_layers
+    return whole
 
 
 def activation_bytes(seqs: Sequence[GenSequence], spec: ModelSpec) -> tuple[int, int]:

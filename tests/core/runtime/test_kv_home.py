@@ -261,3 +261,52 @@ def test_a_kv_cache_on_the_drive_is_read_and_written_with_o_direct_in_aligned_ro
     row = 3 * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize  # 3 sequences' heads at one position
     assert direct and row % 4096 != 0
     assert size == spec.num_layers * 2 * 10 * 4096 * -(-row // 4096)
+
+
+@pytest.mark.parametrize(
+    "kv",
+    [{"kv_home": "host"}, {"kv_home": "host", "kv_attention": "host"}, {"kv_home": "disk"}],
+    ids=["host", "host-attention", "disk"],
+)
+def test_the_first_layers_cache_stays_on_the_device_and_the_rest_streams(
+    case: tuple[Path, Reference], kv: dict[str, str], scratch_root: Path
+) -> None:
+    """[kv] device_layers = 1 of 2: layer 0's cache on the device for the whole run, layer 1's at home;
+    the same tokens and logits, half the cache's copies, and the device counts layer 0's cache."""
+    directory, reference = case
+    options = EngineOptions(batches=2, batch_size=2, kv_device_layers=1, host_memory_bytes=1 << 30, **kv)  # type: ignore[arg-type]
+    engine = Engine.load(directory, options)
+    result = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert [o.token_ids for o in result.outputs] == reference.tokens
+    assert_logits_close([o.logits for o in result.outputs], reference.logits, torch.float32)
+    streamed = Engine.load(directory, dataclasses.replace(options, kv_device_layers=0))
+    whole = streamed.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    moved = (result.metrics.kv_bytes_in, result.metrics.kv_bytes_out, result.metrics.host_attention_bytes)
+    assert [2 * m for m in moved] == [
+        whole.metrics.kv_bytes_in, whole.metrics.kv_bytes_out, whole.metrics.host_attention_bytes
+    ]  # fmt: skip
+    spec = engine.spec
+    largest = (PROMPTS[:2], PROMPTS[2:4])  # the first group's two batches
+    layer_0 = (
+        sum(len(p) * max(len(s) + NEW_TOKENS for s in p) for p in largest) * spec.kv_bytes_per_token() // 2
+    )
+    (device, host), (device_0, host_0) = (
+        e.minimum_budgets(PROMPTS, max_new_tokens=NEW_TOKENS) for e in (engine, streamed)
+    )
+    assert device - device_0 == layer_0  # the largest group's layer 0, on the device
+    assert host_0 - host == (layer_0 if kv["kv_home"] == "host" else 0)  # and no longer in host RAM
+
+
+def test_device_layers_is_a_config_key_with_one_line_errors(tmp_path: Path) -> None:
+    assert parse_config({"kv": {"home": "host", "device_layers": 3}}) == {
+        "kv_home": "host",
+        "kv_device_layers": 3,
+    }
+    with pytest.raises(ConfigError, match=r"kv\.device_layers"):
+        parse_config({"kv": {"device_layers": -1}})
+    with pytest.raises(ConfigError, match=r'the whole cache is there already \(\[kv\] home = "device"\)'):
+        EngineOptions(kv_device_layers=2)
+    directory = make_checkpoint(tmp_path / "m", "mixtral", num_layers=2)
+    engine = Engine.load(directory, EngineOptions(kv_home="host", kv_device_layers=2))
+    with pytest.raises(ConfigError, match=r"every one of the model's 2 layers' cache on the device"):
+        engine.generate(PROMPTS, max_new_tokens=2)
