@@ -77,6 +77,9 @@ _STUDY_FLAGS = [
     click.option("--activations-home", type=click.Choice(ACTIVATION_HOMES),
                  help="Fix where a prefill's residual streams wait between their jobs ([activations] home; "
                  "default: where more tokens/s are predicted)."),
+    click.option("--kv-device-layers", metavar="M", type=click.IntRange(min=0),
+                 help="Fix how many first layers keep their KV cache on the device while the rest lives away "
+                 "([kv] device_layers; default: the planner's)."),
 ]  # fmt: skip
 
 
@@ -123,6 +126,7 @@ def study_from_flags(flags: dict[str, Any], **fixed: Any) -> Study:
         "kv_home": flags.pop("kv_home"),
         "kv_attention": flags.pop("kv_attention"),
         "activations_home": flags.pop("activations_home"),
+        "kv_device_layers": flags.pop("kv_device_layers"),
         **fixed,
     }
     routing = RoutingModel(sampler) if sampler is not None else None

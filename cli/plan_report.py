@@ -202,6 +202,8 @@ def run_plan_line(chosen: RunPlan) -> str:
     shape = f"n={options.batches}, bs={options.batch_size}, K={hot}, eviction {options.eviction}"
     if options.kv_home != DEVICE_KV:
         shape += ", KV cache " + ("in host RAM" if options.kv_home == HOST_KV else "on the drive")
+        if options.kv_device_layers:
+            shape += f" but its first {options.kv_device_layers} layers'"
     if options.kv_attention == HOST_ATTENTION:
         shape += ", decode attention on the host"
     if options.activations_home != DEVICE_ACTIVATIONS:
@@ -231,6 +233,7 @@ def run_plan_record(chosen: RunPlan) -> dict[str, Any]:
         "kv_home": options.kv_home,
         "kv_attention": options.kv_attention,
         "activations_home": options.activations_home,
+        "kv_device_layers": options.kv_device_layers,
         "planned": sorted(chosen.planned),
         "note": chosen.note,
         "basis": chosen.basis,

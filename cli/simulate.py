@@ -71,6 +71,9 @@ class SweepSetup:
     kv_homes: dict[int, str] = dataclasses.field(default_factory=dict)  # n -> where its KV cache lives
     kv_attention: str = DEVICE_ATTENTION  # where decode attention runs (the plan's, or --kv-attention)
     activations_home: str = DEVICE_ACTIVATIONS  # where a prefill's residuals wait (the plan's, or the flag)
+    kv_device_layers: int = (
+        0  # with the cache away: its first layers kept on the device (the plan's, or the flag)
+    )
 
     @property
     def eviction(self) -> str:
@@ -202,7 +205,8 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
                           plan.placement.host_preload, plan, from_plan=True,
                           kv_homes={plan.batches: plan.placement.kv_home},
                           kv_attention=plan.placement.kv_attention,
-                          activations_home=plan.placement.activations_home)  # fmt: skip
+                          activations_home=plan.placement.activations_home,
+                          kv_device_layers=plan.placement.kv_device_layers)  # fmt: skip
     bs = request.batch_size or EngineOptions().batch_size  # the engine's default bs
     hot = request.hot_experts if request.hot_experts is not None else study.spec.top_k  # as the engine
     sequences = study.sequences or max(counts) * bs  # the planner tries every n up to this many
@@ -215,7 +219,8 @@ def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSet
     attention = request.kv_attention or DEVICE_ATTENTION
     return SweepSetup(fitting, skipped, bs, hot, host_preload, plan, from_plan=False, kv_homes=homes,
                       kv_attention=attention,
-                      activations_home=request.activations_home or DEVICE_ACTIVATIONS)  # fmt: skip
+                      activations_home=request.activations_home or DEVICE_ACTIVATIONS,
+                      kv_device_layers=request.kv_device_layers or 0)  # fmt: skip
 
 
 def _kv_home(study: Study, batches: int, batch_size: int) -> str:
@@ -296,6 +301,9 @@ def _simulate(
                 kv_home=setup.kv_homes.get(n, DEVICE_KV),
                 kv_attention=_attention_at(setup, n),
                 activations_home=setup.activations_home,
+                kv_device_layers=setup.kv_device_layers
+                if setup.kv_homes.get(n, DEVICE_KV) != DEVICE_KV
+                else 0,
             ),
             sequences=sequences(n),
             prompt_tokens=request.prompt_tokens,
@@ -344,6 +352,9 @@ def _kv_homes(setup: SweepSetup) -> str:
     }
     if setup.kv_attention == HOST_ATTENTION:
         words[HOST_KV] = "in host RAM, decode attention on the host's cores"
+    if setup.kv_device_layers:
+        words[HOST_KV] += f" but the first {setup.kv_device_layers} layers' (on the device)"
+        words[DISK_KV] += f" but the first {setup.kv_device_layers} layers' (on the device)"
     homes = {n: setup.kv_homes.get(n, DEVICE_KV) for n in setup.batches}
     if len(set(homes.values())) <= 1:
         return f"KV cache {words[next(iter(homes.values()), DEVICE_KV)]}"
@@ -385,6 +396,10 @@ def _record(
             "sequences": count,
             "planner_decode_tokens_per_s": guess,
             "eviction": setup.eviction_at(result.batches),
+            "kv_home": setup.kv_homes.get(result.batches, DEVICE_KV),
+            "kv_attention": _attention_at(setup, result.batches),
+            "kv_device_layers": setup.kv_device_layers,
+            "activations_home": setup.activations_home,
         }
         for result, count, guess in zip(results, sequences, predicted, strict=True)
     ]

@@ -50,7 +50,7 @@ NO_PROFILE_NOTE = "no machine profile: `klotski-tier bench` measures this machin
 # what a plan sets
 PLANNED_FIELDS = (
     "batches", "batch_size", "hot_experts", "host_preload", "eviction", "lookahead_layers", "kv_home",
-    "kv_attention", "activations_home",
+    "kv_attention", "activations_home", "kv_device_layers",
 )  # fmt: skip
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids

@@ -324,6 +324,7 @@ class CostModel:
         new_tokens: int,
         kv_home: str = DEVICE_KV,
         activations_home: str = DEVICE_ACTIVATIONS,
+        kv_device_layers: int = 0,
     ) -> int:
         """Device bytes of a group of ``batches`` full batches outside weights, as the engine reserves:
         their KV cache (with the cache away from the device, two slots of one layer of one batch) and
@@ -331,7 +332,10 @@ class CostModel:
         in host RAM, two slots of them in prefill), as :func:`klotski_tier.core.runtime.sequences.
         group_activation_bytes`."""
         per_batch = self.kv_cache_bytes(batch_size, prompt_tokens, new_tokens)
-        kv = batches * per_batch if kv_home == DEVICE_KV else KV_SLOTS * per_batch // self.spec.num_layers
+        layers = self.spec.num_layers
+        kv = batches * per_batch
+        if kv_home != DEVICE_KV:  # two slots, and the first layers kept on the device
+            kv = KV_SLOTS * per_batch // layers + batches * per_batch * kv_device_layers // layers
         held, at_once = self.activation_bytes(batch_size, prompt_tokens)
         if activations_home == DEVICE_ACTIVATIONS:
             return kv + batches * held + at_once

@@ -100,12 +100,20 @@ class StepShape:
     # projections); and of those copies, the seconds that share the weights' I/O channel.
     kv_s: float = 0.0
     kv_channel_s: float = 0.0
+    # Of the layers, the share whose cache is away from the device ([kv] device_layers keeps the others'
+    # there), and a batch's attention in the others (over its cache in place); None: attention_s.
+    kv_share: float = 1.0
+    in_place_s: float | None = None
 
     @property
     def attention_phase_s(self) -> float:
         """A layer's attention over n batches: batch k+1's cache arrives while batch k computes (the
         first batch's during the layer before), so the slower of the two sets the pace."""
-        return self.batches * max(self.attention_s, self.kv_s)
+        away = max(self.attention_s, self.kv_s)
+        if self.kv_share >= 1.0:
+            return self.batches * away
+        in_place = self.attention_s if self.in_place_s is None else self.in_place_s
+        return self.batches * (self.kv_share * away + (1.0 - self.kv_share) * in_place)
 
     @classmethod
     def decode(cls, cost: CostModel, batches: int, batch_size: int, context: int) -> StepShape:
@@ -391,7 +399,8 @@ def _step(run: _Run, shape: StepShape, hot: int, work: tuple[LayerWork, ...], io
         if layer == 0:  # nothing predicted layer 0 during the previous layer
             gate_ready = hot_base = run.load(io.gate, run.t)
             run.load(hot * io.expert, run.t)
-        kv_ready = run.load(n * shape.kv_channel_s, run.t) if shape.kv_channel_s > 0 else 0.0
+        channel = n * shape.kv_channel_s * shape.kv_share  # averaged over the layers
+        kv_ready = run.load(channel, run.t) if channel > 0 else 0.0
         run.run(shape.attention_phase_s)
         run.wait(kv_ready, intra=True)  # the cache's copies queued behind the weights' loads
         run.wait(gate_ready)

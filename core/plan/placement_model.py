@@ -60,6 +60,7 @@ class Placement:
     # tokens/s of this placement's and of the other's
     kv_choice: tuple[float, float] | None = None
     activations_home: str = DEVICE_ACTIVATIONS  # where a prefill's residual streams wait between jobs
+    kv_device_layers: int = 0  # with the cache away: its first layers that stay on the device
 
     def describe(self) -> str:
         text = self._weights() + self._kv()
@@ -71,14 +72,18 @@ class Placement:
         if self.kv_home == DEVICE_KV:
             return ""
         where = "in host RAM" if self.kv_home == HOST_KV else "in files on the drive"
+        lives = f"; the KV cache lives {where}"
+        if self.kv_device_layers:
+            first = self.kv_device_layers
+            lives = f"; the KV cache of the first {first} layers stays on the device, the rest lives {where}"
         if self.kv_attention == HOST_ATTENTION:
             text = (
-                f"; the KV cache lives {where} and decode attention runs there, on the host's cores (only "
-                "queries, new entries and outputs cross the link)"
+                f"{lives} and decode attention over it runs there, on the host's cores (only queries, new "
+                "entries and outputs cross the link)"
             )
             other = "streaming the cache through the device"
         else:
-            text = f"; the KV cache lives {where} and streams through two device slots of one layer"
+            text = f"{lives} and streams through two device slots of one layer"
             other = "attending on the host's cores"
         if self.kv_choice is not None:
             mine, theirs = self.kv_choice

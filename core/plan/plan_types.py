@@ -47,6 +47,7 @@ class PlanRequest:
     kv_home: str | None = None  # fixed [kv] home; None: the device where the group's cache fits, else RAM
     kv_attention: str | None = None  # fixed [kv] attention; None: where the cost model prices it faster
     activations_home: str | None = None  # fixed [activations] home; None: where more tokens/s are predicted
+    kv_device_layers: int | None = None  # fixed [kv] device_layers; None: the planner's
     max_batches: int = 64
 
     def __post_init__(self) -> None:
@@ -158,6 +159,7 @@ class Plan:
             "kv_home": self.placement.kv_home,
             "kv_attention": self.placement.kv_attention,
             "activations_home": self.placement.activations_home,
+            "kv_device_layers": self.placement.kv_device_layers,
         }
 
     def to_dict(self) -> dict[str, Any]:

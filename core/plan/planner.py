@@ -183,7 +183,7 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     if DEVICE_ACTIVATIONS not in by_home or HOST_ACTIVATIONS not in by_home:
         return [c for tried in by_home.values() for c in tried]
     on_device = {  # of the candidates that fit
-        (c.hot_experts, c.placement.kv_attention): c.decode.tokens_per_s
+        (c.hot_experts, c.placement.kv_attention, c.placement.kv_device_layers): c.decode.tokens_per_s
         for c in by_home[DEVICE_ACTIVATIONS]
         if c.fits
     }
@@ -191,7 +191,8 @@ def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
         c
         for c in by_home[HOST_ACTIVATIONS]
         if c.decode.tokens_per_s
-        > ACTIVATIONS_AWAY_GAIN * on_device.get((c.hot_experts, c.placement.kv_attention), 0.0)
+        > ACTIVATIONS_AWAY_GAIN
+        * on_device.get((c.hot_experts, c.placement.kv_attention, c.placement.kv_device_layers), 0.0)
     ]
     return by_home[DEVICE_ACTIVATIONS] + away
 
@@ -210,16 +211,45 @@ def _activation_homes(ctx: _Context, n: int, bs: int) -> list[str]:
 
 
 def _candidates_at(ctx: _Context, n: int, bs: int, activations: str) -> list[Candidate]:
-    """Every K at (n, bs) with the activations at ``activations``."""
-    req, cost = ctx.request, ctx.cost
+    """Every K at (n, bs) with the activations at ``activations``, and with the cache away from the
+    device, each number of first layers whose cache stays there (:func:`_device_layer_counts`)."""
     kv_home = _kv_home(ctx, n, bs, activations)
     if kv_home is None:
         return []
+    counts = [0] if kv_home == DEVICE_KV else _device_layer_counts(ctx, n, bs, kv_home, activations)
+    return [c for layers in counts for c in _candidates_with(ctx, n, bs, activations, kv_home, layers)]
+
+
+def _device_layer_counts(ctx: _Context, n: int, bs: int, kv_home: str, activations: str) -> list[int]:
+    """With the cache away from the device: as fixed, else none, all the device has room for beside a
+    whole layer of weights (each layer kept saves its copies every step, and costs room the weights
+    could have cached), and half as many."""
+    req, cost = ctx.request, ctx.cost
+    layers = req.spec.num_layers
+    if req.kv_device_layers is not None:
+        return [min(req.kv_device_layers, layers - 1)]
     tokens = (req.prompt_tokens, req.new_tokens)
     fixed = cost.fixed_device_bytes(n, bs, *tokens, kv_home=kv_home, activations_home=activations)
+    per_layer = n * cost.kv_cache_bytes(bs, *tokens) // layers
+    room = ctx.device_budget - fixed - cost.sizes.layer
+    most = min(layers - 1, max(0, room // per_layer)) if per_layer else 0
+    return sorted({0, most // 2, most})
+
+
+def _candidates_with(
+    ctx: _Context, n: int, bs: int, activations: str, kv_home: str, device_layers: int
+) -> list[Candidate]:
+    """Every K at (n, bs) with the activations at ``activations`` and the cache at ``kv_home`` but its
+    first ``device_layers`` layers."""
+    req, cost = ctx.request, ctx.cost
+    tokens = (req.prompt_tokens, req.new_tokens)
+    fixed = cost.fixed_device_bytes(
+        n, bs, *tokens, kv_home=kv_home, activations_home=activations, kv_device_layers=device_layers
+    )
     held = []
     if kv_home == HOST_KV:
-        held.append(("KV cache", _group_kv_bytes(ctx, n, bs)))
+        at_home = req.spec.num_layers - device_layers
+        held.append(("KV cache", _group_kv_bytes(ctx, n, bs) * at_home // req.spec.num_layers))
     if activations == HOST_ACTIVATIONS:
         held.append(("activations", n * cost.residual_bytes(bs, req.prompt_tokens)))
     if held:  # the cache and residuals take their room in host RAM: the weights get the rest
@@ -230,7 +260,9 @@ def _candidates_at(ctx: _Context, n: int, bs: int, activations: str) -> list[Can
         req.disk_queue_depth,
     )  # fmt: skip
     shape = StepShape.decode(cost, n, bs, req.prompt_tokens + req.new_tokens // 2)
-    placement = dataclasses.replace(placement, kv_home=kv_home, activations_home=activations)
+    placement = dataclasses.replace(
+        placement, kv_home=kv_home, activations_home=activations, kv_device_layers=device_layers
+    )
     loads = ctx.routing.loads(shape.tokens)
     window = window_of(placement, req.stream_window)
     in_use = device_window_bytes(cost, window, req.spec.top_k + max(load.distinct_max() for load in loads))
@@ -272,6 +304,8 @@ def _kv_attention(
     cost, req, bs = ctx.cost, ctx.request, shape.batch_size
     copy = cost.kv_copy_s(bs, context, placement.kv_home)
     shares = placement.kv_home == DISK_KV or placement.home == "host"
+    away = 1.0 - placement.kv_device_layers / req.spec.num_layers  # layers whose cache is at home
+    shape = dataclasses.replace(shape, kv_share=away, in_place_s=shape.attention_s)
     streamed = dataclasses.replace(shape, kv_s=copy, kv_channel_s=copy if shares else 0.0)
     at_home = None
     if placement.kv_home == HOST_KV and cost.machine.device == "cuda":
@@ -355,9 +389,10 @@ def _candidate(
     window = _expert_window(ctx, placement, fixed)
     decode = predict_step(shape, hot, work, io, window)
     kv = shape.batches * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
-    if placement.kv_home != DEVICE_KV:  # the device holds two slots of one layer of one batch
-        kv = KV_SLOTS * cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
-        kv //= cost.spec.num_layers
+    if placement.kv_home != DEVICE_KV:  # two slots of one layer of one batch, and the first layers kept
+        per_batch = cost.kv_cache_bytes(shape.batch_size, req.prompt_tokens, req.new_tokens)
+        layers = cost.spec.num_layers
+        kv = KV_SLOTS * per_batch // layers + shape.batches * per_batch * placement.kv_device_layers // layers
     total = cost.sizes.total
     parts = {"KV cache": kv, "activations": fixed - kv, "weights": weights}
     device = TierUse(
@@ -457,12 +492,16 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
     io = io_times(cost, best.placement, req.compression_ratio, steady=False)
     prefill = predict_step(shape, best.hot_experts, work, io, _expert_window(ctx, best.placement, fixed))
     placed = best.placement
-    same_k = [
+    alike = [
         c
         for c in tried
         if c.hot_experts == best.hot_experts
         and (c.placement.kv_attention, c.placement.activations_home)
         == (placed.kv_attention, placed.activations_home)
+    ]
+    same_k = [  # each n's fastest (of its numbers of cache layers kept on the device)
+        max((c for c in alike if c.batches == n), key=lambda c: (c.fits, c.decode.tokens_per_s))
+        for n in sorted({c.batches for c in alike})
     ]
     other = [
         c.decode.tokens_per_s

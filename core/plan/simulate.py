@@ -92,6 +92,9 @@ class SimConfig:
     kv_home: str = _DEFAULTS.kv_home  # "device", "host" (RAM) or "disk": away, streamed by the attention
     kv_attention: str = _DEFAULTS.kv_attention  # "device", or "host": decode attention over the cache in RAM
     activations_home: str = _DEFAULTS.activations_home  # "device", or "host": a prefill's residual streams
+    kv_device_layers: int = (
+        _DEFAULTS.kv_device_layers
+    )  # with the cache away: its first layers kept on the device
 
     @property
     def device_budget(self) -> int:
@@ -127,6 +130,7 @@ class SimConfig:
             kv_home=self.kv_home,
             kv_attention=self.kv_attention,
             activations_home=self.activations_home,
+            kv_device_layers=self.kv_device_layers,
         )
 
 
@@ -221,6 +225,7 @@ class Simulator:
                 kv_home=options.kv_home,
                 host_attention=options.kv_attention == HOST_ATTENTION,
                 residual_token_bytes=_residual_token_bytes(spec, options.activations_home),
+                device_layers=options.kv_device_layers,
             ),
             self.prefetch,
             self.metrics,
@@ -366,10 +371,17 @@ async def _workload(
 ) -> WorkloadResult:
     cost = CostModel(config.spec, config.machine)
     group = (config.batches, config.batch_size, prompt_tokens, new_tokens)
-    fixed = cost.fixed_device_bytes(*group, kv_home=config.kv_home, activations_home=config.activations_home)
+    fixed = cost.fixed_device_bytes(
+        *group,
+        kv_home=config.kv_home,
+        activations_home=config.activations_home,
+        kv_device_layers=config.kv_device_layers,
+    )
     host_kv = 0
-    if config.kv_home == HOST_KV:
-        host_kv = config.batches * cost.kv_cache_bytes(config.batch_size, prompt_tokens, new_tokens)
+    if config.kv_home == HOST_KV:  # but its first layers', kept on the device
+        layers = config.spec.num_layers
+        whole = config.batches * cost.kv_cache_bytes(config.batch_size, prompt_tokens, new_tokens)
+        host_kv = whole * (layers - config.kv_device_layers) // layers
     if config.activations_home == HOST_ACTIVATIONS:
         host_kv += config.batches * cost.residual_bytes(config.batch_size, prompt_tokens)
     if host_kv and host_kv >= config.host_budget:

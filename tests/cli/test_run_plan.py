@@ -15,6 +15,7 @@ from klotski_tier.cli import run as run_command
 from klotski_tier.cli.main import main
 from klotski_tier.cli.options import options_and_explicit
 from klotski_tier.core.bench.profile import MachineProfile
+from klotski_tier.core.plan.autoplan import PLANNED_FIELDS
 from klotski_tier.core.plan.hardware import local_machine
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.runtime.config import EngineOptions
@@ -26,10 +27,7 @@ PROFILE = BENCH_PROFILE
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12]]
 MAX_NEW = 3
 # the fields a plan sets
-PLANNED = [
-    "activations_home", "batch_size", "batches", "eviction", "host_preload", "hot_experts", "kv_attention",
-    "kv_home", "lookahead_layers",
-]  # fmt: skip
+PLANNED = sorted(PLANNED_FIELDS)  # every field a plan sets, as run --json lists them
 DEFAULTS = EngineOptions()
 
 
@@ -123,8 +121,7 @@ def test_explicit_flags_win_over_the_plan(model: Path, planned_off: dict[str, An
     record = run_json(model, "--profile", str(PROFILE), "--batches", "3", "--hot-experts", "1")
     plan = record["plan"]
     assert (plan["batches"], plan["hot_experts"]) == (3, 1)
-    planned = ["activations_home", "batch_size", "eviction", "host_preload", "kv_attention", "kv_home"]
-    assert plan["planned"] == [*planned, "lookahead_layers"]
+    assert plan["planned"] == sorted(set(PLANNED_FIELDS) - {"batches", "hot_experts"})
     assert plan["batch_size"] == expected_plan(model, batches=3, hot_experts=1)["batch_size"]
     assert tokens(record) == tokens(planned_off)
 
@@ -136,13 +133,8 @@ def test_config_files_and_presets_count_as_explicit(model: Path, tmp_path: Path)
         "plan"
     ]
     assert (plan["batches"], plan["batch_size"], plan["host_preload"]) == (1, 1, False)
-    assert plan["planned"] == [
-        "activations_home",
-        "hot_experts",
-        "kv_attention",
-        "kv_home",
-        "lookahead_layers",
-    ]  # the preset sets the eviction
+    preset = {"batches", "batch_size", "host_preload", "eviction"}  # the config's and the preset's
+    assert plan["planned"] == sorted(set(PLANNED_FIELDS) - preset)
 
 
 def test_the_table_names_the_plan(model: Path) -> None:

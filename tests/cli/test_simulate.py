@@ -185,3 +185,20 @@ def test_the_klotski_evaluations_group_runs_with_the_kv_cache_in_host_ram(tmp_pa
     assert all(row[phase]["peak_device_bytes"] <= 24 * 2**30 for row in rows for phase in phases)
     on_host = simulate_ok(*command, "-n", "15", "--kv-attention", "host")  # the cache goes to host RAM
     assert "KV cache in host RAM, decode attention on the host's cores" in on_host
+
+
+def test_the_plans_kv_placement_is_simulated_and_named(tmp_path: Path) -> None:
+    """Issue 14's group from the plan: the cache in host RAM but its first layers', decode attention on
+    the host's cores, a prefill's residuals in host RAM; the heading says so and the rate is the plan's."""
+    env1 = tmp_path / "env1.toml"
+    env1.write_text(
+        '[hardware.env1]\nbase = "rtx3090-sata"\nhost_memory_bytes = "256GiB"\n', encoding="utf-8"
+    )
+    command = ["--model-shape", "Mixtral-8x7B", "--hardware-file", str(env1), "--hardware", "env1",
+               "--prompts", "960", "--prompt-tokens", "512", "--max-new-tokens", "32", "--batch-size", "64",
+               "--decode-steps", "1"]  # fmt: skip
+    heading = simulate_ok(*command, "--kv-device-layers", "3").splitlines()[0]
+    assert "KV cache in host RAM, decode attention on the host's cores but the first 3 layers'" in heading
+    (row,) = simulate_json(*command)["rows"]
+    assert row["kv_home"] == "host" and row["kv_attention"] == "host" and row["kv_device_layers"] > 0
+    assert row["decode_tokens_per_s"] == pytest.approx(row["planner_decode_tokens_per_s"], rel=0.15)

@@ -68,9 +68,7 @@ def test_fields_the_user_set_stay_and_the_plan_is_made_around_them(model: Path) 
     )
     assert (chosen.options.batches, chosen.options.hot_experts) == (3, 1)
     assert chosen.plan is not None and (chosen.plan.batches, chosen.plan.hot_experts) == (3, 1)
-    planned = {"batch_size", "host_preload", "eviction", "lookahead_layers", "kv_home", "kv_attention",
-               "activations_home"}  # fmt: skip
-    assert set(chosen.planned) == planned
+    assert set(chosen.planned) == set(PLANNED_FIELDS) - {"batches", "hot_experts"}  # the others, planned
 
 
 @pytest.mark.parametrize(("fraction", "eviction"), [(0.5, "sweep"), (0.7, "sweep"), (2.0, "lru")])

@@ -43,7 +43,7 @@ def test_decode_attention_runs_over_the_cache_in_host_ram_where_that_predicts_mo
     assert free.placement.kv_attention == "host" and streamed.placement.kv_attention == "device"
     assert free.decode_tokens_per_s > 1.1 * streamed.decode_tokens_per_s
     words = free.placement.describe()
-    assert "decode attention runs there, on the host's cores" in words
+    assert "decode attention over it runs there, on the host's cores" in words
     assert f"{free.decode_tokens_per_s:.4g} decode tokens/s predicted, against" in words
     assert free.engine_options()["kv_attention"] == "host"
     assert [p.batches for p in free.sweep] == sorted({p.batches for p in free.sweep})  # one row per n
@@ -92,7 +92,7 @@ def test_a_cache_host_ram_cannot_hold_goes_to_the_drive_priced_at_its_rate() -> 
     )
     small = make_plan(_request(host_memory_bytes=30 * GIB, batches=8))  # 8 batches: 34 GiB of cache
     assert small.placement.kv_home == "disk" and small.placement.kv_attention == "device"
-    assert "the KV cache lives in files on the drive" in small.placement.describe()
+    assert "lives in files on the drive" in small.placement.describe()
     in_ram = make_plan(_request(host_memory_bytes=60 * GIB, batches=8))
     assert small.decode_tokens_per_s < in_ram.decode_tokens_per_s
 
@@ -111,16 +111,16 @@ def test_the_caches_copies_share_the_weights_channel_in_the_step_model() -> None
 
 
 def test_a_prefills_residuals_leave_the_device_where_that_buys_more_batches() -> None:
-    """Prompts of 1024 tokens: a prefill's residual streams of 64 sequences take 512 MiB a batch on the
+    """Prompts of 2048 tokens: a prefill's residual streams of 64 sequences take 1 GiB a batch on the
     device; in host RAM (two device slots) more batches fit and decode faster; the plan says so, counts
     them in host RAM, and the simulator agrees on the decode rate."""
-    request = _request(prompt_tokens=1024, hot_experts=None)
+    request = _request(prompt_tokens=2048, hot_experts=None)
     free = make_plan(request)
     on_device = make_plan(dataclasses.replace(request, activations_home="device"))
     assert free.placement.activations_home == "host" and on_device.placement.activations_home == "device"
     assert free.batches > on_device.batches and free.decode_tokens_per_s > on_device.decode_tokens_per_s
     assert "a prefill's residual streams wait in host RAM" in free.placement.describe()
-    residuals = free.batches * 64 * 1024 * SPEC.hidden_size * SPEC.dtype.itemsize
+    residuals = free.batches * 64 * 2048 * SPEC.hidden_size * SPEC.dtype.itemsize
     assert free.memory[1].parts["activations"] == residuals
     assert free.engine_options()["activations_home"] == "host"
     config = SimConfig(
@@ -128,7 +128,7 @@ def test_a_prefills_residuals_leave_the_device_where_that_buys_more_batches() ->
         kv_home=free.placement.kv_home, kv_attention=free.placement.kv_attention, activations_home="host",
         eviction=free.placement.eviction,
     )  # fmt: skip
-    simulated = simulate_workload(config, sequences=free.batches * 64, prompt_tokens=1024, new_tokens=32,
+    simulated = simulate_workload(config, sequences=free.batches * 64, prompt_tokens=2048, new_tokens=32,
                                   max_decode_steps=2)  # fmt: skip
     assert simulated.decode_tokens_per_s == pytest.approx(free.decode_tokens_per_s, rel=0.15)
     assert simulated.prefill.peak_device_bytes <= ENV1.device_memory_bytes
@@ -137,3 +137,30 @@ def test_a_prefills_residuals_leave_the_device_where_that_buys_more_batches() ->
 def test_residuals_stay_on_the_device_where_leaving_it_buys_nothing() -> None:
     plan = make_plan(_request(batches=2))  # two batches: room to spare on the device
     assert plan.placement.activations_home == "device"
+
+
+def test_the_first_layers_cache_stays_on_the_device_where_there_is_room_for_it() -> None:
+    """The issue's group: beside two slots and the activations the device has room for a few layers'
+    cache of all 15 batches; those layers need no copies and no host attention, and the plan keeps them
+    there where that predicts more tokens/s; the simulator runs the same placement."""
+    request = _request(hot_experts=None)
+    free = make_plan(request)
+    streamed = make_plan(dataclasses.replace(request, kv_device_layers=0))
+    layers = free.placement.kv_device_layers
+    assert 0 < layers < SPEC.num_layers and streamed.placement.kv_device_layers == 0
+    assert free.decode_tokens_per_s > streamed.decode_tokens_per_s
+    assert f"the KV cache of the first {layers} layers stays on the device" in free.placement.describe()
+    per_layer = free.batches * 64 * (512 + 32) * SPEC.kv_bytes_per_token() // SPEC.num_layers
+    slots = 2 * per_layer // free.batches
+    assert free.memory[0].parts["KV cache"] == slots + layers * per_layer
+    assert free.memory[1].parts["KV cache"] == (SPEC.num_layers - layers) * per_layer
+    assert free.memory[0].fits and free.engine_options()["kv_device_layers"] == layers
+    config = SimConfig(
+        SPEC, ENV1, batches=free.batches, batch_size=64, hot_experts=free.hot_experts,
+        kv_home=free.placement.kv_home, kv_attention=free.placement.kv_attention,
+        activations_home=free.placement.activations_home, kv_device_layers=layers,
+        eviction=free.placement.eviction,
+    )  # fmt: skip
+    simulated = simulate_workload(config, **WORKLOAD, max_decode_steps=2)
+    assert simulated.decode_tokens_per_s == pytest.approx(free.decode_tokens_per_s, rel=0.15)
+    assert simulated.decode.peak_device_bytes <= ENV1.device_memory_bytes
