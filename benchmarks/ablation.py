@@ -30,6 +30,7 @@ from typing import Any
 
 from klotski_tier.core.plan.hardware import machine_named
 from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.placement_model import Placement
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.shapes import model_shape
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
@@ -62,20 +63,13 @@ def ladder(model: str, machine: Machine) -> dict[str, Any]:
         batch_size=BATCH_SIZE, max_batches=MAX_BATCHES,
     )  # fmt: skip
     plan = make_plan(request)
-    n, hot, kv, attention = (
-        plan.batches,
-        plan.hot_experts,
-        plan.placement.kv_home,
-        plan.placement.kv_attention,
-    )
+    n, hot, placed = plan.batches, plan.hot_experts, plan.placement
     base = SimConfig(spec, machine, batches=n, batch_size=BATCH_SIZE, hot_experts=hot, eviction="sweep",
-                     kv_home=kv, kv_attention=attention)  # fmt: skip
+                     **_placed(placed))  # fmt: skip
     single = make_plan(dataclasses.replace(request, batches=1)).placement
     whole = {"hot_experts": spec.num_experts, "prefetch": "whole-layer", "expert_order": INDEX}
     configs = [
-        dataclasses.replace(
-            base, batches=1, kv_home=single.kv_home, kv_attention=single.kv_attention, **whole
-        ),
+        dataclasses.replace(base, batches=1, **_placed(single), **whole),
         dataclasses.replace(base, **whole),
         dataclasses.replace(base, prefetch="correlation", expert_order=INDEX),
         dataclasses.replace(base, prefetch="correlation", expert_order=READY_FIRST),
@@ -88,8 +82,14 @@ def ladder(model: str, machine: Machine) -> dict[str, Any]:
             max_decode_steps=DECODE_STEPS,
         )  # fmt: skip
         rows.append(_row(name, config, result, time.perf_counter() - started))
-    planned = {"batches": n, "hot_experts": hot, "kv_home": kv, "kv_attention": attention}
+    planned = {"batches": n, "hot_experts": hot, **_placed(placed)}
     return {"model": model, "machine": machine.name, "plan": planned, "rows": rows}
+
+
+def _placed(placement: Placement) -> dict[str, Any]:
+    """Where the plan puts the KV cache, the decode attention and a prefill's activations."""
+    keys = ("kv_home", "kv_attention", "kv_device_layers", "activations_home")
+    return {key: getattr(placement, key) for key in keys}
 
 
 def _row(name: str, config: SimConfig, result: WorkloadResult, took_s: float) -> dict[str, Any]:
@@ -103,6 +103,8 @@ def _row(name: str, config: SimConfig, result: WorkloadResult, took_s: float) ->
         "expert_order": config.expert_order,
         "kv_home": config.kv_home,
         "kv_attention": config.kv_attention,
+        "kv_device_layers": config.kv_device_layers,
+        "activations_home": config.activations_home,
         "total_tokens_per_s": generated / seconds,
         "decode_tokens_per_s": result.decode_tokens_per_s,
         "simulated_in_s": took_s,
@@ -121,7 +123,9 @@ def main() -> None:
         ladders.append(data)
         print(f"{model} on {where}: plan n={data['plan']['batches']} x bs={BATCH_SIZE}, "
               f"K={data['plan']['hot_experts']}, KV cache on {data['plan']['kv_home']}, "
-              f"decode attention on {data['plan']['kv_attention']}")  # fmt: skip
+              f"its first {data['plan']['kv_device_layers']} layers' on the device, decode attention on "
+              f"{data['plan']['kv_attention']}, prefill activations on "
+              f"{data['plan']['activations_home']}")  # fmt: skip
         first = data["rows"][0]["total_tokens_per_s"]
         for row in data["rows"]:
             total = row["total_tokens_per_s"]

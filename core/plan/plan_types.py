@@ -104,6 +104,16 @@ class Candidate:
     io: Io
     drive_bytes: int = 0  # predicted bytes read from the drive per decode step (steady state)
     unheld_bytes: int = 0  # what the device and host RAM cannot hold of the blocks the steps touch
+    # With a prefill's residuals in host RAM: their copies, taken as unhidden, per token the group generates
+    prefill_copy_s_per_token: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """What the planner ranks by: decode tokens/s, less what a prefill's residual copies cost a token."""
+        speed = self.decode.tokens_per_s
+        if speed <= 0 or not self.prefill_copy_s_per_token:
+            return speed
+        return 1.0 / (1.0 / speed + self.prefill_copy_s_per_token)
 
     @property
     def fits(self) -> bool:

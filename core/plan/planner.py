@@ -81,7 +81,6 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 64  # largest bs tried when the request leaves it open
 FINE_HOT_EXPERTS = 8  # K is tried one by one up to 2k when 2k is at most this; else in COARSE_HOT_STEPS
 COARSE_HOT_STEPS = 8
-ACTIVATIONS_AWAY_GAIN = 1.01  # residuals leave the device only for at least 1 % more decode tokens/s
 TYPICAL_ZSTD_RATIO = 1.4  # bf16 expert weights with byte shuffle (the demo packs at 1/0.683 = 1.46)
 NEAR_BEST = 0.98  # the smallest feasible n predicted within this share of the best feasible tokens/s wins
 NOTABLE_GAIN = 0.01  # the why names a faster larger n only when it is predicted at least this much faster
@@ -113,9 +112,7 @@ def make_plan(request: PlanRequest) -> Plan:
         tried = [c for n in _batch_counts(request, bs) for c in _candidates(ctx, n, bs)]
         if tried:
             chosen.append((_choose(tried), tried))
-    best, tried = max(
-        chosen, key=lambda pair: (pair[0].fits, pair[0].decode.tokens_per_s, -pair[0].batch_size)
-    )
+    best, tried = max(chosen, key=lambda pair: (pair[0].fits, pair[0].tokens_per_s, -pair[0].batch_size))
     logger.info("plan: n=%d bs=%d K=%d", best.batches, best.batch_size, best.hot_experts)
     return _plan(ctx, best, [c for c in tried if c.batch_size == best.batch_size])
 
@@ -179,22 +176,7 @@ def _hot_counts(ctx: _Context) -> list[int]:
 def _candidates(ctx: _Context, n: int, bs: int) -> list[Candidate]:
     """Every K at (n, bs), with each place for the activations; none when even the engine's floor does
     not fit this group."""
-    by_home = {home: _candidates_at(ctx, n, bs, home) for home in _activation_homes(ctx, n, bs)}
-    if DEVICE_ACTIVATIONS not in by_home or HOST_ACTIVATIONS not in by_home:
-        return [c for tried in by_home.values() for c in tried]
-    on_device = {  # of the candidates that fit
-        (c.hot_experts, c.placement.kv_attention, c.placement.kv_device_layers): c.decode.tokens_per_s
-        for c in by_home[DEVICE_ACTIVATIONS]
-        if c.fits
-    }
-    away = [  # residuals in host RAM cost copies in prefill: only where they buy decode throughput
-        c
-        for c in by_home[HOST_ACTIVATIONS]
-        if c.decode.tokens_per_s
-        > ACTIVATIONS_AWAY_GAIN
-        * on_device.get((c.hot_experts, c.placement.kv_attention, c.placement.kv_device_layers), 0.0)
-    ]
-    return by_home[DEVICE_ACTIVATIONS] + away
+    return [c for home in _activation_homes(ctx, n, bs) for c in _candidates_at(ctx, n, bs, home)]
 
 
 def _activation_homes(ctx: _Context, n: int, bs: int) -> list[str]:
@@ -279,7 +261,15 @@ def _candidates_with(
     if kv_home != DEVICE_KV:
         options = _kv_attention(ctx, shape, placement, req.prompt_tokens + req.new_tokens // 2)
     tried = [_candidate(ctx, sh, k, pl, io, fixed) for sh, pl in options for k in _hot_counts(ctx)]
-    return [dataclasses.replace(c, drive_bytes=drive, unheld_bytes=unheld) for c in tried]
+    copies = 0.0
+    if (
+        activations == HOST_ACTIVATIONS
+    ):  # five a batch and layer: in and out of attention and combine, in to gate
+        copies = 5 * req.spec.num_layers * cost.residual_copy_s(bs, req.prompt_tokens) / (bs * req.new_tokens)
+    return [
+        dataclasses.replace(c, drive_bytes=drive, unheld_bytes=unheld, prefill_copy_s_per_token=copies)
+        for c in tried
+    ]
 
 
 def _kv_home(ctx: _Context, n: int, bs: int, activations: str = DEVICE_ACTIVATIONS) -> str | None:
@@ -462,12 +452,12 @@ def _choose(tried: list[Candidate]) -> Candidate:
     (:func:`_near_best`); else the fastest. A feasible plan does not win over one predicted faster
     beyond NEAR_BEST: what the user gets is tokens/s, bubbles or not."""
     fitting = [c for c in tried if c.fits] or tried
-    best = max(c.decode.tokens_per_s for c in fitting)
-    near = [c for c in fitting if c.decode.tokens_per_s >= NEAR_BEST * best]
+    best = max(c.tokens_per_s for c in fitting)
+    near = [c for c in fitting if c.tokens_per_s >= NEAR_BEST * best]
     feasible = _feasible(near)
     if feasible:
         return _near_best(feasible)
-    return min(near, key=lambda c: (-c.decode.tokens_per_s, c.decode.bubble_s / c.decode.tokens, c.batches))
+    return min(near, key=lambda c: (-c.tokens_per_s, c.decode.bubble_s / c.decode.tokens, c.batches))
 
 
 def _feasible(tried: list[Candidate]) -> list[Candidate]:
@@ -476,9 +466,9 @@ def _feasible(tried: list[Candidate]) -> list[Candidate]:
 
 def _near_best(feasible: list[Candidate]) -> Candidate:
     """The smallest n with a candidate within NEAR_BEST of the best predicted tokens/s; its best K."""
-    best = max(c.decode.tokens_per_s for c in feasible)
-    n = min(c.batches for c in feasible if c.decode.tokens_per_s >= NEAR_BEST * best)
-    return max((c for c in feasible if c.batches == n), key=lambda c: c.decode.tokens_per_s)
+    best = max(c.tokens_per_s for c in feasible)
+    n = min(c.batches for c in feasible if c.tokens_per_s >= NEAR_BEST * best)
+    return max((c for c in feasible if c.batches == n), key=lambda c: c.tokens_per_s)
 
 
 def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
@@ -500,7 +490,7 @@ def _plan(ctx: _Context, best: Candidate, tried: list[Candidate]) -> Plan:
         == (placed.kv_attention, placed.activations_home)
     ]
     same_k = [  # each n's fastest (of its numbers of cache layers kept on the device)
-        max((c for c in alike if c.batches == n), key=lambda c: (c.fits, c.decode.tokens_per_s))
+        max((c for c in alike if c.batches == n), key=lambda c: (c.fits, c.tokens_per_s))
         for n in sorted({c.batches for c in alike})
     ]
     other = [
@@ -602,7 +592,7 @@ def _why_feasible(best: Candidate, feasible: list[Candidate]) -> str:
 
 
 def _speed(candidate: Candidate) -> float:
-    return candidate.decode.tokens_per_s
+    return candidate.tokens_per_s
 
 
 def _advice(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> list[str]:
