@@ -75,7 +75,8 @@ class Placement:
         lives = f"; the KV cache lives {where}"
         if self.kv_device_layers:
             first = self.kv_device_layers
-            lives = f"; the KV cache of the first {first} layers stays on the device, the rest lives {where}"
+            layers = "layer" if first == 1 else f"{first} layers"
+            lives = f"; the KV cache of the first {layers} stays on the device, the rest lives {where}"
         if self.kv_attention == HOST_ATTENTION:
             text = (
                 f"{lives} and decode attention over it runs there, on the host's cores (only queries, new "

@@ -157,7 +157,8 @@ def test_the_first_layers_cache_stays_on_the_device_where_there_is_room_for_it()
     layers = free.placement.kv_device_layers
     assert 0 < layers < SPEC.num_layers and streamed.placement.kv_device_layers == 0
     assert free.decode_tokens_per_s > streamed.decode_tokens_per_s
-    assert f"the KV cache of the first {layers} layers stays on the device" in free.placement.describe()
+    kept = "layer" if layers == 1 else f"{layers} layers"
+    assert f"the KV cache of the first {kept} stays on the device" in free.placement.describe()
     per_layer = free.batches * 64 * (512 + 32) * SPEC.kv_bytes_per_token() // SPEC.num_layers
     slots = 2 * per_layer // free.batches
     assert free.memory[0].parts["KV cache"] == slots + layers * per_layer
