@@ -59,12 +59,12 @@ def succeeds(result: Result) -> Result:
 
 
 def fails(result: Result, phrase: str, *, exit_code: int = 1) -> str:
-    """The one-line error (click's usage errors end with theirs); the line returned."""
+    """The one-line error (a usage error's exit code is 2); the line returned."""
     assert result.exit_code == exit_code, f"stderr: {result.stderr!r}; exception: {result.exception!r}"
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
     assert "Traceback" not in result.output
     line = result.stderr.splitlines()[-1]
-    assert line.startswith("error: " if exit_code == 1 else "Error: ") and phrase in line, result.stderr
+    assert line.startswith("error: ") and phrase in line, result.stderr
     return line
 
 
