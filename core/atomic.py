@@ -86,7 +86,7 @@ def check_outputs(
 
 
 def _refuse_input(path: Path, label: str, inputs: Inputs, directories: Collection[str]) -> None:
-    """Refuse the output ``path`` when it is one of ``inputs``' files or lies inside one of ``directories``."""
+    """Refuse the output ``path`` when it is a file of ``inputs`` or lies inside one of ``directories``."""
     target = _resolved(path)
     info = _stat(path, label)
     for input_label, value in inputs.items():
