@@ -43,7 +43,6 @@ class OneLineUsageError(click.UsageError):
 
     def __init__(self, error: click.UsageError, command_path: str) -> None:
         super().__init__(error.format_message(), error.ctx)
-        self.exit_code = error.exit_code
         self.command_path = error.ctx.command_path if error.ctx is not None else command_path
 
     def show(self, file: IO[Any] | None = None) -> None:
