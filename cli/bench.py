@@ -82,7 +82,7 @@ def bench(
     if profile_path is None:
         profile_path = default_profile_path()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
-    check_outputs({"--profile": profile_path})
+    check_outputs({"--profile": profile_path}, {"--model": options["model"]}, directories={"--model"})
     settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)
     with _Status() as status:
         profile = run_bench(settings, status)

@@ -6,14 +6,14 @@ from typing import Any
 
 import click
 
-from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.errors import OneLineUsageGroup, report_errors
 from klotski_tier.cli.options import engine_flags, options_from_flags
 from klotski_tier.core.memory import read_memory_limit
 from klotski_tier.core.runtime.budgets import auto_note
 from klotski_tier.core.runtime.config import AUTO, to_toml
 
 
-@click.group()
+@click.group(cls=OneLineUsageGroup)
 def config() -> None:
     """Inspect configurations."""
 

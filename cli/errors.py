@@ -1,6 +1,9 @@
 """The CLI's error boundary: how a command ends when it does not succeed.
 
 - a :class:`KlotskiError` becomes ``error: ...``, one line on stderr, exit code 1;
+- a usage mistake (click's :class:`~click.UsageError`: a bad option value, a missing argument, an
+  unknown option or command) becomes ``error: ... (see 'klotski-tier CMD --help')``, one line on
+  stderr, exit code 2 (:class:`OneLineUsageGroup`, the ``klotski-tier`` group);
 - SIGINT (Ctrl-C) and SIGTERM stop the command the same way: the work in progress unwinds (temporary
   files are removed, the test file of a bench, the tier threads are joined), then one line on stderr
   and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM, as a shell reports a
@@ -20,15 +23,70 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
 from klotski_tier.core.errors import KlotskiError
 
 T = TypeVar("T")
+_HELP_SHOWN: tuple[type[Exception], ...] = tuple(
+    getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",) if hasattr(click.exceptions, name)
+)
+"""Usage errors that show the help itself (click 8.2+: a group or command given no arguments at all)."""
 SIGNAL_EXIT_BASE = 128
 """A command stopped by signal N exits with 128 + N, as shells report a process killed by it."""
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage mistake shown as one line that names the help to read, not click's usage block."""
+
+    def __init__(self, error: click.UsageError, command_path: str) -> None:
+        super().__init__(error.format_message(), error.ctx)
+        self.command_path = error.ctx.command_path if error.ctx is not None else command_path
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        message = self.format_message().rstrip(".")
+        click.echo(f"error: {message} (see '{self.command_path} --help')", file=file, err=True)
+
+
+_COMMAND_PATH = "klotski_tier.command_path"
+"""Key in a context's ``meta`` (shared by its subcontexts): the command path of the deepest command
+resolved so far, for the usage errors click raises without a context."""
+
+
+class OneLineUsageGroup(click.Group):
+    """A click group whose usage mistakes, its own and every subcommand's, are :class:`OneLineUsageError`."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        path = f"{parent.command_path} {info_name}" if parent is not None else info_name or "klotski-tier"
+        with _one_line_usage(lambda: path):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        ctx.meta[_COMMAND_PATH] = f"{ctx.command_path} {name}"
+        return name, command, rest
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage(lambda: str(ctx.meta.get(_COMMAND_PATH, ctx.command_path))):
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage(command_path: Callable[[], str]) -> Iterator[None]:
+    """Raise click's usage errors inside as :class:`OneLineUsageError`; ``command_path`` names the
+    command whose help to read when the error names no context."""
+    try:
+        yield
+    except click.UsageError as exc:
+        if isinstance(exc, (OneLineUsageError, *_HELP_SHOWN)):
+            raise
+        raise OneLineUsageError(exc, command_path()) from exc
 
 
 def report_errors(fn: Callable[..., T]) -> Callable[..., T]:

@@ -14,10 +14,10 @@ from typing import IO, Any
 
 import click
 
-from klotski_tier.core.atomic import atomic_open, check_outputs, output_path
+from klotski_tier.core.atomic import Inputs, atomic_open, check_outputs, output_path
 from klotski_tier.core.errors import InputError, KlotskiError
 
-__all__ = ["OUTPUT", "OutputPath", "Save", "atomic_write", "check_outputs", "save_all"]
+__all__ = ["OUTPUT", "Inputs", "OutputPath", "Save", "atomic_write", "check_outputs", "save_all"]
 
 Save = tuple[str, Path, Callable[[], None]]
 """One output to write at the end: its label (the option), its path, and the call that writes it."""

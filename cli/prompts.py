@@ -48,7 +48,9 @@ def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{number} is not valid JSON: {exc.msg}") from exc
+        raise InputError(
+            f"{path}:{number} is not valid JSON: {exc.msg}: line {number} column {exc.colno}; fix the line"
+        ) from exc
     if isinstance(record, dict):
         for key in ("prompt", "text"):
             if isinstance(record.get(key), str):

@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import OUTPUT, Save, atomic_write, check_outputs, save_all
+from klotski_tier.cli.files import OUTPUT, Inputs, Save, atomic_write, check_outputs, save_all
 from klotski_tier.cli.options import SEED, engine_flags, finite_float, options_and_explicit
 from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
 from klotski_tier.cli.progress import StepProgress, bytes_progress
@@ -106,9 +106,19 @@ def run(
 ) -> None:
     """Generate with the Klotski pipeline under memory budgets (the demo model without --model)."""
     demo_defaults = {"device_memory_bytes": parse_size(DEMO_DEVICE_MEMORY)} if model is None else {}
+    config_file, trace_flag = flags["config_file"], flags["prefetch_trace"]
     options, explicit = options_and_explicit(flags, **demo_defaults)
     outputs = Outputs(output, record_routing, trace_file, options.prefetch_save_state)
-    outputs.check()
+    outputs.check(
+        {
+            "--model": model,
+            "--prompts": files,
+            "--config": config_file,
+            "--profile": profile_path,
+            "--prefetch-trace" if trace_flag is not None else "prefetch.trace": options.prefetch_trace,
+            "prefetch.state": options.prefetch_state,
+        }
+    )
     prompts = gather_prompts(texts, files, id_lists)
     profile = find_profile(profile_path)
     if model is None:
@@ -158,14 +168,19 @@ class Outputs:
     trace: Path | None
     prefetch_state: Path | None
 
-    def check(self) -> None:
+    def check(self, inputs: Inputs) -> None:
+        """Refuse, before any work, an output that cannot be written, is another output or is an input
+        (the learned prefetch state alone may be saved over the state it was loaded from)."""
         check_outputs(
             {
                 "--output": self.output,
                 "--record-routing": self.routing,
                 "--trace": self.trace,
                 "prefetch.save_state": self.prefetch_state,
-            }
+            },
+            inputs,
+            directories={"--model"},
+            updates={"prefetch.save_state": "prefetch.state"},
         )
 
     def save(self, result: GenerationResult, engine: Engine, as_json: bool) -> None:

@@ -54,6 +54,13 @@ DEFAULT_DECODE_STEPS = 8  # decode steps simulated per group; the rest are count
 SCHEDULE_FIELDS = ("schedule", "expert_order")
 MODELLED_FIELDS = (*SCHEDULE_FIELDS, "prefetch")  # the planner predicts the engine's defaults of these
 PRESET_FIELDS = ("schedule", "expert_order", "prefetch", "eviction", "hot_experts", "host_preload")
+_INPUTS = {  # the files simulate reads: option name to flag key
+    "model": "model",
+    "profile": "profile_path",
+    "shapes": "shapes_file",
+    "hardware-file": "hardware_file",
+    "trace": "trace_path",
+}
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,8 @@ def simulate(
         for line in catalog(flags["shapes_file"], flags["hardware_file"], flags["profile_path"]):
             click.echo(line)
         return
-    check_outputs({"--png": png_path})
+    inputs = {f"--{name}": flags[key] for name, key in _INPUTS.items()}
+    check_outputs({"--png": png_path}, inputs, directories={"--model"})
     fields = preset_fields(preset) if preset is not None else {}
     counts = sorted({*batch_counts, *parse_counts(sweep_text)})
     if not counts and "batches" in fields:

@@ -43,7 +43,7 @@ MAX_WIDTH_IN = AGG_MAX_PIXELS // DPI
 @report_errors
 def trace(trace_file: Path, png_path: Path, width_in: float) -> None:
     """Draw the pipeline timeline of a Chrome trace FILE.json (from `run --trace`) as a PNG."""
-    check_outputs({"--png": png_path})
+    check_outputs({"--png": png_path}, {"the trace": trace_file})
     data = read_trace(trace_file)
     render_png(trace_file, png_path, width_in=width_in)
     totals = summarize(data.spans)

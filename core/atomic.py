@@ -9,8 +9,10 @@
   (``--output /dev/stdout > out.txt``): through that stream, not over it. A FIFO without a reader is
   refused rather than waited on.
 - Anything else (a directory, a block device, a socket) is refused.
-- Outputs are checked before any work (:func:`check_outputs`): each must be writable, and two outputs
-  of one command may not be the same file (a shared character device, such as ``/dev/null``, is fine).
+- Outputs are checked before any work (:func:`check_outputs`): each must be writable, two outputs
+  of one command may not be the same file (a shared character device, such as ``/dev/null``, is fine),
+  and no output may be one of the command's inputs (the same file, or a file inside an input
+  directory such as ``--model``'s), unless the command updates that input in place.
 
 A temporary file is named ``.{target}.{pid}-{hex}.tmp``; one left by a process that no longer runs
 (killed with SIGKILL) is removed the next time the same target is written.
@@ -29,7 +31,7 @@ import secrets
 import shutil
 import stat
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -51,10 +53,23 @@ def output_path(text: str) -> Path:
     return Path(text)
 
 
-def check_outputs(targets: Mapping[str, Path | None]) -> None:
-    """Refuse, before any work, an output that cannot be written, or two outputs that are one file.
+Inputs = Mapping[str, Path | Iterable[Path] | None]
+"""What a command reads: a label (the option, e.g. ``--model``) to its path or paths (None: not given)."""
 
-    ``targets`` maps a label (the option, e.g. ``--output``) to its path (None: not asked for).
+
+def check_outputs(
+    targets: Mapping[str, Path | None],
+    inputs: Inputs | None = None,
+    *,
+    directories: Collection[str] = (),
+    updates: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse, before any work, an output that cannot be written, two outputs that are one file, or an
+    output that is one of ``inputs`` (or inside one of ``directories``, the labels of inputs that are
+    directories read whole, such as ``--model``).
+
+    ``targets`` maps a label (the option, e.g. ``--output``) to its path (None: not asked for);
+    ``updates`` maps an output's label to the input's label it rewrites in place on purpose.
     """
     seen: dict[tuple[object, ...], str] = {}
     for label, path in targets.items():
@@ -65,6 +80,32 @@ def check_outputs(targets: Mapping[str, Path | None]) -> None:
             raise InputError(f"{seen[identity]} and {label} are the same file {path}; name two files")
         if identity is not None:
             seen[identity] = label
+            allowed = (updates or {}).get(label)
+            read = {k: v for k, v in (inputs or {}).items() if k != allowed}
+            _refuse_input(path, label, read, directories)
+
+
+def _refuse_input(path: Path, label: str, inputs: Inputs, directories: Collection[str]) -> None:
+    """Refuse the output ``path`` when it is a file of ``inputs`` or lies inside one of ``directories``."""
+    target = _resolved(path)
+    info = _stat(path, label)
+    for input_label, value in inputs.items():
+        for source in [value] if isinstance(value, Path) else value or ():
+            try:
+                read = os.stat(source)
+            except OSError:
+                continue  # not there: reading it will say so
+            inside = input_label in directories and stat.S_ISDIR(read.st_mode)
+            if inside and target.is_relative_to(_resolved(source)):
+                raise InputError(
+                    f"{label} {path} is inside {input_label} {source}, which the command reads; "
+                    "write it somewhere else"
+                )
+            if info is not None and (read.st_dev, read.st_ino) == (info.st_dev, info.st_ino):
+                raise InputError(
+                    f"{label} {path} is also {input_label} {source}, which the command reads; "
+                    "name another file to write"
+                )
 
 
 def check_output(path: Path, label: str = "output") -> tuple[object, ...] | None:
@@ -160,7 +201,8 @@ def _stat(path: Path, label: str) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise InputError(f"{label} {path}: {exc.strerror or exc}") from exc
+        fix = "; fix or remove the link" if exc.errno == errno.ELOOP else ""
+        raise InputError(f"{label} {path}: {exc.strerror or exc}{fix}") from exc
 
 
 def _refuse_kind(info: os.stat_result, path: Path, label: str) -> None:

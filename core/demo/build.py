@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from klotski_tier.core.atomic import remove_stale_temps
+from klotski_tier.core.atomic import NEW_FILE_MODE, remove_stale_temps
 from klotski_tier.core.demo.shape import (
     BOS_TOKEN_ID,
     DEMO_ROUTING,
@@ -399,9 +399,13 @@ def _draw(spec: _TensorSpec, generator: torch.Generator, plan: _RoutingPlan) -> 
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors shard and fsync it (tests replace this to inject failures)."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync_file(path)
+    """Write one safetensors shard and fsync it (tests replace this to inject failures); the new file's
+    mode follows the umask (safetensors' own ``save_file`` makes it 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, NEW_FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(save(tensors, metadata={"format": "pt"}))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _index(shards: list[list[_TensorSpec]]) -> dict[str, Any]:

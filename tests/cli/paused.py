@@ -48,6 +48,25 @@ main(argv, prog_name="klotski-tier")
 """
 
 
+_IMPORT_WRAPPER = """
+import importlib.abc, sys
+module_name, argv = {arguments!r}
+
+class PauseAtImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == module_name:
+            sys.meta_path.remove(self)
+            print({paused!r}, file=sys.stderr, flush=True)
+            sys.stdin.readline()
+        return None  # the usual finders import it
+
+sys.meta_path.insert(0, PauseAtImport())
+sys.argv = ["klotski-tier", *argv]
+from klotski_tier.cli.entry import main
+main()
+"""
+
+
 @dataclass
 class Paused:
     process: subprocess.Popen[str]
@@ -85,9 +104,19 @@ def start_paused(module: str, attribute: str, argv: list[str], *, context: bool 
     """``klotski-tier ARGV`` with ``module.attribute`` pausing (entered, if ``context``); ``attribute``
     may be dotted (``Class.method``)."""
     code = _WRAPPER.format(paused=PAUSED)
-    arguments = json.dumps([module, attribute, context, argv])
+    return _start([sys.executable, "-c", code, json.dumps([module, attribute, context, argv])])
+
+
+def start_paused_at_import(module: str, argv: list[str]) -> Paused:
+    """``klotski-tier ARGV`` as the console script runs it, pausing as it first imports ``module``
+    (before the module is found and run)."""
+    code = _IMPORT_WRAPPER.format(paused=PAUSED, arguments=(module, argv))
+    return _start([sys.executable, "-c", code])
+
+
+def _start(command: list[str]) -> Paused:
     process = subprocess.Popen(
-        [sys.executable, "-c", code, arguments],
+        command,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

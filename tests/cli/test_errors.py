@@ -254,8 +254,37 @@ def test_output_that_is_a_directory(model: Path, tmp_path: Path, out_dir: Path) 
     assert list(out_dir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
 
 
-def test_usage_errors_are_clicks_with_exit_code_2(model: Path) -> None:
-    result = CliRunner().invoke(main, ["run", "--model", str(model), *IDS, "--batches", "0"])
-    assert result.exit_code == 2
-    assert "Invalid value for '--batches'" in result.stderr
-    assert "Traceback" not in result.output
+USAGE_ERRORS = {  # a usage mistake of each kind, on several commands: argv, the command whose help it names
+    "range": (["run", "--batches", "0"], "klotski-tier run"),
+    "not a number": (["run", "--temperature", "nan"], "klotski-tier run"),
+    "seed": (["run", "--seed", str(2**64)], "klotski-tier run"),
+    "choice": (["run", "--plan", "maybe"], "klotski-tier run"),
+    "output ends in /": (["run", "--output", "x/"], "klotski-tier run"),
+    "no such option": (["simulate", "--bogus"], "klotski-tier simulate"),
+    "missing argument": (["trace", "--png", "t.png"], "klotski-tier trace"),
+    "missing option": (["trace", "t.json"], "klotski-tier trace"),
+    "codec": (["pack", "--compress", "gzip", "in", "out"], "klotski-tier pack"),
+    "nested command": (["config", "show", "--hot-experts", "-1"], "klotski-tier config show"),
+    "no such command": (["nosuch"], "klotski-tier"),
+    "group option": (["--bogus", "run"], "klotski-tier"),
+    "option without value": (["bench", "--file-size"], "klotski-tier bench"),
+    "nested option without value": (["config", "show", "--config"], "klotski-tier config show"),
+    "no such nested command": (["config", "nosuch"], "klotski-tier config"),
+}
+
+
+@pytest.mark.parametrize("argv, command", USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())
+def test_every_usage_error_is_one_line_naming_the_help_with_exit_code_2(
+    argv: list[str], command: str
+) -> None:
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.stderr
+    assert isinstance(result.exception, SystemExit), result.exception
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and line.endswith(f" (see '{command} --help')"), line
+    assert result.stdout == ""
+
+
+def test_no_arguments_still_show_the_help() -> None:
+    result = CliRunner().invoke(main, [])
+    assert "Usage: klotski-tier" in result.output and "Commands:" in result.output

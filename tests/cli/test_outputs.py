@@ -59,12 +59,12 @@ def succeeds(result: Result) -> Result:
 
 
 def fails(result: Result, phrase: str, *, exit_code: int = 1) -> str:
-    """The one-line error (click's usage errors end with theirs); the line returned."""
+    """The one-line error (a usage error's exit code is 2); the line returned."""
     assert result.exit_code == exit_code, f"stderr: {result.stderr!r}; exception: {result.exception!r}"
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
     assert "Traceback" not in result.output
     line = result.stderr.splitlines()[-1]
-    assert line.startswith("error: " if exit_code == 1 else "Error: ") and phrase in line, result.stderr
+    assert line.startswith("error: ") and phrase in line, result.stderr
     return line
 
 
@@ -105,6 +105,80 @@ def test_a_save_state_in_a_missing_directory_is_refused_before_any_work(
     result = run(model, "--output", str(tmp_path / "out.jsonl"), "--config", str(config(tmp_path, state)))
     fails(result, f"prefetch.save_state {state}: directory")
     assert result.stdout == "" and not (tmp_path / "out.jsonl").exists()
+
+
+# --- an output that is also an input ------------------------------------------------------------
+
+RUN = ["run", "--model", "{model}", *ARGS]
+OUTPUT_IS_INPUT = {  # argv ({model}, {tmp}: the directories), the file it would replace, both options named
+    "run --prompts": ([*RUN, "--prompts", "{tmp}/p.txt", "--output", "{tmp}/p.txt"], "{tmp}/p.txt",
+                      ["--output", "--prompts"]),
+    "run --profile": ([*RUN, "--profile", "{tmp}/prof.json", "--output", "{tmp}/prof.json"],
+                      "{tmp}/prof.json", ["--output", "--profile"]),
+    "run --prefetch-trace": ([*RUN, "--prefetch", "oracle", "--prefetch-trace", "{tmp}/rr.npz",
+                              "--record-routing", "{tmp}/./rr.npz"], "{tmp}/rr.npz",
+                             ["--record-routing", "--prefetch-trace"]),
+    "run --config": ([*RUN, "--config", "{tmp}/self.toml"], "{tmp}/self.toml",
+                     ["prefetch.save_state", "--config"]),
+    "run prefetch.state": ([*RUN, "--config", "{tmp}/state.toml", "--trace", "{tmp}/old-state.json"],
+                           "{tmp}/old-state.json", ["--trace", "prefetch.state"]),
+    "run --model's file": ([*RUN, "--output", "{model}/config.json"], "{model}/config.json",
+                           ["--output", "--model"]),
+    "run --model's directory": ([*RUN, "--trace", "{model}/new.json"], None, ["--trace", "--model"]),
+    "trace": (["trace", "{tmp}/t.json", "--png", "{tmp}/t.json"], "{tmp}/t.json", ["--png", "the trace"]),
+    "simulate --trace": (["simulate", "--model-shape", "demo", "--hardware", "t4", "-n", "1",
+                          "--trace", "{tmp}/rr.npz", "--png", "{tmp}/rr.npz"], "{tmp}/rr.npz",
+                         ["--png", "--trace"]),
+    "simulate --model": (["simulate", "--model", "{model}", "--hardware", "t4", "-n", "1",
+                          "--png", "{model}/s.png"], None, ["--png", "--model"]),
+    "bench --model": (["bench", "--quick", "--path", "{tmp}", "--model", "{model}", "--profile",
+                       "{model}/config.json"], "{model}/config.json", ["--profile", "--model"]),
+}  # fmt: skip
+
+
+@pytest.fixture
+def inputs(model: Path, tmp_path: Path) -> Path:
+    """The input files the cases above name, each holding a few bytes of its own."""
+    for name in ("p.txt", "prof.json", "rr.npz", "t.json", "old-state.json"):
+        (tmp_path / name).write_text(f"{name}\n")
+    (tmp_path / "self.toml").write_text(
+        f'[prefetch]\npolicy = "correlation"\nsave_state = "{tmp_path}/self.toml"\n'
+    )
+    (tmp_path / "state.toml").write_text(f'[prefetch]\nstate = "{tmp_path}/old-state.json"\n')
+    return tmp_path
+
+
+@pytest.fixture
+def no_work_at_all(monkeypatch: pytest.MonkeyPatch, no_work: None) -> None:
+    """No command reads its inputs or starts measuring: every refusal comes first."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("work started before the outputs were checked")
+
+    for name in ("trace.read_trace", "simulate.study_from_flags", "bench.run_bench"):
+        monkeypatch.setattr(f"klotski_tier.cli.{name}", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "replaced", "options"), OUTPUT_IS_INPUT.values(), ids=OUTPUT_IS_INPUT.keys()
+)
+def test_an_output_that_is_an_input_is_refused_before_any_work(
+    model: Path, inputs: Path, no_work_at_all: None, argv: list[str], replaced: str | None, options: list[str]
+) -> None:
+    before = sorted(model.iterdir()), sorted(inputs.iterdir())
+    path = Path(replaced.format(model=model, tmp=inputs)) if replaced is not None else None
+    content = path.read_bytes() if path is not None else None
+    result = CliRunner().invoke(main, [arg.format(model=model, tmp=inputs) for arg in argv])
+    line = fails(result, "which the command reads")
+    assert all(option in line for option in options), line
+    assert (sorted(model.iterdir()), sorted(inputs.iterdir())) == before
+    assert path is None or path.read_bytes() == content
+
+
+def test_bench_may_measure_a_model_and_write_its_profile_beside_it(model: Path, tmp_path: Path) -> None:
+    from klotski_tier.core.atomic import check_outputs
+
+    check_outputs({"--profile": tmp_path / "p.json"}, {"--model": model}, directories={"--model"})
 
 
 @pytest.mark.parametrize("option", ["--output", "--trace", "--record-routing"])

@@ -116,6 +116,15 @@ def test_jsonl_error_line_numbers_count_blank_lines(tmp_path: Path) -> None:
         read_prompts_file(path)
 
 
+def test_a_truncated_jsonl_line_gives_its_line_and_column_and_what_to_do(tmp_path: Path) -> None:
+    path = write(tmp_path / "trunc.jsonl", '{"prompt": "a"}\n{"prompt": "hello')
+    message = (
+        r"trunc\.jsonl:2 is not valid JSON: Unterminated string starting at: line 2 column 12; fix the line$"
+    )
+    with pytest.raises(InputError, match=message):
+        read_prompts_file(path)
+
+
 def test_a_jsonl_line_nested_100000_deep_is_one_line(tmp_path: Path) -> None:
     path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n' + '{"prompt": ' * 100_000 + "\n")
     with pytest.raises(InputError, match=r"p\.jsonl:2 nests JSON more than 64 levels deep"):

@@ -5,11 +5,12 @@ pauses a real ``klotski-tier run`` at a chosen point (:mod:`tests.cli.paused`) a
 from __future__ import annotations
 
 import signal
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from tests.cli.paused import start_paused
+from tests.cli.paused import start_paused, start_paused_at_import
 from tests.conftest import CheckpointFactory
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -60,3 +61,20 @@ def test_an_unsignalled_paused_run_finishes(model: Path, tmp_path: Path) -> None
     code, stderr = paused.resume()
     assert code == 0, stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_commands_are_imported_is_one_line(tmp_path: Path, signum: signal.Signals) -> None:
+    """The console script handles both signals before it imports torch (which takes a while)."""
+    argv = ["run", *ARGS, "--output", str(tmp_path / "out.jsonl")]
+    paused = start_paused_at_import("torch", argv)
+    paused.wait_for_pause()  # the commands are being imported: torch is not yet
+    code, stderr = paused.signal(signum)
+    stopped(code, stderr, signum)
+    assert stderr == f"error: interrupted by {signum.name}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_script_is_the_entry_that_handles_signals_first() -> None:
+    (script,) = entry_points(group="console_scripts", name="klotski-tier")
+    assert script.value == "klotski_tier.cli.entry:main"

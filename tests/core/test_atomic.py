@@ -6,6 +6,7 @@ a failure, an interruption at its creation, or a process that died."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -229,3 +230,60 @@ def test_two_outputs_may_not_be_one_file(tmp_path: Path, spelling: str) -> None:
 def test_distinct_files_and_a_shared_dev_null_are_fine(tmp_path: Path) -> None:
     check_outputs({"--output": tmp_path / "a", "--trace": tmp_path / "b", "--record-routing": None})
     check_outputs({"--output": Path("/dev/null"), "--trace": Path("/dev/null")})
+
+
+# --- an output that is an input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hard link"])
+def test_an_output_may_not_be_an_input(tmp_path: Path, spelling: str) -> None:
+    read = tmp_path / "prompts.txt"
+    read.write_text("hello\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(read)
+    os.link(read, tmp_path / "hard")
+    output = {"same": read, "dotdot": tmp_path / "sub" / ".." / "prompts.txt", "symlink": tmp_path / "link"}
+    written = output.get(spelling, tmp_path / "hard")
+    with pytest.raises(
+        InputError, match=re.escape(f"--output {written} is also --prompts {read}, which the command reads")
+    ):
+        check_outputs({"--output": written}, {"--model": None, "--prompts": [tmp_path / "other", read]})
+    assert read.read_text() == "hello\n"
+
+
+@pytest.mark.parametrize("name", ["config.json", "new.json", "sub/deeper.json"])
+def test_an_output_may_not_be_inside_an_input_directory(tmp_path: Path, name: str) -> None:
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (tmp_path / "alias").symlink_to(model)
+    with pytest.raises(
+        InputError, match=re.escape(f"--trace {tmp_path}/alias/{name} is inside --model {model}")
+    ):
+        check_outputs({"--trace": tmp_path / "alias" / name}, {"--model": model}, directories={"--model"})
+
+
+def test_only_a_directory_read_whole_holds_its_files(tmp_path: Path) -> None:
+    """A prompts "file" that is a directory is refused when read, not as a home of outputs."""
+    check_outputs({"--output": tmp_path / "out.jsonl"}, {"--prompts": [tmp_path]})
+    check_outputs(
+        {"--output": tmp_path / "out.jsonl"}, {"--model": tmp_path / "absent"}, directories={"--model"}
+    )
+
+
+def test_an_input_updated_in_place_on_purpose_may_be_its_output(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("{}")
+    inputs = {"prefetch.state": state}
+    check_outputs({"prefetch.save_state": state}, inputs, updates={"prefetch.save_state": "prefetch.state"})
+    with pytest.raises(InputError, match=r"--output .* is also prefetch\.state"):
+        check_outputs({"--output": state}, inputs, updates={"prefetch.save_state": "prefetch.state"})
+
+
+def test_a_symlink_loop_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(
+        InputError, match=r"--output .*/a: Too many levels of symbolic links; fix or remove the link$"
+    ):
+        check_outputs({"--output": tmp_path / "a"})

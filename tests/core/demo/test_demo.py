@@ -85,6 +85,18 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 
 
+def test_every_file_of_the_build_follows_the_umask(tmp_path: Path) -> None:
+    umask = 0o027  # neither 0o022 (the usual) nor 0o077 (what a 0600 file looks like)
+    previous = os.umask(umask)
+    try:
+        directory = _build_tiny(tmp_path / "tiny")
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in directory.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 def test_layout_is_a_sharded_mixtral_repository(tiny_dir: Path) -> None:
     index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())
     shards = sorted(tiny_dir.glob("model-*.safetensors"))
