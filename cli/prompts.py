@@ -19,14 +19,20 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def parse_ids(text: str) -> list[int]:
-    """``"1, 2,3"`` -> ``[1, 2, 3]``."""
+    """``"1, 2,3"`` -> ``[1, 2, 3]``; an empty item (``"1,,2"``) is refused, not skipped."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise InputError("--prompt-ids is empty; give token ids such as 1,2,3")
+    if not all(parts):
+        position = parts.index("") + 1
+        raise InputError(
+            f"--prompt-ids {text!r} has an empty item (number {position}); give token ids separated by "
+            "single commas, such as 1,2,3"
+        )
     try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in parts]
     except ValueError as exc:
         raise InputError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from exc
-    if not ids:
-        raise InputError("--prompt-ids is empty; give token ids such as 1,2,3")
-    return ids
 
 
 def read_prompts_file(path: Path) -> list[Prompt]:

@@ -37,6 +37,7 @@ from klotski_tier.core.plan.shapes import MODEL_SHAPES, load_shapes_file
 from klotski_tier.core.plan.simulate import SimConfig, WorkloadResult, simulate_workload
 from klotski_tier.core.runtime.config import (
     ALL_EXPERTS,
+    COUNT_RANGES,
     DEVICE_ACTIVATIONS,
     DEVICE_ATTENTION,
     DEVICE_KV,
@@ -46,6 +47,7 @@ from klotski_tier.core.runtime.config import (
     KLOTSKI,
     READY_FIRST,
     EngineOptions,
+    check_count,
 )
 from klotski_tier.core.runtime.presets import PRESETS, preset_fields
 from klotski_tier.core.units import format_size
@@ -167,6 +169,8 @@ def simulate(
     check_outputs({"--png": png_path}, inputs, directories={"--model"})
     fields = preset_fields(preset) if preset is not None else {}
     counts = sorted({*batch_counts, *parse_counts(sweep_text)})
+    for count in counts:
+        check_count("--batches/--sweep n", count, *COUNT_RANGES["batches"])
     if not counts and "batches" in fields:
         counts = [fields["batches"]]  # a preset of one batch (sequential, ondemand-lru)
     study = study_from_flags(flags)

@@ -183,11 +183,17 @@ def _checked_members(archive: zipfile.ZipFile, path: Path, kind: FileKind, max_a
     for member in members:
         with archive.open(member) as handle:
             shape, dtype = _npy_header(handle)
-        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if dtype.hasobject or declared > max_array_bytes:
+        name, declared = member[: -len(_NPY_SUFFIX)], int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if dtype.hasobject:
             raise kind.fail(
                 path,
-                f"declares array {member[: -len(_NPY_SUFFIX)]} as {dtype} {list(shape)} "
+                f"declares array {name} {list(shape)} with dtype {dtype} (Python objects, never unpickled); "
+                "expected integers, floats or text",
+            )
+        if declared > max_array_bytes:
+            raise kind.fail(
+                path,
+                f"declares array {name} as {dtype} {list(shape)} "
                 f"({format_size(declared)}), over the {format_size(max_array_bytes)} an array may hold",
             )
     return members

@@ -46,17 +46,21 @@ class ScratchDriver(TierDriver):
 
     alignment = DIRECT_ALIGN_BYTES  # of every range's offset, length and buffer address
 
-    def __init__(self, parent: Path, direct: bool = True) -> None:
+    def __init__(self, parent: Path, direct: bool = True, *, advice: str = "free space on the drive") -> None:
+        """``advice``: what the user may do when the drive refuses a directory, a file or a write (it
+        ends those errors' messages)."""
         super().__init__(max_workers=SCRATCH_THREADS)
         self.direct = direct and O_DIRECT != 0  # asked for; a file system may still refuse it
+        self.advice = advice
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix="klotski-kv-", dir=parent))
+            self.directory, made_parent = _make_run_directory(parent)
         except OSError as exc:
-            raise TierError(f"cannot make a scratch directory in {parent}: {exc.strerror or exc}") from exc
+            raise TierError(
+                f"cannot make a scratch directory in {parent}: {exc.strerror or exc}; {advice}"
+            ) from exc
         self._files: dict[Path, tuple[int, bool]] = {}  # path -> (descriptor, O_DIRECT)
         self._lock = threading.Lock()
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
+        self._cleanup = weakref.finalize(self, _remove_run_directory, self.directory, made_parent)
         self.bytes_written = 0
         self.bytes_read = 0
 
@@ -72,7 +76,7 @@ class ScratchDriver(TierDriver):
             fd, direct = self._open(path, flags)
             os.ftruncate(fd, nbytes)
         except OSError as exc:
-            raise TierError(f"cannot create {path}: {exc.strerror or exc}; free space on the drive") from exc
+            raise TierError(f"cannot create {path}: {exc.strerror or exc}; {self.advice}") from exc
         with self._lock:
             self._files[path] = (fd, direct)
         return path
@@ -107,7 +111,9 @@ class ScratchDriver(TierDriver):
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
-            raise TierError(f"cannot write {path} at offset {offset}: {exc.strerror or exc}") from exc
+            raise TierError(
+                f"cannot write {path} at offset {offset}: {exc.strerror or exc}; {self.advice}"
+            ) from exc
         self.bytes_written += len(view)
         if not direct:
             _drop(fd, offset, len(view))
@@ -176,6 +182,37 @@ class ScratchDriver(TierDriver):
                     logger.warning("closing a scratch file failed: %s", exc)
             self._files.clear()
         self._cleanup()  # the directory and every file in it
+
+
+def _make_run_directory(parent: Path) -> tuple[Path, bool]:
+    """A new directory for the run under ``parent``, and whether ``parent`` was made for it (then it
+    goes with the run's directory, when no other run uses it). Another run removing ``parent`` between
+    its creation and ours is tried once more."""
+    made_parent = False
+    for attempt in range(2):
+        made_parent = made_parent or not parent.is_dir()
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(tempfile.mkdtemp(prefix="klotski-kv-", dir=parent)), made_parent
+        except FileNotFoundError:
+            if attempt:
+                raise
+        except OSError:
+            _remove_empty(parent if made_parent else None)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _remove_run_directory(directory: Path, made_parent: bool) -> None:
+    """The run's directory with every file in it, and its parent if the run made it and it is empty."""
+    shutil.rmtree(directory, ignore_errors=True)
+    _remove_empty(directory.parent if made_parent else None)
+
+
+def _remove_empty(directory: Path | None) -> None:
+    if directory is not None:
+        with contextlib.suppress(OSError):  # not empty: another run's directory is in it
+            directory.rmdir()
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:

@@ -223,12 +223,37 @@ class MachineProfile:
                 f"{source}: {exc}; fix the file or run `klotski-tier bench` to write a new one"
             ) from exc
         assert isinstance(profile, cls)
+        _check_plausible(profile.compute, source)
         return profile
 
     @classmethod
     def load(cls, path: Path) -> MachineProfile:
         """Read and validate the profile at ``path``."""
         return cls.from_json(reads.read_json(path, PROFILE_KIND), f"machine profile {path}")
+
+
+MAX_JOB_S = 3600.0
+"""No job the bench times (one expert or one attention layer over a few tokens) takes an hour: a figure
+beyond that, or 0, is a corrupt or edited profile, and would overflow the planner's arithmetic."""
+MAX_IO_SLOWDOWN = 100.0  # compute a hundred times slower while the drive streams is no measurement
+_JOB_TIMES = ("expert_s", "attention_s", "io_alone_s", "io_streaming_s")
+
+
+def _check_plausible(compute: ComputeProfile, source: str) -> None:
+    """Refuse compute figures no bench measures (see :data:`MAX_JOB_S`), naming the first."""
+    for name in _JOB_TIMES:
+        for tokens, seconds in getattr(compute, name).items():
+            if not 0 < seconds <= MAX_JOB_S:
+                _implausible(source, f"compute.{name}.{tokens}", f"{seconds:g} s", f"0 < s <= {MAX_JOB_S:g}")
+    if compute.io_slowdown > MAX_IO_SLOWDOWN:
+        _implausible(source, "compute.io_slowdown", f"{compute.io_slowdown:g}", f"<= {MAX_IO_SLOWDOWN:g}")
+
+
+def _implausible(source: str, field: str, value: str, allowed: str) -> None:
+    raise ConfigError(
+        f"{source}: field {field} is {value}, not a plausible measurement ({allowed}); "
+        "run `klotski-tier bench` again"
+    )
 
 
 class _FieldError(Exception):

@@ -36,6 +36,7 @@ from klotski_tier.core.model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.plan.hardware import local_machine, unmeasured_machine
 from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.plan_types import MAX_COMPRESSION_RATIO, MIN_COMPRESSION_RATIO
 from klotski_tier.core.plan.planner import Plan, PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RoutingModel, TraceRouting
 from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, replace
@@ -176,10 +177,12 @@ def prompt_lengths(model: Path, prompts: Sequence[PromptInput]) -> list[int]:
 
 
 def store_ratio(store: PackedStore | None) -> float | None:
-    """Raw over stored bytes of a store whose blocks are compressed; None for anything else."""
+    """Raw over stored bytes of a store whose blocks are compressed, held to the plausible range the
+    planner accepts (a store of zeros compresses a thousandfold); None for anything else."""
     if store is None or not any(entry.compressed for entry in store.entries.values()):
         return None
-    return store.raw_bytes / store.stored_bytes
+    ratio = store.raw_bytes / max(1, store.stored_bytes)
+    return min(max(ratio, MIN_COMPRESSION_RATIO), MAX_COMPRESSION_RATIO)
 
 
 def _tokenizer(model: Path) -> Tokenizer:

@@ -20,7 +20,7 @@ from klotski_tier.core.plan.pipeline_model import (
 )
 from klotski_tier.core.plan.placement_model import Placement
 from klotski_tier.core.plan.routing_model import RoutingModel
-from klotski_tier.core.runtime.config import EngineOptions
+from klotski_tier.core.runtime.config import MAX_BATCH_SIZE, MAX_BATCHES, EngineOptions, check_count
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,45 @@ class PlanRequest:
     max_batches: int = 64
 
     def __post_init__(self) -> None:
-        counts = (self.sequences, self.prompt_tokens, self.new_tokens, self.max_batches)
-        if min(counts) < 1 or min(self.batches or 1, self.batch_size or 1) < 1:
-            raise ConfigError("plan: sequences, prompt and new tokens, batches and batch size must be >= 1")
+        counts = {
+            "sequences": (self.sequences, MAX_SEQUENCES),
+            "batches": (self.batches or 1, MAX_BATCHES),
+            "max_batches": (self.max_batches, MAX_BATCHES),
+            "batch_size": (self.batch_size or 1, MAX_BATCH_SIZE),
+            "prompt_tokens": (self.prompt_tokens, None),
+            "new_tokens": (self.new_tokens, None),
+        }
+        for name, (value, high) in counts.items():
+            check_count(f"plan: {name}", value, 1, high)
         if self.hot_experts is not None and not 0 <= self.hot_experts <= self.spec.num_experts:
             raise ConfigError(
                 f"plan: hot experts K must be in 0..{self.spec.num_experts}, got {self.hot_experts}"
             )
-        if self.compression_ratio is not None and self.compression_ratio <= 0:
-            raise ConfigError(f"plan: compression ratio must be positive, got {self.compression_ratio}")
+        check_compression_ratio(self.compression_ratio)
+        positions, context = self.prompt_tokens + self.new_tokens, self.spec.max_position_embeddings
+        if positions > context:
+            raise ConfigError(
+                f"plan: a prompt of {self.prompt_tokens} tokens with {self.new_tokens} new tokens needs "
+                f"{positions} positions but the model's context is {context}; lower --prompt-tokens or "
+                "--max-new-tokens"
+            )
+
+
+MIN_COMPRESSION_RATIO = 0.5
+MAX_COMPRESSION_RATIO = 100.0
+"""A compressed store's ratio (raw / stored bytes) is plausible in this range: zstd never doubles a
+block, and model weights do not shrink a hundredfold (bf16 weights: about 1.3)."""
+MAX_SEQUENCES = MAX_BATCHES * MAX_BATCH_SIZE  # the most sequences a plan may be asked for
+
+
+def check_compression_ratio(ratio: float | None, what: str = "compression ratio") -> None:
+    """A :class:`ConfigError` unless ``ratio`` is None (no compressed store) or a plausible ratio."""
+    if ratio is None or MIN_COMPRESSION_RATIO <= ratio <= MAX_COMPRESSION_RATIO:  # nan fails both
+        return
+    raise ConfigError(
+        f"{what} {ratio:g} is not a compressed store's ratio (raw / stored bytes); give one in "
+        f"{MIN_COMPRESSION_RATIO:g}..{MAX_COMPRESSION_RATIO:g}, e.g. 1.3 for zstd over bf16 weights"
+    )
 
 
 @dataclass(frozen=True)

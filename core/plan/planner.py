@@ -561,10 +561,10 @@ def _why_too_big(best: Candidate) -> str:
 
 def _why_feasible(best: Candidate, feasible: list[Candidate]) -> str:
     """Why this n among those that meet every deadline (see :func:`_near_best`), and what it hides."""
-    n, speed, resident = best.batches, _speed(best), best.placement.device_resident
+    n, resident = best.batches, best.placement.device_resident
     smallest = max((c for c in feasible if c.batches == min(f.batches for f in feasible)), key=_speed)
     fastest = max(feasible, key=_speed)
-    faster = _speed(fastest) / speed - 1  # how much faster the fastest feasible candidate is predicted
+    faster = _speed_ratio(fastest, best) - 1  # how much faster the fastest feasible candidate is predicted
     nothing_moves = "every weight fits in device memory, so nothing moves after the first step"
     if n == smallest.batches and resident:
         why = f"{nothing_moves}: n={n} is enough"
@@ -575,7 +575,7 @@ def _why_feasible(best: Candidate, feasible: list[Candidate]) -> str:
         best_at = f"within {1 - NEAR_BEST:.0%} of {best_at}" if faster >= NOTABLE_GAIN else best_at
         why = (
             f"n={n}: {best_at}; n={smallest.batches} meets every deadline too but is predicted "
-            f"{1 - _speed(smallest) / speed:.0%} slower"
+            f"{1 - _speed_ratio(smallest, best):.0%} slower"
         )
     if faster >= NOTABLE_GAIN:
         why += (
@@ -593,6 +593,13 @@ def _why_feasible(best: Candidate, feasible: list[Candidate]) -> str:
 
 def _speed(candidate: Candidate) -> float:
     return candidate.tokens_per_s
+
+
+def _speed_ratio(candidate: Candidate, base: Candidate) -> float:
+    """``candidate``'s predicted tokens/s over ``base``'s; 1 where ``base`` predicts none (a step whose
+    compute time overflowed to infinity predicts 0 tokens/s: nothing to compare)."""
+    speed = _speed(base)
+    return _speed(candidate) / speed if speed > 0 else 1.0
 
 
 def _advice(ctx: _Context, best: Candidate, cap: int, feasible: bool) -> list[str]:

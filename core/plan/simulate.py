@@ -43,16 +43,19 @@ from klotski_tier.core.observe.events import EventLog
 from klotski_tier.core.observe.metrics import INTER_LAYER, INTRA_LAYER, RunMetrics
 from klotski_tier.core.plan.costmodel import CostModel, no_host_attention
 from klotski_tier.core.plan.machine import Machine
+from klotski_tier.core.plan.plan_types import check_compression_ratio
 from klotski_tier.core.plan.routing_model import ParametricRouting, RouteSampler
 from klotski_tier.core.plan.sim_hardware import SimDevice, SimHardware, SimHost, SimSource
 from klotski_tier.core.plan.sim_jobs import MAX_ROUTED_TOKENS, JobCosts, SimBatch, SimJobs
 from klotski_tier.core.plan.virtual_clock import run_virtual
 from klotski_tier.core.runtime.config import (
+    COUNT_RANGES,
     DEVICE_KV,
     HOST_ACTIVATIONS,
     HOST_ATTENTION,
     HOST_KV,
     EngineOptions,
+    check_count,
 )
 from klotski_tier.core.runtime.residency import Residency
 from klotski_tier.core.runtime.run import make_ledgers, make_pipeline
@@ -95,6 +98,11 @@ class SimConfig:
     kv_device_layers: int = (
         _DEFAULTS.kv_device_layers
     )  # with the cache away: its first layers kept on the device
+
+    def __post_init__(self) -> None:
+        check_count("batches", self.batches, *COUNT_RANGES["batches"])
+        check_count("batch_size", self.batch_size, *COUNT_RANGES["batch_size"])
+        check_compression_ratio(self.compression_ratio)
 
     @property
     def device_budget(self) -> int:

@@ -92,6 +92,20 @@ DEVICE_ACTIVATIONS = "device"  # every batch's residual stream on the device for
 HOST_ACTIVATIONS = "host"  # a prefill's residual streams in host RAM between jobs (runtime/activations.py)
 ACTIVATION_HOMES = (DEVICE_ACTIVATIONS, HOST_ACTIVATIONS)
 
+MAX_BATCHES = 4096  # n: far beyond what pays (the planner tries at most 64); a larger n is a typo
+MAX_BATCH_SIZE = 65536  # bs: sequences per batch; each needs its own KV cache
+MAX_QUEUE_DEPTH = 1024  # reads in flight from the drive: NVMe queues hold 1024 commands at most here
+COUNT_RANGES: dict[str, tuple[int, int | None]] = {
+    "batches": (1, MAX_BATCHES),
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "disk_queue_depth": (1, MAX_QUEUE_DEPTH),
+    "lookahead_layers": (1, None),
+    "stream_window": (0, None),
+    "kv_device_layers": (0, None),
+}
+"""The whole-number options' ranges (None: no upper bound), the one place they are held: every
+EngineOptions, the config file's keys and the planner's request check against these."""
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -126,21 +140,14 @@ class EngineOptions:
     activations_home: str = DEVICE_ACTIVATIONS  # one of ACTIVATION_HOMES (runtime/activations.py)
 
     def __post_init__(self) -> None:
-        for name in ("batches", "batch_size", "disk_queue_depth", "lookahead_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.stream_window < 0:
-            raise ConfigError(f"stream_window must be at least 0 (0: no cap), got {self.stream_window}")
+        for name, (low, high) in COUNT_RANGES.items():
+            check_count(name, getattr(self, name), low, high)
         _check_hot_experts("hot_experts", self.hot_experts)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("expert_order", self.expert_order, EXPERT_ORDERS)
         _check_choice("kv_home", self.kv_home, KV_HOMES)
         _check_choice("kv_attention", self.kv_attention, KV_ATTENTION)
         _check_choice("activations_home", self.activations_home, ACTIVATION_HOMES)
-        if isinstance(self.kv_device_layers, bool) or not isinstance(self.kv_device_layers, int):
-            raise ConfigError(f"kv_device_layers must be a whole number, got {self.kv_device_layers!r}")
-        if self.kv_device_layers < 0:
-            raise ConfigError(f"kv_device_layers must be at least 0, got {self.kv_device_layers}")
         if self.kv_device_layers and self.kv_home == DEVICE_KV:
             raise ConfigError(
                 f"kv_device_layers = {self.kv_device_layers} keeps some layers' cache on the device, but "
@@ -156,6 +163,19 @@ class EngineOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must not be negative, got {value}")
+
+
+def check_count(key: str, value: object, low: int, high: int | None = None) -> None:
+    """A :class:`ConfigError` unless ``value`` is a whole number in ``low..high`` (no bound: None)."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and low <= value <= (value if high is None else high)
+    ):
+        return
+    allowed = f"in {low}..{high}" if high is not None else f">= {low}"
+    shown = repr(value) if len(repr(value)) <= 24 else f"{repr(value)[:24]}..."
+    raise ConfigError(f"{key} must be an integer {allowed}, got {shown}")
 
 
 def _check_hot_experts(key: str, value: object) -> None:
@@ -175,11 +195,13 @@ def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
 _Reader = Callable[[str, Any], Any]
 
 
-def _integer(minimum: int) -> _Reader:
+def _integer(field: str) -> _Reader:
+    """The reader of the whole-number option ``field``, in its :data:`COUNT_RANGES` range."""
+
     def read(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-        return value
+        check_count(key, value, *COUNT_RANGES[field])
+        result: int = value
+        return result
 
     return read
 
@@ -234,11 +256,11 @@ def _table(key: str, value: Any) -> dict[str, Any]:
 # section -> key -> (EngineOptions field, reader)
 SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
     "pipeline": {
-        "batches": ("batches", _integer(1)),
-        "batch_size": ("batch_size", _integer(1)),
+        "batches": ("batches", _integer("batches")),
+        "batch_size": ("batch_size", _integer("batch_size")),
         "hot_experts": ("hot_experts", _hot_experts),
-        "lookahead_layers": ("lookahead_layers", _integer(1)),
-        "stream_window": ("stream_window", _integer(0)),
+        "lookahead_layers": ("lookahead_layers", _integer("lookahead_layers")),
+        "stream_window": ("stream_window", _integer("stream_window")),
         "schedule": ("schedule", _choice(*SCHEDULES)),
         "expert_order": ("expert_order", _choice(*EXPERT_ORDERS)),
     },
@@ -246,7 +268,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
     "host": {"memory": ("host_memory_bytes", _size), "preload": ("host_preload", _flag)},
     "disk": {
         "driver": ("disk_driver", _text),
-        "queue_depth": ("disk_queue_depth", _integer(1)),
+        "queue_depth": ("disk_queue_depth", _integer("disk_queue_depth")),
         "direct": ("disk_direct", _flag),
     },
     "prefetch": {
@@ -260,7 +282,7 @@ SCHEMA: dict[str, dict[str, tuple[str, _Reader]]] = {
     "kv": {
         "home": ("kv_home", _choice(*KV_HOMES)),
         "attention": ("kv_attention", _choice(*KV_ATTENTION)),
-        "device_layers": ("kv_device_layers", _integer(0)),
+        "device_layers": ("kv_device_layers", _integer("kv_device_layers")),
     },
     "activations": {"home": ("activations_home", _choice(*ACTIVATION_HOMES))},
 }

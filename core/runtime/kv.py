@@ -36,6 +36,7 @@ from torch import Tensor
 
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.timeline import Timeline
+from klotski_tier.core.paths import CACHE_ENV_VAR
 from klotski_tier.core.runtime.config import DEVICE_KV, DISK_KV, HOST_KV, KV_SLOTS
 from klotski_tier.core.units import align_up
 from klotski_tier.tiers.device import DeviceDriver
@@ -206,7 +207,11 @@ class DiskKv(HostKv):
         self, driver: DeviceDriver, spec: ModelSpec, directory: Path, timeline: Timeline | None = None
     ) -> None:
         super().__init__(driver, spec, timeline)
-        self.scratch = ScratchDriver(directory)
+        advice = (
+            f"free space on that drive or make it writable, point {CACHE_ENV_VAR} at a directory on "
+            f'another drive, or set [kv] home = "{HOST_KV}"'
+        )
+        self.scratch = ScratchDriver(directory, advice=advice)
         self._staging: list[tuple[Tensor, Tensor]] = []  # per slot: k and v rows, aligned bytes
         self._files = 0
 

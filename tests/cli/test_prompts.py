@@ -25,10 +25,16 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize(
     ("text", "ids"),
-    [("1,2,3", [1, 2, 3]), (" 1 , 2,3 ", [1, 2, 3]), ("7", [7]), ("1,,2,", [1, 2]), ("0", [0])],
+    [("1,2,3", [1, 2, 3]), (" 1 , 2,3 ", [1, 2, 3]), ("7", [7]), ("0", [0])],
 )
 def test_parse_ids(text: str, ids: list[int]) -> None:
     assert parse_ids(text) == ids
+
+
+@pytest.mark.parametrize(("text", "number"), [("1,,2", 2), ("1,2,", 3), (",1", 1), ("1, ,2", 2)])
+def test_parse_ids_refuses_an_empty_item(text: str, number: int) -> None:
+    with pytest.raises(InputError, match=f"has an empty item \\(number {number}\\); give token ids"):
+        parse_ids(text)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10**9), min_size=1))

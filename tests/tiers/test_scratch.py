@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from klotski_tier.core.errors import TierError
+from klotski_tier.tiers import scratch
 from klotski_tier.tiers.hostmem import aligned_empty
 from klotski_tier.tiers.scratch import ScratchDriver
 
@@ -33,7 +36,51 @@ def test_ranges_written_are_read_back_and_the_directory_goes_on_close(tmp_path: 
 
     directory, back = asyncio.run(run())
     assert back.tolist() == (torch.arange(2 * unit) % 251).tolist()
-    assert not directory.exists() and (tmp_path / "scratch").is_dir()
+    assert not directory.exists() and not (tmp_path / "scratch").exists()  # made for the run: gone
+
+
+def test_a_parent_the_run_did_not_make_or_that_another_run_uses_stays(tmp_path: Path) -> None:
+    async def run() -> None:
+        (tmp_path / "kept").mkdir()
+        async with ScratchDriver(tmp_path / "kept"):
+            pass
+        first = ScratchDriver(tmp_path / "shared")  # makes it
+        async with ScratchDriver(tmp_path / "shared"):
+            await first.aclose()  # the other run's directory is still in it
+        assert (tmp_path / "shared").is_dir()
+
+    asyncio.run(run())
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_write_the_drive_refuses_says_what_to_do_and_leaves_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*_: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def run() -> None:
+        async with ScratchDriver(tmp_path / "scratch", advice="free space, or keep it in RAM") as driver:
+            path = await driver.create("a.kv", 2 * ScratchDriver.alignment)
+            monkeypatch.setattr(scratch.os, "pwrite", full)
+            with pytest.raises(TierError) as caught:
+                await driver.write(path, 0, aligned_empty(ScratchDriver.alignment))
+        assert str(caught.value).endswith("No space left on device; free space, or keep it in RAM")
+
+    asyncio.run(run())
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_a_directory_the_drive_refuses_leaves_no_parent_and_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(**_: object) -> str:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(scratch.tempfile, "mkdtemp", read_only)
+    with pytest.raises(TierError, match=r"Read-only file system; free space or move it$"):
+        ScratchDriver(tmp_path / "scratch", advice="free space or move it")
+    assert not (tmp_path / "scratch").exists()
 
 
 def test_an_unaligned_range_is_refused_with_o_direct_and_taken_buffered(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -253,6 +254,30 @@ def test_a_bad_profile_is_refused_in_one_line(
         MachineProfile.load(path)
     message = str(caught.value)
     assert phrase in message and str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("figure", ["expert_s", "attention_s", "io_alone_s", "io_streaming_s", "io_slowdown"])
+@pytest.mark.parametrize("value", [1e308, 3601.0, 0.0, float("inf"), float("nan"), -1.0])
+def test_compute_figures_no_bench_measures_are_refused_in_one_line(
+    profile: MachineProfile, tmp_path: Path, figure: str, value: float
+) -> None:
+    """An hour per job, a zero time or a 100-fold slowdown is an edited or corrupt profile, refused before
+    the planner's arithmetic overflows on it; the message names the file and the field."""
+    if figure == "io_slowdown" and 0 <= value <= 100:
+        return  # a slowdown of 0 (none measured) is plausible
+
+    def edit(data: dict[str, Any]) -> None:
+        times = data["compute"][figure]
+        if isinstance(times, dict):
+            times[next(iter(times), "1")] = value
+        else:
+            data["compute"][figure] = value
+
+    with pytest.raises(ConfigError) as caught:
+        MachineProfile.load(bad_profile(profile, tmp_path, edit))
+    message = str(caught.value)
+    assert f"field compute.{figure}" in message and str(tmp_path / "profile.json") in message
+    assert "\n" not in message and "klotski-tier bench" in message
 
 
 @pytest.mark.parametrize(("content", "phrase"), [(None, "cannot read"), ("{not json", "not valid JSON")])

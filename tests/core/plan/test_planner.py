@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from klotski_tier.core.bench.suite import demo_spec
-from klotski_tier.core.errors import BudgetError
+from klotski_tier.core.errors import BudgetError, ConfigError
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.routing_trace import RoutingTrace, TraceMeta
 from klotski_tier.core.plan.costmodel import CostModel
@@ -418,3 +418,32 @@ def free_kv_bytes_per_token_layer() -> int:
 
     spec = model_shape("Mixtral-8x7B")
     return spec.kv_bytes_per_token() // spec.num_layers
+
+
+def test_a_machine_whose_compute_predicts_zero_tokens_per_s_still_plans() -> None:
+    """A step whose compute time overflows to infinity predicts 0 tokens/s; the reasons compare speeds
+    without dividing by it."""
+    glacial = ComputeRates(flops_per_s=1e-300, weight_bytes_per_s=1e-300, job_overhead_s=1e308)
+    with np.errstate(over="ignore", invalid="ignore"):
+        plan = _plan(machine=_machine(rates=glacial), sequences=8)
+    assert plan.decode.tokens_per_s == 0 and "\n" not in plan.why
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"compression_ratio": 1e-308}, r"ratio 1e-308 is not a compressed store.s ratio .* 0.5..100"),
+        ({"compression_ratio": float("nan")}, r"compression ratio nan is not a compressed store's ratio"),
+        ({"compression_ratio": 1e6}, r"give one in 0.5..100"),
+        ({"batch_size": 2**64 + 1}, r"plan: batch_size must be an integer in 1..65536"),
+        ({"batches": 100_000}, r"plan: batches must be an integer in 1..4096, got 100000"),
+        ({"sequences": 2**64 + 1}, r"plan: sequences must be an integer in 1..268435456"),
+        ({"prompt_tokens": 2**64 + 1}, r"needs 18446744073709551649 positions but the model.s context"),
+        ({"prompt_tokens": 2000, "new_tokens": 49}, r"lower --prompt-tokens or --max-new-tokens$"),
+    ],
+)  # fmt: skip
+def test_a_request_out_of_range_is_one_line_before_planning(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        PlanRequest(SPEC, _machine(), **changes)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    PlanRequest(SPEC, _machine(), prompt_tokens=2000, new_tokens=48, compression_ratio=100.0)  # the limits

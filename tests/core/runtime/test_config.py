@@ -8,7 +8,7 @@ import pytest
 
 from klotski_tier import Engine
 from klotski_tier.core.errors import BudgetError, ConfigError
-from klotski_tier.core.runtime.config import EngineOptions, read_config_file, to_toml
+from klotski_tier.core.runtime.config import COUNT_RANGES, EngineOptions, read_config_file, to_toml
 from klotski_tier.core.runtime.presets import PRESETS, build_options
 from tests.checkpoints import make_checkpoint
 
@@ -90,10 +90,13 @@ def test_presets_are_valid_configurations(name: str) -> None:
         ("[gpu]\nmemory = 1\n", "unknown section \\[gpu\\]; valid sections: pipeline"),
         ('[device]\nmemory = "-5GiB"\n', "device.memory '-5GiB' is not a size"),
         ("[device]\nmemory = -5\n", "device.memory must not be negative, got -5"),
-        ('[pipeline]\nbatches = "four"\n', "pipeline.batches must be an integer >= 1, got 'four'"),
-        ("[pipeline]\nbatches = 0\n", "pipeline.batches must be an integer >= 1, got 0"),
+        ('[pipeline]\nbatches = "four"\n', "pipeline.batches must be an integer in 1..4096, got 'four'"),
+        ("[pipeline]\nbatches = 0\n", "pipeline.batches must be an integer in 1..4096, got 0"),
         ("[pipeline]\nlookahead_layers = 0\n", "pipeline.lookahead_layers must be an integer >= 1, got 0"),
         ("[pipeline]\nstream_window = -1\n", "pipeline.stream_window must be an integer >= 0, got -1"),
+        ("[disk]\nqueue_depth = 100000\n", "disk.queue_depth must be an integer in 1..1024, got 100000"),
+        ("[disk]\nqueue_depth = 18446744073709551617\n", "disk.queue_depth must be an integer in 1..1024"),
+        ("[pipeline]\nbatch_size = 65537\n", "pipeline.batch_size must be an integer in 1..65536, got 65537"),
         ('[host]\npreload = "yes"\n', "host.preload must be true or false"),
         ('[prefetch]\noptions = "fast"\n', "prefetch.options must be a table"),
         ("[pipeline\n", "is not valid TOML"),
@@ -104,6 +107,16 @@ def test_bad_values_name_the_file_key_and_value(tmp_path: Path, text: str, messa
     with pytest.raises(ConfigError, match=message) as info:
         build_options(config_file=path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field", sorted(COUNT_RANGES))
+def test_every_whole_number_option_is_held_to_its_range(field: str) -> None:
+    low, high = COUNT_RANGES[field]
+    EngineOptions(**{field: low})
+    for bad in (low - 1, True, 2.0, *([high + 1, 2**64 + 1] if high is not None else [])):
+        with pytest.raises(ConfigError, match=f"^{field} must be an integer ") as info:
+            EngineOptions(**{field: bad})
+        assert "\n" not in str(info.value) and len(str(info.value)) < 120
 
 
 def test_missing_file_and_unknown_preset(tmp_path: Path) -> None:

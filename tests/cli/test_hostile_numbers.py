@@ -1,0 +1,164 @@
+"""Absurd numbers through the commands (counts, sizes, ratios, lengths, a profile's figures) and a drive
+that refuses the KV cache: each is one ``error:`` line that names what is wrong and what to do, exit
+code 1, nothing on stdout, no traceback, before any planning or generation starts."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from klotski_tier.cli.main import main
+from klotski_tier.tiers import scratch
+from tests.conftest import CheckpointFactory
+
+IDS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
+PROFILE = Path(__file__).parent.parent / "data" / "machine-profile.json"  # a real bench profile
+HUGE = str(2**64 + 1)
+SHAPE = ["--model-shape", "demo", "--hardware", "t4"]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the user's cache (and its profile)."""
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_factory: CheckpointFactory) -> Path:
+    return checkpoint_factory("mixtral", dtype=torch.bfloat16)
+
+
+def error_line(result: Result) -> str:
+    assert result.exit_code == 1, f"stdout: {result.stdout!r} stderr: {result.stderr!r}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.stderr.splitlines()[-1] == line and len(line) < 400
+    return line
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+@pytest.mark.parametrize("ratio", ["1e-308", "0.1", "1e6"])
+def test_a_compression_ratio_out_of_range_is_refused_alike_by_plan_and_simulate(
+    command: str, ratio: str
+) -> None:
+    extra = ["-n", "1"] if command == "simulate" else []
+    line = error_line(invoke(command, *SHAPE, *extra, "--compression-ratio", ratio))
+    assert f"--compression-ratio {float(ratio):g} is not a compressed store's ratio" in line
+    assert line.endswith("give one in 0.5..100, e.g. 1.3 for zstd over bf16 weights")
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["plan", *SHAPE, "--batch-size", HUGE], "plan: batch_size must be an integer in 1..65536"),
+        (["plan", *SHAPE, "-n", "100000"], "plan: batches must be an integer in 1..4096, got 100000"),
+        (["simulate", *SHAPE, "-n", "100000"], "--batches/--sweep n must be an integer in 1..4096"),
+        (["simulate", *SHAPE, "--sweep", "1,5000"], "--batches/--sweep n must be an integer in 1..4096"),
+        (["plan", *SHAPE, "--prompts", HUGE], "plan: sequences must be an integer in 1..268435456"),
+    ],
+)  # fmt: skip
+def test_absurd_counts_are_refused_before_planning(args: list[str], phrase: str) -> None:
+    line = error_line(invoke(*args))
+    assert phrase in line and "device memory" not in line
+
+
+@pytest.mark.parametrize(
+    ("args", "needed"),
+    [(["plan", "--prompt-tokens", HUGE], 2**64 + 1 + 32),
+     (["simulate", "--prompt-tokens", "100000000", "-n", "1"], 100000032),
+     (["plan", "--prompt-tokens", "2000", "--max-new-tokens", "49"], 2049)],
+)  # fmt: skip
+def test_sequences_beyond_the_models_context_say_so(args: list[str], needed: int) -> None:
+    line = error_line(invoke(args[0], *SHAPE, *args[1:]))
+    assert f"needs {needed} positions but the model's context is 2048" in line
+    assert line.endswith("lower --prompt-tokens or --max-new-tokens")
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["-n", HUGE], f"batches must be an integer in 1..4096, got {HUGE}"),
+        (["-n", "100000", "--batch-size", "100000"], "batches must be an integer in 1..4096, got 100000"),
+        (["--batch-size", "100000"], "batch_size must be an integer in 1..65536, got 100000"),
+        (["--device-memory", HUGE], "--device-memory '18446744073709551617' is more than 1 EiB"),
+        (["--host-memory", "2EiB"], "--host-memory '2EiB' is more than 1 EiB, the largest size accepted"),
+        (["--prompt-ids", "1,,2"], "--prompt-ids '1,,2' has an empty item (number 2)"),
+    ],
+)  # fmt: skip
+def test_run_refuses_absurd_numbers_before_loading(model: Path, args: list[str], phrase: str) -> None:
+    line = error_line(invoke("run", "--model", model, *IDS, *args))
+    assert phrase in line
+
+
+@pytest.mark.parametrize("depth", [HUGE, "100000", "0"])
+def test_a_disk_queue_depth_out_of_range_names_the_key(model: Path, tmp_path: Path, depth: str) -> None:
+    config = tmp_path / "qd.toml"
+    config.write_text(f"[disk]\nqueue_depth = {depth}\n")
+    line = error_line(invoke("run", "--model", model, *IDS, "--config", config))
+    assert f"{config}: disk.queue_depth must be an integer in 1..1024" in line
+    assert "memory" not in line
+
+
+@pytest.mark.parametrize("size", ["1PiB", "999PB", "1EiB"])
+def test_sizes_in_petabytes_and_exabytes_are_sizes(size: str) -> None:
+    result = invoke("plan", *SHAPE, "--device-memory", size)
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("value", [1e308, 0.0, -1.0, "inf", "nan"])
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_a_profile_with_implausible_compute_figures_says_run_bench_again(
+    model: Path, tmp_path: Path, command: str, value: float | str
+) -> None:
+    data = json.loads(PROFILE.read_text())
+    data["compute"]["expert_s"] = {tokens: float(value) for tokens in data["compute"]["expert_s"]}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    args = ["--model", model, *IDS] if command == "run" else []
+    line = error_line(invoke(command, *args, "--profile", path))
+    assert f"machine profile {path}: field compute.expert_s." in line and "klotski-tier bench" in line
+
+
+def kv_on_drive(model: Path, tmp_path: Path) -> Result:
+    config = tmp_path / "kv.toml"
+    config.write_text('[kv]\nhome = "disk"\n')
+    return invoke("run", "--model", model, *IDS, "--config", config)
+
+
+def test_a_full_drive_under_the_kv_cache_says_what_to_do_and_leaves_no_directory(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*_: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(scratch.os, "pwrite", full)
+    line = error_line(kv_on_drive(model, tmp_path))
+    assert "No space left on device; free space on that drive" in line
+    assert line.endswith(
+        'point KLOTSKI_TIER_CACHE at a directory on another drive, or set [kv] home = "host"'
+    )
+    assert not (tmp_path / "cache" / "kv-scratch").exists()
+
+
+def test_a_kv_cache_directory_the_drive_refuses_says_what_to_do(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(**_: object) -> str:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(scratch.tempfile, "mkdtemp", read_only)
+    line = error_line(kv_on_drive(model, tmp_path))
+    assert "cannot make a scratch directory in" in line and "Read-only file system; free space" in line
+    assert line.endswith('or set [kv] home = "host"')
+    assert not (tmp_path / "cache" / "kv-scratch").exists()
