@@ -39,6 +39,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=DEFAULT_BATCHES)
+    parser.add_argument(
+        "--activations-home", choices=("device", "host"), default="device",
+        help="where a prefill's residual streams wait ([activations] home): host RAM lets larger groups fit",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.png")
     parser.add_argument(
         "--timeline",
@@ -69,7 +73,9 @@ def _point(args: argparse.Namespace, n: int, *, timeline: bool = False) -> dict[
     device_min, _ = Engine.from_files(files, on_device).minimum_budgets(
         prompts, max_new_tokens=args.new_tokens
     )
-    options = dataclasses.replace(on_device, device_memory_bytes=device, kv_home="host")
+    options = dataclasses.replace(
+        on_device, device_memory_bytes=device, kv_home="host", activations_home=args.activations_home
+    )
     result = Engine.from_files(files, options).generate(
         prompts, max_new_tokens=args.new_tokens, timeline=timeline
     )
@@ -81,7 +87,7 @@ def _point(args: argparse.Namespace, n: int, *, timeline: bool = False) -> dict[
     machine = local_machine(device_memory_bytes=device)
     config = SimConfig(
         spec, machine, batches=n, batch_size=args.batch_size, device_memory_bytes=device, eviction="sweep",
-        kv_home="host",
+        kv_home="host", activations_home=args.activations_home,
     )  # fmt: skip
     simulated = simulate_workload(
         config, sequences=args.prompts, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
