@@ -17,6 +17,7 @@ from klotski_tier.core.bench.profile import default_profile_path
 from klotski_tier.core.plan.shapes import model_shape, shape_to_toml
 from klotski_tier.core.store import pack as store_pack
 from klotski_tier.core.store import packed
+from tests.cli.hostile import error_line
 from tests.conftest import CheckpointFactory
 
 IDS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
@@ -32,15 +33,6 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def model(checkpoint_factory: CheckpointFactory) -> Path:
     return checkpoint_factory("mixtral", dtype=torch.bfloat16)
-
-
-def error_line(result: Result) -> str:
-    assert result.exit_code == 1, f"stdout: {result.stdout!r} stderr: {result.stderr!r}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.stderr.splitlines()[-1] == line
-    return line
 
 
 def invoke(*args: str | Path) -> Result:

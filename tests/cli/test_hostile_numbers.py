@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
 from klotski_tier.tiers import scratch
+from tests.cli.hostile import error_line
 from tests.conftest import CheckpointFactory
 
 IDS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
@@ -32,15 +33,6 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def model(checkpoint_factory: CheckpointFactory) -> Path:
     return checkpoint_factory("mixtral", dtype=torch.bfloat16)
-
-
-def error_line(result: Result) -> str:
-    assert result.exit_code == 1, f"stdout: {result.stdout!r} stderr: {result.stderr!r}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.stderr.splitlines()[-1] == line and len(line) < 400
-    return line
 
 
 def invoke(*args: str | Path) -> Result:

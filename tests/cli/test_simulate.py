@@ -162,17 +162,23 @@ def test_a_baseline_preset_simulates_its_own_schedule_without_a_planner_predicti
     assert schedule in text.splitlines()[0]
 
 
-def test_the_klotski_evaluations_group_runs_with_the_kv_cache_in_host_ram(tmp_path: Path) -> None:
-    """Issue 14's command: Mixtral-8x7B, 960 prompts of 512 tokens, bs 64, n = 15 on the RTX 3090 with
-    256 GiB of RAM: its KV cache (about 80 GiB) cannot sit in 24 GiB of device memory, and in host RAM
-    it streams through two slots; more batches decode faster."""
+def _klotski_workload(tmp_path: Path) -> list[str]:
+    """Issue 14's command: Mixtral-8x7B on the Klotski evaluation's RTX 3090 with 256 GiB of RAM, 960
+    prompts of 512 tokens, 32 new, bs 64, one decode step simulated."""
     env1 = tmp_path / "env1.toml"
     env1.write_text(
         '[hardware.env1]\nbase = "rtx3090-sata"\nhost_memory_bytes = "256GiB"\n', encoding="utf-8"
     )
-    command = ["--model-shape", "Mixtral-8x7B", "--hardware-file", str(env1), "--hardware", "env1",
-               "--prompts", "960", "--prompt-tokens", "512", "--max-new-tokens", "32", "--batch-size", "64",
-               "--decode-steps", "1"]  # fmt: skip
+    return ["--model-shape", "Mixtral-8x7B", "--hardware-file", str(env1), "--hardware", "env1",
+            "--prompts", "960", "--prompt-tokens", "512", "--max-new-tokens", "32", "--batch-size", "64",
+            "--decode-steps", "1"]  # fmt: skip
+
+
+def test_the_klotski_evaluations_group_runs_with_the_kv_cache_in_host_ram(tmp_path: Path) -> None:
+    """Issue 14's command: Mixtral-8x7B, 960 prompts of 512 tokens, bs 64, n = 15 on the RTX 3090 with
+    256 GiB of RAM: its KV cache (about 80 GiB) cannot sit in 24 GiB of device memory, and in host RAM
+    it streams through two slots; more batches decode faster."""
+    command = _klotski_workload(tmp_path)
     refused = simulate(*command, "-n", "15", "--kv-home", "device")
     assert refused.exit_code == 1 and "no n fits: at n=15" in refused.stderr
     assert "--kv-home host" in refused.stderr
@@ -189,14 +195,8 @@ def test_the_klotski_evaluations_group_runs_with_the_kv_cache_in_host_ram(tmp_pa
 
 def test_the_plans_kv_placement_is_simulated_and_named(tmp_path: Path) -> None:
     """Issue 14's group from the plan: the cache in host RAM but its first layers', decode attention on
-    the host's cores, a prefill's residuals in host RAM; the heading says so and the rate is the plan's."""
-    env1 = tmp_path / "env1.toml"
-    env1.write_text(
-        '[hardware.env1]\nbase = "rtx3090-sata"\nhost_memory_bytes = "256GiB"\n', encoding="utf-8"
-    )
-    command = ["--model-shape", "Mixtral-8x7B", "--hardware-file", str(env1), "--hardware", "env1",
-               "--prompts", "960", "--prompt-tokens", "512", "--max-new-tokens", "32", "--batch-size", "64",
-               "--decode-steps", "1"]  # fmt: skip
+    the host's cores; the heading says so and the rate is the plan's."""
+    command = _klotski_workload(tmp_path)
     heading = simulate_ok(*command, "--kv-device-layers", "3").splitlines()[0]
     assert "KV cache in host RAM, decode attention on the host's cores but the first 3 layers'" in heading
     (row,) = simulate_json(*command)["rows"]

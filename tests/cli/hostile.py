@@ -1,0 +1,15 @@
+"""What the hostile-input tests ask of a refused command: one ``error:`` line, exit code 1, no traceback."""
+
+from __future__ import annotations
+
+from click.testing import Result
+
+
+def error_line(result: Result, *, longest: int = 400) -> str:
+    """The command's one ``error:`` line: exit code 1, nothing on stdout, no traceback, last on stderr."""
+    assert result.exit_code == 1, f"stdout: {result.stdout!r} stderr: {result.stderr!r}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.stderr.splitlines()[-1] == line and len(line) < longest
+    return line
