@@ -60,7 +60,7 @@ from klotski_tier.core.model.families import family_of
 from klotski_tier.core.model.spec import ModelSpec, QKNorm
 from klotski_tier.core.plan.machine import ComputeRates, Machine
 from klotski_tier.core.runtime.activations import RESIDUAL_SLOTS
-from klotski_tier.core.runtime.config import DEVICE_ACTIVATIONS, DEVICE_KV, DISK_KV, KV_SLOTS
+from klotski_tier.core.runtime.config import DEVICE_ACTIVATIONS, DEVICE_KV, DISK_KV, HOST_KV, KV_SLOTS
 from klotski_tier.core.units import GB, align_up
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class CostModel:
         """KV cache of one batch, as :func:`klotski_tier.core.runtime.sequences.kv_cache_bytes`."""
         return batch_size * (prompt_tokens + new_tokens) * self.spec.kv_bytes_per_token()
 
-    def kv_copy_s(self, batch_size: int, context: int, home: str = "host") -> float:
+    def kv_copy_s(self, batch_size: int, context: int, home: str = HOST_KV) -> float:
         """Seconds to bring one batch's KV cache of one layer (``context`` cached tokens) into a device
         slot and its new token's entries back, where the cache lives in host RAM (over the host-to-device
         link) or on the drive (read into a staging buffer, then over the link; written back the same

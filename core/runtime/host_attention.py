@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,9 +71,9 @@ class HostAttention:
         q_h, k_h, v_h, positions_h, lengths_h = host
         loop = asyncio.get_running_loop()
         k_cache, v_cache = caches
-        args = (q_h, k_h, v_h, k_cache, v_cache, positions_h, lengths_h)
+        args = (q_h, k_h, v_h, k_cache, v_cache, positions_h, lengths_h, self.spec)
         started = time.perf_counter()
-        result = await loop.run_in_executor(self._executor, self._attend, *args)
+        result = await loop.run_in_executor(self._executor, _inference, ops.attend_cache, args)
         ended = time.perf_counter()
         self.busy_s += ended - started
         if self.timeline is not None:
@@ -79,18 +81,11 @@ class HostAttention:
         await self.driver.copy_any(out, result)
         self.bytes_in += result.numel() * result.element_size()
 
-    def _attend(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        positions: Tensor,
-        key_lengths: Tensor,
-    ) -> Tensor:
-        with torch.inference_mode():
-            return ops.attend_cache(q, k, v, k_cache, v_cache, positions, key_lengths, self.spec)
-
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _inference(fn: Callable[..., Tensor], args: tuple[Any, ...]) -> Tensor:
+    """``fn(*args)`` in inference mode (the host thread's job)."""
+    with torch.inference_mode():
+        return fn(*args)
