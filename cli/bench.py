@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import OUTPUT, check_outputs
+from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
@@ -93,6 +93,7 @@ def bench(
         if not as_json:
             click.echo("\n" + profile.dumps(), nl=False)
         raise InputError(f"{exc}; the profile is on stdout (as JSON) instead") from exc
+    record_saved("--profile", profile_path)
     if not as_json:
         click.echo(f"\nmachine profile written to {profile_path}")
 

@@ -6,7 +6,8 @@ any heavy import, both signals are set to end the process as a command's do
 (:mod:`klotski_tier.cli.errors`): ``error: interrupted by SIGINT`` and exit code 130 (143 for
 SIGTERM). Once the commands are imported the handlers in place before are restored, so that a
 command's own clean-up (:func:`~klotski_tier.cli.errors.report_errors`, asyncio's SIGINT handler)
-takes over. This module imports nothing of the package but, at the end, the commands.
+takes over. This module imports nothing of the package but, at the end, the commands (and, first,
+:mod:`klotski_tier.cli.stdout`, which imports only the standard library).
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ _EARLY_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def main() -> Any:
-    """Run ``klotski-tier`` with the signals handled while its commands are imported."""
+    """Run ``klotski-tier`` with the signals handled while its commands are imported, and standard
+    output guarded (:mod:`klotski_tier.cli.stdout`) from the start."""
     previous = {signum: signal.getsignal(signum) for signum in _EARLY_SIGNALS}
     for signum, handler in previous.items():
         if handler is not signal.SIG_IGN:  # an ignored signal (a background job's SIGINT) stays ignored
             signal.signal(signum, _exit_interrupted)
+    from klotski_tier.cli import stdout
+
+    stdout.install()
+    from klotski_tier.cli.errors import end_if_stdout_failed
     from klotski_tier.cli.main import main as commands
 
     for signum, handler in previous.items():
         signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-    return commands()
+    try:
+        return commands()
+    except SystemExit as exc:
+        if exc.code in (0, None):  # what click printed itself (--help, --version) may have failed too
+            end_if_stdout_failed()
+        raise
 
 
 def _exit_interrupted(signum: int, frame: FrameType | None) -> None:

@@ -27,6 +27,7 @@ from typing import IO, Any, TypeVar
 
 import click
 
+from klotski_tier.cli import files, stdout
 from klotski_tier.core.errors import KlotskiError
 
 T = TypeVar("T")
@@ -96,18 +97,39 @@ def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         received: list[int] = []
+        stdout.reset()
+        files.reset_saved()
         try:
             with _sigterm_as_sigint(received):
-                return fn(*args, **kwargs)
+                value = fn(*args, **kwargs)
         except KlotskiError as exc:
-            click.echo(f"error: {exc}", err=True)
+            broken = stdout.failure()
+            stdout.mark_reported()
+            click.echo(f"error: {exc}" + (f" (and {broken})" if broken else ""), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             signum = received[-1] if received else signal.SIGINT
             click.echo(f"error: interrupted by {signal.Signals(signum).name}", err=True)
             sys.exit(SIGNAL_EXIT_BASE + signum)
+        end_if_stdout_failed()
+        return value
 
     return wrapper
+
+
+def end_if_stdout_failed() -> None:
+    """Exit as a failed command when standard output failed (:mod:`klotski_tier.cli.stdout`): one
+    line naming what was saved and exit code 1; a reader that left, silently with exit code 141."""
+    broken = stdout.failure()
+    if broken is None:
+        return
+    stdout.mark_reported()
+    if stdout.reader_left():
+        sys.exit(stdout.SIGPIPE_EXIT)
+    saved = files.saved_outputs()
+    kept = f"; saved {', '.join(saved)}" if saved else ""
+    click.echo(f"error: {broken}{kept}", err=True)
+    sys.exit(1)
 
 
 @contextmanager

@@ -17,7 +17,17 @@ import click
 from klotski_tier.core.atomic import Inputs, atomic_open, check_outputs, output_path
 from klotski_tier.core.errors import InputError, KlotskiError
 
-__all__ = ["OUTPUT", "Inputs", "OutputPath", "Save", "atomic_write", "check_outputs", "save_all"]
+__all__ = [
+    "OUTPUT",
+    "Inputs",
+    "OutputPath",
+    "Save",
+    "atomic_write",
+    "check_outputs",
+    "record_saved",
+    "save_all",
+    "saved_outputs",
+]
 
 Save = tuple[str, Path, Callable[[], None]]
 """One output to write at the end: its label (the option), its path, and the call that writes it."""
@@ -45,6 +55,25 @@ def atomic_write(path: Path) -> AbstractContextManager[IO[Any]]:
     return atomic_open(path, what="output")
 
 
+_SAVED: list[str] = []
+"""The outputs the running command has saved (``--output out.jsonl``), for its last line."""
+
+
+def saved_outputs() -> list[str]:
+    """The outputs saved so far by the running command, as ``LABEL PATH``."""
+    return list(_SAVED)
+
+
+def record_saved(label: str, path: Path) -> None:
+    """Note that the running command saved its output ``label`` at ``path`` (:func:`save_all` does)."""
+    _SAVED.append(f"{label} {path}")
+
+
+def reset_saved() -> None:
+    """Forget the outputs saved (a new command starts)."""
+    _SAVED.clear()
+
+
 def save_all(saves: Sequence[Save]) -> None:
     """Run every save, each whatever the others did; when any failed, one :class:`InputError` that
     names each failure (with what was kept instead, if the save said so) and what was saved."""
@@ -57,6 +86,7 @@ def save_all(saves: Sequence[Save]) -> None:
             failures.append(str(exc))
         else:
             saved.append(f"{label} {path}")
+            record_saved(label, path)
     if failures:
         kept = f"saved {', '.join(saved)}" if saved else "nothing else was saved"
         raise InputError("; ".join([*failures, kept]))

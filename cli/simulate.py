@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import OUTPUT, check_outputs
+from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
 from klotski_tier.cli.options import SEED
 from klotski_tier.cli.plan import Study, study_from_flags, study_options
 from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
@@ -193,6 +193,7 @@ def simulate(
             click.echo(line)
     if png_path is not None:  # after the results: a picture that cannot be written loses none of them
         render_sweep_png(results, predicted, png_path, f"{study.model} on {study.machine.name}")
+        record_saved("--png", png_path)
         if not as_json:
             click.echo(f"wrote {png_path}")
 

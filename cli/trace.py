@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.files import OUTPUT, check_outputs
+from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
 from klotski_tier.cli.options import finite_float
 from klotski_tier.core.observe.timeline import read_trace, summarize
 from klotski_tier.core.observe.timeline_plot import DPI, render_png
@@ -46,6 +46,7 @@ def trace(trace_file: Path, png_path: Path, width_in: float) -> None:
     check_outputs({"--png": png_path}, {"the trace": trace_file})
     data = read_trace(trace_file)
     render_png(trace_file, png_path, width_in=width_in)
+    record_saved("--png", png_path)
     totals = summarize(data.spans)
     click.echo(f"wrote {png_path}")
     drive = "".join(
