@@ -17,6 +17,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
+from klotski_tier.cli.params import NonEmptyPath, count_list, size, size_list
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
@@ -26,10 +27,11 @@ from klotski_tier.core.bench.profile import (
     default_profile_path,
 )
 from klotski_tier.core.bench.suite import BenchSettings, run_bench
-from klotski_tier.core.errors import ConfigError, InputError, KlotskiError
+from klotski_tier.core.errors import InputError, KlotskiError
 from klotski_tier.core.paths import default_cache_dir
+from klotski_tier.core.runtime.config import COUNT_RANGES
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
-from klotski_tier.core.units import format_size, parse_size
+from klotski_tier.core.units import format_size
 
 MS_PER_S = 1000.0
 
@@ -38,16 +40,21 @@ MS_PER_S = 1000.0
 @click.option(
     "--path",
     "directory",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=NonEmptyPath(file_okay=False, path_type=Path),
     help="A directory on the drive to measure (default: the cache directory).",
 )
-@click.option("--file-size", help="Size of the test file (default 1GiB; 256MiB with --quick).")
+@click.option(
+    "--file-size",
+    type=size(minimum=1),
+    metavar="SIZE",
+    help="Size of the test file (default 1GiB; 256MiB with --quick).",
+)
 @click.option(
     "--quick", is_flag=True, help="Fewer block sizes, queue depths and token counts: under a minute."
 )
 @click.option(
     "--model",
-    type=click.Path(path_type=Path),
+    type=NonEmptyPath(path_type=Path),
     help="Model directory whose layer-0 attention and expert are timed (default: the demo's shape).",
 )
 @click.option(
@@ -65,11 +72,23 @@ MS_PER_S = 1000.0
     show_default=True,
     help="Level of the zstd measurement (as `pack --compress zstd:LEVEL`).",
 )
-@click.option("--block-sizes", hidden=True, help="Comma-separated block sizes, e.g. 1MiB,16MiB.")
-@click.option("--queue-depths", hidden=True, help="Comma-separated queue depths, e.g. 1,4.")
-@click.option("--tokens", hidden=True, help="Comma-separated token counts, e.g. 1,32.")
+@click.option(
+    "--block-sizes", type=size_list(), hidden=True, help="Comma-separated block sizes, e.g. 1MiB,16MiB."
+)
+@click.option(
+    "--queue-depths",
+    type=count_list(*COUNT_RANGES["disk_queue_depth"]),
+    hidden=True,
+    help="Comma-separated queue depths, e.g. 1,4.",
+)
+@click.option("--tokens", type=count_list(1), hidden=True, help="Comma-separated token counts, e.g. 1,32.")
 @click.option("--rounds", type=click.IntRange(min=1), hidden=True, help="Samples of each read figure.")
-@click.option("--sample-size", hidden=True, help="Bytes compressed by zstd and copied to the device.")
+@click.option(
+    "--sample-size",
+    type=size(minimum=1),
+    hidden=True,
+    help="Bytes compressed by zstd and copied to the device.",
+)
 @report_errors
 def bench(
     directory: Path | None,
@@ -105,31 +124,18 @@ def _settings(directory: Path, quick: bool, options: dict[str, Any]) -> BenchSet
     if options["model"] is not None:
         changes["model"] = options["model"]
     if options["file_size"] is not None:
-        changes["file_bytes"] = parse_size(options["file_size"], what="--file-size")
+        changes["file_bytes"] = options["file_size"]
     if options["block_sizes"] is not None:
-        changes["block_sizes"] = tuple(
-            parse_size(t, what="--block-sizes") for t in _items(options["block_sizes"])
-        )
+        changes["block_sizes"] = options["block_sizes"]
     for option, field in (("queue_depths", "queue_depths"), ("tokens", "token_counts")):
         if options[option] is not None:
-            changes[field] = _int_items(options[option], "--" + option.replace("_", "-"))
+            changes[field] = options[option]
     if options["rounds"] is not None:
         changes["read_rounds"] = options["rounds"]
     if options["sample_size"] is not None:
-        sample = parse_size(options["sample_size"], what="--sample-size")
+        sample = options["sample_size"]
         changes.update(zstd_sample_bytes=sample, h2d_bytes=sample)
     return dataclasses.replace(base, **changes)
-
-
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _int_items(text: str, option: str) -> tuple[int, ...]:
-    items = _items(text)
-    if not items or not all(item.isdigit() for item in items):
-        raise ConfigError(f"{option} {text!r} is not a list of whole numbers; write e.g. 1,4")
-    return tuple(int(item) for item in items)
 
 
 class _Status:

@@ -8,15 +8,15 @@ choose only the others, and ``config show`` prints the configuration before any 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from klotski_tier.cli.params import HotExperts, NonEmptyPath, count, size
 from klotski_tier.core.registry import Registry
-from klotski_tier.core.runtime.config import ALL_EXPERTS, EngineOptions, read_config_file, replace
+from klotski_tier.core.runtime.config import EngineOptions, read_config_file, replace
 from klotski_tier.core.runtime.presets import PRESETS, build_options, preset_fields
 from klotski_tier.core.units import parse_size
 from klotski_tier.policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
@@ -44,50 +44,9 @@ def _names(registry: Registry[Any]) -> str:
     return ", ".join(registry.names())
 
 
-class HotExperts(click.ParamType):  # type: ignore[type-arg]
-    """K: a count of experts (>= 0), or "all"."""
-
-    name = "K|all"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if isinstance(value, int):
-            return value
-        if value == ALL_EXPERTS:
-            return ALL_EXPERTS
-        try:
-            count = int(value)
-        except ValueError:
-            count = -1
-        if count < 0:
-            self.fail(f'{value!r} is neither a count of experts (0 or more) nor "{ALL_EXPERTS}"', param, ctx)
-        return count
-
-
-SEED_MAX = 2**64 - 1
-"""The largest seed: torch's generators take 64 bits."""
-SEED = click.IntRange(0, SEED_MAX)
-
-
-class FiniteFloatRange(click.FloatRange):
-    """A :class:`click.FloatRange` that also refuses nan and infinities (``float()`` accepts both)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
-
-
-def finite_float(
-    min: float | None = None, max: float | None = None, *, min_open: bool = False
-) -> FiniteFloatRange:
-    """A float option within [min, max] that is a number: not nan, not infinite."""
-    return FiniteFloatRange(min=min, max=max, min_open=min_open)
-
-
 _FLAGS = [
     click.option(
-        "--config", "config_file", type=click.Path(path_type=Path), help="A TOML configuration file."
+        "--config", "config_file", type=NonEmptyPath(path_type=Path), help="A TOML configuration file."
     ),
     click.option(
         "--preset", type=click.Choice(sorted(PRESETS)), help="A built-in configuration to start from."
@@ -95,10 +54,10 @@ _FLAGS = [
     click.option(
         "--batches",
         "-n",
-        type=click.IntRange(min=1),
+        type=count("batches"),
         help="Batches in a group sharing every loaded weight (n; default 2).",
     ),
-    click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per batch (bs; default 4)."),
+    click.option("--batch-size", type=count("batch_size"), help="Sequences per batch (bs; default 4)."),
     click.option(
         "--hot-experts",
         type=HotExperts(),
@@ -107,12 +66,14 @@ _FLAGS = [
     ),
     click.option(
         "--device-memory",
+        type=size(),
         metavar="SIZE",
         help="Device budget, e.g. 2GiB (default: on a CPU device derived from the memory limit, "
         "on CUDA the GPU's).",
     ),
     click.option(
         "--host-memory",
+        type=size(),
         metavar="SIZE",
         help="Host RAM budget, e.g. 8GiB (default: derived from the memory limit, the cgroup's or "
         "the machine's).",
@@ -122,7 +83,7 @@ _FLAGS = [
     click.option("--eviction", metavar="NAME", help=f"Eviction policy: {_names(EVICTION_POLICIES)}."),
     click.option(
         "--prefetch-trace",
-        type=click.Path(path_type=Path),
+        type=NonEmptyPath(path_type=Path),
         help="Routing trace to warm the prefetch policy up with (the truth for oracle).",
     ),
 ]
@@ -148,8 +109,8 @@ def options_and_explicit(flags: dict[str, Any], **defaults: Any) -> tuple[Engine
     the command line, in the ``--config`` file or by the ``--preset`` (``defaults`` are not set)."""
     overrides = {field: flags.pop(name) for name, field in _DIRECT.items()}
     for name, (field, option) in _SIZES.items():
-        text = flags.pop(name)
-        overrides[field] = None if text is None else parse_size(text, what=option)
+        value = flags.pop(name)  # bytes (the SIZE type), or a size as text from a caller of the library
+        overrides[field] = None if value is None else parse_size(value, what=option)
     preset, config_file = flags.pop("preset"), flags.pop("config_file")
     fields = preset_fields(preset) if preset is not None else {}
     fields.update(read_config_file(config_file) if config_file is not None else {})

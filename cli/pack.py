@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.params import NonEmptyPath
 from klotski_tier.cli.progress import bytes_progress
 from klotski_tier.core.errors import ConfigError, TierError
 from klotski_tier.core.store import codec as codecs
@@ -24,8 +25,8 @@ def _parse_compress(ctx: click.Context, param: click.Parameter, value: str) -> c
 
 
 @click.command("pack")
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=NonEmptyPath(path_type=Path))
+@click.argument("out_dir", type=NonEmptyPath(path_type=Path))
 @click.option(
     "--compress",
     default="none",
@@ -63,7 +64,7 @@ def format_summary(summary: store.StoreSummary, codec: codecs.Codec) -> str:
 
 
 @click.command("verify")
-@click.argument("store_dir", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_dir", metavar="STORE", type=NonEmptyPath(path_type=Path))
 @report_errors
 def verify(store_dir: Path) -> None:
     """Check that the packed store STORE can run its model.

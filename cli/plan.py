@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.options import finite_float
+from klotski_tier.cli.params import COMPRESSION_RATIO, NonEmptyPath, count, size
 from klotski_tier.cli.plan_report import format_plan, plan_record
 from klotski_tier.cli.run import DEMO_DEVICE_MEMORY
 from klotski_tier.core.errors import InputError
@@ -43,31 +43,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEMO_NAME = "demo"  # the built-in shape studied when no model is named (as `run` runs the demo)
 LOCAL_HARDWARE = "this"
 
-_PATH = click.Path(path_type=Path, dir_okay=False)
+_PATH = NonEmptyPath(path_type=Path, dir_okay=False)
 # the planner's own workload defaults, named in the help texts
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(PlanRequest)}
 _STUDY_FLAGS = [
-    click.option("--model", type=click.Path(path_type=Path), help="A checkpoint or packed store directory."),
+    click.option("--model", type=NonEmptyPath(path_type=Path),
+                 help="A checkpoint or packed store directory."),
     click.option("--model-shape", help="A built-in or --shapes model shape (see `simulate --list`)."),
     click.option("--hardware", default=LOCAL_HARDWARE, show_default=True,
                  help="A built-in or --hardware-file machine; this: the `klotski-tier bench` profile."),
     click.option("--profile", "profile_path", type=_PATH, help="Machine profile for --hardware this."),
     click.option("--shapes", "shapes_file", type=_PATH, help="A TOML file of [shape.NAME] tables."),
     click.option("--hardware-file", type=_PATH, help="A TOML file of [hardware.NAME] tables."),
-    click.option("--device-memory", metavar="SIZE", help="Device budget (default: the machine's)."),
-    click.option("--host-memory", metavar="SIZE", help="Host RAM budget (default: the machine's)."),
+    click.option("--device-memory", type=size(), metavar="SIZE",
+                 help="Device budget (default: the machine's)."),
+    click.option("--host-memory", type=size(), metavar="SIZE",
+                 help="Host RAM budget (default: the machine's)."),
     click.option("--prompts", "sequences", metavar="N", type=click.IntRange(min=1),
                  help=f"Sequences to generate (default {_DEFAULTS['sequences']})."),
     click.option("--prompt-tokens", metavar="P", type=click.IntRange(min=1),
                  help=f"Tokens per prompt (default {_DEFAULTS['prompt_tokens']})."),
     click.option("--max-new-tokens", metavar="G", type=click.IntRange(min=1),
                  help=f"Tokens generated per sequence (default {_DEFAULTS['new_tokens']})."),
-    click.option("--batch-size", metavar="BS", type=click.IntRange(min=1),
+    click.option("--batch-size", metavar="BS", type=count("batch_size"),
                  help="Fix bs (sequences per batch)."),
     click.option("--hot-experts", metavar="K", type=click.IntRange(min=0),
                  help="Fix K (experts prefetched per layer)."),
     click.option("--trace", "trace_path", type=_PATH, help="Routing trace (npz, from run --record-routing)."),
-    click.option("--compression-ratio", type=finite_float(min=0.0, min_open=True),
+    click.option("--compression-ratio", type=COMPRESSION_RATIO,
                  help="Blocks may be read from a compressed store of this ratio (raw / stored bytes)."),
     click.option("--kv-home", type=click.Choice(KV_HOMES),
                  help="Fix where the KV cache lives ([kv] home; default: the device where a group's cache "
@@ -78,7 +81,7 @@ _STUDY_FLAGS = [
     click.option("--activations-home", type=click.Choice(ACTIVATION_HOMES),
                  help="Fix where a prefill's residual streams wait between their jobs ([activations] home; "
                  "default: where more tokens/s are predicted)."),
-    click.option("--kv-device-layers", metavar="M", type=click.IntRange(min=0),
+    click.option("--kv-device-layers", metavar="M", type=count("kv_device_layers"),
                  help="Fix how many first layers keep their KV cache on the device while the rest lives away "
                  "([kv] device_layers; default: the planner's)."),
 ]  # fmt: skip
@@ -159,14 +162,14 @@ def _sampler(path: Path | None, spec: ModelSpec) -> RouteSampler | None:
     return TraceRouting(trace)
 
 
-def _size(text: str | None, option: str) -> int | None:
-    return None if text is None else parse_size(text, what=option)
+def _size(value: int | str | None, option: str) -> int | None:
+    return None if value is None else parse_size(value, what=option)
 
 
 @click.command("plan")
 @study_options
 @click.option(
-    "--batches", "-n", metavar="N", type=click.IntRange(min=1), help="Fix n (default: the planner's choice)."
+    "--batches", "-n", metavar="N", type=count("batches"), help="Fix n (default: the planner's choice)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @report_errors

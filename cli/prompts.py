@@ -19,20 +19,20 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 
 
 def parse_ids(text: str) -> list[int]:
-    """``"1, 2,3"`` -> ``[1, 2, 3]``; an empty item (``"1,,2"``) is refused, not skipped."""
+    """``"1, 2,3"`` -> ``[1, 2, 3]``: token ids in ASCII digits; an empty item (``"1,,2"``) is refused,
+    not skipped."""
     parts = [part.strip() for part in text.split(",")]
     if not any(parts):
-        raise InputError("--prompt-ids is empty; give token ids such as 1,2,3")
+        raise InputError(f"{text!r} holds no token id; give token ids such as 1,2,3")
     if not all(parts):
         position = parts.index("") + 1
         raise InputError(
-            f"--prompt-ids {text!r} has an empty item (number {position}); give token ids separated by "
-            "single commas, such as 1,2,3"
+            f"{text!r} has an empty item (number {position}); give token ids separated by single commas, "
+            "such as 1,2,3"
         )
-    try:
-        return [int(part) for part in parts]
-    except ValueError as exc:
-        raise InputError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from exc
+    if not all(part.isascii() and part.isdigit() for part in parts):  # int() reads "１" and "-1" too
+        raise InputError(f"{text!r} is not a comma-separated list of token ids (whole numbers, 0 or more)")
+    return [int(part) for part in parts]
 
 
 def read_prompts_file(path: Path) -> list[Prompt]:
@@ -67,10 +67,13 @@ def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
     raise InputError(f'{path}:{number} needs a "prompt" string or a "prompt_ids" list of integers')
 
 
-def gather_prompts(texts: Sequence[str], files: Sequence[Path], id_lists: Sequence[str]) -> list[Prompt]:
-    """The ``--prompt`` texts, then the prompts of each ``--prompts`` file, then the ``--prompt-ids``."""
+def gather_prompts(
+    texts: Sequence[str], files: Sequence[Path], id_lists: Sequence[list[int]]
+) -> list[Prompt]:
+    """The ``--prompt`` texts, then the prompts of each ``--prompts`` file, then the ``--prompt-ids``
+    (parsed by :func:`parse_ids`)."""
     prompts: list[Prompt] = list(texts)
     for path in files:
         prompts.extend(read_prompts_file(path))
-    prompts.extend(parse_ids(text) for text in id_lists)
+    prompts.extend(list(ids) for ids in id_lists)
     return prompts

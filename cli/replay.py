@@ -13,9 +13,10 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.params import NonEmptyPath, size
 from klotski_tier.core.observe.replay import ReplayResult, replay_by_name
 from klotski_tier.core.observe.routing_trace import RoutingTrace
-from klotski_tier.core.units import format_size, parse_size
+from klotski_tier.core.units import format_size
 from klotski_tier.policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 
 DEFAULT_EVICTION = "lru"
@@ -23,7 +24,7 @@ COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes mov
 
 
 @click.command("replay")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=NonEmptyPath(path_type=Path))
 @click.option(
     "--prefetch",
     "prefetch_names",
@@ -41,8 +42,9 @@ COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes mov
 )
 @click.option(
     "--device-memory",
-    "device_text",
+    "capacity",
     required=True,
+    type=size(),
     metavar="SIZE",
     help="Device budget for experts, e.g. 2GiB.",
 )
@@ -55,7 +57,7 @@ def replay(
     file: Path,
     prefetch_names: tuple[str, ...],
     eviction_names: tuple[str, ...],
-    device_text: str,
+    capacity: int,
     hot_experts: int | None,
     as_json: bool,
 ) -> None:
@@ -65,7 +67,6 @@ def replay(
     policies without running the model, and prints hit rate, prefetch precision and recall,
     and the bytes that would be moved.
     """
-    capacity = parse_size(device_text, what="--device-memory")
     trace = RoutingTrace.load(file)
     results = replay_by_name(
         trace,

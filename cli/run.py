@@ -24,7 +24,8 @@ import click
 from klotski_tier.cli import stdout
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, Inputs, Save, atomic_write, check_outputs, save_all
-from klotski_tier.cli.options import SEED, engine_flags, finite_float, options_and_explicit
+from klotski_tier.cli.options import engine_flags, options_and_explicit
+from klotski_tier.cli.params import PROMPT_TEXT, SEED, TOKEN_IDS, NonEmptyPath, finite_float
 from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
 from klotski_tier.cli.progress import StepProgress, bytes_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
@@ -50,18 +51,22 @@ DEMO_DEVICE_MEMORY = "128MiB"
 
 @click.command()
 @click.option(
-    "--model", type=click.Path(path_type=Path), help="Hugging Face model directory (default: demo)."
+    "--model", type=NonEmptyPath(path_type=Path), help="Hugging Face model directory (default: demo)."
 )
-@click.option("--prompt", "texts", multiple=True, help="A text prompt (repeatable).")
+@click.option("--prompt", "texts", multiple=True, type=PROMPT_TEXT, help="A text prompt (repeatable).")
 @click.option(
     "--prompts",
     "files",
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=NonEmptyPath(path_type=Path),
     help="A file of prompts: one per line, or JSONL (.jsonl) with a prompt or prompt_ids field.",
 )
 @click.option(
-    "--prompt-ids", "id_lists", multiple=True, help='Token ids of a prompt, e.g. "1,2,3" (repeatable).'
+    "--prompt-ids",
+    "id_lists",
+    multiple=True,
+    type=TOKEN_IDS,
+    help='Token ids of a prompt, e.g. "1,2,3" (repeatable).',
 )
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @engine_flags
@@ -85,7 +90,7 @@ DEMO_DEVICE_MEMORY = "128MiB"
 @click.option(
     "--profile",
     "profile_path",
-    type=click.Path(path_type=Path),
+    type=NonEmptyPath(path_type=Path),
     help="Machine profile from `klotski-tier bench` (default: the one bench wrote, if any).",
 )
 @report_errors
@@ -93,7 +98,7 @@ def run(
     model: Path | None,
     texts: tuple[str, ...],
     files: tuple[Path, ...],
-    id_lists: tuple[str, ...],
+    id_lists: tuple[list[int], ...],
     max_new_tokens: int,
     plan_mode: str,
     seed: int,

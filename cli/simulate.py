@@ -24,11 +24,11 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
-from klotski_tier.cli.options import SEED
+from klotski_tier.cli.params import SEED, count, count_list
 from klotski_tier.cli.plan import Study, study_from_flags, study_options
 from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
 from klotski_tier.core.bench.profile import default_profile_path
-from klotski_tier.core.errors import BudgetError, ConfigError
+from klotski_tier.core.errors import BudgetError
 from klotski_tier.core.plan.costmodel import CostModel
 from klotski_tier.core.plan.hardware import HARDWARE, load_hardware_file
 from klotski_tier.core.plan.placement_model import kv_home_for
@@ -47,7 +47,6 @@ from klotski_tier.core.runtime.config import (
     KLOTSKI,
     READY_FIRST,
     EngineOptions,
-    check_count,
 )
 from klotski_tier.core.runtime.presets import PRESETS, preset_fields
 from klotski_tier.core.units import format_size
@@ -115,11 +114,17 @@ class SweepSetup:
     "-n",
     "batch_counts",
     metavar="N",
-    type=click.IntRange(min=1),
+    type=count("batches"),
     multiple=True,
     help="n to simulate (repeatable; default: the planner's).",
 )
-@click.option("--sweep", "sweep_text", metavar="LIST", help="Several n at once, e.g. 1,2,4,8,16.")
+@click.option(
+    "--sweep",
+    "sweep",
+    type=count_list(*COUNT_RANGES["batches"]),
+    metavar="LIST",
+    help="Several n at once, e.g. 1,2,4,8,16.",
+)
 @click.option("--host-preload", is_flag=True, help="Read every block into host RAM first (host.preload).")
 @click.option(
     "--preset",
@@ -145,7 +150,7 @@ class SweepSetup:
 @report_errors
 def simulate(
     batch_counts: tuple[int, ...],
-    sweep_text: str | None,
+    sweep: tuple[int, ...] | None,
     host_preload: bool,
     preset: str | None,
     decode_steps: int,
@@ -168,9 +173,7 @@ def simulate(
     inputs = {f"--{name}": flags[key] for name, key in _INPUTS.items()}
     check_outputs({"--png": png_path}, inputs, directories={"--model"})
     fields = preset_fields(preset) if preset is not None else {}
-    counts = sorted({*batch_counts, *parse_counts(sweep_text)})
-    for count in counts:
-        check_count("--batches/--sweep n", count, *COUNT_RANGES["batches"])
+    counts = sorted({*batch_counts, *(sweep or ())})
     if not counts and "batches" in fields:
         counts = [fields["batches"]]  # a preset of one batch (sequential, ondemand-lru)
     study = study_from_flags(flags)
@@ -196,16 +199,6 @@ def simulate(
         record_saved("--png", png_path)
         if not as_json:
             click.echo(f"wrote {png_path}")
-
-
-def parse_counts(text: str | None) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]``; anything but positive whole numbers is a :class:`ConfigError`."""
-    if text is None:
-        return []
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items or not all(item.isdigit() and int(item) > 0 for item in items):
-        raise ConfigError(f"--sweep {text!r} is not a list of positive whole numbers; write e.g. 1,2,4,8")
-    return [int(item) for item in items]
 
 
 def sweep_setup(study: Study, counts: list[int], host_preload: bool) -> SweepSetup:

@@ -12,7 +12,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
-from klotski_tier.cli.options import finite_float
+from klotski_tier.cli.params import NonEmptyPath, finite_float
 from klotski_tier.core.observe.timeline import read_trace, summarize
 from klotski_tier.core.observe.timeline_plot import DPI, render_png
 
@@ -24,7 +24,7 @@ MAX_WIDTH_IN = AGG_MAX_PIXELS // DPI
 
 
 @click.command("trace")
-@click.argument("trace_file", metavar="FILE.json", type=click.Path(path_type=Path))
+@click.argument("trace_file", metavar="FILE.json", type=NonEmptyPath(path_type=Path))
 @click.option(
     "--png",
     "png_path",

@@ -47,7 +47,10 @@ _REFUSED = {stat.S_IFDIR: "a directory", stat.S_IFBLK: "a block device", stat.S_
 
 
 def output_path(text: str) -> Path:
-    """The path of an output named ``text``; a name ending in ``/`` is a directory, not a file to write."""
+    """The path of an output named ``text``; a name ending in ``/`` is a directory, not a file to write,
+    and an empty name is no file at all (``Path("")`` would be the current directory)."""
+    if not text:
+        raise InputError("the path is empty; name a file to write")
     if text.endswith(os.sep):
         raise InputError(f"{text} ends with {os.sep!r}; name a file to write")
     return Path(text)

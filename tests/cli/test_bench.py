@@ -97,15 +97,34 @@ def test_an_unwritable_profile_is_refused_before_any_work(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("args", "phrase"),
-    [
-        (["--queue-depths", "two"], "--queue-depths"),
-        (["--file-size", "lots"], "--file-size"),
-        (["--block-sizes", "1000"], "multiples of 4096"),
-        (["--model", "no-such-dir"], "no-such-dir"),
-    ],
+    [(["--block-sizes", "1000"], "multiples of 4096"), (["--model", "no-such-dir"], "no-such-dir")],
 )
 def test_bad_options_are_one_line(tmp_path: Path, args: list[str], phrase: str) -> None:
     fails(run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "p.json"), *args), phrase)
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (
+            ["--queue-depths", "two"],
+            "Invalid value for '--queue-depths': 'two' in 'two' is not a whole number",
+        ),
+        (["--queue-depths", "1,,4"], "'1,,4' has an empty item"),
+        (["--queue-depths", "2000"], "2000 in '2000' is not in 1..1024"),
+        (["--tokens", "0"], "0 in '0' is not in >= 1"),
+        (["--file-size", "lots"], "Invalid value for '--file-size': 'lots' is not a size"),
+        (["--file-size", "0B"], "'0B' is less than 1 B"),
+        (["--block-sizes", "1MiB,x"], "Invalid value for '--block-sizes': 'x' is not a size"),
+        (["--sample-size", "2EiB"], "'2EiB' is more than 1 EiB"),
+    ],
+)
+def test_malformed_values_are_usage_errors_before_any_work(
+    tmp_path: Path, args: list[str], phrase: str
+) -> None:
+    result = run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "p.json"), *args)
+    assert result.exit_code == 2 and phrase in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_test_file_smaller_than_a_block_is_refused_before_anything_is_written(tmp_path: Path) -> None:

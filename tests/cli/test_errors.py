@@ -203,8 +203,9 @@ def test_no_prompt_at_all(model: Path, out_dir: Path) -> None:
 
 def test_prompt_ids_that_are_not_integers(model: Path, out_dir: Path) -> None:
     run_fails(
-        ["--model", str(model), "--prompt-ids", "1,x"], "not a comma-separated list of integers", out_dir
-    )
+        ["--model", str(model), "--prompt-ids", "1,x"], "not a comma-separated list of token ids", out_dir,
+        exit_code=2,
+    )  # fmt: skip
 
 
 def test_token_id_outside_the_vocabulary(model: Path, out_dir: Path) -> None:
@@ -237,7 +238,10 @@ def test_host_memory_below_the_minimum(model: Path, out_dir: Path) -> None:
 @pytest.mark.parametrize("option", ["--device-memory", "--host-memory"])
 def test_size_that_is_not_a_size(model: Path, out_dir: Path, option: str) -> None:
     run_fails(
-        ["--model", str(model), *IDS, option, "12 parsecs"], f"{option} '12 parsecs' is not a size", out_dir
+        ["--model", str(model), *IDS, option, "12 parsecs"],
+        f"Invalid value for '{option}': '12 parsecs' is not a size",
+        out_dir,
+        exit_code=2,
     )
 
 

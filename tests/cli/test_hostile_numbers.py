@@ -1,6 +1,8 @@
 """Absurd numbers through the commands (counts, sizes, ratios, lengths, a profile's figures) and a drive
-that refuses the KV cache: each is one ``error:`` line that names what is wrong and what to do, exit
-code 1, nothing on stdout, no traceback, before any planning or generation starts."""
+that refuses the KV cache: each is one ``error:`` line that names what is wrong and what to do, nothing
+on stdout, no traceback, before any planning or generation starts. A malformed value on the command
+line is a usage mistake (exit code 2, the option and its help named: :mod:`klotski_tier.cli.params`);
+what a command finds wrong once it knows the model or machine exits with 1."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
 from klotski_tier.tiers import scratch
-from tests.cli.hostile import error_line
+from tests.cli.hostile import error_line, usage_line
 from tests.conftest import CheckpointFactory
 
 IDS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
@@ -45,24 +47,27 @@ def test_a_compression_ratio_out_of_range_is_refused_alike_by_plan_and_simulate(
     command: str, ratio: str
 ) -> None:
     extra = ["-n", "1"] if command == "simulate" else []
-    line = error_line(invoke(command, *SHAPE, *extra, "--compression-ratio", ratio))
-    assert f"--compression-ratio {float(ratio):g} is not a compressed store's ratio" in line
-    assert line.endswith("give one in 0.5..100, e.g. 1.3 for zstd over bf16 weights")
+    line = usage_line(invoke(command, *SHAPE, *extra, "--compression-ratio", ratio), "--compression-ratio")
+    assert f"{float(ratio):g} is not a compressed store's ratio" in line
+    assert "give one in 0.5..100, e.g. 1.3 for zstd over bf16 weights" in line
 
 
 @pytest.mark.parametrize(
-    ("args", "phrase"),
+    ("args", "option", "phrase"),
     [
-        (["plan", *SHAPE, "--batch-size", HUGE], "plan: batch_size must be an integer in 1..65536"),
-        (["plan", *SHAPE, "-n", "100000"], "plan: batches must be an integer in 1..4096, got 100000"),
-        (["simulate", *SHAPE, "-n", "100000"], "--batches/--sweep n must be an integer in 1..4096"),
-        (["simulate", *SHAPE, "--sweep", "1,5000"], "--batches/--sweep n must be an integer in 1..4096"),
-        (["plan", *SHAPE, "--prompts", HUGE], "plan: sequences must be an integer in 1..268435456"),
+        (["plan", *SHAPE, "--batch-size", HUGE], "--batch-size", f"{HUGE} is not in the range 1<=x<=65536"),
+        (["plan", *SHAPE, "-n", "100000"], "--batches", "100000 is not in the range 1<=x<=4096"),
+        (["simulate", *SHAPE, "-n", "100000"], "--batches", "100000 is not in the range 1<=x<=4096"),
+        (["simulate", *SHAPE, "--sweep", "1,5000"], "--sweep", "5000 in '1,5000' is not in 1..4096"),
     ],
 )  # fmt: skip
-def test_absurd_counts_are_refused_before_planning(args: list[str], phrase: str) -> None:
-    line = error_line(invoke(*args))
-    assert phrase in line and "device memory" not in line
+def test_absurd_counts_are_usage_errors_before_planning(args: list[str], option: str, phrase: str) -> None:
+    assert phrase in usage_line(invoke(*args), option)
+
+
+def test_absurd_sequences_are_refused_before_planning() -> None:
+    line = error_line(invoke("plan", *SHAPE, "--prompts", HUGE))
+    assert "plan: sequences must be an integer in 1..268435456" in line and "device memory" not in line
 
 
 @pytest.mark.parametrize(
@@ -78,19 +83,57 @@ def test_sequences_beyond_the_models_context_say_so(args: list[str], needed: int
 
 
 @pytest.mark.parametrize(
-    ("args", "phrase"),
+    ("args", "option", "phrase"),
     [
-        (["-n", HUGE], f"batches must be an integer in 1..4096, got {HUGE}"),
-        (["-n", "100000", "--batch-size", "100000"], "batches must be an integer in 1..4096, got 100000"),
-        (["--batch-size", "100000"], "batch_size must be an integer in 1..65536, got 100000"),
-        (["--device-memory", HUGE], "--device-memory '18446744073709551617' is more than 1 EiB"),
-        (["--host-memory", "2EiB"], "--host-memory '2EiB' is more than 1 EiB, the largest size accepted"),
-        (["--prompt-ids", "1,,2"], "--prompt-ids '1,,2' has an empty item (number 2)"),
+        (["-n", HUGE], "--batches", f"{HUGE} is not in the range 1<=x<=4096"),
+        (["-n", "100000", "--batch-size", "100000"], "--batches", "100000 is not in the range 1<=x<=4096"),
+        (["--batch-size", "100000"], "--batch-size", "100000 is not in the range 1<=x<=65536"),
+        (["--device-memory", HUGE], "--device-memory", "'18446744073709551617' is more than 1 EiB"),
+        (["--host-memory", "2EiB"], "--host-memory", "'2EiB' is more than 1 EiB, the largest size accepted"),
+        (["--prompt-ids", "1,,2"], "--prompt-ids", "'1,,2' has an empty item (number 2)"),
     ],
 )  # fmt: skip
-def test_run_refuses_absurd_numbers_before_loading(model: Path, args: list[str], phrase: str) -> None:
-    line = error_line(invoke("run", "--model", model, *IDS, *args))
-    assert phrase in line
+def test_run_refuses_absurd_numbers_before_loading(
+    model: Path, args: list[str], option: str, phrase: str
+) -> None:
+    assert phrase in usage_line(invoke("run", "--model", model, *IDS, *args), option)
+
+
+NOT_UTF8 = b"\xff\xfe bad".decode("utf-8", "surrogateescape")  # as Python receives such an argument
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "phrase"),
+    [
+        (["run", "--device-memory", "nan"], "--device-memory", "'nan' is not a size"),
+        (["run", "--device-memory", "inf"], "--device-memory", "'inf' is not a size"),
+        (["run", "--device-memory", "-1"], "--device-memory", "'-1' is not a size"),
+        (["run", "--device-memory", ""], "--device-memory", "'' is not a size"),
+        (["run", "--device-memory", "2EiB"], "--device-memory", "more than 1 EiB"),
+        (["run", "--batches", str(10**20)], "--batches", "is not in the range 1<=x<=4096"),
+        (["run", "--prompt-ids", ""], "--prompt-ids", "'' holds no token id"),
+        (["run", "--prompt-ids", "１,2"], "--prompt-ids", "not a comma-separated list of token ids"),
+        (["run", "--prompt", NOT_UTF8], "--prompt", "the prompt is not UTF-8 text (from character 1)"),
+        (["run", "--output", ""], "--output", "the path is empty"),
+        (["run", "--model", ""], "--model", "the path is empty"),
+        (["run", "--temperature", "０.５"], "--temperature", "write it in ASCII digits"),
+        (["run", "--hot-experts", "２"], "--hot-experts", "neither a count of experts"),
+        (["simulate", *SHAPE, "--sweep", ",,"], "--sweep", "',,' has an empty item"),
+        (["simulate", *SHAPE, "--sweep", "1,２"], "--sweep", "'２' in '1,２' is not a whole number"),
+        (["plan", *SHAPE, "--compression-ratio", "1e308"], "--compression-ratio", "not a compressed store's"),
+        (["plan", *SHAPE, "--device-memory", "lots"], "--device-memory", "'lots' is not a size"),
+        (["plan", "--profile", ""], "--profile", "the path is empty"),
+        (["bench", "--file-size", "0B"], "--file-size", "'0B' is less than 1 B"),
+        (["replay", "x.npz", "--device-memory", "9XB"], "--device-memory", "'9XB' is not a size"),
+        (["verify", ""], "STORE", "the path is empty"),
+    ],
+)  # fmt: skip
+def test_every_malformed_value_is_a_usage_error_before_any_work(
+    args: list[str], option: str, phrase: str, tmp_path: Path
+) -> None:
+    """Exit code 2 and the help to read, before the demo is built or anything is read."""
+    assert phrase in usage_line(invoke(*args), option)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("depth", [HUGE, "100000", "0"])

@@ -131,8 +131,6 @@ def test_png_draws_the_sweep(machine_args: tuple[str, ...], tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--sweep", "1,x"], ["--sweep", "1,2,4,8"]),
-        (["--sweep", "0"], ["positive whole numbers"]),
         (["--model-shape", "nope"], ["unknown model shape", "Qwen3-30B-A3B"]),
         (["--png", "/no/such/dir/x.png"], ["--png", "does not exist"]),
     ],
