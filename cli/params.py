@@ -64,17 +64,17 @@ class _Malformed(KlotskiError):
     """A malformed option value (shown as a usage error, never raised out of this module)."""
 
 
-def size(minimum: int = 0) -> click.ParamType:
+def size(minimum: int = 0) -> _Checked:
     """A byte size such as ``512MiB`` or ``8GiB`` (at most 1 EiB), at least ``minimum`` bytes."""
     return _Checked("size", lambda text: _size(text, minimum))
 
 
-def size_list(minimum: int = 1) -> click.ParamType:
+def size_list(minimum: int = 1) -> _Checked:
     """Comma-separated byte sizes, such as ``1MiB,16MiB``."""
     return _Checked("sizes", lambda text: tuple(_size(item, minimum) for item in _items(text, "sizes")))
 
 
-def count_list(low: int, high: int | None = None) -> click.ParamType:
+def count_list(low: int, high: int | None = None) -> _Checked:
     """Comma-separated whole numbers in ``low..high``, such as ``1,2,4``."""
 
     def parse(text: str) -> tuple[int, ...]:

@@ -80,8 +80,8 @@ def install() -> None:
         _hold_fd_on_devnull()
     encoding = "utf-8" if closed else sys.stdout.encoding
     errors = "strict" if closed else sys.stdout.errors
-    line_buffering = False if closed else sys.stdout.line_buffering
-    buffered = io.BufferedWriter(_GuardedFd(closed))
+    line_buffering = False if closed else bool(getattr(sys.stdout, "line_buffering", False))
+    buffered = io.BufferedWriter(_GuardedFd(closed))  # type: ignore[type-var]
     sys.stdout = io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering)
 
 
