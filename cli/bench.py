@@ -17,7 +17,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
-from klotski_tier.cli.params import NonEmptyPath, count_list, size, size_list
+from klotski_tier.cli.params import NonEmptyPath, count_list, size, size_list, whole
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
@@ -67,7 +67,7 @@ MS_PER_S = 1000.0
 @click.option("--keep-file", is_flag=True, help="Keep the test file afterwards.")
 @click.option(
     "--zstd-level",
-    type=click.IntRange(ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL),
+    type=whole(ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL),
     default=ZSTD_DEFAULT_LEVEL,
     show_default=True,
     help="Level of the zstd measurement (as `pack --compress zstd:LEVEL`).",
@@ -82,7 +82,7 @@ MS_PER_S = 1000.0
     help="Comma-separated queue depths, e.g. 1,4.",
 )
 @click.option("--tokens", type=count_list(1), hidden=True, help="Comma-separated token counts, e.g. 1,32.")
-@click.option("--rounds", type=click.IntRange(min=1), hidden=True, help="Samples of each read figure.")
+@click.option("--rounds", type=whole(min=1), hidden=True, help="Samples of each read figure.")
 @click.option(
     "--sample-size",
     type=size(minimum=1),

@@ -25,13 +25,29 @@ T = TypeVar("T")
 
 SEED_MAX = 2**64 - 1
 """The largest seed: torch's generators take 64 bits."""
-SEED = click.IntRange(0, SEED_MAX)
 
 
-def count(field: str) -> click.IntRange:
+class WholeRange(click.IntRange):
+    """A :class:`click.IntRange` of numbers in ASCII digits (``int()`` also reads "１" and "٣")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.isascii():
+            self.fail(f"{value!r} is not a whole number; write it in ASCII digits", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def whole(min: int | None = None, max: int | None = None) -> WholeRange:
+    """A whole number within [min, max] (None: unbounded), written in ASCII digits."""
+    return WholeRange(min=min, max=max)
+
+
+SEED = whole(0, SEED_MAX)
+
+
+def count(field: str) -> WholeRange:
     """A whole number in the range :data:`COUNT_RANGES` holds for the option ``field``."""
     low, high = COUNT_RANGES[field]
-    return click.IntRange(low, high)
+    return whole(low, high)
 
 
 class _Checked(click.ParamType):  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.params import COMPRESSION_RATIO, NonEmptyPath, count, size
+from klotski_tier.cli.params import COMPRESSION_RATIO, NonEmptyPath, count, size, whole
 from klotski_tier.cli.plan_report import format_plan, plan_record
 from klotski_tier.cli.run import DEMO_DEVICE_MEMORY
 from klotski_tier.core.errors import InputError
@@ -59,15 +59,15 @@ _STUDY_FLAGS = [
                  help="Device budget (default: the machine's)."),
     click.option("--host-memory", type=size(), metavar="SIZE",
                  help="Host RAM budget (default: the machine's)."),
-    click.option("--prompts", "sequences", metavar="N", type=click.IntRange(min=1),
+    click.option("--prompts", "sequences", metavar="N", type=whole(min=1),
                  help=f"Sequences to generate (default {_DEFAULTS['sequences']})."),
-    click.option("--prompt-tokens", metavar="P", type=click.IntRange(min=1),
+    click.option("--prompt-tokens", metavar="P", type=whole(min=1),
                  help=f"Tokens per prompt (default {_DEFAULTS['prompt_tokens']})."),
-    click.option("--max-new-tokens", metavar="G", type=click.IntRange(min=1),
+    click.option("--max-new-tokens", metavar="G", type=whole(min=1),
                  help=f"Tokens generated per sequence (default {_DEFAULTS['new_tokens']})."),
     click.option("--batch-size", metavar="BS", type=count("batch_size"),
                  help="Fix bs (sequences per batch)."),
-    click.option("--hot-experts", metavar="K", type=click.IntRange(min=0),
+    click.option("--hot-experts", metavar="K", type=whole(min=0),
                  help="Fix K (experts prefetched per layer)."),
     click.option("--trace", "trace_path", type=_PATH, help="Routing trace (npz, from run --record-routing)."),
     click.option("--compression-ratio", type=COMPRESSION_RATIO,

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.params import NonEmptyPath, size
+from klotski_tier.cli.params import NonEmptyPath, size, whole
 from klotski_tier.core.observe.replay import ReplayResult, replay_by_name
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.units import format_size
@@ -48,9 +48,7 @@ COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes mov
     metavar="SIZE",
     help="Device budget for experts, e.g. 2GiB.",
 )
-@click.option(
-    "--hot-experts", type=click.IntRange(min=0), help="Experts prefetched per layer (default: top-k)."
-)
+@click.option("--hot-experts", type=whole(min=0), help="Experts prefetched per layer (default: top-k).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @report_errors
 def replay(

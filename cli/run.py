@@ -25,7 +25,7 @@ from klotski_tier.cli import stdout
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, Inputs, Save, atomic_write, check_outputs, save_all
 from klotski_tier.cli.options import engine_flags, options_and_explicit
-from klotski_tier.cli.params import PROMPT_TEXT, SEED, TOKEN_IDS, NonEmptyPath, finite_float
+from klotski_tier.cli.params import PROMPT_TEXT, SEED, TOKEN_IDS, NonEmptyPath, finite_float, whole
 from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
 from klotski_tier.cli.progress import StepProgress, bytes_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
@@ -68,7 +68,7 @@ DEMO_DEVICE_MEMORY = "128MiB"
     type=TOKEN_IDS,
     help='Token ids of a prompt, e.g. "1,2,3" (repeatable).',
 )
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=32, show_default=True, type=whole(min=1))
 @engine_flags
 @click.option(
     "--plan",

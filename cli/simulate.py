@@ -24,7 +24,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
-from klotski_tier.cli.params import SEED, count, count_list
+from klotski_tier.cli.params import SEED, count, count_list, whole
 from klotski_tier.cli.plan import Study, study_from_flags, study_options
 from klotski_tier.cli.plan_report import format_hardware, format_shapes, format_simulation, render_sweep_png
 from klotski_tier.core.bench.profile import default_profile_path
@@ -133,7 +133,7 @@ class SweepSetup:
 )
 @click.option(
     "--decode-steps",
-    type=click.IntRange(min=1),
+    type=whole(min=1),
     default=DEFAULT_DECODE_STEPS,
     show_default=True,
     help="Decode steps simulated per group; the others are counted at their mean.",

@@ -326,5 +326,9 @@ class _Sampler:
     def _pick(self, row: torch.Tensor) -> int:
         if self.temperature == 0:
             return int(torch.argmax(row))
-        probs = torch.softmax(row / self.temperature, dim=-1)
+        # in float64 and shifted by the largest logit first: the same distribution, finite at any
+        # temperature (a denormal t makes row / t overflow to inf, whose softmax is nan, or rounds to 0
+        # in float32); shifted, the largest logits scale to 0 and the rest to -inf: the argmax
+        shifted = row.double() - row.max().double()
+        probs = torch.softmax(shifted / self.temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

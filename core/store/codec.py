@@ -68,7 +68,10 @@ def parse_codec(text: str) -> Codec:
         raise ConfigError(f"unknown codec {text!r}; use none, zstd or zstd:LEVEL")
     if not colon:
         return Codec(CodecName.ZSTD, ZSTD_DEFAULT_LEVEL)
-    if not level_text.isdigit() or not ZSTD_MIN_LEVEL <= int(level_text) <= ZSTD_MAX_LEVEL:
+    if (
+        not (level_text.isascii() and level_text.isdigit())
+        or not ZSTD_MIN_LEVEL <= int(level_text) <= ZSTD_MAX_LEVEL
+    ):
         raise ConfigError(
             f"zstd level {level_text!r} in {text!r} is out of range; use a level from "
             f"{ZSTD_MIN_LEVEL} to {ZSTD_MAX_LEVEL}"

@@ -66,6 +66,15 @@ def test_sampling_is_seeded(directory: Path) -> None:
     assert tokens != [o.token_ids for o in other.outputs] or tokens != [o.token_ids for o in greedy.outputs]
 
 
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-45])
+def test_a_vanishing_temperature_samples_the_argmax(directory: Path, temperature: float) -> None:
+    """As t -> 0 sampling tends to greedy; a denormal t must not overflow the scaled logits to nan."""
+    engine = Engine.load(directory)
+    cold = engine.generate(PROMPTS, max_new_tokens=4, temperature=temperature, seed=3)
+    greedy = engine.generate(PROMPTS, max_new_tokens=4)
+    assert [o.token_ids for o in cold.outputs] == [o.token_ids for o in greedy.outputs]
+
+
 def test_text_prompts_are_encoded_and_outputs_decoded(tmp_path: Path) -> None:
     demo = build_demo(tmp_path / "demo", TINY_DEMO)
     engine = Engine.load(demo, EngineOptions(batches=1, batch_size=2))
