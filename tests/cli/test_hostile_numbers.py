@@ -121,7 +121,7 @@ NOT_UTF8 = b"\xff\xfe bad".decode("utf-8", "surrogateescape")  # as Python recei
         (["run", "--max-new-tokens", "１"], "--max-new-tokens", "'１' is not a whole number"),
         (["run", "--seed", "３"], "--seed", "write it in ASCII digits"),
         (["simulate", *SHAPE, "--decode-steps", "２"], "--decode-steps", "write it in ASCII digits"),
-        (["pack", "a", "b", "--compress", "zstd:３"], "--compress", "unknown codec" ),
+        (["pack", "a", "b", "--compress", "zstd:３"], "--compress", "zstd level '３' in 'zstd:３'"),
         (["simulate", *SHAPE, "--sweep", ",,"], "--sweep", "',,' has an empty item"),
         (["simulate", *SHAPE, "--sweep", "1,２"], "--sweep", "'２' in '1,２' is not a whole number"),
         (["plan", *SHAPE, "--compression-ratio", "1e308"], "--compression-ratio", "not a compressed store's"),
