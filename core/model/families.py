@@ -47,6 +47,11 @@ SANE_LIMITS: Mapping[str, int] = {
 }
 """The largest value of each size in ``config.json`` this tool accepts, checked before anything is
 sized by it: a config that claims a million layers is refused, not allocated for."""
+MAX_EXPERT_PAIRS = 1 << 28
+"""The most layers x experts x experts a model may have: the routing statistics of the planner and of the
+correlation prefetcher keep an experts x experts matrix per layer. The largest released MoEs need about
+2^25 (128 layers of 512 experts); 2^28 of float64 is 2 GiB, each limit of :data:`SANE_LIMITS` alone
+allows 2^38."""
 MODEL_DTYPES: Mapping[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -242,12 +247,19 @@ def parse_spec(config: Mapping[str, Any], tensor_dtype: torch.dtype | None = Non
     read = ConfigReader(config, family)
     _check_supported(read, family)
     num_heads, num_experts = read.positive_int("num_attention_heads"), read.positive_int(*family.experts_keys)
+    num_layers = read.positive_int("num_hidden_layers")
+    if num_layers * num_experts**2 > MAX_EXPERT_PAIRS:
+        raise CheckpointError(
+            f"config.json: {num_layers} layers of {num_experts} experts is more than any model this tool "
+            f"runs (layers x experts^2 = {num_layers * num_experts**2}, over {MAX_EXPERT_PAIRS}); "
+            "fix config.json"
+        )
     bias = bool(read.value(family.bias_key)) if family.bias_key else False
     return ModelSpec(
         family=family.model_type,
         vocab_size=read.positive_int("vocab_size"),
         hidden_size=read.positive_int("hidden_size"),
-        num_layers=read.positive_int("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=_kv_heads(read, num_heads),
         head_dim=_head_dim(read, family, num_heads),

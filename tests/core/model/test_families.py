@@ -287,6 +287,20 @@ def test_sizes_past_any_real_model_are_refused_before_anything_is_sized_by_them(
         parse_spec(_config(family, **{key: 10**9}))
 
 
+@pytest.mark.parametrize(("layers", "experts"), [(1024, 16384), (1024, 1024), (2, 16384)])
+def test_experts_whose_routing_statistics_no_machine_holds_are_refused(layers: int, experts: int) -> None:
+    """Each within its own limit, 1024 layers of 16384 experts once made `plan` allocate 2 TiB for the
+    experts x experts matrix of each layer."""
+    config = _config("mixtral", num_hidden_layers=layers, num_local_experts=experts)
+    with pytest.raises(CheckpointError, match=f"{layers} layers of {experts} experts is more than any model"):
+        parse_spec(config)
+
+
+def test_the_largest_released_expert_counts_are_accepted() -> None:
+    spec = parse_spec(_config("mixtral", num_hidden_layers=128, num_local_experts=512))
+    assert (spec.num_layers, spec.num_experts) == (128, 512)
+
+
 @pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta", "clip_qkv"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_floats_are_refused(key: str, value: float) -> None:
