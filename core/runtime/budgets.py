@@ -15,8 +15,9 @@ tiers:
   model and the device the rest;
 - on CUDA the device budget stays the GPU's, and the host tier gets the pool.
 
-A budget the user gave is kept, but one the process cannot hold (more than the pool, where the
-model would fill it) is refused before anything loads, as is a pool below the minimum working set.
+A budget the user gave is kept, but one the process cannot hold (more than the limit itself, or more
+than the pool where the model would fill it) is refused before anything loads, as is a pool below the
+minimum working set.
 """
 
 from __future__ import annotations
@@ -157,7 +158,15 @@ def resolve_budgets(files: ModelFiles, options: EngineOptions, limit: MemoryLimi
 def _check_given(
     device: int | None, host: int | None, model: int, pool: int, limit: MemoryLimit, reserve: int
 ) -> None:
-    """Refuse budgets the user gave whose tiers, filled with the model, would exceed the pool."""
+    """Refuse budgets the user gave that exceed the limit itself (no model size makes them true), or
+    whose tiers, filled with the model, would exceed the pool."""
+    for name, value in (("device", device), ("host", host)):
+        if value is not None and value > limit.limit_bytes:
+            raise BudgetError(
+                f"the {name} budget {format_size(value)} is more than this process may ever hold "
+                f"({limit.describe()}); give at most {format_size(limit.limit_bytes)}, or leave "
+                f"--{name}-memory out to derive it"
+            )
     holds = min(device or 0, model) + min(host or 0, model)
     if holds > pool:
         given = " and ".join(

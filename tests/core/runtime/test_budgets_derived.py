@@ -99,8 +99,25 @@ def test_given_budgets_the_process_cannot_hold_are_refused(files: ModelFiles) ->
         resolve_budgets(files, options, limit)
     message = str(info.value)
     assert "\n" not in message and "cgroup v1 limit" in message and "leave --host-memory out" in message
-    # budgets far beyond the model are fine: the tiers never hold more than the model
-    assert resolve_budgets(files, EngineOptions(device="cpu", device_memory_bytes=100 * GIB), limit)
+    # budgets beyond the model, within the limit, are fine: the tiers never hold more than the model
+    roomy = limit_of(reserve_bytes(options, limit_of(0)) + 4 * model)
+    assert resolve_budgets(files, EngineOptions(device="cpu", device_memory_bytes=3 * model), roomy)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_a_given_budget_beyond_the_limit_itself_is_refused(
+    files: ModelFiles, monkeypatch: pytest.MonkeyPatch, device: str, tier: str
+) -> None:
+    """999PB on a 23 GiB machine once ran, its budgets line claiming 930391252 GiB."""
+    monkeypatch.setattr(budgets_module, "resolve_device", lambda _: torch.device(device))
+    limit = limit_of(8 * GIB)
+    options = EngineOptions(device=device, **{f"{tier}_memory_bytes": limit.limit_bytes + 1})
+    if device == "cuda" and tier == "device":  # a GPU's memory is not the host's limit
+        assert resolve_budgets(files, options, limit).device_bytes == limit.limit_bytes + 1
+        return
+    with pytest.raises(BudgetError, match=f"the {tier} budget .* is more than this process may ever hold"):
+        resolve_budgets(files, options, limit)
 
 
 def test_a_limit_below_the_largest_block_is_refused_naming_limit_and_minimum(files: ModelFiles) -> None:
