@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from klotski_tier.cli.params import HotExperts, NonEmptyPath, count, size
+from klotski_tier.cli.params import DEVICE, HotExperts, NonEmptyPath, count, registry_name, size
 from klotski_tier.core.registry import Registry
 from klotski_tier.core.runtime.config import EngineOptions, read_config_file, replace
 from klotski_tier.core.runtime.presets import PRESETS, build_options, preset_fields
@@ -78,9 +78,19 @@ _FLAGS = [
         help="Host RAM budget, e.g. 8GiB (default: derived from the memory limit, the cgroup's or "
         "the machine's).",
     ),
-    click.option("--device", help="cpu, cuda or cuda:N (default: cuda when present)."),
-    click.option("--prefetch", metavar="NAME", help=f"Prefetch policy: {_names(PREFETCH_POLICIES)}."),
-    click.option("--eviction", metavar="NAME", help=f"Eviction policy: {_names(EVICTION_POLICIES)}."),
+    click.option("--device", type=DEVICE, help="cpu, cuda or cuda:N (default: cuda when present)."),
+    click.option(
+        "--prefetch",
+        type=registry_name(PREFETCH_POLICIES),
+        metavar="NAME",
+        help=f"Prefetch policy: {_names(PREFETCH_POLICIES)}.",
+    ),
+    click.option(
+        "--eviction",
+        type=registry_name(EVICTION_POLICIES),
+        metavar="NAME",
+        help=f"Eviction policy: {_names(EVICTION_POLICIES)}.",
+    ),
     click.option(
         "--prefetch-trace",
         type=NonEmptyPath(path_type=Path),

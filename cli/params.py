@@ -18,8 +18,10 @@ import click
 from klotski_tier.cli.prompts import parse_ids
 from klotski_tier.core.errors import ConfigError, KlotskiError
 from klotski_tier.core.plan.plan_types import check_compression_ratio
+from klotski_tier.core.registry import Registry
 from klotski_tier.core.runtime.config import ALL_EXPERTS, COUNT_RANGES
 from klotski_tier.core.units import format_size, parse_size
+from klotski_tier.tiers.device import parse_device
 
 T = TypeVar("T")
 
@@ -133,6 +135,20 @@ def _compression_ratio(text: str) -> float:
 
 COMPRESSION_RATIO = _Checked("ratio", _compression_ratio)
 """``--compression-ratio``: raw / stored bytes of a compressed store, in the range a store can have."""
+
+
+def registry_name(registry: Registry[Any]) -> _Checked:
+    """The name of a plugin of ``registry`` (a built-in or an installed one)."""
+
+    def known(name: str) -> str:
+        registry.get(name)  # an unknown name: the registry's own message, naming the valid ones
+        return name
+
+    return _Checked("name", known)
+
+
+DEVICE = _Checked("device", lambda text: (parse_device(text), text)[1])
+"""``--device``: cpu, cuda or cuda:N (whether CUDA is there is checked when the run starts)."""
 
 TOKEN_IDS = _Checked("ids", parse_ids)
 """``--prompt-ids``: comma-separated token ids, such as ``1,2,3``."""

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from klotski_tier.cli.errors import report_errors
-from klotski_tier.cli.params import NonEmptyPath, size, whole
+from klotski_tier.cli.params import NonEmptyPath, registry_name, size, whole
 from klotski_tier.core.observe.replay import ReplayResult, replay_by_name
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.units import format_size
@@ -29,6 +29,7 @@ COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes mov
     "--prefetch",
     "prefetch_names",
     multiple=True,
+    type=registry_name(PREFETCH_POLICIES),
     metavar="NAME",
     help=f"Prefetch policy to replay: {', '.join(PREFETCH_POLICIES.names())} (repeatable; default: all).",
 )
@@ -36,6 +37,7 @@ COLUMNS = ("prefetch", "eviction", "hit rate", "precision", "recall", "bytes mov
     "--eviction",
     "eviction_names",
     multiple=True,
+    type=registry_name(EVICTION_POLICIES),
     metavar="NAME",
     help=f"Eviction policy to replay: {', '.join(EVICTION_POLICIES.names())} (repeatable; default: "
     f"{DEFAULT_EVICTION}).",

@@ -38,16 +38,22 @@ DEVICE_COPY_THREADS = 1
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else the CPU; CUDA without a CUDA device is a ConfigError."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device of a supported type (present or not); else a ConfigError."""
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"cannot parse device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
     if resolved.type not in SUPPORTED_DEVICE_TYPES:
         raise ConfigError(f"device type {resolved.type!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    return resolved
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else the CPU; CUDA without a CUDA device is a ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} needs CUDA, and no CUDA device is available; use 'cpu'")
     return resolved

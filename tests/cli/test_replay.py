@@ -110,7 +110,10 @@ def test_too_small_for_one_expert(trace_file: Path) -> None:
 
 
 def test_unknown_policy_lists_the_valid_ones(trace_file: Path) -> None:
-    fails(invoke(str(trace_file), "--device-memory", "1GiB", "--eviction", "random"), "valid names: fifo")
+    line = usage_line(
+        invoke(str(trace_file), "--device-memory", "1GiB", "--eviction", "random"), "--eviction"
+    )
+    assert "unknown eviction policy 'random'; valid names: fifo" in line
 
 
 def test_device_memory_is_required(trace_file: Path) -> None:
