@@ -17,6 +17,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs
+from klotski_tier.cli.model_input import MODEL_DIRECTORIES, model_input
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
     ComputeProfile,
@@ -82,7 +83,7 @@ def bench(
     if profile_path is None:
         profile_path = default_profile_path()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
-    check_outputs({"--profile": profile_path}, {"--model": options["model"]}, directories={"--model"})
+    check_outputs({"--profile": profile_path}, model_input(options["model"]), directories=MODEL_DIRECTORIES)
     settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)
     with _Status() as status:
         profile = run_bench(settings, status)

@@ -9,6 +9,7 @@ returns the machine profile (:mod:`klotski_tier.core.bench.profile`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,13 +40,12 @@ from klotski_tier.core.bench.profile import (
     ReadResult,
     ZstdProfile,
 )
-from klotski_tier.core.demo.build import DEMO_DIR_NAME
+from klotski_tier.core.demo.build import demo_model_path, opening_demo
 from klotski_tier.core.demo.shape import DEMO_SHAPE
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.blocks import (
     BlockKind,
 )
-from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, Bytes, Codec, CodecName, decode, encode
 from klotski_tier.core.store.files import load_model_files
 from klotski_tier.core.units import GB, GIB, KIB, MIB, format_size
@@ -217,7 +217,8 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
         values = torch.randn(nbytes // 2, generator=generator).mul_(RANDOM_WEIGHT_STD)  # [n/2] float32
         data = values.to(torch.bfloat16).view(torch.uint8).numpy()  # [n]
         return WeightSample("random bf16", data, min(DEMO_SHAPE.expert_bytes, nbytes), 2)
-    files = load_model_files(directory)
+    with opening_demo(directory) if model is None else contextlib.nullcontext():
+        files = load_model_files(directory)
     experts = [layout for block, layout in files.layouts.items() if block.kind is BlockKind.EXPERT]
     chosen = experts[: -(-nbytes // experts[0].nbytes)]  # enough blocks for nbytes
     buffers = asyncio.run(read_blocks(chosen))
@@ -234,7 +235,7 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
 
 
 def _built_demo() -> Path | None:
-    directory = default_cache_dir() / DEMO_DIR_NAME
+    directory = demo_model_path()
     return directory if (directory / "config.json").is_file() else None
 
 
