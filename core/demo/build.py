@@ -225,8 +225,9 @@ def _write_checkpoint(
     directory: Path, shape: DemoShape, routing: DemoRouting, shard_max_bytes: int, progress: ProgressFn | None
 ) -> None:
     tokenizer = train_demo_tokenizer(shape.vocab_size)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    _fsync_file(directory / "tokenizer.json")
+    # written by us, not tokenizer.save(): a full disk is then an OSError like every other write's,
+    # where tokenizers raises a bare Exception (the same bytes: save() writes to_str(pretty=True))
+    _write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
     for name, content in _metadata_files(shape).items():
         _write_json(directory / name, content)
     specs = _tensor_specs(shape)
@@ -445,14 +446,13 @@ def _index(shards: list[list[_TensorSpec]]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     with path.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        handle.write(text)
         handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
         os.fsync(handle.fileno())
 
 

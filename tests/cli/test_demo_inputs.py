@@ -1,5 +1,5 @@
 """The built-in demo model as an input: no output of ``run`` or ``bench`` may be written into its
-directory, and a damaged one says to delete it.
+directory, a damaged one says to delete it, and a build that runs out of room is one line.
 
 The demo directory here is a stand-in with the three files that make a build look complete: an output
 in it is refused before the demo is built or opened, so its content only shows that nothing changed.
@@ -7,6 +7,11 @@ in it is refused before the demo is built or opened, so its content only shows t
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,7 @@ from tests.cli.hostile import error_line
 IDS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
 TINY_BENCH = ["--quick", "--file-size", "8MiB", "--block-sizes", "2MiB", "--queue-depths", "2",
               "--tokens", "1", "--rounds", "1", "--sample-size", "1MiB"]  # fmt: skip
+FILE_SIZE_LIMIT_BYTES = 16 * 1024  # below the demo's tokenizer.json (about 20 KiB): its write fails first
 
 
 @pytest.fixture
@@ -96,3 +102,38 @@ def test_a_damaged_demo_says_to_delete_it(demo: Path, config: str) -> None:
     line = error_line(invoke("run", *IDS))
     assert line.startswith(f"error: the demo model at {demo} is damaged (")
     assert line.endswith("; delete the directory so it is rebuilt") and "restore it" not in line
+
+
+def test_a_demo_build_that_runs_out_of_room_is_one_line(cache: Path) -> None:
+    """Files are capped below the demo's tokenizer.json, so its write fails as on a full disk
+    (tokenizers' own save raised a bare Exception there: a traceback); no temporary build is left."""
+
+    def cap_file_size() -> None:  # Python ignores SIGXFSZ: a write past the cap fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))
+
+    program = "from klotski_tier.cli.main import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", program, "run", *IDS],
+        preexec_fn=cap_file_size,
+        env={**os.environ, "KLOTSKI_TIER_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.splitlines()[-1]
+    assert line.startswith(f"error: cannot build the demo model in {cache / DEMO_DIR_NAME}: "), line
+    assert "File too large" in line and line.endswith("with 400 MB free")
+    assert list(cache.iterdir()) == []
+
+
+def test_the_demo_tokenizer_file_is_what_tokenizers_writes(tmp_path: Path) -> None:
+    """The build writes tokenizer.json itself (so a full disk is an OSError): the same bytes as save()."""
+    from klotski_tier.core.demo.build import build_demo
+    from klotski_tier.core.demo.tokenizer import train_demo_tokenizer
+    from tests.cli.test_run import TINY_DEMO, TINY_DEMO_SHARD_BYTES
+
+    directory = build_demo(tmp_path / "demo", TINY_DEMO, shard_max_bytes=TINY_DEMO_SHARD_BYTES)
+    train_demo_tokenizer(TINY_DEMO.vocab_size).save(str(tmp_path / "saved.json"))
+    assert (directory / "tokenizer.json").read_bytes() == (tmp_path / "saved.json").read_bytes()
+    json.loads((directory / "tokenizer.json").read_text())
