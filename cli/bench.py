@@ -26,7 +26,7 @@ from klotski_tier.core.bench.profile import (
     ReadResult,
     default_profile_path,
 )
-from klotski_tier.core.bench.suite import BenchSettings, run_bench
+from klotski_tier.core.bench.suite import TEST_FILE_NAME, BenchSettings, run_bench
 from klotski_tier.core.errors import ConfigError, InputError, KlotskiError
 from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
@@ -83,8 +83,14 @@ def bench(
     if profile_path is None:
         profile_path = default_profile_path()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
-    check_outputs({"--profile": profile_path}, model_input(options["model"]), directories=MODEL_DIRECTORIES)
-    settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)
+    directory = directory if directory is not None else default_cache_dir()
+    kept = directory / TEST_FILE_NAME if options["keep_file"] and directory.is_dir() else None
+    check_outputs(  # the kept test file is an output too; a --path not there yet holds no other file
+        {"--profile": profile_path, "--keep-file": kept},
+        model_input(options["model"]),
+        directories=MODEL_DIRECTORIES,
+    )
+    settings = _settings(directory, quick, options)
     with _Status() as status:
         profile = run_bench(settings, status)
     click.echo(profile.dumps() if as_json else format_profile(profile), nl=not as_json)
