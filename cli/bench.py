@@ -49,7 +49,8 @@ MS_PER_S = 1000.0
 @click.option(
     "--model",
     type=click.Path(path_type=Path),
-    help="Model directory whose layer-0 attention and expert are timed (default: the demo's shape).",
+    help="Hugging Face checkpoint whose layer-0 attention and expert are timed, not a packed store "
+    "(default: the demo's shape).",
 )
 @click.option(
     "--profile",

@@ -109,12 +109,18 @@ class BenchSettings:
             raise ConfigError("bench queue depths, token counts, sample sizes and rounds must be at least 1")
 
 
+BENCH_STORE_HINT = (
+    "bench --model times a Hugging Face checkpoint's weights: give the one the store was packed from, "
+    "or leave --model out to time the demo's shape"
+)
+
+
 def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
     """Every measurement of ``settings``; the test file is removed afterwards, or with ``keep_file``
     kept as :data:`TEST_FILE_NAME`. It is written under a name of this process's own, so that benches
     of one directory at once do not share it."""
     if settings.model is not None:
-        load_model_files(settings.model)  # a wrong model fails now, not after the drive sweep
+        load_model_files(settings.model, store_hint=BENCH_STORE_HINT)  # fails now, not after the sweep
     kept = settings.directory / TEST_FILE_NAME
     path = temp_beside(kept)  # this bench's own: another on the same directory has another
     progress(f"writing a {format_size(settings.file_bytes)} test file in {settings.directory}")
