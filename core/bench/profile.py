@@ -330,5 +330,13 @@ def find_profile(path: Path | None) -> MachineProfile | None:
     """The profile at ``path`` (which must exist), else the default one if bench wrote it, else None."""
     if path is not None:
         return MachineProfile.load(path)
-    default = default_profile_path()
-    return MachineProfile.load(default) if default.is_file() else None
+    return profile_if_present(default_profile_path())
+
+
+def profile_if_present(path: Path) -> MachineProfile | None:
+    """The profile at ``path``; None only when nothing is there. Anything else there (a directory, a
+    FIFO, a device, a file that is no profile) is refused by name, as :mod:`~klotski_tier.core.reads`
+    and :meth:`MachineProfile.from_json` say, never taken for a missing profile."""
+    if not os.path.lexists(path):
+        return None
+    return MachineProfile.load(path)

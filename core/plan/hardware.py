@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from klotski_tier.core.bench.profile import MachineProfile, default_profile_path
+from klotski_tier.core.bench.profile import MachineProfile, default_profile_path, profile_if_present
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.model.families import parse_spec
@@ -235,11 +235,11 @@ def local_machine(
     """
     path = profile_path if profile_path is not None else default_profile_path()
     if profile is None:
-        if not path.is_file():
-            raise ConfigError(
-                f"no machine profile at {path}; run `klotski-tier bench` first to measure this machine"
-            )
-        profile = MachineProfile.load(path)
+        profile = profile_if_present(path)
+    if profile is None:
+        raise ConfigError(
+            f"no machine profile at {path}; run `klotski-tier bench` first to measure this machine"
+        )
     from klotski_tier.core.plan.costmodel import machine_from_profile  # the planner's; imported when needed
 
     machine: Machine = machine_from_profile(
