@@ -42,6 +42,7 @@ from klotski_tier.core.model.layouts import weight_dtype
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.plan.machine import ComputeRates, Machine
 from klotski_tier.core.plan.shapes import model_shape, read_toml_tables, toml_table
+from klotski_tier.core.plausible import plausible_fields
 from klotski_tier.core.units import GB, GIB, MIB, parse_size
 
 logger = logging.getLogger(__name__)
@@ -358,7 +359,15 @@ def _base_fields(table: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def _read(key: str, value: Any, where: str) -> Any:
-    """``value`` of ``key`` checked and converted (sizes to bytes)."""
+    """``value`` of ``key`` checked and converted (sizes to bytes), a number within its plausible range."""
+    converted = _convert(key, value, where)
+    bounds = plausible_fields(Machine).get(key)
+    if bounds is not None:
+        bounds.check(converted, f"{where} {key} = {value!r}", "fix the file")
+    return converted
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
     if key in _SIZE_KEYS:
         return _size(key, value, where)
     if key in _RATE_KEYS:
@@ -403,6 +412,8 @@ def _compute(table: Any, base: ComputeRates | None, where: str) -> ComputeRates:
             fields[key] = float(_size(f"compute.{key}", value, where))
         else:
             fields[key] = _number(f"compute.{key}", value, where, allow_zero=key.endswith("overhead_s"))
+        bounds = plausible_fields(ComputeRates)[key]
+        bounds.check(fields[key], f"{where} compute.{key} = {value!r}", "fix the file")
     missing = [key for key in _COMPUTE_REQUIRED if key not in fields]
     if missing:
         raise ConfigError(f"{where} compute lacks {', '.join(missing)}; add them, or start from a built-in")
