@@ -26,7 +26,7 @@ from klotski_tier.cli.files import OUTPUT, Inputs, Save, atomic_write, check_out
 from klotski_tier.cli.model_input import MODEL_DIRECTORIES, model_input
 from klotski_tier.cli.options import SEED, engine_flags, finite_float, options_and_explicit
 from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
-from klotski_tier.cli.progress import StepProgress, bytes_progress
+from klotski_tier.cli.progress import StepProgress, bytes_progress, items_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
 from klotski_tier.cli.report import format_metrics, format_outputs, output_record, result_record
 from klotski_tier.core.bench.profile import find_profile
@@ -132,7 +132,9 @@ def run(
     options = budgets.apply(options)
     chosen = RunPlan(PLAN_OFF, options)
     if plan_mode == PLAN_AUTO:
-        chosen = plan_files(model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
+        with items_progress("planning: measuring the prompts") as measured:
+            request = (model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
+            chosen = plan_files(*request, progress=measured)
     engine = Engine.from_files(model_files, replace(chosen.options, prefetch_save_state=None), budgets)
     with StepProgress() as progress:
         result = engine.generate(
