@@ -119,8 +119,11 @@ def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
     """Every measurement of ``settings``; the test file is removed afterwards, or with ``keep_file``
     kept as :data:`TEST_FILE_NAME`. It is written under a name of this process's own, so that benches
     of one directory at once do not share it."""
-    if settings.model is not None:
-        load_model_files(settings.model, store_hint=BENCH_STORE_HINT)  # fails now, not after the sweep
+    if settings.model is not None:  # a wrong model (or a damaged demo) fails now, not after the sweep
+        load_model_files(settings.model, store_hint=BENCH_STORE_HINT)
+    elif (demo := _built_demo()) is not None:
+        with opening_demo(demo):
+            load_model_files(demo)
     kept = settings.directory / TEST_FILE_NAME
     path = temp_beside(kept)  # this bench's own: another on the same directory has another
     progress(f"writing a {format_size(settings.file_bytes)} test file in {settings.directory}")

@@ -24,7 +24,7 @@ from tests.cli.hostile import error_line
 IDS = ["--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
 TINY_BENCH = ["--quick", "--file-size", "8MiB", "--block-sizes", "2MiB", "--queue-depths", "2",
               "--tokens", "1", "--rounds", "1", "--sample-size", "1MiB"]  # fmt: skip
-FILE_SIZE_LIMIT_BYTES = 16 * 1024  # below the demo's tokenizer.json (about 20 KiB): its write fails first
+FILE_SIZE_LIMIT_BYTES = 16 * 1024  # below the demo's tokenizer.json (54 KB): its write fails first
 
 
 @pytest.fixture
@@ -137,3 +137,17 @@ def test_the_demo_tokenizer_file_is_what_tokenizers_writes(tmp_path: Path) -> No
     train_demo_tokenizer(TINY_DEMO.vocab_size).save(str(tmp_path / "saved.json"))
     assert (directory / "tokenizer.json").read_bytes() == (tmp_path / "saved.json").read_bytes()
     json.loads((directory / "tokenizer.json").read_text())
+
+
+def test_bench_says_a_damaged_demo_is_damaged_before_measuring(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --model, bench compresses the built demo's weights: a damaged one is named before the sweep."""
+    monkeypatch.setattr(
+        "klotski_tier.core.bench.suite.write_test_file", lambda *args: pytest.fail("the sweep started")
+    )
+    line = error_line(invoke("bench", *TINY_BENCH, "--path", tmp_path, "--profile", tmp_path / "p.json"))
+    assert line.startswith(f"error: the demo model at {demo} is damaged (")
+    assert not (tmp_path / "p.json").exists() and sorted(path.name for path in tmp_path.iterdir()) == [
+        "cache"
+    ]
