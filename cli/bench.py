@@ -17,6 +17,7 @@ import click
 
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, check_outputs, record_saved
+from klotski_tier.cli.model_input import MODEL_DIRECTORIES, model_input
 from klotski_tier.cli.params import NonEmptyPath, count_list, size, size_list, whole
 from klotski_tier.core.bench.profile import (
     PROFILE_FILE_NAME,
@@ -26,7 +27,7 @@ from klotski_tier.core.bench.profile import (
     ReadResult,
     default_profile_path,
 )
-from klotski_tier.core.bench.suite import BenchSettings, run_bench
+from klotski_tier.core.bench.suite import TEST_FILE_NAME, BenchSettings, run_bench
 from klotski_tier.core.errors import InputError, KlotskiError
 from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.runtime.config import COUNT_RANGES
@@ -55,7 +56,8 @@ MS_PER_S = 1000.0
 @click.option(
     "--model",
     type=NonEmptyPath(path_type=Path),
-    help="Model directory whose layer-0 attention and expert are timed (default: the demo's shape).",
+    help="Hugging Face checkpoint whose layer-0 attention and expert are timed, not a packed store "
+    "(default: the demo's shape).",
 )
 @click.option(
     "--profile",
@@ -101,8 +103,14 @@ def bench(
     if profile_path is None:
         profile_path = default_profile_path()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
-    check_outputs({"--profile": profile_path}, {"--model": options["model"]}, directories={"--model"})
-    settings = _settings(directory if directory is not None else default_cache_dir(), quick, options)
+    directory = directory if directory is not None else default_cache_dir()
+    kept = directory / TEST_FILE_NAME if options["keep_file"] and directory.is_dir() else None
+    check_outputs(  # the kept test file is an output too; a --path not there yet holds no other file
+        {"--profile": profile_path, "--keep-file": kept},
+        model_input(options["model"]),
+        directories=MODEL_DIRECTORIES,
+    )
+    settings = _settings(directory, quick, options)
     with _Status() as status:
         profile = run_bench(settings, status)
     click.echo(profile.dumps() if as_json else format_profile(profile), nl=not as_json)

@@ -1,4 +1,4 @@
-"""Progress on stderr for long work: the demo build and generation steps."""
+"""Progress on stderr for long work: the demo build, reading and measuring many prompts, generation steps."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 import click
 
 MIB = 1024 * 1024
+LONG_PASS_ITEMS = 100_000
+"""A pass over fewer items (prompts read, prompts measured) takes about a second at most: no progress line."""
 
 
 @contextmanager
@@ -25,6 +27,28 @@ def bytes_progress(label: str) -> Iterator[Callable[[int, int], None]]:
             bars[0].__enter__()
         bars[0].update(done // MIB - shown[0])
         shown[0] = done // MIB
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+
+
+@contextmanager
+def items_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done_items, total_items)`` callback drawing a bar on stderr, for a pass of at least
+    :data:`LONG_PASS_ITEMS` items only: a short one stays silent."""
+    bars: list[Any] = []  # the bar, once a long total is known
+    shown = [0]  # items drawn so far
+
+    def update(done: int, total: int) -> None:
+        if not bars and total >= LONG_PASS_ITEMS:
+            bars.append(click.progressbar(length=total, label=label, file=sys.stderr))
+            bars[0].__enter__()
+        if bars:
+            bars[0].update(done - shown[0])
+            shown[0] = done
 
     try:
         yield update

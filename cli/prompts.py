@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from klotski_tier.cli.progress import items_progress
 from klotski_tier.core import reads
 from klotski_tier.core.errors import InputError
 from klotski_tier.core.units import MIB
@@ -14,6 +15,7 @@ Prompt = str | list[int]
 
 PROMPTS_KIND = reads.FileKind("prompts file", 256 * MIB, InputError, "pass a UTF-8 text or JSONL file")
 """256 MiB of prompts is far more than one run can generate from."""
+PROGRESS_LINES = 10_000  # JSONL lines read between two updates of the progress line
 JSONL_SUFFIXES = (".jsonl", ".json")
 """Suffixes of a prompts file holding one JSON object per line; any other holds one prompt per line."""
 
@@ -36,10 +38,11 @@ def parse_ids(text: str) -> list[int]:
 
 
 def read_prompts_file(path: Path) -> list[Prompt]:
-    """Prompts from ``path``: text lines (blank lines skipped) or JSONL objects."""
+    """Prompts from ``path``: text lines (blank lines skipped) or JSONL objects (with a progress line on
+    stderr when there are many: a million lines take a quarter of a minute)."""
     lines = reads.read_text(path, PROMPTS_KIND, encoding="utf-8-sig").splitlines()  # -sig: a BOM is not text
     if path.suffix.lower() in JSONL_SUFFIXES:
-        prompts = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        prompts = _jsonl_prompts(path, lines)
     else:
         prompts = [line for line in lines if line.strip()]
     if not prompts:
@@ -47,9 +50,19 @@ def read_prompts_file(path: Path) -> list[Prompt]:
     return prompts
 
 
+def _jsonl_prompts(path: Path, lines: list[str]) -> list[Prompt]:
+    prompts: list[Prompt] = []
+    with items_progress(f"reading {path}") as progress:
+        for start in range(0, len(lines), PROGRESS_LINES):
+            chunk = enumerate(lines[start : start + PROGRESS_LINES], start + 1)
+            prompts.extend(_jsonl_prompt(path, number, line) for number, line in chunk if line.strip())
+            progress(min(start + PROGRESS_LINES, len(lines)), len(lines))
+    return prompts
+
+
 def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
     """One JSONL line: ``{"prompt": "..."}``, ``{"text": "..."}`` or ``{"prompt_ids": [1, 2]}``."""
-    if reads.json_depth(line.encode("utf-8", "surrogatepass")) > reads.MAX_JSON_DEPTH:
+    if _deeper_than_allowed(line):
         raise InputError(f"{path}:{number} nests JSON more than {reads.MAX_JSON_DEPTH} levels deep")
     try:
         record = json.loads(line)
@@ -65,6 +78,14 @@ def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
         if isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             return [int(t) for t in ids]
     raise InputError(f'{path}:{number} needs a "prompt" string or a "prompt_ids" list of integers')
+
+
+def _deeper_than_allowed(line: str) -> bool:
+    """Whether the JSON ``line`` nests deeper than :data:`reads.MAX_JSON_DEPTH`; scanned only when it opens
+    that many brackets at all (counting is fast, the scan is not: 5 million lines would take minutes)."""
+    if line.count("[") + line.count("{") <= reads.MAX_JSON_DEPTH:
+        return False
+    return reads.json_depth(line.encode("utf-8", "surrogatepass")) > reads.MAX_JSON_DEPTH
 
 
 def gather_prompts(

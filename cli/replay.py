@@ -102,12 +102,14 @@ def _record(trace: RoutingTrace, capacity: int, results: list[ReplayResult]) -> 
 
 def _summary(trace: RoutingTrace, capacity: int, results: list[ReplayResult]) -> str:
     meta = trace.meta
+    experts = meta.num_layers * meta.num_experts
     slots = capacity // meta.expert_bytes
+    held = f"all {experts}" if slots >= experts else f"{slots} of {experts}"
     k = results[0].hot_experts if results else meta.top_k
     return (
         f"{trace.source}: {meta.describe()}; {len(trace.steps)} steps, {trace.num_tokens} tokens; "
-        f"device memory {format_size(capacity)} holds {slots} of {meta.num_layers * meta.num_experts} "
-        f"experts ({format_size(meta.expert_bytes)} each); K = {k}"
+        f"device memory {format_size(capacity)} holds {held} experts ({format_size(meta.expert_bytes)} "
+        f"each); K = {k}"
     )
 
 

@@ -24,14 +24,15 @@ import click
 from klotski_tier.cli import stdout
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, Inputs, Save, atomic_write, check_outputs, save_all
+from klotski_tier.cli.model_input import MODEL_DIRECTORIES, model_input
 from klotski_tier.cli.options import engine_flags, options_and_explicit
 from klotski_tier.cli.params import PROMPT_TEXT, SEED, TOKEN_IDS, NonEmptyPath, finite_float, whole
 from klotski_tier.cli.plan_report import run_plan_line, run_plan_record
-from klotski_tier.cli.progress import StepProgress, bytes_progress
+from klotski_tier.cli.progress import StepProgress, bytes_progress, items_progress
 from klotski_tier.cli.prompts import Prompt, gather_prompts
 from klotski_tier.cli.report import format_metrics, format_outputs, output_record, result_record
 from klotski_tier.core.bench.profile import find_profile
-from klotski_tier.core.demo.build import demo_model_dir
+from klotski_tier.core.demo.build import demo_model_dir, opening_demo
 from klotski_tier.core.demo.tokenizer import demo_prompts
 from klotski_tier.core.errors import InputError, KlotskiError
 from klotski_tier.core.memory import read_memory_limit
@@ -40,7 +41,7 @@ from klotski_tier.core.runtime.budgets import resolve_budgets
 from klotski_tier.core.runtime.config import replace
 from klotski_tier.core.runtime.engine import Engine, GenerationResult
 from klotski_tier.core.runtime.policy_setup import save_prefetch_state
-from klotski_tier.core.store.files import open_model
+from klotski_tier.core.store.files import ModelFiles, open_model
 from klotski_tier.core.units import parse_size
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def run(
     outputs = Outputs(output, record_routing, trace_file, options.prefetch_save_state)
     outputs.check(
         {
-            "--model": model,
+            **model_input(model),
             "--prompts": files,
             "--config": config_file,
             "--profile": profile_path,
@@ -128,15 +129,18 @@ def run(
     prompts = gather_prompts(texts, files, id_lists)
     profile = find_profile(profile_path)
     if model is None:
-        model, prompts = _demo(prompts)
+        model_files, prompts = _demo(prompts)
+    else:
+        model_files = open_model(model)
     if not prompts:
         raise InputError("no prompt given; use --prompt, --prompts or --prompt-ids")
-    model_files = open_model(model)
     budgets = resolve_budgets(model_files, options, read_memory_limit())  # measured before any weight loads
     options = budgets.apply(options)
     chosen = RunPlan(PLAN_OFF, options)
     if plan_mode == PLAN_AUTO:
-        chosen = plan_files(model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
+        with items_progress("planning: measuring the prompts") as measured:
+            request = (model_files, options, prompts, max_new_tokens, explicit, profile_path, profile)
+            chosen = plan_files(*request, progress=measured)
     engine = Engine.from_files(model_files, replace(chosen.options, prefetch_save_state=None), budgets)
     with StepProgress() as progress:
         result = engine.generate(
@@ -158,11 +162,12 @@ def run(
     outputs.save(result, engine, as_json)  # after the report: a failed write loses nothing printed
 
 
-def _demo(prompts: list[Prompt]) -> tuple[Path, list[Prompt]]:
+def _demo(prompts: list[Prompt]) -> tuple[ModelFiles, list[Prompt]]:
     """The built-in demo model (built on first use) and its default prompts."""
     with bytes_progress("building demo model") as progress:
         model = demo_model_dir(progress=progress)
-    return model, prompts or list(demo_prompts())
+    with opening_demo(model):
+        return open_model(model), prompts or list(demo_prompts())
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ class Outputs:
                 "prefetch.save_state": self.prefetch_state,
             },
             inputs,
-            directories={"--model"},
+            directories=MODEL_DIRECTORIES,
             updates={"prefetch.save_state": "prefetch.state"},
         )
 

@@ -58,10 +58,12 @@ SAMPLE_SEED = 0
 
 
 def write_test_file(path: Path, nbytes: int) -> None:
-    """``nbytes`` of random data at ``path``, durable and evicted from the page cache."""
+    """``nbytes`` of random data at ``path``, durable and evicted from the page cache; refused before a
+    byte is written when the file system has less room than that (it would only fill the drive)."""
     chunk = np.random.default_rng(SAMPLE_SEED).integers(0, 256, WRITE_CHUNK_BYTES, dtype=np.uint8)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _check_room(path.parent, nbytes)
         with path.open("wb") as handle:
             for index, start in enumerate(range(0, nbytes, WRITE_CHUNK_BYTES)):
                 chunk[:8] = np.frombuffer(index.to_bytes(8, "little"), dtype=np.uint8)  # no two chunks alike
@@ -76,6 +78,18 @@ def write_test_file(path: Path, nbytes: int) -> None:
             f"pass --path a writable directory with {format_size(nbytes)} free"
         ) from exc
     evict(path)
+
+
+def _check_room(directory: Path, nbytes: int) -> None:
+    """Refuse a test file of ``nbytes`` that the file system of ``directory`` has no room for."""
+    info = os.statvfs(directory)
+    free = info.f_bavail * info.f_frsize
+    if nbytes > free:
+        raise ConfigError(
+            f"the bench's test file of {format_size(nbytes)} does not fit in {directory}, whose file system "
+            f"has {format_size(free)} free; pass a --file-size of at most that, or --path a directory "
+            "with more room"
+        )
 
 
 def raw_direct_gbps(path: Path) -> float:

@@ -3,7 +3,9 @@
 Bandwidths are decimal GB/s (1e9 bytes per second), times are seconds, sizes are bytes.
 ``fraction`` is a bandwidth divided by ``drive.raw_gbps`` (1.0 = the raw drive). Schema of
 version :data:`PROFILE_VERSION` (every field required but the ``compute.io_*`` ones, which older benches
-did not write and which load as 0 / empty: not measured; ``h2d`` is ``null`` without CUDA)::
+did not write and which load as 0 / empty: not measured; ``h2d`` is ``null`` without CUDA). Every
+number is held to the range a real machine's can have, which its type names
+(:mod:`klotski_tier.core.plausible`); a profile with one outside is refused, naming the field::
 
     version            1
     created            UTC time of the measurement, ISO 8601
@@ -55,7 +57,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 
@@ -63,6 +65,20 @@ from klotski_tier.core import reads
 from klotski_tier.core.atomic import atomic_open
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.paths import default_cache_dir
+from klotski_tier.core.plausible import (
+    COUNT,
+    IO_SLOWDOWN,
+    JOB_S,
+    RATE_GBPS,
+    RATE_OR_UNMEASURED_GBPS,
+    RATIO,
+    SIZE,
+    THREADS,
+    TOKENS,
+    Plausible,
+    implausible,
+)
+from klotski_tier.core.store.codec import ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.units import MIB
 
 PROFILE_VERSION = 1
@@ -79,14 +95,26 @@ ReadMode = Literal["buffered", "direct"]
 CacheState = Literal["cold", "warm"]
 T = TypeVar("T")
 
+# Every number of the profile has its plausible range in its type (klotski_tier.core.plausible),
+# checked when a profile is read: a field with none is a programming error.
+Gbps = Annotated[float, RATE_GBPS]
+Bytes = Annotated[int, SIZE]
+Threads = Annotated[int, THREADS]
+Count = Annotated[int, COUNT]
+Tokens = Annotated[int, TOKENS]  # a job's tokens (0: the empty job that times the hand-off), a context's
+Ratio = Annotated[float, RATIO]
+JobSeconds = Annotated[float, JOB_S]  # one timed compute job
+Version = Annotated[int, Plausible(PROFILE_VERSION, PROFILE_VERSION)]
+ZstdLevel = Annotated[int, Plausible(ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL)]
+
 
 @dataclass(frozen=True)
 class HostInfo:
     hostname: str
     system: str  # platform.system(), e.g. "Linux"
     machine: str  # e.g. "x86_64"
-    cpu_count: int
-    memory_bytes: int
+    cpu_count: Threads
+    memory_bytes: Bytes
     python: str
     torch: str
     cuda_device: str | None
@@ -107,10 +135,10 @@ class ReadResult:
 
     mode: ReadMode
     cache: CacheState
-    block_bytes: int
-    queue_depth: int
-    gbps: float
-    fraction: float  # gbps / raw_gbps
+    block_bytes: Bytes
+    queue_depth: Threads
+    gbps: Gbps
+    fraction: Ratio  # gbps / raw_gbps
 
 
 @dataclass(frozen=True)
@@ -119,10 +147,10 @@ class LayoutReads:
     and as a safetensors checkpoint does (three tensors at unaligned offsets, read as one aligned run
     straight into the buffer: :func:`klotski_tier.core.model.layouts.place_runs`); cold, medians."""
 
-    block_bytes: int
-    queue_depth: int
-    packed_gbps: float
-    checkpoint_gbps: float
+    block_bytes: Bytes
+    queue_depth: Threads
+    packed_gbps: Gbps
+    checkpoint_gbps: Gbps
 
     @property
     def ratio(self) -> float:
@@ -132,34 +160,34 @@ class LayoutReads:
 @dataclass(frozen=True)
 class DriveProfile:
     path: str
-    file_bytes: int
-    rounds: int
-    raw_gbps: float
+    file_bytes: Bytes
+    rounds: Count
+    raw_gbps: Gbps
     best: ReadResult
     layouts: LayoutReads | None = None  # older benches did not measure it
 
 
 @dataclass(frozen=True)
 class ZstdProfile:
-    level: int
+    level: ZstdLevel
     sample: str
-    sample_bytes: int
-    frame_bytes: int
-    threads: int
-    ratio: float
-    shuffled_ratio: float
-    decompress_gbps: float  # per thread
-    shuffled_decompress_gbps: float  # per thread, unshuffle included
-    effective_gbps: float
-    shuffled_effective_gbps: float
+    sample_bytes: Bytes
+    frame_bytes: Bytes
+    threads: Threads
+    ratio: Ratio
+    shuffled_ratio: Ratio
+    decompress_gbps: Gbps  # per thread
+    shuffled_decompress_gbps: Gbps  # per thread, unshuffle included
+    effective_gbps: Gbps
+    shuffled_effective_gbps: Gbps
 
 
 @dataclass(frozen=True)
 class H2DProfile:
     device: str
-    copy_bytes: int
-    pinned_gbps: float
-    pageable_gbps: float
+    copy_bytes: Bytes
+    pinned_gbps: Gbps
+    pageable_gbps: Gbps
 
 
 @dataclass(frozen=True)
@@ -167,14 +195,14 @@ class ComputeProfile:
     device: str
     model: str  # the model directory, or "demo"
     dtype: str  # e.g. "bfloat16"
-    context_tokens: int
-    expert_s: dict[int, float]
-    attention_s: dict[int, float]
+    context_tokens: Tokens
+    expert_s: dict[Tokens, JobSeconds]  # {tokens: seconds}
+    attention_s: dict[Tokens, JobSeconds]
     # I/O contention (klotski_tier.core.bench.contention); older profiles lack them: not measured
-    io_slowdown: float = 0.0  # compute time while the drive streams / alone - 1
-    io_read_gbps: float = 0.0  # the drive's read rate meanwhile; 0 = not measured
-    io_alone_s: dict[int, float] = field(default_factory=dict)  # {tokens: seconds} expert job alone
-    io_streaming_s: dict[int, float] = field(default_factory=dict)  # the same while the drive streams
+    io_slowdown: Annotated[float, IO_SLOWDOWN] = 0.0  # compute time while the drive streams / alone - 1
+    io_read_gbps: Annotated[float, RATE_OR_UNMEASURED_GBPS] = 0.0  # the drive's meanwhile; 0: not measured
+    io_alone_s: dict[Tokens, JobSeconds] = field(default_factory=dict)  # {tokens: seconds} expert job alone
+    io_streaming_s: dict[Tokens, JobSeconds] = field(default_factory=dict)  # the same while the drive streams
 
     @property
     def io_measured(self) -> bool:
@@ -184,7 +212,7 @@ class ComputeProfile:
 
 @dataclass(frozen=True)
 class MachineProfile:
-    version: int
+    version: Version
     created: str
     host: HostInfo
     drive: DriveProfile
@@ -223,37 +251,12 @@ class MachineProfile:
                 f"{source}: {exc}; fix the file or run `klotski-tier bench` to write a new one"
             ) from exc
         assert isinstance(profile, cls)
-        _check_plausible(profile.compute, source)
         return profile
 
     @classmethod
     def load(cls, path: Path) -> MachineProfile:
         """Read and validate the profile at ``path``."""
         return cls.from_json(reads.read_json(path, PROFILE_KIND), f"machine profile {path}")
-
-
-MAX_JOB_S = 3600.0
-"""No job the bench times (one expert or one attention layer over a few tokens) takes an hour: a figure
-beyond that, or 0, is a corrupt or edited profile, and would overflow the planner's arithmetic."""
-MAX_IO_SLOWDOWN = 100.0  # compute a hundred times slower while the drive streams is no measurement
-_JOB_TIMES = ("expert_s", "attention_s", "io_alone_s", "io_streaming_s")
-
-
-def _check_plausible(compute: ComputeProfile, source: str) -> None:
-    """Refuse compute figures no bench measures (see :data:`MAX_JOB_S`), naming the first."""
-    for name in _JOB_TIMES:
-        for tokens, seconds in getattr(compute, name).items():
-            if not 0 < seconds <= MAX_JOB_S:
-                _implausible(source, f"compute.{name}.{tokens}", f"{seconds:g} s", f"0 < s <= {MAX_JOB_S:g}")
-    if compute.io_slowdown > MAX_IO_SLOWDOWN:
-        _implausible(source, "compute.io_slowdown", f"{compute.io_slowdown:g}", f"<= {MAX_IO_SLOWDOWN:g}")
-
-
-def _implausible(source: str, field: str, value: str, allowed: str) -> None:
-    raise ConfigError(
-        f"{source}: field {field} is {value}, not a plausible measurement ({allowed}); "
-        "run `klotski-tier bench` again"
-    )
 
 
 class _FieldError(Exception):
@@ -265,6 +268,10 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return _convert_dataclass(kind, value, where)
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Annotated:  # a number and its plausible range
+        return _number(args[0], value, where, kind.__metadata__[0])
+    if kind in (int, float):
+        raise AssertionError(f"profile field {where} is a number without a plausible range; annotate it")
     if origin is types.UnionType:  # X | None
         return None if value is None else _convert(args[0], value, where)
     if origin is Literal:
@@ -276,15 +283,14 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
         return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin is dict:
         _expect(isinstance(value, dict), where, "an object")
-        return {
-            _int_key(key, where): _convert(args[1], item, f"{where}.{key}") for key, item in value.items()
-        }
+        items = ((_int_key(key, where), item, f"{where}.{key}") for key, item in value.items())
+        return {_convert(args[0], key, at): _convert(args[1], item, at) for key, item, at in items}
     return _scalar(kind, value, where)
 
 
 def _convert_dataclass(kind: Any, value: Any, where: str) -> Any:
     _expect(isinstance(value, dict), where or "the profile", "an object")
-    hints = typing.get_type_hints(kind)
+    hints = typing.get_type_hints(kind, include_extras=True)
     fields = {}
     for item in dataclasses.fields(kind):
         name = f"{where}.{item.name}" if where else item.name
@@ -293,6 +299,14 @@ def _convert_dataclass(kind: Any, value: Any, where: str) -> Any:
         elif item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
             raise _FieldError(f"field {name} is missing")  # a field with a default is newer than the file
     return kind(**fields)
+
+
+def _number(kind: Any, value: Any, where: str, bounds: Plausible) -> Any:
+    """``value``, a number of type ``kind`` checked against its plausible range."""
+    number = _scalar(kind, value, where)
+    if not bounds.allows(number):
+        raise _FieldError(f"field {where} is {bounds.show(number)}, {implausible(bounds, 'measurement')}")
+    return number
 
 
 def _scalar(kind: Any, value: Any, where: str) -> Any:
@@ -330,5 +344,13 @@ def find_profile(path: Path | None) -> MachineProfile | None:
     """The profile at ``path`` (which must exist), else the default one if bench wrote it, else None."""
     if path is not None:
         return MachineProfile.load(path)
-    default = default_profile_path()
-    return MachineProfile.load(default) if default.is_file() else None
+    return profile_if_present(default_profile_path())
+
+
+def profile_if_present(path: Path) -> MachineProfile | None:
+    """The profile at ``path``; None only when nothing is there. Anything else there (a directory, a
+    FIFO, a device, a file that is no profile) is refused by name, as :mod:`~klotski_tier.core.reads`
+    and :meth:`MachineProfile.from_json` say, never taken for a missing profile."""
+    if not os.path.lexists(path):
+        return None
+    return MachineProfile.load(path)

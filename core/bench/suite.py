@@ -9,6 +9,7 @@ returns the machine profile (:mod:`klotski_tier.core.bench.profile`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,13 +40,12 @@ from klotski_tier.core.bench.profile import (
     ReadResult,
     ZstdProfile,
 )
-from klotski_tier.core.demo.build import DEMO_DIR_NAME
+from klotski_tier.core.demo.build import demo_model_path, opening_demo
 from klotski_tier.core.demo.shape import DEMO_SHAPE
 from klotski_tier.core.errors import ConfigError
 from klotski_tier.core.model.blocks import (
     BlockKind,
 )
-from klotski_tier.core.paths import default_cache_dir
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, Bytes, Codec, CodecName, decode, encode
 from klotski_tier.core.store.files import load_model_files
 from klotski_tier.core.units import GB, GIB, KIB, MIB, format_size
@@ -109,12 +109,21 @@ class BenchSettings:
             raise ConfigError("bench queue depths, token counts, sample sizes and rounds must be at least 1")
 
 
+BENCH_STORE_HINT = (
+    "bench --model times a Hugging Face checkpoint's weights: give the one the store was packed from, "
+    "or leave --model out to time the demo's shape"
+)
+
+
 def run_bench(settings: BenchSettings, progress: Progress) -> MachineProfile:
     """Every measurement of ``settings``; the test file is removed afterwards, or with ``keep_file``
     kept as :data:`TEST_FILE_NAME`. It is written under a name of this process's own, so that benches
     of one directory at once do not share it."""
-    if settings.model is not None:
-        load_model_files(settings.model)  # a wrong model fails now, not after the drive sweep
+    if settings.model is not None:  # a wrong model (or a damaged demo) fails now, not after the sweep
+        load_model_files(settings.model, store_hint=BENCH_STORE_HINT)
+    elif (demo := _built_demo()) is not None:
+        with opening_demo(demo):
+            load_model_files(demo)
     kept = settings.directory / TEST_FILE_NAME
     path = temp_beside(kept)  # this bench's own: another on the same directory has another
     progress(f"writing a {format_size(settings.file_bytes)} test file in {settings.directory}")
@@ -217,7 +226,8 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
         values = torch.randn(nbytes // 2, generator=generator).mul_(RANDOM_WEIGHT_STD)  # [n/2] float32
         data = values.to(torch.bfloat16).view(torch.uint8).numpy()  # [n]
         return WeightSample("random bf16", data, min(DEMO_SHAPE.expert_bytes, nbytes), 2)
-    files = load_model_files(directory)
+    with opening_demo(directory) if model is None else contextlib.nullcontext():
+        files = load_model_files(directory)
     experts = [layout for block, layout in files.layouts.items() if block.kind is BlockKind.EXPERT]
     chosen = experts[: -(-nbytes // experts[0].nbytes)]  # enough blocks for nbytes
     buffers = asyncio.run(read_blocks(chosen))
@@ -234,7 +244,7 @@ def weight_sample(nbytes: int, model: Path | None) -> WeightSample:
 
 
 def _built_demo() -> Path | None:
-    directory = default_cache_dir() / DEMO_DIR_NAME
+    directory = demo_model_path()
     return directory if (directory / "config.json").is_file() else None
 
 

@@ -29,7 +29,8 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,15 @@ def _numel(dims: tuple[int, ...]) -> int:
     return count
 
 
+def demo_model_path(cache_dir: Path | None = None) -> Path:
+    """Where the demo checkpoint is (or will be) under ``cache_dir`` (default: the user's cache); builds
+    nothing, so a command can treat the directory as its input before it exists."""
+    return (cache_dir if cache_dir is not None else default_cache_dir()) / DEMO_DIR_NAME
+
+
 def demo_model_dir(cache_dir: Path | None = None, *, progress: ProgressFn | None = None) -> Path:
     """Directory of the built demo checkpoint under ``cache_dir``, building it (once) if absent."""
-    target = (cache_dir if cache_dir is not None else default_cache_dir()) / DEMO_DIR_NAME
+    target = demo_model_path(cache_dir)
     if target.is_dir():
         _check_complete(target)
         return target
@@ -144,6 +151,20 @@ def demo_model_dir(cache_dir: Path | None = None, *, progress: ProgressFn | None
     build_demo(target, DEMO_SHAPE, progress=progress)
     logger.info("built the demo model in %.1f s", time.perf_counter() - started)
     return target
+
+
+@contextmanager
+def opening_demo(directory: Path) -> Iterator[None]:
+    """Open the built demo at ``directory`` inside this: a :class:`CheckpointError` from it means the
+    demo is damaged (the user never wrote it), and says so, with how to have it rebuilt instead of the
+    error's own advice (the part of its message after ``"; "``, such as "re-download it")."""
+    try:
+        yield
+    except CheckpointError as exc:
+        problem = str(exc).split("; ")[0]
+        raise CheckpointError(
+            f"the demo model at {directory} is damaged ({problem}); delete the directory so it is rebuilt"
+        ) from exc
 
 
 def build_demo(
@@ -204,8 +225,9 @@ def _write_checkpoint(
     directory: Path, shape: DemoShape, routing: DemoRouting, shard_max_bytes: int, progress: ProgressFn | None
 ) -> None:
     tokenizer = train_demo_tokenizer(shape.vocab_size)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    _fsync_file(directory / "tokenizer.json")
+    # written by us, not tokenizer.save(): a full disk is then an OSError like every other write's,
+    # where tokenizers raises a bare Exception (the same bytes: save() writes to_str(pretty=True))
+    _write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
     for name, content in _metadata_files(shape).items():
         _write_json(directory / name, content)
     specs = _tensor_specs(shape)
@@ -424,14 +446,13 @@ def _index(shards: list[list[_TensorSpec]]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     with path.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        handle.write(text)
         handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
         os.fsync(handle.fileno())
 
 

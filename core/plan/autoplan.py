@@ -21,7 +21,7 @@ prompts and memory allow; :attr:`RunPlan.basis` says which.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,9 @@ PLANNED_FIELDS = (
 )  # fmt: skip
 
 PromptInput = str | Sequence[int]  # a text prompt, or its token ids
+CountProgress = Callable[[int, int], None]
+"""``progress(done, total)``: prompts measured so far (tokenizing 5 million takes minutes)."""
+PROGRESS_PROMPTS = 10_000  # prompts measured between two progress calls
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,15 @@ def plan_files(
     explicit: Set[str],
     profile_path: Path | None,
     profile: MachineProfile | None,
+    *,
+    progress: CountProgress | None = None,
 ) -> RunPlan:
     """:func:`plan_model` for a checkpoint already opened and a profile already read from
-    ``profile_path`` (None: none was found: the plan is made from conservative defaults)."""
+    ``profile_path`` (None: none was found: the plan is made from conservative defaults). ``progress``
+    is told how many prompts have been measured."""
     note = ""
     try:  # planning is advice: the run goes on with the options as they are
-        lengths = prompt_lengths(files.directory, prompts)
+        lengths = prompt_lengths(files.directory, prompts, progress)
         if profile is None:
             machine, note = _unmeasured(options), NO_PROFILE_NOTE
         else:
@@ -166,14 +172,23 @@ def fixed_fields(explicit: Set[str]) -> Set[str]:
     return explicit | {"eviction"} if "eviction_options" in explicit else explicit
 
 
-def prompt_lengths(model: Path, prompts: Sequence[PromptInput]) -> list[int]:
-    """Tokens of each prompt; text through ``model``'s tokenizer, read only when a prompt is text."""
+def prompt_lengths(
+    model: Path, prompts: Sequence[PromptInput], progress: CountProgress | None = None
+) -> list[int]:
+    """Tokens of each prompt; text through ``model``'s tokenizer, read only when a prompt is text.
+    ``progress(done, total)`` is called as text prompts are tokenized."""
     if not prompts:
         raise InputError("no prompts given; pass at least one prompt")
     if not any(isinstance(prompt, str) for prompt in prompts):
         return [len(prompt) for prompt in prompts]
     tokenizer = _tokenizer(model)
-    return [len(tokenizer.encode(p).ids) if isinstance(p, str) else len(p) for p in prompts]
+    lengths: list[int] = []
+    for start in range(0, len(prompts), PROGRESS_PROMPTS):
+        chunk = prompts[start : start + PROGRESS_PROMPTS]
+        lengths.extend(len(tokenizer.encode(p).ids) if isinstance(p, str) else len(p) for p in chunk)
+        if progress is not None:
+            progress(len(lengths), len(prompts))
+    return lengths
 
 
 def store_ratio(store: PackedStore | None) -> float | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from klotski_tier.core.bench.profile import MachineProfile, default_profile_path
+from klotski_tier.core.bench.profile import MachineProfile, default_profile_path, profile_if_present
 from klotski_tier.core.errors import CheckpointError, ConfigError
 from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.model.families import parse_spec
@@ -42,6 +42,7 @@ from klotski_tier.core.model.layouts import weight_dtype
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.plan.machine import ComputeRates, Machine
 from klotski_tier.core.plan.shapes import model_shape, read_toml_tables, toml_table
+from klotski_tier.core.plausible import plausible_fields
 from klotski_tier.core.units import GB, GIB, MIB, parse_size
 
 logger = logging.getLogger(__name__)
@@ -235,11 +236,11 @@ def local_machine(
     """
     path = profile_path if profile_path is not None else default_profile_path()
     if profile is None:
-        if not path.is_file():
-            raise ConfigError(
-                f"no machine profile at {path}; run `klotski-tier bench` first to measure this machine"
-            )
-        profile = MachineProfile.load(path)
+        profile = profile_if_present(path)
+    if profile is None:
+        raise ConfigError(
+            f"no machine profile at {path}; run `klotski-tier bench` first to measure this machine"
+        )
     from klotski_tier.core.plan.costmodel import machine_from_profile  # the planner's; imported when needed
 
     machine: Machine = machine_from_profile(
@@ -358,7 +359,15 @@ def _base_fields(table: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def _read(key: str, value: Any, where: str) -> Any:
-    """``value`` of ``key`` checked and converted (sizes to bytes)."""
+    """``value`` of ``key`` checked and converted (sizes to bytes), a number within its plausible range."""
+    converted = _convert(key, value, where)
+    bounds = plausible_fields(Machine).get(key)
+    if bounds is not None:
+        bounds.check(converted, f"{where} {key} = {value!r}", "fix the file")
+    return converted
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
     if key in _SIZE_KEYS:
         return _size(key, value, where)
     if key in _RATE_KEYS:
@@ -403,6 +412,8 @@ def _compute(table: Any, base: ComputeRates | None, where: str) -> ComputeRates:
             fields[key] = float(_size(f"compute.{key}", value, where))
         else:
             fields[key] = _number(f"compute.{key}", value, where, allow_zero=key.endswith("overhead_s"))
+        bounds = plausible_fields(ComputeRates)[key]
+        bounds.check(fields[key], f"{where} compute.{key} = {value!r}", "fix the file")
     missing = [key for key in _COMPUTE_REQUIRED if key not in fields]
     if missing:
         raise ConfigError(f"{where} compute lacks {', '.join(missing)}; add them, or start from a built-in")

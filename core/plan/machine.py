@@ -1,5 +1,9 @@
 """A machine as the planner and the simulator see it: memory budgets, link speeds, compute rates.
 
+Each figure's type carries the range a real machine's can have (:mod:`klotski_tier.core.plausible`);
+a hardware file is checked against it when read. The planner itself may scale a machine past it
+(how much faster would a link need to be), so a :class:`Machine` does not enforce it.
+
 One frozen :class:`Machine` describes this machine (built from the ``klotski-tier bench`` profile)
 or one we do not have (a built-in hardware entry, or a user's TOML file). Bandwidths are decimal
 GB/s, as drives and links are rated; times are seconds.
@@ -23,8 +27,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 from klotski_tier.core.errors import ConfigError
+from klotski_tier.core.plausible import (
+    DEVICE_MEMORY,
+    FLOPS,
+    HOST_MEMORY,
+    IO_SLOWDOWN,
+    MEMORY_RATE,
+    OVERHEAD_S,
+    RATE_GBPS,
+    THREADS,
+)
 from klotski_tier.core.units import GB
 
 
@@ -32,13 +47,13 @@ from klotski_tier.core.units import GB
 class ComputeRates:
     """How fast the device runs the model's matmuls (see the module docstring)."""
 
-    flops_per_s: float  # sustained dense matmul rate in the model's dtype
-    weight_bytes_per_s: float  # rate at which a matmul streams its weights from device memory
-    job_overhead_s: float  # fixed cost of one compute job
+    flops_per_s: Annotated[float, FLOPS]  # sustained dense matmul rate in the model's dtype
+    weight_bytes_per_s: Annotated[float, MEMORY_RATE]  # rate a matmul streams its weights from device memory
+    job_overhead_s: Annotated[float, OVERHEAD_S]  # fixed cost of one compute job
     # Attention jobs only (their many small ops): a fixed cost per job on top of job_overhead_s, and
     # one per sequence of the batch (the engine attends one sequence at a time).
-    attention_overhead_s: float = 0.0
-    sequence_overhead_s: float = 0.0
+    attention_overhead_s: Annotated[float, OVERHEAD_S] = 0.0
+    sequence_overhead_s: Annotated[float, OVERHEAD_S] = 0.0
 
     def __post_init__(self) -> None:
         overheads = (self.job_overhead_s, self.attention_overhead_s, self.sequence_overhead_s)
@@ -60,18 +75,18 @@ class Machine:
     name: str
     source: str  # where the figures come from: a profile path, a datasheet, a measurement
     device: str  # "cuda" or "cpu" (a CPU device computes in host memory: no host-to-device link)
-    device_memory_bytes: int
-    host_memory_bytes: int
-    disk_read_gbps: float  # the engine's best cold read path from the drive holding the weights
-    host_to_device_gbps: float | None  # pinned copies; None when the device is the host
+    device_memory_bytes: Annotated[int, DEVICE_MEMORY]
+    host_memory_bytes: Annotated[int, HOST_MEMORY]
+    disk_read_gbps: Annotated[float, RATE_GBPS]  # the engine's best cold read path from the weights' drive
+    host_to_device_gbps: Annotated[float, RATE_GBPS] | None  # pinned copies; None: the device is the host
     compute: ComputeRates
-    zstd_decompress_gbps: float  # one thread decoding the packed store's codec
-    io_threads: int  # threads that read and decode at once (the disk tier's queue depth)
+    zstd_decompress_gbps: Annotated[float, RATE_GBPS]  # one thread decoding the packed store's codec
+    io_threads: Annotated[int, THREADS]  # threads that read and decode at once (the disk tier's queue depth)
     # Compute runs at 1/(1 + this) of its rate while the drive streams (see the module docstring).
-    io_compute_slowdown: float = 0.0
+    io_compute_slowdown: Annotated[float, IO_SLOWDOWN] = 0.0
     # The host's cores reading a KV cache in decode attention ([kv] attention = "host"), sustained;
     # None: not known (the planner then keeps attention on the device).
-    host_attention_gbps: float | None = None
+    host_attention_gbps: Annotated[float, RATE_GBPS] | None = None
 
     def __post_init__(self) -> None:
         if min(self.device_memory_bytes, self.host_memory_bytes) < 0:

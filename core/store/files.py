@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from klotski_tier.core.errors import CheckpointError
 from klotski_tier.core.model.blocks import BlockId, BlockLayout
 from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.model.families import ExpertLayout, family_of, parse_spec
@@ -44,8 +45,17 @@ def open_model(path: str | Path) -> ModelFiles:
     return ModelFiles(None, store.spec, store.layouts, store.expert_layout, path, store)
 
 
-def load_model_files(directory: str | Path) -> ModelFiles:
-    """Open the checkpoint ``directory``, parse its config and lay out every block; any mismatch raises."""
+STORE_HINT = "give the Hugging Face checkpoint it was packed from"
+"""What to do when a packed store is given where a checkpoint is needed (the default of ``store_hint``)."""
+
+
+def load_model_files(directory: str | Path, *, store_hint: str = STORE_HINT) -> ModelFiles:
+    """Open the checkpoint ``directory``, parse its config and lay out every block; any mismatch raises.
+
+    A packed store is not a checkpoint: it is refused by name, with ``store_hint`` (what to give instead).
+    """
+    if is_store(Path(directory)):
+        raise CheckpointError(f"{directory} is a packed store, not a Hugging Face checkpoint; {store_hint}")
     checkpoint = Checkpoint.open(directory)
     spec = parse_spec(checkpoint.config, weight_dtype(checkpoint))
     expert_layout = family_of(spec.family).names.expert_layout(checkpoint.tensors)

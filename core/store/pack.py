@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from klotski_tier.core.atomic import remove_stale_temps
+from klotski_tier.core.atomic import check_outputs, remove_stale_temps
 from klotski_tier.core.errors import InputError
 from klotski_tier.core.model.blocks import BlockLayout
 from klotski_tier.core.model.checkpoint import read_range
@@ -49,8 +49,8 @@ def pack(
     """Rewrite the checkpoint ``src`` as a store at ``out`` (which must not exist); atomic."""
     started = time.perf_counter()
     out = Path(out)
-    _check_target(out)
-    files = load_model_files(src)
+    _check_target(out, Path(src))
+    files = load_model_files(src, store_hint=_packed_already(Path(src)))
     checkpoint = files.checkpoint
     assert checkpoint is not None, "load_model_files opens a checkpoint"
     codec = codec or codecs.Codec()
@@ -74,13 +74,24 @@ def pack(
     return summary
 
 
-def _check_target(out: Path) -> None:
+def _check_target(out: Path, src: Path) -> None:
+    """Refuse a store that would replace something or be written inside the checkpoint it is packed
+    from (the reverse, a checkpoint inside the store, cannot be: the store must not exist yet)."""
     if out.exists() or out.is_symlink():
         raise InputError(f"{out} already exists; remove it or choose another path")
     if not out.parent.is_dir():
         raise InputError(
             f"cannot write the store {out}: directory {out.parent} does not exist; create it first"
         )
+    check_outputs({"the store": out}, {"the checkpoint": src}, directories={"the checkpoint"})
+
+
+def _packed_already(src: Path) -> str:
+    """What to do with a packed store given to pack."""
+    return (
+        f"it is packed already, so there is nothing to pack: run it with `klotski-tier run --model {src}` "
+        f"or check it with `klotski-tier verify {src}`"
+    )
 
 
 def _write_blocks(

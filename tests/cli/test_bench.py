@@ -13,8 +13,11 @@ from click.testing import CliRunner, Result
 from klotski_tier.cli.bench import bench
 from klotski_tier.core.bench.profile import PROFILE_FILE_NAME, MachineProfile
 from klotski_tier.core.bench.suite import TEST_FILE_NAME
+from klotski_tier.core.store import pack as store_pack
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL
+from klotski_tier.core.units import format_size
 from tests.cli.paused import start_paused
+from tests.conftest import CheckpointFactory
 
 TINY = [
     "--quick",
@@ -160,3 +163,33 @@ def test_sigterm_removes_the_test_file(tmp_path: Path) -> None:
     code, stderr = paused.signal(signal.SIGTERM)
     assert code == 143 and stderr.splitlines()[-1] == "error: interrupted by SIGTERM", stderr
     assert list(drive.iterdir()) == [] and not (tmp_path / "p").exists()
+
+
+def test_the_kept_test_file_is_an_output_checked_before_any_work(tmp_path: Path) -> None:
+    """--keep-file writes the test file as TEST_FILE_NAME in --path: no other output may share it, and it
+    must be writable, before anything is measured."""
+    kept = tmp_path / TEST_FILE_NAME
+    result = run_bench("--path", str(tmp_path), "--keep-file", "--profile", str(kept))
+    fails(result, f"--profile and --keep-file are the same file {kept}; name two files")
+    assert list(tmp_path.iterdir()) == []
+    kept.mkdir()
+    result = run_bench("--path", str(tmp_path), "--keep-file", "--profile", str(tmp_path / "p.json"))
+    fails(result, f"--keep-file {kept} is a directory")
+    assert list(tmp_path.iterdir()) == [kept]
+
+
+def test_a_test_file_the_drive_has_no_room_for_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "p.json"), "--file-size", "999PB")
+    fails(result, f"the bench's test file of {format_size(999 * 10**15)} does not fit in {tmp_path}")
+    assert "free; pass a --file-size of at most that, or --path a directory with more room" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_model_says_a_packed_store_is_not_a_checkpoint(
+    checkpoint_factory: CheckpointFactory, tmp_path: Path
+) -> None:
+    store = store_pack.pack(checkpoint_factory("mixtral"), tmp_path / "store").path
+    result = run_bench("--path", str(tmp_path), "--profile", str(tmp_path / "p.json"), "--model", str(store))
+    fails(result, f"{store} is a packed store, not a Hugging Face checkpoint; bench --model times a Hugging")
+    assert "checkpoint's weights: give the one the store was packed from" in result.stderr
+    assert list(tmp_path.iterdir()) == [store]

@@ -98,3 +98,34 @@ def test_a_shape_of_a_million_layers_is_refused_before_planning(tmp_path: Path) 
     path.write_text(re.sub(r"(?m)^num_hidden_layers = \d+$", "num_hidden_layers = 1000000", shape))
     line = error_line(invoke("plan", "--shapes", path, "--model-shape", "big"))
     assert "num_hidden_layers = 1000000 is over 1024, more than any model this tool runs" in line
+
+
+@pytest.mark.parametrize("kind", ["/dev/urandom", "fifo", "text"])  # a directory: click's usage error
+def test_a_profile_that_is_there_but_is_no_profile_says_what_it_is(tmp_path: Path, kind: str) -> None:
+    """Only a missing profile is "no machine profile at ..."; what else is there is named as reads says."""
+    path = Path(kind) if kind.startswith("/") else tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "text":
+        path.write_text("not a profile\n")
+    phrase = {
+        "/dev/urandom": "is a character device, not a regular file",
+        "fifo": "is a FIFO (named pipe), not a regular file",
+        "text": "is not valid JSON",
+    }[kind]
+    line = error_line(invoke("plan", "--profile", path))
+    assert line.startswith(f"error: machine profile {path} {phrase}") and line.endswith(BENCH_HINT)
+
+
+def test_a_missing_profile_says_to_run_bench(tmp_path: Path) -> None:
+    line = error_line(invoke("plan", "--profile", tmp_path / "none.json"))
+    assert line == (
+        f"error: no machine profile at {tmp_path / 'none.json'}; "
+        "run `klotski-tier bench` first to measure this machine"
+    )
+
+
+def test_a_default_profile_path_that_is_a_directory_is_not_taken_for_no_profile(model: Path) -> None:
+    default_profile_path().mkdir(parents=True)
+    line = error_line(invoke("run", "--model", model, *IDS))
+    assert line.startswith(f"error: machine profile {default_profile_path()} is a directory, not a regular")

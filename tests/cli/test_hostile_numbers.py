@@ -206,3 +206,27 @@ def test_a_kv_cache_directory_the_drive_refuses_says_what_to_do(
     assert "cannot make a scratch directory in" in line and "Read-only file system; free space" in line
     assert line.endswith('or set [kv] home = "host"')
     assert not (tmp_path / "cache" / "kv-scratch").exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_a_profile_drive_of_1e308_gbps_is_refused_naming_the_field(
+    model: Path, tmp_path: Path, command: str
+) -> None:
+    data = json.loads(PROFILE.read_text())
+    data["drive"]["best"]["gbps"] = 1e308
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    args = ["--model", model, *IDS] if command == "run" else []
+    line = error_line(invoke(command, *args, "--profile", path))
+    assert (
+        f"machine profile {path}: field drive.best.gbps is 1e+308 GB/s, not a plausible measurement" in line
+    )
+
+
+def test_a_hardware_file_device_of_999_petabytes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "hw.toml"
+    path.write_text('[hardware.big]\nbase = "t4"\ndevice_memory_bytes = "999PB"\n')
+    line = error_line(invoke("simulate", "--model-shape", "demo", "-n", "1", "--hardware-file", path,
+                             "--hardware", "big"))  # fmt: skip
+    assert "[hardware.big] device_memory_bytes = '999PB' is 887.29 PiB, not a plausible figure" in line
+    assert line.endswith("(0 B <= x <= 1.00 PiB); fix the file")

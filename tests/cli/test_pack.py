@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import click
@@ -103,3 +104,19 @@ def test_verify_names_the_first_bad_block(source: Path, tmp_path: Path) -> None:
 
 def test_verify_a_directory_that_is_not_a_store(source: Path) -> None:
     assert "has no manifest.json" in _error_line(_invoke("verify", source))
+
+
+def test_packing_a_packed_store_says_it_is_packed_already(source: Path, tmp_path: Path) -> None:
+    packed = store_pack.pack(source, tmp_path / "store").path
+    line = _error_line(_invoke("pack", packed, tmp_path / "again"))
+    assert f"{packed} is a packed store, not a Hugging Face checkpoint; it is packed already" in line
+    assert f"`klotski-tier run --model {packed}`" in line and f"`klotski-tier verify {packed}`" in line
+    assert "safe_serialization" not in line and not (tmp_path / "again").exists()
+
+
+def test_a_store_inside_its_checkpoint_is_refused_before_any_work(source: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(source, tmp_path / "model"))
+    before = sorted(model.iterdir())
+    line = _error_line(_invoke("pack", model, model / "sub"))
+    assert f"the store {model / 'sub'} is inside the checkpoint {model}, which the command reads" in line
+    assert sorted(model.iterdir()) == before

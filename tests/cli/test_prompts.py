@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from klotski_tier.cli import progress
 from klotski_tier.cli.prompts import gather_prompts, parse_ids, read_prompts_file
+from klotski_tier.core import reads
 from klotski_tier.core.errors import InputError
 
 UTF8_BOM = "\ufeff"
@@ -135,6 +137,26 @@ def test_a_jsonl_line_nested_100000_deep_is_one_line(tmp_path: Path) -> None:
     path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n' + '{"prompt": ' * 100_000 + "\n")
     with pytest.raises(InputError, match=r"p\.jsonl:2 nests JSON more than 64 levels deep"):
         read_prompts_file(path)
+
+
+def test_a_shallow_jsonl_line_is_not_scanned_for_depth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting brackets settles most lines: the exact scan took minutes over 5 million of them."""
+    monkeypatch.setattr(reads, "json_depth", lambda data: pytest.fail("scanned a line that cannot be deep"))
+    path = write(tmp_path / "p.jsonl", '{"prompt": "[[[[ not brackets"}\n{"prompt_ids": [1, 2]}\n')
+    assert read_prompts_file(path) == ["[[[[ not brackets", [1, 2]]
+
+
+def test_reading_many_jsonl_lines_shows_progress_and_a_few_do_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "p.jsonl", "".join(f'{{"prompt_ids": [1, {i}]}}\n' for i in range(30)))
+    assert len(read_prompts_file(path)) == 30
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "LONG_PASS_ITEMS", 20)  # 30 lines are then many
+    assert len(read_prompts_file(path)) == 30
+    assert f"reading {path}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,10 @@ def test_unknown_policy_lists_the_valid_ones(trace_file: Path) -> None:
 def test_device_memory_is_required(trace_file: Path) -> None:
     result = invoke(str(trace_file))
     assert result.exit_code == 2 and "--device-memory" in result.stderr
+
+
+@pytest.mark.parametrize("memory", ["8KiB", "999PB"])
+def test_device_memory_for_every_expert_holds_all_of_them(trace_file: Path, memory: str) -> None:
+    result = invoke(str(trace_file), "--device-memory", memory, "--prefetch", "none")
+    assert result.exit_code == 0, result.output
+    assert f"holds all {LAYERS * EXPERTS} experts" in result.stdout.splitlines()[0]

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 from tokenizers import Tokenizer
 
+from klotski_tier.cli import progress
 from klotski_tier.cli.main import main
 from klotski_tier.core.demo.build import build_demo
 from klotski_tier.core.demo.shape import DemoShape
@@ -232,6 +233,18 @@ def test_prompt_kinds_combine_in_order(demo_dir: Path, tokenizer: Tokenizer, tmp
     )  # fmt: skip
     expected = [tokenizer.encode("typed").ids, tokenizer.encode("from a file").ids, [1, 7]]
     assert [out["prompt_ids"] for out in record["outputs"]] == expected
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_planning_many_text_prompts_shows_progress(
+    demo_dir: Path, monkeypatch: pytest.MonkeyPatch, many: bool
+) -> None:
+    """Tokenizing millions of prompts for the plan takes minutes: a progress line says so; a few, none."""
+    if many:
+        monkeypatch.setattr(progress, "LONG_PASS_ITEMS", 2)  # three prompts are then many
+    texts = [arg for text in ("one", "two", "three") for arg in ("--prompt", text)]
+    result = run_ok("--model", str(demo_dir), *texts, "--max-new-tokens", "1")
+    assert ("planning: measuring the prompts" in result.stderr) is many
 
 
 @pytest.mark.slow

@@ -32,8 +32,9 @@ from klotski_tier.core.plan.hardware import (
 )
 from klotski_tier.core.plan.machine import ComputeRates, Machine
 from klotski_tier.core.plan.shapes import model_shape
+from klotski_tier.core.plausible import Plausible, plausible_fields
 from klotski_tier.core.store.files import load_model_files
-from klotski_tier.core.units import GB, GIB, MIB
+from klotski_tier.core.units import GB, GIB, MAX_SIZE_BYTES, MIB
 from tests.conftest import CheckpointFactory
 
 COSTMODEL = "klotski_tier.core.plan.costmodel"
@@ -271,3 +272,34 @@ def test_this_machine_takes_the_measured_contention_and_toml_keeps_it(tmp_path: 
     assert machine.io_compute_slowdown == 0.4
     copy = dataclasses.replace(machine, name="copy")
     assert load_hardware_file(write(tmp_path, hardware_to_toml(copy))) == {"copy": copy}
+
+
+FIELD_RANGES = [*plausible_fields(Machine).items(), *plausible_fields(ComputeRates).items()]
+
+
+@pytest.mark.parametrize(("key", "bounds"), FIELD_RANGES, ids=[key for key, _ in FIELD_RANGES])
+def test_every_figure_beyond_its_plausible_range_is_refused_naming_it(
+    tmp_path: Path, key: str, bounds: Plausible
+) -> None:
+    """Each numeric key of a [hardware.NAME] table is held to its range; a size past 1 EiB is not even a
+    size (parse_size says so), anything else says the key, its value and the range."""
+    in_compute = key in plausible_fields(ComputeRates)
+    absurd = int(bounds.high) * 2 if bounds.unit == "B" or key == "io_threads" else bounds.high * 2
+    setting = f"compute = {{ {key} = {absurd!r} }}" if in_compute else f"{key} = {absurd!r}"
+    path = write(tmp_path, f'[hardware.mine]\nbase = "t4"\n{setting}\n')
+    prefix = "compute." if in_compute else ""
+    if bounds.unit == "B" and absurd > MAX_SIZE_BYTES:
+        one_line_error(path, f"{key} {absurd} is more than 1 EiB")
+    else:
+        one_line_error(
+            path,
+            f"[hardware.mine] {prefix}{key} = {absurd!r} is ",
+            f"not a plausible figure ({bounds.describe()}); fix the file",
+        )
+
+
+def test_a_device_memory_of_999_petabytes_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[hardware.mine]\nbase = "t4"\ndevice_memory_bytes = "999PB"\n')
+    one_line_error(
+        path, "device_memory_bytes = '999PB' is 887.29 PiB, not a plausible figure (0 B <= x <= 1.00 PiB)"
+    )
