@@ -7,14 +7,17 @@ and says, in one line, what failed and what was saved.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
-from klotski_tier.core.atomic import Inputs, atomic_open, check_outputs, output_path
+from klotski_tier.core import atomic
+from klotski_tier.core.atomic import Inputs, atomic_open, output_path
+from klotski_tier.core.demo.build import demo_model_path
 from klotski_tier.core.errors import InputError, KlotskiError
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "Save",
     "atomic_write",
     "check_outputs",
+    "keep_out_of_the_demo",
     "record_saved",
     "save_all",
     "saved_outputs",
@@ -48,6 +52,31 @@ class OutputPath(click.ParamType):  # type: ignore[type-arg]
 
 
 OUTPUT = OutputPath()
+
+
+def check_outputs(
+    targets: Mapping[str, Path | None],
+    inputs: Inputs | None = None,
+    *,
+    directories: Collection[str] = (),
+    updates: Mapping[str, str] | None = None,
+) -> None:
+    """:func:`klotski_tier.core.atomic.check_outputs`, and no output inside the built-in demo model's
+    directory, whatever the command (:func:`keep_out_of_the_demo`)."""
+    atomic.check_outputs(targets, inputs, directories=directories, updates=updates)
+    keep_out_of_the_demo(targets)
+
+
+def keep_out_of_the_demo(targets: Mapping[str, Path | None]) -> None:
+    """Refuse an output inside the demo model's directory in the cache: a command that does not read the
+    demo (``trace --png``, ``simulate --png``, ``pack``) would still destroy it for the next ``run``."""
+    demo = Path(os.path.realpath(demo_model_path()))
+    for label, path in targets.items():
+        if path is not None and Path(os.path.realpath(path)).is_relative_to(demo):
+            raise InputError(
+                f"{label} {path} is inside the built-in demo model {demo}, which klotski-tier keeps in "
+                "its cache; write it somewhere else"
+            )
 
 
 def atomic_write(path: Path) -> AbstractContextManager[IO[Any]]:

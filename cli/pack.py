@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from klotski_tier.cli.errors import report_errors
+from klotski_tier.cli.files import keep_out_of_the_demo
 from klotski_tier.cli.params import NonEmptyPath
 from klotski_tier.cli.progress import bytes_progress
 from klotski_tier.core.errors import ConfigError, TierError
@@ -43,6 +44,7 @@ def pack(model_dir: Path, out_dir: Path, compress: codecs.Codec) -> None:
     Every block (attention or gate of a layer, one expert) is stored 4 KiB-aligned for O_DIRECT
     reads, with a checksum; the store is written atomically.
     """
+    keep_out_of_the_demo({"OUT_DIR": out_dir})
     with bytes_progress("packing") as progress:
         summary = store_pack.pack(model_dir, out_dir, codec=compress, progress=progress)
     click.echo(format_summary(summary, compress))

@@ -151,3 +151,31 @@ def test_bench_says_a_damaged_demo_is_damaged_before_measuring(
     assert not (tmp_path / "p.json").exists() and sorted(path.name for path in tmp_path.iterdir()) == [
         "cache"
     ]
+
+
+@pytest.mark.parametrize(
+    ("command", "label"),
+    [
+        (["trace", "TRACE", "--png"], "--png"),
+        (["simulate", "--model-shape", "demo", "--hardware", "t4", "-n", "1", "--png"], "--png"),
+        (["pack", "MODEL"], "OUT_DIR"),
+        (["run", "--model", "MODEL", *IDS, "--output"], "--output"),
+    ],
+)
+def test_no_command_writes_into_the_demo_even_one_that_does_not_read_it(
+    demo: Path, tmp_path: Path, command: list[str], label: str
+) -> None:
+    """`trace --png` once replaced the demo's special_tokens_map.json, `simulate --png` its
+    tokenizer_config.json: the demo is refused as a place to write by every command."""
+    trace, model = tmp_path / "trace.json", tmp_path / "model"
+    trace.write_text(json.dumps({"traceEvents": []}))
+    model.mkdir()
+    before = {path.name: path.read_bytes() for path in demo.iterdir()}
+    target = demo / "config.json"
+    args = [{"TRACE": str(trace), "MODEL": str(model)}.get(arg, arg) for arg in command]
+    line = error_line(invoke(*args, target))
+    assert line == (
+        f"error: {label} {target} is inside the built-in demo model {demo}, which klotski-tier keeps in its "
+        "cache; write it somewhere else"
+    )
+    assert {path.name: path.read_bytes() for path in demo.iterdir()} == before
