@@ -31,16 +31,19 @@ def main() -> Any:
     from klotski_tier.cli import stdout
 
     stdout.install()
-    from klotski_tier.cli.errors import end_if_stdout_failed
+    from klotski_tier.cli.errors import end_if_stdout_failed, ignore_late_signals
     from klotski_tier.cli.main import main as commands
 
     for signum, handler in previous.items():
         signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+    ignore_late_signals()
     try:
         return commands()
     except SystemExit as exc:
         if exc.code in (0, None):  # what click printed itself (--help, --version) may have failed too
             end_if_stdout_failed()
+        for signum in _EARLY_SIGNALS:  # the exit code is chosen: a signal now would only hide it
+            signal.signal(signum, signal.SIG_IGN)
         raise
 
 

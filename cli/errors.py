@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, TypeVar
 
@@ -102,14 +103,19 @@ def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             with _sigterm_as_sigint(received):
                 value = fn(*args, **kwargs)
+                _work_done()
         except KlotskiError as exc:
+            _work_done()
             broken = stdout.failure()
             stdout.mark_reported()
             click.echo(f"error: {exc}" + (f" (and {broken})" if broken else ""), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
+            _work_done()
             signum = received[-1] if received else signal.SIGINT
-            click.echo(f"error: interrupted by {signal.Signals(signum).name}", err=True)
+            saved = files.saved_outputs()
+            kept = f"; saved {', '.join(saved)}" if saved else ""
+            click.echo(f"error: interrupted by {signal.Signals(signum).name}{kept}", err=True)
             sys.exit(SIGNAL_EXIT_BASE + signum)
         end_if_stdout_failed()
         return value
@@ -132,6 +138,33 @@ def end_if_stdout_failed() -> None:
     sys.exit(1)
 
 
+@dataclass
+class _LateSignals:
+    """Whether a signal after the command's work is ignored (the console script), and whether it is over."""
+
+    ignored: bool = False
+    work_done: bool = False
+
+
+_LATE_SIGNALS = _LateSignals()
+
+
+def ignore_late_signals() -> None:
+    """From when a command's work is over (its outputs saved, its last line printed), SIGINT and SIGTERM
+    are ignored: the process is only exiting, with the exit code the command chose. Without this, a
+    signal while the interpreter shuts down (threads joined, torch torn down: a second or so) ended a
+    finished run with 130 or 143 and no line. The console script (:mod:`klotski_tier.cli.entry`) asks
+    for it; a command run in-process (a test, a notebook) leaves the handlers alone."""
+    _LATE_SIGNALS.ignored = True
+
+
+def _work_done() -> None:
+    _LATE_SIGNALS.work_done = True
+    if _LATE_SIGNALS.ignored and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 @contextmanager
 def _sigterm_as_sigint(received: list[int]) -> Iterator[None]:
     """While inside, SIGTERM is handled by the SIGINT handler of the moment; ``received`` records it."""
@@ -146,8 +179,10 @@ def _sigterm_as_sigint(received: list[int]) -> Iterator[None]:
             raise KeyboardInterrupt
         handler(signal.SIGINT, frame)
 
+    _LATE_SIGNALS.work_done = False
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        late = _LATE_SIGNALS.ignored and _LATE_SIGNALS.work_done
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if late else previous)

@@ -43,8 +43,9 @@ def paused_context(*args, **kwargs):
         yield value
 
 setattr(owner, name, paused_context if is_context else paused_call)
-from klotski_tier.cli.main import main
-main(argv, prog_name="klotski-tier")
+sys.argv = ["klotski-tier", *argv]
+from klotski_tier.cli.entry import main  # as the console script runs
+main()
 """
 
 

@@ -78,3 +78,29 @@ def test_a_signal_while_the_commands_are_imported_is_one_line(tmp_path: Path, si
 def test_the_console_script_is_the_entry_that_handles_signals_first() -> None:
     (script,) = entry_points(group="console_scripts", name="klotski-tier")
     assert script.value == "klotski_tier.cli.entry:main"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_once_the_work_is_done_changes_nothing(
+    model: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A signal while a finished run exits (outputs saved, report printed: the interpreter shutting
+    down) once ended it with 130 or 143 and no line, as if it had been stopped."""
+    out, trace = tmp_path / "out.jsonl", tmp_path / "trace.json"
+    argv = ["run", "--model", str(model), *ARGS, "--output", str(out), "--trace", str(trace)]
+    paused = start_paused("klotski_tier.cli.errors", "end_if_stdout_failed", argv)
+    paused.wait_for_pause()  # the command's work is over
+    code, stderr = paused.signal(signum)
+    assert code == 0 and "error" not in stderr, stderr
+    assert len(out.read_text().splitlines()) == 1 and trace.stat().st_size > 0
+
+
+def test_an_interrupted_run_names_what_it_saved(model: Path, tmp_path: Path) -> None:
+    out, trace = tmp_path / "out.jsonl", tmp_path / "trace.json"
+    argv = ["run", "--model", str(model), *ARGS, "--output", str(out), "--trace", str(trace)]
+    paused = start_paused("klotski_tier.core.observe.timeline", "Timeline.save", argv)  # --output is saved
+    paused.wait_for_pause()
+    code, stderr = paused.signal(signal.SIGTERM)
+    assert code == 143
+    assert stderr.splitlines()[-1] == f"error: interrupted by SIGTERM; saved --output {out}", stderr
+    assert len(out.read_text().splitlines()) == 1 and not trace.exists()
