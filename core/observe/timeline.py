@@ -29,6 +29,7 @@ import enum
 import functools
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -317,7 +318,11 @@ def read_trace(path: Path) -> TraceData:
     names = {
         (e.get("pid"), e.get("tid")): str(e.get("args", {}).get("name"))
         for e in events
-        if e.get("ph") == "M" and e.get("name") == "thread_name" and isinstance(e.get("args"), dict)
+        if e.get("ph") == "M"
+        and e.get("name") == "thread_name"
+        and isinstance(e.get("args"), dict)
+        and _is_id(e.get("pid"))
+        and _is_id(e.get("tid"))
     }
     other = raw.get("otherData", {}) if isinstance(raw, dict) else {}
     if not isinstance(other, dict):
@@ -341,7 +346,13 @@ def _add_event(data: TraceData, event: dict[str, Any], names: dict[Any, str], pa
     phase = event.get("ph")
     if phase not in ("X", "i", "I"):
         return
-    track = names.get((event.get("pid"), event.get("tid")), f"tid {event.get('tid')}")
+    pid, tid = event.get("pid"), event.get("tid")
+    if not all(_is_id(value) for value in (pid, tid)):
+        raise InputError(
+            f"{path}: event {str(event.get('name'))[:80]!r} has a pid or tid that is not a number or a "
+            "string; the trace is corrupt"
+        )
+    track = names.get((pid, tid), f"tid {tid}")
     ts, dur = event.get("ts"), event.get("dur", 0)
     if not _is_number(ts) or not _is_number(dur) or dur < 0:
         raise InputError(f"{path}: event {event.get('name')!r} has a bad ts/dur; the trace is corrupt")
@@ -355,4 +366,10 @@ def _add_event(data: TraceData, event: dict[str, Any], names: dict[Any, str], pa
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number (``json`` reads NaN and Infinity too)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_id(value: object) -> bool:
+    """A pid or tid a track can be named by: absent, a number or a string (not a list or an object)."""
+    return value is None or isinstance(value, int | float | str)

@@ -43,6 +43,9 @@ ROW_HEIGHT_IN = 0.42  # figure height per track
 BASE_HEIGHT_IN = 1.9  # title, axis labels and the summary line
 BAR_HEIGHT = 0.8  # fraction of a row a bar fills
 DPI = 110
+MAX_TRACKS = 200
+"""The most rows a timeline draws: a run's trace has a few dozen tracks; 20,000 (one per thread id of some
+other program's trace) once kept the drawing busy for minutes on a figure hundreds of metres tall."""
 MIN_VISIBLE_FRACTION = 1 / 1500  # bubbles narrower than this share of the wall time are widened to it
 COMPUTE_COLORS = {"attention": "#4C72B0", "gate": "#DD8452", "experts": "#55A868", "other": "#8C8C8C"}
 KIND_COLORS = {
@@ -72,6 +75,11 @@ def render_png(trace_path: Path, png_path: Path, *, width_in: float = 14) -> Non
     tracks = {track: spans for track, spans in data.spans.items() if spans}  # marks: lines across all rows
     if not any(tracks.values()):
         raise InputError(f"trace {trace_path} holds no spans; nothing to draw")
+    if len(tracks) > MAX_TRACKS:
+        raise InputError(
+            f"trace {trace_path} has {len(tracks)} tracks with spans, more than the {MAX_TRACKS} a timeline "
+            "draws (a klotski-tier run's trace has a few dozen); draw a trace from `run --trace`"
+        )
     height_in = BASE_HEIGHT_IN + ROW_HEIGHT_IN * len(tracks)
     figure = figure_cls(figsize=(width_in, height_in), dpi=DPI)
     canvas_cls(figure)

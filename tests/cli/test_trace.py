@@ -3,6 +3,7 @@ a missing or broken trace, or no matplotlib, is one line on stderr and exit code
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from click.testing import CliRunner, Result
 
 from klotski_tier.cli.trace import trace
 from klotski_tier.core.observe.timeline import BUBBLE_TRACK, COMPUTE_TRACK, INTER_LAYER_BUBBLE, Timeline
+from klotski_tier.core.observe.timeline_plot import MAX_TRACKS
 
 MS = 1e-3  # seconds per millisecond
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,6 +62,37 @@ def test_a_broken_trace_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "trace.json"
     path.write_text('{"traceEvents": 3}', encoding="utf-8")
     fails([str(path), "--png", str(tmp_path / "t.png")], "not a Chrome trace")
+
+
+@pytest.mark.parametrize(
+    ("event", "phrase"),
+    [
+        (
+            {"ph": "X", "name": "a", "pid": 1, "tid": [1], "ts": 0, "dur": 1},
+            "pid or tid that is not a number",
+        ),
+        ({"ph": "X", "name": "a", "pid": {"x": 1}, "tid": 1, "ts": 0, "dur": 1}, "pid or tid that is not"),
+        ({"ph": "X", "name": "a", "pid": 1, "tid": 1, "ts": float("nan"), "dur": 1}, "has a bad ts/dur"),
+        ({"ph": "X", "name": "a", "pid": 1, "tid": 1, "ts": 0, "dur": float("inf")}, "has a bad ts/dur"),
+    ],
+)
+def test_a_corrupt_event_is_one_line(tmp_path: Path, event: dict[str, object], phrase: str) -> None:
+    """A list as tid once raised TypeError (unhashable); a NaN ts was drawn."""
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": [event]}), encoding="utf-8")  # json writes NaN, Infinity
+    fails([str(path), "--png", str(tmp_path / "t.png")], phrase)
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_a_trace_of_thousands_of_tracks_is_refused_before_drawing(tmp_path: Path) -> None:
+    """20,000 thread ids once kept `trace` drawing for minutes."""
+    pytest.importorskip("matplotlib")
+    events = [
+        {"ph": "X", "name": "a", "pid": 1, "tid": tid, "ts": tid, "dur": 1} for tid in range(MAX_TRACKS + 1)
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}), encoding="utf-8")
+    fails([str(path), "--png", str(tmp_path / "t.png")], f"has {MAX_TRACKS + 1} tracks with spans, more than")
 
 
 def test_a_png_in_a_missing_directory_is_one_line(trace_file: Path, tmp_path: Path) -> None:
