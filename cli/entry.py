@@ -7,13 +7,14 @@ any heavy import, both signals are set to end the process as a command's do
 SIGTERM). Once the commands are imported the handlers in place before are restored, so that a
 command's own clean-up (:func:`~klotski_tier.cli.errors.report_errors`, asyncio's SIGINT handler)
 takes over. This module imports nothing of the package but, at the end, the commands (and, first,
-:mod:`klotski_tier.cli.stdout`, which imports only the standard library).
+:mod:`klotski_tier.cli.streams`, which imports only the standard library).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
-import sys
 from types import FrameType
 from typing import Any
 
@@ -23,14 +24,14 @@ _EARLY_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def main() -> Any:
     """Run ``klotski-tier`` with the signals handled while its commands are imported, and standard
-    output guarded (:mod:`klotski_tier.cli.stdout`) from the start."""
+    output guarded (:mod:`klotski_tier.cli.streams`) from the start."""
     previous = {signum: signal.getsignal(signum) for signum in _EARLY_SIGNALS}
     for signum, handler in previous.items():
         if handler is not signal.SIG_IGN:  # an ignored signal (a background job's SIGINT) stays ignored
             signal.signal(signum, _exit_interrupted)
-    from klotski_tier.cli import stdout
+    from klotski_tier.cli import streams
 
-    stdout.install()
+    streams.install()
     from klotski_tier.cli.errors import end_if_stdout_failed, ignore_late_signals
     from klotski_tier.cli.main import main as commands
 
@@ -49,5 +50,9 @@ def main() -> Any:
 
 def _exit_interrupted(signum: int, frame: FrameType | None) -> None:
     """End the process as a command interrupted by ``signum`` ends: one line, exit code 128 + signum."""
-    print(f"error: interrupted by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    line = f"error: interrupted by {signal.Signals(signum).name}\n"
+    # straight to fd 2: the signal may have come inside a write to sys.stderr, whose lock it holds; with
+    # no stderr to say it on, the exit code still does
+    with contextlib.suppress(OSError):
+        os.write(2, line.encode())
     raise SystemExit(SIGNAL_EXIT_BASE + signum)

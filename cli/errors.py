@@ -28,7 +28,7 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from klotski_tier.cli import files, stdout
+from klotski_tier.cli import files, streams
 from klotski_tier.core.errors import KlotskiError
 
 T = TypeVar("T")
@@ -98,7 +98,7 @@ def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         received: list[int] = []
-        stdout.reset()
+        streams.reset()
         files.reset_saved()
         try:
             with _sigterm_as_sigint(received):
@@ -106,8 +106,8 @@ def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
                 _work_done()
         except KlotskiError as exc:
             _work_done()
-            broken = stdout.failure()
-            stdout.mark_reported()
+            broken = streams.failure()
+            streams.mark_reported()
             click.echo(f"error: {exc}" + (f" (and {broken})" if broken else ""), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -124,14 +124,14 @@ def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def end_if_stdout_failed() -> None:
-    """Exit as a failed command when standard output failed (:mod:`klotski_tier.cli.stdout`): one
+    """Exit as a failed command when standard output failed (:mod:`klotski_tier.cli.streams`): one
     line naming what was saved and exit code 1; a reader that left, silently with exit code 141."""
-    broken = stdout.failure()
+    broken = streams.failure()
     if broken is None:
         return
-    stdout.mark_reported()
-    if stdout.reader_left():
-        sys.exit(stdout.SIGPIPE_EXIT)
+    streams.mark_reported()
+    if streams.reader_left():
+        sys.exit(streams.SIGPIPE_EXIT)
     saved = files.saved_outputs()
     kept = f"; saved {', '.join(saved)}" if saved else ""
     click.echo(f"error: {broken}{kept}", err=True)

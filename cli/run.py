@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from klotski_tier.cli import stdout
+from klotski_tier.cli import streams
 from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.files import OUTPUT, Inputs, Save, atomic_write, check_outputs, save_all
 from klotski_tier.cli.model_input import MODEL_DIRECTORIES, model_input
@@ -219,8 +219,8 @@ def _write_outputs(result: GenerationResult, output: Path, as_json: bool) -> Non
             raise InputError(f"{exc} (the outputs are in the JSON on stdout)") from exc
         for line in lines:
             click.echo(line)
-        broken = stdout.failure()
+        broken = streams.failure()
         if broken is not None:  # both ways failed: say so once, in this line
-            stdout.mark_reported()
+            streams.mark_reported()
             raise InputError(f"{exc}; and {broken}, so the outputs are lost") from exc
         raise InputError(f"{exc} (its JSON lines went to stdout instead)") from exc

@@ -40,6 +40,16 @@ def klotski(args: list[str], stdout: IO[Any] | int | None, tmp_path: Path) -> tu
     return done.returncode, done.stderr
 
 
+def klotski_without_stderr(args: list[str], stderr: IO[Any] | None, tmp_path: Path) -> tuple[int, str]:
+    """Run the console script with ``stderr`` as its standard error (None: closed); exit code, stdout."""
+    env = {**os.environ, "KLOTSKI_TIER_CACHE": str(tmp_path / "cache")}
+    argv = [sys.executable, "-c", CONSOLE_SCRIPT, *args]
+    if stderr is None:
+        argv = ["sh", "-c", 'exec "$@" 2>&-', "sh", *argv]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, timeout=WAIT_S)
+    return done.returncode, done.stdout
+
+
 @contextmanager
 def dev_full() -> Iterator[IO[Any]]:
     with open("/dev/full", "w") as full:
@@ -140,3 +150,26 @@ def test_a_writable_stdout_changes_nothing(tmp_path: Path) -> None:
     )
     assert done.returncode == 0 and done.stderr == ""
     assert "shape" in done.stdout
+
+
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_a_failing_stderr_costs_nothing_but_the_progress(model: Path, tmp_path: Path, stderr: str) -> None:
+    """A progress line on `2> /dev/full` once aborted the run with nothing saved and nothing printed."""
+    if stderr == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    out = tmp_path / "out.jsonl"
+    args = ["-v", "run", "--model", str(model), *RUN, "--output", str(out)]  # -v: log lines on stderr too
+    if stderr == "full":
+        with dev_full() as full:
+            code, stdout = klotski_without_stderr(args, full, tmp_path)
+    else:
+        code, stdout = klotski_without_stderr(args, None, tmp_path)
+    assert code == 0
+    assert "budgets:" in stdout and len(outputs_of(out)) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_error_with_a_full_stderr_still_exits_1(tmp_path: Path) -> None:
+    with dev_full() as full:
+        code, stdout = klotski_without_stderr(["verify", str(tmp_path / "no-store")], full, tmp_path)
+    assert code == 1 and stdout == ""
