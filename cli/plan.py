@@ -24,7 +24,6 @@ from klotski_tier.cli.errors import report_errors
 from klotski_tier.cli.params import COMPRESSION_RATIO, NonEmptyPath, count, size, whole
 from klotski_tier.cli.plan_report import format_plan, plan_record
 from klotski_tier.cli.run import DEMO_DEVICE_MEMORY
-from klotski_tier.core.errors import InputError
 from klotski_tier.core.model.spec import ModelSpec
 from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.plan.autoplan import store_ratio
@@ -145,7 +144,7 @@ def _model(
 ) -> tuple[str, ModelSpec, float | None]:
     """(name, spec, compression ratio of a compressed store) of the model the flags name."""
     if directory is not None and shape is not None:
-        raise InputError("give --model DIR or --model-shape NAME, not both")
+        raise click.UsageError("give --model DIR or --model-shape NAME, not both")  # exit 2, one line
     if directory is not None:
         files = open_model(directory)
         return str(directory), files.spec, store_ratio(files.store)

@@ -16,11 +16,12 @@ def error_line(result: Result, *, longest: int = 400) -> str:
     return line
 
 
-def usage_line(result: Result, option: str) -> str:
-    """A usage mistake about ``option``: exit code 2, nothing on stdout, one line naming the option and
-    the help to read."""
+def usage_line(result: Result, option: str | None) -> str:
+    """A usage mistake (about ``option``, if given): exit code 2, nothing on stdout, one line naming the
+    option and the help to read."""
     assert result.exit_code == 2, f"stdout: {result.stdout!r} stderr: {result.stderr!r}"
     assert result.stdout == "" and "Traceback" not in result.stderr
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"error: Invalid value for '{option}'") and line.endswith(" --help')"), line
+    prefix = f"error: Invalid value for '{option}'" if option is not None else "error: "
+    assert line.startswith(prefix) and line.endswith(" --help')"), line
     return line

@@ -135,10 +135,12 @@ NOT_UTF8 = b"\xff\xfe bad".decode("utf-8", "surrogateescape")  # as Python recei
         (["bench", "--file-size", "0B"], "--file-size", "'0B' is less than 1 B"),
         (["replay", "x.npz", "--device-memory", "9XB"], "--device-memory", "'9XB' is not a size"),
         (["verify", ""], "STORE", "the path is empty"),
+        (["plan", "--model", "x", *SHAPE], None, "give --model DIR or --model-shape NAME, not both"),
+        (["simulate", "--model", "x", *SHAPE, "-n", "1"], None, "--model-shape NAME, not both"),
     ],
 )  # fmt: skip
 def test_every_malformed_value_is_a_usage_error_before_any_work(
-    args: list[str], option: str, phrase: str, tmp_path: Path
+    args: list[str], option: str | None, phrase: str, tmp_path: Path
 ) -> None:
     """Exit code 2 and the help to read, before the demo is built or anything is read."""
     assert phrase in usage_line(invoke(*args), option)

@@ -179,7 +179,6 @@ def test_a_routing_trace_feeds_the_routing_statistics(tmp_path: Path, hardware_f
         (["--hardware", "rtx9090"], ["unknown hardware", "rtx3090-sata", "this"]),
         ([], ["no machine profile", "klotski-tier bench"]),
         (["--hardware", "t4", "--device-memory", "1MiB"], ["below the minimum", "raise the device memory"]),
-        (["--model", "x", "--model-shape", "demo", "--hardware", "t4"], ["not both"]),
     ],
 )
 def test_errors_are_one_line(args: list[str], words: list[str]) -> None:
