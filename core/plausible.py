@@ -84,7 +84,9 @@ class Plausible:
         """A one-line :class:`ConfigError` unless ``value`` is in range: ``<field> is <value>, not a
         plausible <noun> (<range>); <hint>``."""
         if not self.allows(value):
-            raise ConfigError(f"{field} is {self.show(value)}, {implausible(self, noun)}; {hint}")
+            shown = self.show(value)
+            said = field.endswith(f"= {shown}")  # "io_threads = 1000000000" says it all; "= 2**51" does not
+            raise ConfigError(f"{field}{'' if said else f' is {shown}'}, {implausible(self, noun)}; {hint}")
 
 
 def implausible(bounds: Plausible, noun: str = "figure") -> str:

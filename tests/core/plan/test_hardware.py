@@ -293,7 +293,7 @@ def test_every_figure_beyond_its_plausible_range_is_refused_naming_it(
     else:
         one_line_error(
             path,
-            f"[hardware.mine] {prefix}{key} = {absurd!r} is ",
+            f"[hardware.mine] {prefix}{key} = {absurd!r}",  # then " is <shown>," where that says more
             f"not a plausible figure ({bounds.describe()}); fix the file",
         )
 
