@@ -29,7 +29,7 @@ from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.plan.autoplan import store_ratio
 from klotski_tier.core.plan.hardware import load_hardware_file, machine_named
 from klotski_tier.core.plan.machine import Machine
-from klotski_tier.core.plan.plan_types import check_compression_ratio
+from klotski_tier.core.plan.plan_types import MAX_SEQUENCES, check_compression_ratio
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RouteSampler, RoutingModel, TraceRouting
 from klotski_tier.core.plan.shapes import load_shapes_file, model_shape
@@ -58,7 +58,7 @@ _STUDY_FLAGS = [
                  help="Device budget (default: the machine's)."),
     click.option("--host-memory", type=size(), metavar="SIZE",
                  help="Host RAM budget (default: the machine's)."),
-    click.option("--prompts", "sequences", metavar="N", type=whole(min=1),
+    click.option("--prompts", "sequences", metavar="N", type=whole(1, MAX_SEQUENCES),
                  help=f"Sequences to generate (default {_DEFAULTS['sequences']})."),
     click.option("--prompt-tokens", metavar="P", type=whole(min=1),
                  help=f"Tokens per prompt (default {_DEFAULTS['prompt_tokens']})."),

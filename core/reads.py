@@ -152,7 +152,7 @@ def json_depth(data: bytes) -> int:
 
 def read_toml(path: Path, kind: FileKind) -> dict[str, Any]:
     """The TOML document in ``path``; a parse error, or nesting the parser cannot follow, is one line."""
-    text = read_text(path, kind)
+    text = read_text(path, kind, encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not TOML
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -81,7 +81,7 @@ HOST_KV = "host"  # in host RAM, one layer of one batch at a time in a device sl
 DISK_KV = "disk"  # in files on the drive (a directory made for the run), through the same slots
 KV_HOMES = (DEVICE_KV, HOST_KV, DISK_KV)
 CONFIG_FILE_KIND = reads.FileKind(
-    "config file", MIB, ConfigError, "fix it, or write a new one with `klotski-tier config`"
+    "config file", MIB, ConfigError, "fix it, or start a new one from `klotski-tier config show`"
 )
 """A config file is a few dozen lines: 1 MiB is far more than any needs."""
 KV_SLOTS = 2  # device slots of a cache in host RAM: one being computed, one being filled

@@ -133,6 +133,13 @@ def test_deep_toml_is_one_line(tmp_path: Path) -> None:
     _one_line_error(lambda: reads.read_toml(path, deep), path, "is not valid TOML")
 
 
+def test_toml_after_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A config saved by a Windows editor once failed with "Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[pipeline]\nbatches = 2\n")
+    assert reads.read_toml(path, KIND) == {"pipeline": {"batches": 2}}
+
+
 def _npz_with_header(path: Path, shape: tuple[int, ...], dtype: str = "<f8", data: bytes = b"") -> Path:
     """An .npz whose one member's header declares ``shape`` of ``dtype`` but holds ``data`` only."""
     member = io.BytesIO()
