@@ -295,12 +295,14 @@ def _parse_blocks(
     entries: dict[BlockId, StoredBlock] = {}
     layouts: dict[BlockId, BlockLayout] = {}
     end = 0  # where the previous block's padded bytes end: blocks must not overlap
+    file_bytes = _size_or_none(blocks_path)  # a missing file is reported where it is opened
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise _Malformed(f"block record {index} is not a JSON object")
         entry = _parse_entry(record, blocks_path)
         views = tuple(_parse_view(view) for view in _field(record, "views", list))
-        _check_entry(entry, views, end)
+        last = index == len(records) - 1  # a file that ends before its last block is truncated: said below
+        _check_entry(entry, views, end, None if last else file_bytes)
         if entry.block in entries:
             raise _Malformed(f"block {entry.block} appears twice")
         entries[entry.block], layouts[entry.block] = entry, _stored_layout(entry, views)
@@ -334,10 +336,24 @@ def _parse_view(record: Any) -> TensorView:
     return TensorView(_field(record, "role", str), _field(record, "buffer_offset", int), dtype, tuple(shape))
 
 
-def _check_entry(entry: StoredBlock, views: tuple[TensorView, ...], previous_end: int) -> None:
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _check_entry(
+    entry: StoredBlock, views: tuple[TensorView, ...], previous_end: int, file_bytes: int | None
+) -> None:
     where = f"block {entry.block}"
     if entry.offset % STORE_ALIGN_BYTES or entry.offset < previous_end:
         raise _Malformed(f"{where} has offset {entry.offset}: not aligned or overlapping the block before")
+    if file_bytes is not None and entry.offset + max(entry.stored_bytes, 0) > file_bytes:
+        raise _Malformed(
+            f"{where} has offset {entry.offset} and {entry.stored_bytes} stored bytes, past the end of "
+            f"{entry.path.name} ({file_bytes} bytes)"
+        )
     if (
         entry.stored_bytes < 0
         or entry.raw_bytes < 0

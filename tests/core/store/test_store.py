@@ -18,7 +18,7 @@ import torch
 from klotski_tier.core.demo.build import build_demo
 from klotski_tier.core.demo.shape import DemoShape
 from klotski_tier.core.errors import CheckpointError, InputError, TierError
-from klotski_tier.core.model.blocks import BlockKind, BlockLayout, expert_block
+from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, expert_block
 from klotski_tier.core.store import codec as codecs
 from klotski_tier.core.store import pack as store_pack
 from klotski_tier.core.store import packed as store
@@ -314,6 +314,23 @@ def test_bad_block_records(packed: Path) -> None:
     (packed / store.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"view .* does not fit"):
         store.open_store(packed)
+
+
+@pytest.mark.parametrize("field", ["offset", "stored_bytes"])
+def test_a_block_past_the_end_of_the_file_is_the_one_named(packed: Path, field: str) -> None:
+    """An offset of 2**62 on one block once blamed the next for overlapping it."""
+    manifest = json.loads((packed / store.MANIFEST_FILE).read_text())
+    record = manifest["blocks"][2]
+    record[field] = 2**62
+    if field == "stored_bytes" and record["codec"] == "none":
+        record["raw_bytes"] = 2**62
+    (packed / store.MANIFEST_FILE).write_text(json.dumps(manifest))
+    block = BlockId(BlockKind(record["kind"]), record["layer"], record["expert"])
+    with pytest.raises(CheckpointError, match=r"malformed: block .* past the end of blocks\.bin") as info:
+        store.open_store(packed)
+    assert f"block {block} has offset {record['offset']} and {record['stored_bytes']} stored" in str(
+        info.value
+    )
 
 
 def test_missing_and_unreadable_manifests(packed: Path, tmp_path: Path) -> None:
