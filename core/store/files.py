@@ -18,7 +18,7 @@ from klotski_tier.core.model.checkpoint import Checkpoint
 from klotski_tier.core.model.families import ExpertLayout, family_of, parse_spec
 from klotski_tier.core.model.layouts import build_layouts, total_block_bytes, weight_dtype
 from klotski_tier.core.model.spec import ModelSpec
-from klotski_tier.core.store.packed import PackedStore, is_store, open_store
+from klotski_tier.core.store.packed import PackedStore, looks_like_store, open_store
 from klotski_tier.core.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ModelFiles:
 def open_model(path: str | Path) -> ModelFiles:
     """A Hugging Face checkpoint directory, or a store written by ``klotski-tier pack``."""
     path = Path(path)
-    if not is_store(path):
+    if not looks_like_store(path):
         return load_model_files(path)
     store = open_store(path)
     return ModelFiles(None, store.spec, store.layouts, store.expert_layout, path, store)
@@ -54,7 +54,7 @@ def load_model_files(directory: str | Path, *, store_hint: str = STORE_HINT) -> 
 
     A packed store is not a checkpoint: it is refused by name, with ``store_hint`` (what to give instead).
     """
-    if is_store(Path(directory)):
+    if looks_like_store(Path(directory)):
         raise CheckpointError(f"{directory} is a packed store, not a Hugging Face checkpoint; {store_hint}")
     checkpoint = Checkpoint.open(directory)
     spec = parse_spec(checkpoint.config, weight_dtype(checkpoint))

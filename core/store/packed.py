@@ -189,6 +189,12 @@ def is_store(path: Path) -> bool:
     return FORMAT_TAG.encode("ascii") in reads.read_bytes(manifest_path, MANIFEST_KIND)
 
 
+def looks_like_store(path: Path) -> bool:
+    """Whether ``path`` is a store or the wreck of one: a store, or a directory holding a store's blocks
+    file (its manifest gone or damaged), which :func:`open_store` then names for what it is."""
+    return os.path.lexists(Path(path) / BLOCKS_FILE) or is_store(path)
+
+
 def open_store(path: Path) -> PackedStore:
     """Read and check the manifest of the store ``path`` and the size of its blocks file."""
     path = Path(path).resolve()

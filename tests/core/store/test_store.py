@@ -22,7 +22,7 @@ from klotski_tier.core.model.blocks import BlockId, BlockKind, BlockLayout, expe
 from klotski_tier.core.store import codec as codecs
 from klotski_tier.core.store import pack as store_pack
 from klotski_tier.core.store import packed as store
-from klotski_tier.core.store.files import load_model_files
+from klotski_tier.core.store.files import load_model_files, open_model
 from tests.checkpoints import read_all_tensors
 from tests.conftest import CheckpointFactory
 
@@ -331,6 +331,25 @@ def test_a_block_past_the_end_of_the_file_is_the_one_named(packed: Path, field: 
     assert f"block {block} has offset {record['offset']} and {record['stored_bytes']} stored" in str(
         info.value
     )
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [(None, "has no manifest.json, so it is not a finished store"), (b"garbage", "is not valid JSON"),
+     (b"", "is not valid JSON"), (b"[" * 100_000, "nests JSON 100000 levels deep")],
+)  # fmt: skip
+def test_a_store_with_a_damaged_manifest_is_named_a_store(
+    packed: Path, manifest: bytes | None, message: str
+) -> None:
+    """`run --model STORE` once said a store without its manifest had no model.safetensors."""
+    path = packed / store.MANIFEST_FILE
+    if manifest is None:
+        path.unlink()
+    else:
+        path.write_bytes(manifest)
+    with pytest.raises(CheckpointError, match=message) as info:
+        open_model(packed)
+    assert "safetensors" not in str(info.value)
 
 
 def test_missing_and_unreadable_manifests(packed: Path, tmp_path: Path) -> None:
