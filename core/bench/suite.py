@@ -94,15 +94,16 @@ class BenchSettings:
         sizes = (self.file_bytes, *self.block_sizes)
         if not self.block_sizes:
             raise ConfigError("the bench needs at least one block size; write e.g. 1MiB,16MiB")
-        if any(size <= 0 or size % DIRECT_ALIGN_BYTES for size in sizes):
-            raise ConfigError(
-                f"bench file and block sizes must be positive multiples of {DIRECT_ALIGN_BYTES} bytes "
-                f"(O_DIRECT), got {', '.join(map(format_size, sizes))}"
-            )
-        if self.file_bytes < max(self.block_sizes):
+        if self.file_bytes < max(self.block_sizes):  # first: a file too small says so, aligned or not
             raise ConfigError(
                 f"the bench's test file of {format_size(self.file_bytes)} is smaller than its largest block "
                 f"of {format_size(max(self.block_sizes))}; raise --file-size to at least that"
+            )
+        unaligned = [size for size in sizes if size <= 0 or size % DIRECT_ALIGN_BYTES]
+        if unaligned:
+            raise ConfigError(
+                f"bench file and block sizes must be positive multiples of {DIRECT_ALIGN_BYTES} bytes "
+                f"(O_DIRECT), got {', '.join(f'{size} bytes' for size in unaligned)}"
             )
         counts = (*self.queue_depths, *self.token_counts, self.zstd_sample_bytes, self.h2d_bytes)
         if min((*counts, *(self.contention_tokens or ()), self.read_rounds, self.contention_rounds)) < 1:

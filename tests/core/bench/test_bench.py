@@ -209,7 +209,8 @@ def test_an_unwritable_directory_is_one_line(tmp_path: Path) -> None:
     [
         ({"block_sizes": (1000,)}, "multiples of 4096"),
         ({"queue_depths": (0,)}, "at least 1"),
-        ({"file_bytes": 0}, "multiples of 4096"),
+        ({"file_bytes": 0}, "smaller than its largest block"),
+        ({"file_bytes": 64 * 1024**2 + 1}, r"multiples of 4096 bytes \(O_DIRECT\), got 67108865 bytes$"),
     ],
 )
 def test_settings_are_checked(tmp_path: Path, changes: dict[str, object], phrase: str) -> None:
