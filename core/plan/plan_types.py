@@ -65,6 +65,12 @@ class PlanRequest:
             raise ConfigError(
                 f"plan: hot experts K must be in 0..{self.spec.num_experts}, got {self.hot_experts}"
             )
+        if self.kv_device_layers is not None and self.kv_device_layers >= self.spec.num_layers:
+            raise ConfigError(
+                f"plan: --kv-device-layers {self.kv_device_layers} keeps every one of the model's "
+                f"{self.spec.num_layers} layers' cache on the device; give at most "
+                f"{self.spec.num_layers - 1}, or --kv-home device"
+            )
         check_compression_ratio(self.compression_ratio)
         positions, context = self.prompt_tokens + self.new_tokens, self.spec.max_position_embeddings
         if positions > context:

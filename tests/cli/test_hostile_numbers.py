@@ -66,6 +66,14 @@ def test_absurd_counts_are_usage_errors_before_planning(args: list[str], option:
 
 
 @pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_more_kv_device_layers_than_the_model_has_are_refused(command: str) -> None:
+    """The planner once clamped --kv-device-layers 999 to the demo's 7 silently."""
+    extra = ["-n", "1"] if command == "simulate" else []
+    line = error_line(invoke(command, *SHAPE, *extra, "--kv-home", "host", "--kv-device-layers", "999"))
+    assert "--kv-device-layers 999 keeps every one of the model's 8 layers' cache on the device" in line
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
 def test_absurd_sequences_are_refused_before_planning(command: str) -> None:
     line = usage_line(invoke(command, *SHAPE, "--prompts", HUGE), "--prompts")
     assert f"{HUGE} is not in the range 1<=x<=268435456" in line
