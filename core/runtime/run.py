@@ -55,7 +55,7 @@ from klotski_tier.core.store.block_source import BlockSource
 from klotski_tier.core.store.files import ModelFiles
 from klotski_tier.core.units import format_size
 from klotski_tier.policies.prefetch import PrefetchPolicy
-from klotski_tier.policies.registry import make_eviction
+from klotski_tier.policies.registry import make_eviction, make_prefetch
 from klotski_tier.tiers.device import DeviceDriver, resolve_device
 from klotski_tier.tiers.disk import DiskDriver
 from klotski_tier.tiers.host import HostDriver
@@ -255,8 +255,7 @@ def check_options(files: ModelFiles, options: EngineOptions) -> None:
             f"hot_experts K={options.hot_experts} exceeds the model's {files.spec.num_experts} experts per "
             f"layer; choose K between 0 and {files.spec.num_experts}"
         )
-    make_eviction(options.eviction, **options.eviction_options)
-    _disk_driver(options.disk_driver)
+    check_plugins(options)
     if options.host_preload and options.host_memory_bytes is not None:
         total = total_block_bytes(files.layouts)
         if options.host_memory_bytes < total:
@@ -264,6 +263,14 @@ def check_options(files: ModelFiles, options: EngineOptions) -> None:
                 f"host.preload needs the whole model in host memory ({_exact(total)}) but the host budget is "
                 f"{format_size(options.host_memory_bytes)}; raise --host-memory or turn preload off"
             )
+
+
+def check_plugins(options: EngineOptions) -> None:
+    """Resolve every plugin the options name and build the policies with their options, as a run does:
+    an unknown name, option or value fails here, not mid-run (``config show`` checks the same)."""
+    make_prefetch(options.prefetch, **options.prefetch_options)
+    make_eviction(options.eviction, **options.eviction_options)
+    _disk_driver(options.disk_driver)
 
 
 def _disk_driver(name: str) -> type[DiskDriver]:

@@ -292,3 +292,21 @@ def test_every_usage_error_is_one_line_naming_the_help_with_exit_code_2(
 def test_no_arguments_still_show_the_help() -> None:
     result = CliRunner().invoke(main, [])
     assert "Usage: klotski-tier" in result.output and "Commands:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("table", "phrase"),
+    [
+        ('[disk]\ndriver = "nope"\n', "unknown tier driver 'nope'; valid names: "),
+        ("[prefetch]\npolicy = 'correlation'\n[prefetch.options]\ndecay = nan\n", "decay=nan is out of range"),
+        ("[eviction]\npolicy = 'lru'\n[eviction.options]\nbogus = 1\n", "unknown option 'bogus'"),
+    ],
+)
+def test_config_show_refuses_what_a_run_refuses(tmp_path: Path, table: str, phrase: str) -> None:
+    """`config show` prints the configuration a run would use: it once printed one no run accepts."""
+    path = tmp_path / "config.toml"
+    path.write_text(table)
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(path)])
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and phrase in line
