@@ -29,7 +29,7 @@ from klotski_tier.core.bench.profile import (
 )
 from klotski_tier.core.bench.suite import TEST_FILE_NAME, BenchSettings, run_bench
 from klotski_tier.core.errors import InputError, KlotskiError
-from klotski_tier.core.paths import default_cache_dir
+from klotski_tier.core.paths import CACHE_ENV_VAR, default_cache_dir
 from klotski_tier.core.runtime.config import COUNT_RANGES
 from klotski_tier.core.store.codec import ZSTD_DEFAULT_LEVEL, ZSTD_MAX_LEVEL, ZSTD_MIN_LEVEL
 from klotski_tier.core.units import format_size
@@ -102,7 +102,13 @@ def bench(
     """Measure the drive, zstd, host-to-device copies and compute; write the machine profile."""
     if profile_path is None:
         profile_path = default_profile_path()
-        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            profile_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(
+                f"cannot create {profile_path.parent} for the machine profile: {exc.strerror or exc}; "
+                f"set {CACHE_ENV_VAR} to a directory klotski-tier may write, or pass --profile"
+            ) from exc
     directory = directory if directory is not None else default_cache_dir()
     kept = directory / TEST_FILE_NAME if options["keep_file"] and directory.is_dir() else None
     check_outputs(  # the kept test file is an output too; a --path not there yet holds no other file

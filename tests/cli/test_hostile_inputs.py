@@ -129,3 +129,35 @@ def test_a_default_profile_path_that_is_a_directory_is_not_taken_for_no_profile(
     default_profile_path().mkdir(parents=True)
     line = error_line(invoke("run", "--model", model, *IDS))
     assert line.startswith(f"error: machine profile {default_profile_path()} is a directory, not a regular")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run", *IDS], ["run", "--model", "{model}", *IDS], ["plan"],
+     ["bench", "--quick", "--file-size", "8MiB"], ["simulate", "--model-shape", "demo", "-n", "1"]],
+    ids=["run-demo", "run-model", "plan", "bench", "simulate"],
+)  # fmt: skip
+def test_a_cache_that_is_a_file_is_one_line(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """`bench` once died in a FileExistsError traceback with KLOTSKI_TIER_CACHE naming a file."""
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a directory")
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(cache))
+    line = error_line(invoke(*[str(model) if arg == "{model}" else arg for arg in command]))
+    assert line == (
+        f"error: KLOTSKI_TIER_CACHE={cache}: {cache} is not a directory; set KLOTSKI_TIER_CACHE to a "
+        "directory klotski-tier may write"
+    )
+    assert cache.read_text() == "not a directory"
+
+
+def test_a_cache_that_cannot_be_created_is_one_line_for_bench(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = tmp_path / "parent"
+    parent.write_text("a file, so nothing can be made under it")
+    monkeypatch.setenv("KLOTSKI_TIER_CACHE", str(parent / "cache"))
+    line = error_line(invoke("bench", "--quick", "--file-size", "8MiB"))
+    assert line.startswith(f"error: cannot create {parent / 'cache'} for the machine profile: ")
+    assert line.endswith("or pass --profile")
