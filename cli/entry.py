@@ -55,4 +55,6 @@ def _exit_interrupted(signum: int, frame: FrameType | None) -> None:
     # no stderr to say it on, the exit code still does
     with contextlib.suppress(OSError):
         os.write(2, line.encode())
-    raise SystemExit(SIGNAL_EXIT_BASE + signum)
+    # and at once: raised inside an import, SystemExit can be swallowed by the module being imported
+    # (numpy, torch), and the process would go on half-imported. Nothing has been made yet to clean up.
+    os._exit(SIGNAL_EXIT_BASE + signum)

@@ -94,13 +94,18 @@ def implausible(bounds: Plausible, noun: str = "figure") -> str:
     return f"not a plausible {noun} ({bounds.describe()})"
 
 
-RATE_GBPS = Plausible(0.0, MAX_LINK_GBPS, "GB/s", above_low=True)
+MIN_RATE_GBPS = 1e-3
+"""1 MB/s: slower than any drive, link or decoder a model is run from; below it a simulated run of a
+large model lasts centuries of virtual time (and once spun on the clock's rounding)."""
+RATE_GBPS = Plausible(MIN_RATE_GBPS, MAX_LINK_GBPS, "GB/s")
 """A drive, link, decoder or host memory rate (decimal GB/s)."""
 RATE_OR_UNMEASURED_GBPS = Plausible(0.0, MAX_LINK_GBPS, "GB/s")
 """A rate where 0 says "not measured"."""
-MEMORY_RATE = Plausible(0.0, MAX_MEMORY_BYTES_PER_S, "B/s", above_low=True)
+MEMORY_RATE = Plausible(MIN_RATE_GBPS * 1e9, MAX_MEMORY_BYTES_PER_S, "B/s")
 """An accelerator streaming weights from its own memory (bytes per second)."""
-FLOPS = Plausible(0.0, MAX_FLOPS_PER_S, "FLOP/s", above_low=True)
+MIN_FLOPS_PER_S = 1e9
+"""1 GFLOP/s: less than any CPU core computes."""
+FLOPS = Plausible(MIN_FLOPS_PER_S, MAX_FLOPS_PER_S, "FLOP/s")
 DEVICE_MEMORY = Plausible(0, MAX_DEVICE_MEMORY_BYTES, "B")
 HOST_MEMORY = Plausible(0, MAX_SIZE_BYTES, "B")
 SIZE = Plausible(0, MAX_SIZE_BYTES, "B", above_low=True)

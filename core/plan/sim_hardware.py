@@ -42,6 +42,8 @@ from klotski_tier.tiers.disk_defaults import DEFAULT_CHUNK_BYTES
 DONE_S = 1e-12
 """Work (seconds at full rate) below which a read or a job counts as finished: float rounding of the
 shared-bandwidth progress."""
+CLOCK_ULPS = 64
+"""A read or job this many units in the last place of the clock from its end is done (see _on_timer)."""
 
 META = torch.device("meta")
 
@@ -208,11 +210,15 @@ class SimHardware:
     def _on_timer(self) -> None:
         self._timer = None
         self._update()
-        for read in [r for r in self._reading if r.left <= DONE_S]:
+        # done within the clock's own rounding too: far into a run (a slow drive's simulated days) a
+        # timer cannot land closer to the end than a few ulps of the time, and the loop would spin on
+        # a remainder no timer can reach
+        done_s = max(DONE_S, CLOCK_ULPS * math.ulp(self._since))
+        for read in [r for r in self._reading if r.left <= done_s]:
             self._reading.remove(read)
             self._read_done(read)
         job = self._job
-        if job is not None and job.left <= DONE_S:
+        if job is not None and job.left <= done_s:
             self._job = None
             job.done.set_result(None)
         self._start_reads()

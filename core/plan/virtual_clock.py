@@ -56,9 +56,15 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         return self._now
 
     def advance(self, seconds: float) -> None:
-        """Move the clock ``seconds`` forward (the loop's selector does, when nothing is ready)."""
+        """Move the clock ``seconds`` forward (the loop's selector does, when nothing is ready), and at
+        least onto the earliest timer: nothing can happen before it. Far into a run (a slow drive's
+        simulated days) ``now + (when - now)`` can round to below ``when`` by less than the clock's
+        resolution, and the loop would spin on a timer it never reached."""
         assert seconds >= 0, f"the clock cannot go back ({seconds} s)"
         self._now += seconds
+        scheduled: list[asyncio.TimerHandle] = getattr(self, "_scheduled", [])
+        if scheduled:
+            self._now = max(self._now, scheduled[0].when())
 
 
 def run_virtual(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,19 +302,37 @@ def _parse_blocks(
     entries: dict[BlockId, StoredBlock] = {}
     layouts: dict[BlockId, BlockLayout] = {}
     end = 0  # where the previous block's padded bytes end: blocks must not overlap
-    file_bytes = _size_or_none(blocks_path)  # a missing file is reported where it is opened
+    previous: StoredBlock | None = None
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise _Malformed(f"block record {index} is not a JSON object")
         entry = _parse_entry(record, blocks_path)
         views = tuple(_parse_view(view) for view in _field(record, "views", list))
-        last = index == len(records) - 1  # a file that ends before its last block is truncated: said below
-        _check_entry(entry, views, end, None if last else file_bytes)
+        if (
+            previous is not None and entry.offset < end
+        ):  # of two overlapping blocks, name the one that is wrong
+            _check_within(previous, blocks_path)
+        _check_entry(entry, views, end)
         if entry.block in entries:
             raise _Malformed(f"block {entry.block} appears twice")
         entries[entry.block], layouts[entry.block] = entry, _stored_layout(entry, views)
         end = entry.offset + entry.padded_bytes
+        previous = entry
     return entries, layouts
+
+
+def _check_within(entry: StoredBlock, blocks_path: Path) -> None:
+    """Refuse ``entry`` when it reaches past the end of the regular file ``blocks_path`` (anything else
+    there is for its reader to name)."""
+    try:
+        info = os.stat(blocks_path)
+    except OSError:
+        return
+    if stat.S_ISREG(info.st_mode) and entry.offset + entry.stored_bytes > info.st_size:
+        raise _Malformed(
+            f"block {entry.block} has offset {entry.offset} and {entry.stored_bytes} stored bytes, past the "
+            f"end of {blocks_path.name} ({info.st_size} bytes)"
+        )
 
 
 def _parse_entry(record: dict[str, Any], blocks_path: Path) -> StoredBlock:
@@ -342,24 +361,10 @@ def _parse_view(record: Any) -> TensorView:
     return TensorView(_field(record, "role", str), _field(record, "buffer_offset", int), dtype, tuple(shape))
 
 
-def _size_or_none(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None
-
-
-def _check_entry(
-    entry: StoredBlock, views: tuple[TensorView, ...], previous_end: int, file_bytes: int | None
-) -> None:
+def _check_entry(entry: StoredBlock, views: tuple[TensorView, ...], previous_end: int) -> None:
     where = f"block {entry.block}"
     if entry.offset % STORE_ALIGN_BYTES or entry.offset < previous_end:
         raise _Malformed(f"{where} has offset {entry.offset}: not aligned or overlapping the block before")
-    if file_bytes is not None and entry.offset + max(entry.stored_bytes, 0) > file_bytes:
-        raise _Malformed(
-            f"{where} has offset {entry.offset} and {entry.stored_bytes} stored bytes, past the end of "
-            f"{entry.path.name} ({file_bytes} bytes)"
-        )
     if (
         entry.stored_bytes < 0
         or entry.raw_bytes < 0
@@ -387,8 +392,16 @@ def _stored_layout(entry: StoredBlock, views: tuple[TensorView, ...]) -> BlockLa
 
 def _check_size(blocks_path: Path, entries: Iterable[StoredBlock]) -> None:
     """``blocks.bin`` must reach the end of its last block's padding: catches truncated copies."""
-    needed = max((entry.offset + entry.padded_bytes for entry in entries), default=0)
+    ordered = sorted(entries, key=lambda entry: entry.offset)
+    needed = max((entry.offset + entry.padded_bytes for entry in ordered), default=0)
     size = reads.check_file(blocks_path, BLOCKS_KIND)
+    for entry in ordered[:-1]:  # a block before the last past the end: the manifest is wrong, not the file
+        if entry.offset + entry.stored_bytes > size:
+            raise CheckpointError(
+                f"{blocks_path.parent / MANIFEST_FILE} is malformed: block {entry.block} has offset "
+                f"{entry.offset} and {entry.stored_bytes} stored bytes, past the end of {blocks_path.name} "
+                f"({size} bytes); {REPACK_HINT}"
+            )
     if size < needed:
         raise CheckpointError(
             f"{blocks_path} is truncated: {size} bytes where the manifest needs {needed}; {REPACK_HINT}"
