@@ -18,6 +18,7 @@ simulator does no real I/O at all, so a jump needs nothing but the next timer.
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -63,8 +64,9 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         assert seconds >= 0, f"the clock cannot go back ({seconds} s)"
         self._now += seconds
         scheduled: list[asyncio.TimerHandle] = getattr(self, "_scheduled", [])
-        if scheduled:
-            self._now = max(self._now, scheduled[0].when())
+        if scheduled:  # just past it: the loop runs a timer only when it is before now + 1 ns, a sum
+            # that rounds back to now once the clock is past 2**23 s
+            self._now = max(self._now, math.nextafter(scheduled[0].when(), math.inf))
 
 
 def run_virtual(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -245,3 +247,22 @@ def test_mixtral_nearly_fits_ram_and_device_and_the_drive_reads_the_rest_and_the
     assert plan.unheld_bytes < read <= plan.drive_bytes, (plan.unheld_bytes, read, plan.drive_bytes)
     assert read - plan.unheld_bytes > (plan.drive_bytes - plan.unheld_bytes) / 2
     assert windowed > unwindowed
+
+
+def test_reads_and_jobs_finish_far_into_a_run() -> None:
+    """A slow drive's run lasts simulated days: there, a timer cannot land closer to a job's end than a
+    few ulps of the clock, and the simulator once spun forever on the remainder."""
+    hardware = SimHardware(read_seconds=lambda nbytes: nbytes / 1e3, copy_seconds=lambda _: 0.0, io_threads=2)
+
+    async def far_run() -> float:
+        await asyncio.sleep(3.3e9)  # a century of virtual time
+        for _ in range(20):
+            await asyncio.gather(hardware.compute(0.3), hardware.read(7_000), hardware.read(1_300))
+        return asyncio.get_running_loop().time()
+
+    finished: list[float] = []
+    worker = threading.Thread(target=lambda: finished.append(run_virtual(far_run())), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert finished, "the simulation did not finish"
+    assert finished[0] > 3.3e9 + 20 * 7
