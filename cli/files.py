@@ -72,7 +72,7 @@ def keep_out_of_the_demo(targets: Mapping[str, Path | None]) -> None:
     demo (``trace --png``, ``simulate --png``, ``pack``) would still destroy it for the next ``run``."""
     demo = Path(os.path.realpath(demo_model_path()))
     for label, path in targets.items():
-        if path is not None and Path(os.path.realpath(path)).is_relative_to(demo):
+        if path is not None and atomic.lies_within(path, demo):
             raise InputError(
                 f"{label} {path} is inside the built-in demo model {demo}, which klotski-tier keeps in "
                 "its cache; write it somewhere else"

@@ -90,7 +90,6 @@ def check_outputs(
 
 def _refuse_input(path: Path, label: str, inputs: Inputs, directories: Collection[str]) -> None:
     """Refuse the output ``path`` when it is a file of ``inputs`` or lies inside one of ``directories``."""
-    target = _resolved(path)
     info = _stat(path, label)
     for input_label, value in inputs.items():
         for source in [value] if isinstance(value, Path) else value or ():
@@ -98,17 +97,74 @@ def _refuse_input(path: Path, label: str, inputs: Inputs, directories: Collectio
                 read = os.stat(source)
             except OSError:
                 continue  # not there: reading it will say so
-            inside = input_label in directories and stat.S_ISDIR(read.st_mode)
-            if inside and target.is_relative_to(_resolved(source)):
+            read_whole = input_label in directories and stat.S_ISDIR(read.st_mode)
+            if read_whole and lies_within(path, source):
                 raise InputError(
                     f"{label} {path} is inside {input_label} {source}, which the command reads; "
                     "write it somewhere else"
+                )
+            if read_whole and info is not None and _links_to(source, info):
+                raise InputError(
+                    f"{label} {path} is a file {input_label} {source} reads (through a link in it); "
+                    "name another file to write"
                 )
             if info is not None and (read.st_dev, read.st_ino) == (info.st_dev, info.st_ino):
                 raise InputError(
                     f"{label} {path} is also {input_label} {source}, which the command reads; "
                     "name another file to write"
                 )
+
+
+def lies_within(path: Path, directory: Path) -> bool:
+    """Whether the file ``path`` would be written inside ``directory``: by its resolved path, or because
+    one of its resolved parents is that directory by identity (the same directory reached through a bind
+    mount has another path)."""
+    target = _resolved(path)
+    if target.is_relative_to(_resolved(directory)):
+        return True
+    try:
+        own = os.stat(directory)
+    except OSError:
+        return False
+    for ancestor in target.parents:
+        try:
+            info = os.stat(ancestor)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (own.st_dev, own.st_ino):
+            return True
+    return False
+
+
+_LINKED_FILES_MAX = 10_000
+"""Entries of a directory read whole that are compared with an output: a model has tens of files."""
+
+
+def _links_to(directory: Path, info: os.stat_result) -> bool:
+    """Whether an entry of ``directory`` (a symlink followed, as a Hugging Face snapshot's are, one level
+    of subdirectories too) is the file ``info`` describes."""
+    pending, seen = [directory], 0
+    for depth in range(2):
+        subdirectories = []
+        for folder in pending:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                seen += 1
+                if seen > _LINKED_FILES_MAX:
+                    return False
+                try:
+                    found = os.stat(entry.path)
+                except OSError:
+                    continue
+                if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                    return True
+                if depth == 0 and stat.S_ISDIR(found.st_mode):
+                    subdirectories.append(Path(entry.path))
+        pending = subdirectories
+    return False
 
 
 def check_output(path: Path, label: str = "output") -> tuple[object, ...] | None:

@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from klotski_tier.cli.main import main
 from klotski_tier.core import atomic
+from klotski_tier.core.errors import InputError
 from klotski_tier.core.runtime.engine import Engine
 from tests.conftest import CheckpointFactory
 
@@ -311,3 +312,44 @@ def test_trace_png_is_checked_before_the_trace_is_read(tmp_path: Path) -> None:
     png = tmp_path / "missing" / "t.png"
     result = CliRunner().invoke(main, ["trace", str(tmp_path / "absent.json"), "--png", str(png)])
     fails(result, f"--png {png}: directory")
+
+
+@pytest.mark.parametrize("name", ["config.json", "SHARD"])
+def test_a_file_a_model_directory_links_to_is_refused_as_an_output(
+    model: Path, tmp_path: Path, no_work: None, name: str
+) -> None:
+    """A Hugging Face snapshot is a directory of links into a blob store: `run --model snapshot
+    --output blobs/config.json` once replaced the config the run reads."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(model, blobs)
+    snapshot.mkdir()
+    for blob in blobs.iterdir():
+        (snapshot / blob.name).symlink_to(blob)
+    shard = next(path.name for path in blobs.iterdir() if path.suffix == ".safetensors")
+    target = blobs / (shard if name == "SHARD" else name)
+    content = target.read_bytes()
+    result = run(snapshot, "--output", str(target))
+    line = fails(result, f"is a file --model {snapshot} reads (through a link in it)")
+    assert line.startswith(f"error: --output {target}")
+    assert target.read_bytes() == content
+
+
+def test_a_directory_read_whole_is_refused_through_a_bind_mount(tmp_path: Path) -> None:
+    """The same directory under another path (a bind mount) is still the directory the command reads."""
+    source, alias = tmp_path / "model", tmp_path / "alias"
+    source.mkdir()
+    alias.mkdir()
+    (source / "config.json").write_text("{}")
+    if os.geteuid() != 0 or os.system(f"mount --bind {source} {alias} 2>/dev/null") != 0:
+        pytest.skip("needs root and mount --bind")
+    try:
+        assert atomic.lies_within(alias / "config.json", source)
+        assert atomic.lies_within(alias / "new.json", source)
+        assert not atomic.lies_within(tmp_path / "elsewhere.json", source)
+        with pytest.raises(InputError, match=f"is inside --model {source}, which the command reads"):
+            atomic.check_outputs(
+                {"--output": alias / "out.jsonl"}, {"--model": source}, directories={"--model"}
+            )
+    finally:
+        os.system(f"umount {alias}")
+    assert (source / "config.json").read_text() == "{}"
