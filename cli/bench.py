@@ -111,6 +111,11 @@ def bench(
             ) from exc
     directory = directory if directory is not None else default_cache_dir()
     kept = directory / TEST_FILE_NAME if options["keep_file"] and directory.is_dir() else None
+    if kept is not None and (kept.is_symlink() or (kept.exists() and not kept.is_file())):
+        raise InputError(  # the test file is renamed into place on the drive measured: no link to follow
+            f"--keep-file would replace {kept}, which is not a regular file (a link, a directory, ...); "
+            "remove it or bench another --path"
+        )
     check_outputs(  # the kept test file is an output too; a --path not there yet holds no other file
         {"--profile": profile_path, "--keep-file": kept},
         model_input(options["model"]),

@@ -174,8 +174,19 @@ def test_the_kept_test_file_is_an_output_checked_before_any_work(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
     kept.mkdir()
     result = run_bench("--path", str(tmp_path), "--keep-file", "--profile", str(tmp_path / "p.json"))
-    fails(result, f"--keep-file {kept} is a directory")
+    fails(result, f"--keep-file would replace {kept}, which is not a regular file")
     assert list(tmp_path.iterdir()) == [kept]
+
+
+def test_a_kept_test_file_that_is_a_link_is_refused_and_stays_a_link(tmp_path: Path) -> None:
+    """The bench once renamed its test file over such a link, turning it into a 64 MiB file."""
+    drive, elsewhere = tmp_path / "drive", tmp_path / "mine.bin"
+    drive.mkdir()
+    elsewhere.write_text("the user's own")
+    (drive / TEST_FILE_NAME).symlink_to(elsewhere)
+    result = run_bench("--path", str(drive), "--keep-file", "--profile", str(tmp_path / "p.json"))
+    fails(result, f"--keep-file would replace {drive / TEST_FILE_NAME}, which is not a regular file")
+    assert (drive / TEST_FILE_NAME).is_symlink() and elsewhere.read_text() == "the user's own"
 
 
 def test_a_test_file_the_drive_has_no_room_for_is_refused_before_anything_is_written(tmp_path: Path) -> None:
