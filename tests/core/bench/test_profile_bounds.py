@@ -89,7 +89,7 @@ def test_every_number_beyond_its_range_is_refused_naming_the_field(keys: Keys) -
 def test_a_drive_at_1e308_gbps_names_the_field_its_value_and_the_range() -> None:
     data = edited(full_profile(), ("drive", "raw_gbps"), 1e308)
     with pytest.raises(ConfigError, match=r"field drive\.raw_gbps is 1e\+308 GB/s, not a plausible "
-                       r"measurement \(0 GB/s < x <= 10000 GB/s\)"):  # fmt: skip
+                       r"measurement \(0.001 GB/s <= x <= 10000 GB/s\)"):  # fmt: skip
         MachineProfile.from_json(data)
 
 
