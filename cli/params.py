@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -22,8 +22,6 @@ from klotski_tier.core.registry import Registry
 from klotski_tier.core.runtime.config import ALL_EXPERTS, COUNT_RANGES
 from klotski_tier.core.units import format_size, parse_size
 from klotski_tier.tiers.device import parse_device
-
-T = TypeVar("T")
 
 SEED_MAX = 2**64 - 1
 """The largest seed: torch's generators take 64 bits."""

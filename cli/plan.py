@@ -29,7 +29,7 @@ from klotski_tier.core.observe.routing_trace import RoutingTrace
 from klotski_tier.core.plan.autoplan import store_ratio
 from klotski_tier.core.plan.hardware import load_hardware_file, machine_named
 from klotski_tier.core.plan.machine import Machine
-from klotski_tier.core.plan.plan_types import MAX_SEQUENCES, check_compression_ratio
+from klotski_tier.core.plan.plan_types import MAX_SEQUENCES
 from klotski_tier.core.plan.planner import PlanRequest, make_plan
 from klotski_tier.core.plan.routing_model import RouteSampler, RoutingModel, TraceRouting
 from klotski_tier.core.plan.shapes import load_shapes_file, model_shape
@@ -117,7 +117,6 @@ def study_from_flags(flags: dict[str, Any], **fixed: Any) -> Study:
     if device is None and demo:
         device = parse_size(DEMO_DEVICE_MEMORY)
     given_ratio = flags.pop("compression_ratio")
-    check_compression_ratio(given_ratio, "--compression-ratio")
     ratio = given_ratio or ratio
     given = {
         "sequences": flags.pop("sequences"),
